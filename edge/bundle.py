@@ -1,0 +1,208 @@
+"""The model bundle: engines/<model>/<version>/ with model.onnx, manifest.json and what the trainer measured.
+
+This module is the one definition of the bundle format. The trainer writes bundles through it and the
+edge reads them through it, so the two can never disagree. A bundle holds no pickled Python: a station
+never executes code from a file it loads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CURRENT = "current"
+PLANS_DIR = "plans"  # TensorRT engines built on the device; not part of the checksummed bundle
+ONNX_FP32 = "model.onnx"
+ONNX_FP16 = "model.fp16.onnx"
+_VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write then rename, so a reader sees the old file or the new one, never half of either."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["model"]["version"])
+
+    @property
+    def input_name(self) -> str:
+        return str(self.manifest["input"]["name"])
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        spec = self.manifest["input"]
+        return int(spec["height"]), int(spec["width"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["calibration"]["threshold"])
+
+    @property
+    def output_names(self) -> list[str]:
+        return [str(o["name"]) for o in self.manifest["outputs"]]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FP32
+
+    @property
+    def onnx_fp16_path(self) -> Path | None:
+        p = self.path / ONNX_FP16
+        return p if p.exists() else None
+
+    @property
+    def plans_dir(self) -> Path:
+        return self.path / PLANS_DIR
+
+
+def new_version_dir(engines_root: Path, model_name: str, now: _dt.datetime | None = None) -> Path:
+    """Create and return a fresh, empty version folder named by UTC time (sortable, unique)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    base = now.strftime("%Y%m%dT%H%M%SZ")
+    model_dir = engines_root / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        candidate = model_dir / name
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise BundleError(f"{model_dir}: cannot allocate a new version folder; remove old versions")
+
+
+def _bundle_files(bundle_dir: Path) -> list[Path]:
+    files = []
+    for p in sorted(bundle_dir.rglob("*")):
+        rel = p.relative_to(bundle_dir)
+        if not p.is_file() or rel.parts[0] == PLANS_DIR or p.name == MANIFEST or p.name.startswith("."):
+            continue
+        files.append(p)
+    return files
+
+
+def write_manifest(bundle_dir: Path, *, model_name: str, input_spec: dict[str, Any],
+                   outputs: list[dict[str, Any]], calibration: dict[str, Any],
+                   training_data: dict[str, Any], metrics: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write manifest.json with the sha256 of every other file in the bundle; returns the manifest.
+
+    Call it last, after every other file of the bundle is written.
+    """
+    if "threshold" not in calibration:
+        raise ValueError("calibration must contain 'threshold'")
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model": {"name": model_name, "version": bundle_dir.name},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "input": {"name": "frames", "dtype": "uint8", "layout": "NHWC", "colour_order": "BGR", **input_spec},
+        "outputs": outputs,
+        "calibration": calibration,
+        "training_data": training_data,
+        "metrics": metrics,
+        **(extra or {}),
+        "files": {str(p.relative_to(bundle_dir)): sha256_file(p) for p in _bundle_files(bundle_dir)},
+    }
+    atomic_write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def promote(bundle_dir: Path) -> None:
+    """Mark ``bundle_dir`` as its model's current version (atomic; earlier versions stay for rollback)."""
+    load_bundle(bundle_dir)  # never promote a bundle the edge would refuse
+    atomic_write_text(bundle_dir.parent / CURRENT, bundle_dir.name + "\n")
+
+
+def resolve_bundle_dir(ref: str | Path, engines_root: Path | None = None) -> Path:
+    """A bundle folder, a model folder (its ``current``), or a model name under ``engines_root``."""
+    path = Path(ref)
+    if not path.exists() and engines_root is not None and _VERSION_RE.match(str(ref)):
+        path = engines_root / str(ref)
+    if not path.exists():
+        where = f" or under {engines_root}" if engines_root is not None else ""
+        raise BundleError(f"{ref}: no bundle here{where}; train one with 'edge-train fit' or pass --engine DIR")
+    if (path / MANIFEST).exists():
+        return path
+    current = path / CURRENT
+    if current.is_file():
+        version = current.read_text(encoding="utf-8").strip()
+        if not _VERSION_RE.match(version) or not (path / version).is_dir():
+            raise BundleError(f"{current}: names version '{version}', which is not a folder here; "
+                              "re-promote a version or retrain")
+        return path / version
+    raise BundleError(f"{path}: neither a bundle (no {MANIFEST}) nor a model folder with a '{CURRENT}' file")
+
+
+def load_bundle(ref: str | Path, engines_root: Path | None = None, verify: bool = True) -> Bundle:
+    """Resolve, read and verify a bundle; any problem is one BundleError line."""
+    bundle_dir = resolve_bundle_dir(ref, engines_root)
+    manifest_path = bundle_dir / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{manifest_path}: missing; this folder is not a complete bundle") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: unreadable or corrupt ({exc}); retrain or restore it") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: not a JSON object; retrain or restore it")
+    fmt = manifest.get("format_version")
+    if fmt != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: bundle format version {fmt!r}, this runtime reads "
+                          f"{FORMAT_VERSION}; re-export the bundle with a matching trainer")
+    for key in ("model", "input", "outputs", "calibration", "files"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_path}: missing '{key}'; the bundle is incomplete, retrain it")
+    try:
+        float(manifest["calibration"]["threshold"])
+        int(manifest["input"]["height"]), int(manifest["input"]["width"])
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(f"{manifest_path}: calibration threshold or input size missing or invalid; "
+                          "retrain the bundle") from None
+    if ONNX_FP32 not in manifest["files"]:
+        raise BundleError(f"{manifest_path}: lists no {ONNX_FP32}; the bundle is incomplete, retrain it")
+    if verify:
+        for rel, expected in manifest["files"].items():
+            f = bundle_dir / rel
+            if not f.is_file():
+                raise BundleError(f"{f}: listed in the manifest but missing; restore the bundle or retrain")
+            if sha256_file(f) != expected:
+                raise BundleError(f"{f}: checksum does not match the manifest (corrupt or modified); "
+                                  "restore the bundle or retrain")
+    return Bundle(path=bundle_dir, manifest=manifest)

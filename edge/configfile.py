@@ -1,0 +1,131 @@
+"""Typed YAML configuration with line numbers in every error.
+
+A config schema is a tree of dataclasses. Loading walks the YAML node graph (not the plain dicts),
+so an unknown key or a value of the wrong type is reported as ``file:line: key 'a.b' ...``.
+Trainer and station configs share this loader; each defines its own dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from edge.errors import ConfigError
+
+T = TypeVar("T")
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def load_config(path: str | Path, schema: type[T]) -> T:
+    """Read ``path`` into an instance of the dataclass ``schema``; missing keys keep their defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass an existing file with --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    return parse_config(text, schema, source=str(path))
+
+
+def parse_config(text: str, schema: type[T], source: str = "<config>") -> T:
+    """Parse YAML ``text`` into ``schema``; ``source`` names the file in error messages."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem}); fix the syntax at that line") from None
+    if node is None:
+        return schema()
+    return _build_dataclass(schema, node, source, "")
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _build_dataclass(schema: type[T], node: yaml.Node, source: str, prefix: str) -> T:
+    if not isinstance(node, yaml.MappingNode):
+        what = f"key '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(f"{source}:{_line(node)}: {what} must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(schema)
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value
+        dotted = prefix + str(key)
+        if key not in fields or not fields[key].init:
+            known = ", ".join(sorted(k for k, f in fields.items() if f.init))
+            raise ConfigError(f"{source}:{_line(key_node)}: unknown key '{dotted}' (known keys: {known})")
+        if key in values:
+            raise ConfigError(f"{source}:{_line(key_node)}: key '{dotted}' appears twice")
+        values[key] = _convert(hints[key], value_node, source, dotted)
+    try:
+        instance = schema(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}:{_line(node)}: {exc}") from None
+    validate = getattr(instance, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as exc:
+            raise ConfigError(f"{source}:{_line(node)}: {exc}") from None
+    return instance
+
+
+def _scalar(node: yaml.Node) -> Any:
+    return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+def _convert(tp: Any, node: yaml.Node, source: str, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = f"{source}:{_line(node)}: key '{dotted}'"
+    if origin is Union:
+        options = [a for a in args if a is not type(None)]
+        if isinstance(node, yaml.ScalarNode) and _scalar(node) is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where} must not be empty")
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, node, source, dotted)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, node, source, dotted + ".")
+    if origin in (list, tuple):
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConfigError(f"{where} must be a list")
+        item_type = args[0] if args else Any
+        return [_convert(item_type, item, source, f"{dotted}[{i}]") for i, item in enumerate(node.value)]
+    if origin is dict:
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{where} must be a mapping")
+        value_type = args[1] if len(args) == 2 else Any
+        return {
+            str(_scalar(k)): _convert(value_type, v, source, f"{dotted}.{_scalar(k)}") for k, v in node.value
+        }
+    if tp is Any:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigError(f"{where} must be {_TYPE_WORDS.get(tp, str(tp))}, got a {node.id}")
+    value = _scalar(node)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return node.value  # e.g. a camera index written as 0: keep the text the user wrote
+    if tp in _TYPE_WORDS:
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where} must be {_TYPE_WORDS[tp]}, got {node.value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
