@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each makes its own venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint typecheck bench broker clean
+
+# torch is pinned in setup.cfg (torch==2.13.0, the CPU build); a looser pin would pull a CUDA build.
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[train,dev]'
+	# tensorrt-stubs declares tensorrt itself as a dependency, which cannot install without NVIDIA's index
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps tensorrt-stubs
+	touch $@
+
+venv: $(STAMP)
+
+# Mosquitto is the broker the tests and the demo talk to (Debian package).
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  echo "installing mosquitto (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+
+demo: $(STAMP) broker
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP) broker lint
+	$(BIN)/pytest -m "not slow"
+
+test-slow: $(STAMP) broker
+	$(BIN)/pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check edge trainer tests benchmarks scripts
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
