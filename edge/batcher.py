@@ -1,0 +1,76 @@
+"""One engine serves all cameras: frames are gathered into batches of up to max_batch or max_wait_ms.
+
+Cameras are taken round-robin so one fast camera cannot starve the others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Optional, Sequence
+
+from edge.sources import Frame, FrameQueue
+
+
+class Batcher:
+    """Pulls frames from the camera queues (which share one Condition) into batches."""
+
+    def __init__(self, queues: Sequence[FrameQueue], max_batch: int, max_wait_ms: float,
+                 idle_timeout_s: float = 0.2) -> None:
+        if not queues:
+            raise ValueError("at least one queue is needed")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        cond = queues[0].cond
+        if any(q.cond is not cond for q in queues):
+            raise ValueError("all queues must share one Condition")
+        self.queues = list(queues)
+        self.cond: threading.Condition = cond
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.idle_timeout_s = idle_timeout_s
+        self._next = 0  # round-robin start
+
+    @property
+    def finished(self) -> bool:
+        """Every source closed and drained."""
+        with self.cond:
+            return all(q.finished for q in self.queues)
+
+    def _take(self, batch: list[Frame]) -> None:
+        n = len(self.queues)
+        progress = True
+        while progress and len(batch) < self.max_batch:
+            progress = False
+            for i in range(n):
+                if len(batch) >= self.max_batch:
+                    break
+                q = self.queues[(self._next + i) % n]
+                item = q.get_nowait()
+                if item is not None:
+                    batch.append(item)
+                    progress = True
+            self._next = (self._next + 1) % n
+
+    def next_batch(self, stop: Optional[threading.Event] = None) -> list[Frame]:
+        """A batch of 1..max_batch frames; empty when idle for ``idle_timeout_s``, finished or stopped.
+
+        The first frame starts the max_wait clock: a batch never waits longer than that for company.
+        """
+        batch: list[Frame] = []
+        idle_deadline = time.monotonic() + self.idle_timeout_s
+        deadline: Optional[float] = None
+        with self.cond:
+            while True:
+                self._take(batch)
+                if len(batch) >= self.max_batch:
+                    return batch
+                now = time.monotonic()
+                if batch and deadline is None:
+                    deadline = now + self.max_wait_s
+                if all(q.finished for q in self.queues) or (stop is not None and stop.is_set()):
+                    return batch
+                until = deadline if deadline is not None else idle_deadline
+                if now >= until:
+                    return batch
+                self.cond.wait(min(until - now, 0.1))

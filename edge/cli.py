@@ -1,0 +1,291 @@
+"""``edge-run`` (the station) and ``edge-events`` (a subscriber that prints events as JSON lines).
+
+Every problem a user can fix ends as one line ``edge-run: error: ...`` and exit 2, never a traceback.
+Exit codes of edge-run: 0 clean stop, 2 bad input, 3 events not delivered before the flush timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, Optional, Sequence
+
+from edge.errors import UserError
+
+log = logging.getLogger("edge")
+
+EXIT_UNDELIVERED = 3
+_CAMERA_ID_RE = re.compile(r"^([A-Za-z0-9_.:-]+)=(.+)$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edge-run", description="Run a camera station: capture, score with a bundle, publish "
+                "anomaly events over MQTT.")
+    p.add_argument("--camera", action="append", metavar="SOURCE",
+                   help="camera index (0), video file, rtsp:// or http:// URL, or a GStreamer pipeline "
+                        "(contains '!'); ID=SOURCE names the camera; repeat for several cameras; replaces the "
+                        "config's camera list")
+    p.add_argument("--config", metavar="FILE", help="station config (YAML, see config/station.yaml); "
+                   "without it every key has its default")
+    p.add_argument("--engine", metavar="BUNDLE_DIR|MODEL_NAME",
+                   help="bundle folder, model folder (its 'current' version) or model name under engine.engines_dir")
+    p.add_argument("--mqtt", metavar="URL", help="broker, mqtt://host:port or mqtts://host:port")
+    p.add_argument("--station", metavar="ID", help="station id (an MQTT topic level)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), help="inference backend")
+    p.add_argument("--max-frames", type=_positive_int, metavar="N",
+                   help="stop after N processed frames per camera, close open events, flush, exit")
+    p.add_argument("--state-dir", metavar="DIR", help="where the event sequence counter is kept")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
+    """``--camera`` replaces the config's list; camera i inherits settings (and id) of config camera i,
+    except ``live``, which is decided again from the new source's kind."""
+    from dataclasses import replace
+
+    from edge.config import CameraConfig
+
+    cams = []
+    for i, spec in enumerate(specs):
+        m = _CAMERA_ID_RE.match(spec)
+        cam_id, source = (m.group(1), m.group(2)) if m and "!" not in spec else (None, spec)
+        base = configured[i] if i < len(configured) else CameraConfig(id=f"cam{i}")
+        cams.append(replace(base, id=cam_id or base.id, source=source, live=None))
+    return cams
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """Config + overrides → (config, bundle, publisher, station); every failure is a UserError."""
+    from edge.backends import create_backend
+    from edge.bundle import load_bundle
+    from edge.config import load_station_config
+    from edge.mqtt import StationPublisher, parse_mqtt_url
+    from edge.pipeline import Station
+    from edge.state import SeqCounter
+
+    cfg = load_station_config(args.config)
+    if args.station:
+        cfg.station = args.station
+    if args.camera:
+        cfg.cameras = _cameras_from_cli(args.camera, cfg.cameras)
+    if args.mqtt:
+        cfg.mqtt.url = args.mqtt
+    if args.backend:
+        cfg.engine.backend = args.backend
+    if args.state_dir:
+        cfg.state_dir = args.state_dir
+    if args.log_level:
+        cfg.logging.level = args.log_level
+    where = f"{args.config}: " if args.config else ""
+    try:
+        cfg.validate()
+        for cam in cfg.cameras:
+            cam.validate()
+    except ValueError as exc:
+        raise UserError(f"{where}{exc}") from None
+    _setup_logging(cfg.logging.level)
+    if not cfg.cameras:
+        raise UserError("no camera: pass --camera SOURCE or list cameras in the config")
+    parse_mqtt_url(cfg.mqtt.url)  # a bad URL fails before anything heavy is loaded
+    ref = args.engine or cfg.engine.model
+    if not ref:
+        raise UserError("no model: pass --engine BUNDLE_DIR|MODEL_NAME or set engine.model in the config")
+    bundle = load_bundle(ref, Path(cfg.engine.engines_dir))
+    threshold = cfg.engine.threshold if cfg.engine.threshold is not None else bundle.threshold
+    backend = create_backend(cfg.engine.backend, bundle, max_batch=cfg.engine.max_batch,
+                             intra_op_threads=cfg.engine.intra_op_threads)
+    seq = SeqCounter(cfg.state_dir, cfg.station)
+    publisher = StationPublisher(cfg.mqtt, cfg.station)
+    station = Station(cfg, bundle, backend, publisher, seq, threshold, max_frames=args.max_frames)
+    station.open_cameras(strict=len(cfg.cameras) == 1)
+    log.info("station '%s': %d camera(s), model %s %s, backend %s, threshold %.6g%s, mqtt %s",
+             cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name, threshold,
+             " (config override)" if cfg.engine.threshold is not None else "", publisher.url)
+    return cfg, bundle, publisher, station
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg, _bundle, publisher, station = _build(args)
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            raise KeyboardInterrupt
+        log.info("%s received: stopping cleanly", signal.Signals(signum).name)
+        station.request_stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    publisher.start()
+    publisher.wait_first_attempt(5.0)  # so 'online' normally precedes the first event; never fatal
+    try:
+        result = station.run()
+    finally:
+        publisher.stop()
+        station.backend.close()
+        station.seq.close()
+    log.info("stopped after %d frames, %d events", result.frames, result.events)
+    if result.undelivered:
+        print(f"edge-run: {result.undelivered} of {result.events} events not delivered to (acknowledged by) "
+              f"{publisher.url} within {cfg.mqtt.flush_timeout_s:g} s; they are lost", file=sys.stderr)
+        return EXIT_UNDELIVERED
+    return 0
+
+
+def run_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``edge-run``."""
+    args = run_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"edge-run: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-run: interrupted twice; exiting without flushing", file=sys.stderr)
+        return 130
+
+
+# -- edge-events ------------------------------------------------------------------------------------
+def events_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edge-events", description="Print a station's anomaly events as JSON lines.")
+    p.add_argument("--mqtt", metavar="URL", help="broker (default: the config's mqtt.url, else mqtt://localhost:1883)")
+    p.add_argument("--station", metavar="ID", help="only this station (default: all)")
+    p.add_argument("--prefix", metavar="P", help="topic prefix (default: the config's mqtt.prefix, else 'anomaly')")
+    p.add_argument("--config", metavar="FILE", help="station config, for credentials / TLS / prefix")
+    p.add_argument("--count", type=_positive_int, metavar="N", help="exit 0 after N events")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="exit after S seconds (non-zero when --count events had not arrived)")
+    return p
+
+
+def _events(args: argparse.Namespace) -> int:
+    from edge.config import check_topic_level, load_station_config
+    from edge.mqtt import new_client, parse_mqtt_url
+
+    cfg = load_station_config(args.config).mqtt
+    url = parse_mqtt_url(args.mqtt or cfg.url)
+    prefix = args.prefix or cfg.prefix
+    if args.station:
+        try:
+            check_topic_level("station id", args.station)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    topic = f"{prefix}/{args.station or '+'}/+/event"
+    client = new_client(f"edge-events-{os.getpid()}", url, cfg)
+    done = threading.Event()
+    lock = threading.Lock()
+    seen = 0
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            print(f"edge-events: broker {url} refused the connection ({reason_code})", file=sys.stderr)
+            return
+        c.subscribe(topic, qos=1)
+
+    def on_subscribe(c: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        print(f"edge-events: subscribed to {topic} on {url}", file=sys.stderr, flush=True)
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        nonlocal seen
+        with lock:
+            if done.is_set():
+                return
+            try:
+                line = json.dumps(json.loads(msg.payload), separators=(",", ":"))
+            except (ValueError, UnicodeDecodeError):
+                line = json.dumps({"topic": msg.topic, "invalid_payload": msg.payload.decode("utf-8", "replace")})
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                done.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    try:
+        client.connect(url.host, url.port, keepalive=cfg.keepalive_s)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot connect to MQTT broker {url} ({exc})") from None
+    client.loop_start()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    try:
+        while not done.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            done.wait(0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if args.count is not None and seen < args.count and deadline is not None and time.monotonic() >= deadline:
+        print(f"edge-events: timeout after {args.timeout:g} s with {seen} of {args.count} events", file=sys.stderr)
+        return 1
+    return 0
+
+
+def events_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``edge-events``."""
+    args = events_parser().parse_args(argv)
+    try:
+        return _events(args)
+    except UserError as exc:
+        print(f"edge-events: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(run_main())

@@ -1,0 +1,172 @@
+"""Station configuration: the dataclasses that config/station.yaml is loaded into.
+
+Loaded with :func:`edge.configfile.load_config`, so an unknown key or a wrong type is reported as
+``file:line: key ...``. Every key here is documented (with its default) in config/station.yaml.
+``Optional[...]`` rather than ``X | None`` because the loader resolves the hints at run time on Python 3.9.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from edge.configfile import load_config
+
+# An MQTT topic level: no wildcards, no separators, nothing invisible.
+_TOPIC_LEVEL_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def check_topic_level(what: str, value: str) -> None:
+    """Station and camera ids become MQTT topic levels, so '+', '#', '/' and spaces are refused."""
+    if not _TOPIC_LEVEL_RE.match(value):
+        raise ValueError(f"{what} {value!r} must be letters, digits, '_', '.', ':' or '-' "
+                         "(it becomes an MQTT topic level)")
+
+
+@dataclass
+class EngineConfig:
+    """Which bundle runs, on which backend, and how frames are batched across cameras."""
+
+    model: str = ""
+    engines_dir: str = "engines"
+    backend: str = "auto"
+    threshold: Optional[float] = None
+    max_batch: int = 8
+    max_wait_ms: float = 20.0
+    intra_op_threads: int = 0
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"engine.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.max_batch < 1:
+            raise ValueError("engine.max_batch must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("engine.max_wait_ms must not be negative")
+        if self.intra_op_threads < 0:
+            raise ValueError("engine.intra_op_threads must not be negative (0 = automatic)")
+
+
+@dataclass
+class CameraConfig:
+    """One capture source; ``live`` decides drop-oldest + wall clock (camera) or block + file time (file)."""
+
+    id: str = "cam0"
+    source: str = "0"
+    live: Optional[bool] = None
+    queue_size: int = 4
+    stale_timeout_s: float = 5.0
+    reopen_initial_s: float = 0.5
+    reopen_max_s: float = 30.0
+
+    def validate(self) -> None:
+        check_topic_level("camera id", self.id)
+        if not self.source:
+            raise ValueError(f"camera {self.id!r}: source must not be empty")
+        if self.queue_size < 1:
+            raise ValueError(f"camera {self.id!r}: queue_size must be at least 1")
+        if self.stale_timeout_s <= 0 or self.reopen_initial_s <= 0 or self.reopen_max_s < self.reopen_initial_s:
+            raise ValueError(f"camera {self.id!r}: stale_timeout_s and reopen_initial_s must be > 0 and "
+                             "reopen_max_s >= reopen_initial_s")
+
+
+@dataclass
+class EventsConfig:
+    """Event rule per camera: k of the last n frames open, close_after frames below threshold×hysteresis close."""
+
+    k: int = 3
+    n: int = 5
+    close_after: int = 10
+    hysteresis: float = 0.9
+    update_interval_s: float = 5.0
+    cooldown_s: float = 2.0
+
+    def validate(self) -> None:
+        if not 1 <= self.k <= self.n:
+            raise ValueError(f"events: need 1 <= k <= n, got k={self.k}, n={self.n}")
+        if self.close_after < 1:
+            raise ValueError("events.close_after must be at least 1")
+        if not 0.0 < self.hysteresis <= 1.0:
+            raise ValueError("events.hysteresis must be in (0, 1]")
+        if self.update_interval_s <= 0 or self.cooldown_s < 0:
+            raise ValueError("events.update_interval_s must be > 0 and events.cooldown_s >= 0")
+
+
+@dataclass
+class TlsConfig:
+    """TLS for mqtts:// URLs; the key password may come from an environment variable."""
+
+    ca_certs: Optional[str] = None
+    certfile: Optional[str] = None
+    keyfile: Optional[str] = None
+    keyfile_password_env: Optional[str] = None
+    insecure: bool = False
+
+
+@dataclass
+class MqttConfig:
+    """Broker connection and what is published (see DESIGN.md, MQTT contract)."""
+
+    url: str = "mqtt://localhost:1883"
+    prefix: str = "anomaly"
+    client_id: str = ""
+    username: Optional[str] = None
+    password_env: Optional[str] = None
+    keepalive_s: int = 30
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    snapshots: bool = False
+    stats_interval_s: float = 10.0
+    flush_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        for part in self.prefix.split("/"):
+            check_topic_level("mqtt.prefix level", part)
+        if self.keepalive_s < 5:
+            raise ValueError("mqtt.keepalive_s must be at least 5")
+        if self.reconnect_min_s < 1 or self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("mqtt.reconnect_min_s must be >= 1 and reconnect_max_s >= reconnect_min_s")
+        if self.stats_interval_s <= 0 or self.flush_timeout_s < 0:
+            raise ValueError("mqtt.stats_interval_s must be > 0 and mqtt.flush_timeout_s >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Log level of the station process (logs go to stderr)."""
+
+    level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.level.upper() not in LOG_LEVELS:
+            raise ValueError(f"logging.level must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+
+
+@dataclass
+class StationConfig:
+    """Everything one camera station needs; CLI flags override single keys."""
+
+    station: str = "station1"
+    state_dir: str = "state"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cameras: List[CameraConfig] = field(default_factory=list)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        check_topic_level("station id", self.station)
+        ids = [c.id for c in self.cameras]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
+
+
+def load_station_config(path: Optional[str | Path]) -> StationConfig:
+    """The station config from ``path``, or all defaults when no file is given."""
+    if path is None:
+        return StationConfig()
+    return load_config(path, StationConfig)

@@ -1,0 +1,228 @@
+"""The station loop: capture threads → batcher → backend → per-camera events → MQTT, plus stats.
+
+Inference and event logic run on the calling (main) thread; each camera captures on its own thread;
+paho runs its network thread. ``max_frames`` counts processed frames PER CAMERA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from edge.backends.base import Backend
+from edge.batcher import Batcher
+from edge.bundle import Bundle
+from edge.config import StationConfig
+from edge.errors import UserError
+from edge.events import EventDetector, EventRule, Transition, event_payload
+from edge.mqtt import StationPublisher
+from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure, iso_utc
+from edge.state import SeqCounter
+from edge.stats import CameraStats, StationStats
+
+log = logging.getLogger("edge.pipeline")
+
+
+@dataclass
+class _Camera:
+    source: CameraSource
+    detector: EventDetector
+    stats: CameraStats
+    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # (index, image, map) for snapshots
+    peak: Optional[tuple[int, np.ndarray, Optional[np.ndarray]]] = None
+    done: bool = False
+    bad_scores: int = 0
+    stale_reported: bool = False
+    last_processed: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RunResult:
+    frames: int
+    events: int
+    undelivered: int
+
+
+def render_snapshot(image: np.ndarray, amap: Optional[np.ndarray]) -> bytes:
+    """JPEG of the peak frame, with the anomaly map as a heat overlay when the model gives one."""
+    if amap is not None and amap.size:
+        m = cv2.resize(np.asarray(amap, dtype=np.float32), (image.shape[1], image.shape[0]),
+                       interpolation=cv2.INTER_LINEAR)
+        top = float(m.max())
+        scaled = np.clip(m * (255.0 / top), 0, 255).astype(np.uint8) if top > 0 else np.zeros(m.shape, np.uint8)
+        heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+        image = cv2.addWeighted(image, 0.6, heat, 0.4, 0)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return buf.tobytes() if ok else b""
+
+
+class Station:
+    """One station run; build it, ``open_cameras()``, then ``run()``."""
+
+    def __init__(self, cfg: StationConfig, bundle: Bundle, backend: Backend, publisher: StationPublisher,
+                 seq: SeqCounter, threshold: float, max_frames: Optional[int] = None) -> None:
+        self.cfg = cfg
+        self.bundle = bundle
+        self.backend = backend
+        self.publisher = publisher
+        self.seq = seq
+        self.threshold = threshold
+        self.max_frames = max_frames
+        self.stop_event = threading.Event()
+        self.stats = StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, backend.max_batch)
+        ev = cfg.events
+        self.rule = EventRule(threshold=threshold, k=ev.k, n=ev.n, close_after=ev.close_after,
+                              hysteresis=ev.hysteresis, update_interval_s=ev.update_interval_s,
+                              cooldown_s=ev.cooldown_s)
+        cond = threading.Condition()
+        self.cameras: dict[str, _Camera] = {}
+        for cam_cfg in cfg.cameras:
+            queue = FrameQueue(cam_cfg.queue_size, cond)
+            src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=cfg.mqtt.snapshots)
+            if not src.live:
+                src.max_frames = max_frames  # a file reads exactly what will be processed
+            stats = CameraStats(cam_cfg.id, captured=partial(getattr, src, "captured"),
+                                dropped=partial(getattr, queue, "dropped"),
+                                reconnects=partial(getattr, src, "reconnects"),
+                                connected=partial(getattr, src, "connected"))
+            self.stats.cameras[cam_cfg.id] = stats
+            self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), stats)
+        self.batcher = Batcher([c.source.queue for c in self.cameras.values()], backend.max_batch,
+                               cfg.engine.max_wait_ms)
+        self.frames = 0
+        self.events = 0
+
+    def open_cameras(self, strict: bool) -> None:
+        """Open every camera now; a failure is fatal when ``strict`` (single camera) or for a video file,
+        otherwise the camera keeps retrying with back-off in its thread."""
+        for cam in self.cameras.values():
+            src = cam.source
+            if src.open():
+                log.info("camera '%s': opened %s (%s)", src.cam.id, src.cam.source, "live" if src.live else "file")
+                continue
+            if strict or not src.live:
+                raise UserError(describe_open_failure(src.cam))
+            log.warning("%s; retrying in the background", describe_open_failure(src.cam))
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        for cam in self.cameras.values():
+            cam.source.start()
+        next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
+        try:
+            while not self.stop_event.is_set():
+                batch = self.batcher.next_batch(self.stop_event)
+                if batch:
+                    self._process(batch)
+                now = time.monotonic()
+                if now >= next_stats:
+                    self._publish_stats()
+                    next_stats = now + self.cfg.mqtt.stats_interval_s
+                self._watchdog(now)
+                if all(c.done or c.source.queue.finished for c in self.cameras.values()):
+                    break
+        finally:
+            for cam in self.cameras.values():
+                cam.source.stop()
+        if self.stop_event.is_set():
+            log.info("stop requested: closing open events and flushing")
+        for cam_id, cam in self.cameras.items():
+            for t in cam.detector.finish():
+                self._emit(cam_id, cam, t)
+        for cam in self.cameras.values():
+            cam.source.join(2.0)
+        timeout = self.cfg.mqtt.flush_timeout_s
+        undelivered = self.publisher.flush(timeout)
+        self._publish_stats()
+        return RunResult(frames=self.frames, events=self.events, undelivered=undelivered)
+
+    def _process(self, batch: list[Frame]) -> None:
+        frames = np.stack([f.image for f in batch])
+        t0 = time.perf_counter()
+        out = self.backend.infer(frames)
+        self.stats.add_batch(len(batch), (time.perf_counter() - t0) * 1000.0)
+        scores = out["score"]
+        maps = out.get("anomaly_map")
+        for i, f in enumerate(batch):
+            cam = self.cameras[f.camera]
+            if cam.done:
+                continue
+            cam.stats.processed += 1
+            cam.last_processed = time.monotonic()
+            self.frames += 1
+            score = float(scores[i])
+            if not math.isfinite(score):
+                cam.bad_scores += 1
+                if cam.bad_scores == 1:
+                    log.warning("camera '%s': the model returned a non-finite score at frame %d; such frames "
+                                "are skipped", f.camera, f.index)
+            else:
+                if self.cfg.mqtt.snapshots:
+                    image = f.original if f.original is not None else f.image
+                    cam.recent.append((f.index, image, None if maps is None else maps[i]))
+                was_open = cam.detector.is_open
+                transitions = cam.detector.feed(f.index, f.ts, score)
+                if self.cfg.mqtt.snapshots and cam.detector.is_open:
+                    self._track_peak(cam, was_open)
+                for t in transitions:
+                    self._emit(f.camera, cam, t)
+            self.stats.latency_ms.add((time.monotonic() - f.t_capture) * 1000.0)
+            if self.max_frames is not None and cam.stats.processed >= self.max_frames:
+                cam.done = True
+                cam.source.stop()
+
+    def _track_peak(self, cam: _Camera, was_open: bool) -> None:
+        peak_frame = cam.detector.peak_frame
+        if was_open and cam.peak is not None and cam.peak[0] == peak_frame:
+            return
+        for item in cam.recent:
+            if item[0] == peak_frame:
+                cam.peak = item
+                return
+
+    def _emit(self, cam_id: str, cam: _Camera, t: Transition) -> None:
+        payload = event_payload(t, seq=self.seq.next(), station=self.cfg.station, camera=cam_id,
+                                ts_iso=iso_utc(t.ts), threshold=self.threshold, model=self.bundle.model_name,
+                                model_version=self.bundle.version, backend=self.backend.name)
+        self.publisher.publish_event(cam_id, json.dumps(payload).encode())
+        self.events += 1
+        self.stats.events_published += 1
+        log.info("event %s camera '%s' seq %d frame %d score %.4f peak %.4f", t.type, cam_id, payload["seq"],
+                 t.frame, t.score, t.peak_score)
+        if t.type == "end" and self.cfg.mqtt.snapshots:
+            if cam.peak is not None:
+                _, image, amap = cam.peak
+                jpeg = render_snapshot(image, amap)
+                if jpeg:
+                    self.publisher.publish_snapshot(cam_id, jpeg)
+            cam.peak = None
+
+    def _publish_stats(self) -> None:
+        payload = self.stats.as_dict(iso_utc(time.time()), self.publisher.pending, self.publisher.connected)
+        self.publisher.publish_stats(json.dumps(payload).encode())
+
+    def _watchdog(self, now: float) -> None:
+        """Say when a live camera has delivered nothing for its stale timeout (its thread reopens it)."""
+        for cam_id, cam in self.cameras.items():
+            src = cam.source
+            if not src.live or cam.done:
+                continue
+            silent = now - max(cam.last_processed, src.last_frame)
+            if silent > src.cam.stale_timeout_s and not cam.stale_reported:
+                cam.stale_reported = True
+                log.warning("camera '%s': no frame for %.0f s", cam_id, silent)
+            elif silent <= src.cam.stale_timeout_s:
+                cam.stale_reported = False

@@ -1,0 +1,300 @@
+"""Capture: one thread per camera feeding a bounded queue, so capture never waits on inference.
+
+A live camera drops the OLDEST queued frame when the queue is full (counted) and stamps frames with the
+wall clock. A video file is not a live camera: it blocks instead of dropping and stamps frames from
+its fps and frame index, so what a run detects does not depend on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # keep OpenCV's warnings out of our one-line errors
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from edge.config import CameraConfig  # noqa: E402
+from edge.errors import UserError  # noqa: E402
+
+with contextlib.suppress(AttributeError):  # cv2 may have been imported before our env default applied
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+log = logging.getLogger("edge.sources")
+
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+FILE_FPS_FALLBACK = 25.0
+
+
+@dataclass
+class Frame:
+    """One captured frame: the resized model input, and the original kept for snapshots."""
+
+    camera: str
+    index: int
+    ts: float  # seconds since the epoch, UTC: file time (files) or wall clock (live)
+    image: np.ndarray  # uint8 BGR [H, W, 3] at the model's input size
+    original: Optional[np.ndarray] = None
+    t_capture: float = field(default_factory=time.monotonic)  # for end-to-end latency
+
+
+def source_kind(source: str) -> str:
+    """'index' (camera number), 'gstreamer' (pipeline with '!'), 'url' (rtsp/http...), 'device' or 'file'."""
+    s = source.strip()
+    if s.isdigit():
+        return "index"
+    if "!" in s:
+        return "gstreamer"
+    if _URL_RE.match(s):
+        return "url"
+    if s.startswith("/dev/"):
+        return "device"
+    return "file"
+
+
+def is_live(cam: CameraConfig) -> bool:
+    """Anything but a video file is live unless the config says otherwise (``live:``)."""
+    if cam.live is not None:
+        return cam.live
+    return source_kind(cam.source) != "file"
+
+
+def open_capture(source: str, timeout_s: float = 10.0) -> cv2.VideoCapture:
+    """Open ``source`` with the right OpenCV backend; the capture may be unopened (check isOpened)."""
+    kind = source_kind(source)
+    if kind == "index":
+        return cv2.VideoCapture(int(source))
+    if kind == "gstreamer":
+        return cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
+    if kind == "url":
+        # Bounded open/read so a dead stream cannot hang the capture thread forever.
+        ms = int(timeout_s * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
+    return cv2.VideoCapture(source)
+
+
+def describe_open_failure(cam: CameraConfig) -> str:
+    kind = source_kind(cam.source)
+    if kind == "file" and not Path(cam.source).exists():
+        return f"camera '{cam.id}': video file {cam.source} not found"
+    hint = {
+        "index": "is a camera plugged in at that index and not used by another process?",
+        "device": "does the device exist and may this user read it?",
+        "gstreamer": "this OpenCV may lack GStreamer support (use JetPack's OpenCV), or the pipeline is wrong",
+        "url": "is the stream reachable and the URL right?",
+        "file": "is it a video file OpenCV can decode?",
+    }[kind]
+    return f"camera '{cam.id}': cannot open {cam.source} ({hint})"
+
+
+def resize_frame(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """To the model's H×W, uint8 BGR; area interpolation when shrinking avoids aliasing."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    h, w = hw
+    if image.shape[0] == h and image.shape[1] == w:
+        return np.ascontiguousarray(image, dtype=np.uint8)
+    shrink = image.shape[0] > h or image.shape[1] > w
+    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def iso_utc(ts: float) -> str:
+    """ISO-8601 UTC with milliseconds and a 'Z', as every payload carries it."""
+    t = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+class FrameQueue:
+    """Bounded FIFO; ``put`` drops the oldest when full (counted), ``put_blocking`` waits for space.
+
+    All queues of a station share one Condition so the batcher can wait on "any camera has a frame".
+    """
+
+    def __init__(self, maxsize: int, cond: Optional[threading.Condition] = None) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.maxsize = maxsize
+        self.cond = cond or threading.Condition()
+        self._items: deque[Frame] = deque()
+        self.dropped = 0
+        self.closed = False  # the producer will put no more
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Frame) -> None:
+        with self.cond:
+            if len(self._items) >= self.maxsize:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append(item)
+            self.cond.notify_all()
+
+    def put_blocking(self, item: Frame, stop: threading.Event) -> bool:
+        """Wait for space (video files lose nothing); False when ``stop`` was set first."""
+        with self.cond:
+            while len(self._items) >= self.maxsize:
+                if stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self._items.append(item)
+            self.cond.notify_all()
+            return True
+
+    def get_nowait(self) -> Optional[Frame]:
+        """Caller holds ``cond``; wakes a blocked producer."""
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        self.cond.notify_all()
+        return item
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        """Closed and drained: nothing more will ever come out."""
+        return self.closed and not self._items
+
+
+class CameraSource:
+    """A capture thread for one camera, with reopen + exponential back-off for live sources."""
+
+    def __init__(self, cam: CameraConfig, input_hw: tuple[int, int], queue: FrameQueue,
+                 max_frames: Optional[int] = None, keep_original: bool = False,
+                 on_frame: Optional[Callable[[], None]] = None) -> None:
+        self.cam = cam
+        self.input_hw = input_hw
+        self.queue = queue
+        self.max_frames = max_frames
+        self.keep_original = keep_original
+        self.live = is_live(cam)
+        self.captured = 0
+        self.reconnects = 0
+        self.connected = False
+        self.last_frame = time.monotonic()  # when the last frame was read (for the stale watchdog)
+        self._cap: Optional[cv2.VideoCapture] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"capture-{cam.id}", daemon=True)
+        self._fps = FILE_FPS_FALLBACK
+        self._t0 = time.time()
+        self._on_frame = on_frame
+
+    # -- opening -------------------------------------------------------------------------------
+    def open(self) -> bool:
+        """Try once to open the source; True when it delivers frames."""
+        if self._cap is not None:
+            self._cap.release()
+        cap = open_capture(self.cam.source, self.cam.stale_timeout_s)
+        if not cap.isOpened():
+            cap.release()
+            self._cap = None
+            self.connected = False
+            return False
+        self._cap = cap
+        self.connected = True
+        if not self.live:
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            self._fps = fps if fps and 0 < fps < 1000 else FILE_FPS_FALLBACK
+            self._t0 = time.time()
+        return True
+
+    def open_or_raise(self) -> None:
+        if not self.open():
+            raise UserError(describe_open_failure(self.cam))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
+    # -- the capture loop ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # a capture thread must never die silently
+            log.exception("camera '%s': capture thread failed", self.cam.id)
+        finally:
+            if self._cap is not None:
+                self._cap.release()
+            self.connected = False
+            self.queue.close()
+
+    def _loop(self) -> None:
+        backoff = self.cam.reopen_initial_s
+        if self._cap is None and not self._reopen_wait(backoff, first=True):
+            return
+        last_frame = time.monotonic()
+        while not self._stop.is_set():
+            if self.max_frames is not None and self.captured >= self.max_frames:
+                return
+            assert self._cap is not None
+            ok, image = self._cap.read()
+            now = time.monotonic()
+            if ok and image is not None:
+                last_frame = now
+                backoff = self.cam.reopen_initial_s
+                self._deliver(image, now)
+                continue
+            if not self.live:
+                log.info("camera '%s': end of %s after %d frames", self.cam.id, self.cam.source, self.captured)
+                return
+            # A live camera that fails a read or goes stale: reopen with exponential back-off.
+            stale = now - last_frame
+            log.warning("camera '%s': no frame (read failed, %.1f s since the last); reopening %s",
+                        self.cam.id, stale, self.cam.source)
+            self.connected = False
+            self.reconnects += 1
+            if not self._reopen_wait(backoff):
+                return
+            backoff = min(backoff * 2, self.cam.reopen_max_s)
+            last_frame = time.monotonic()
+
+    def _reopen_wait(self, delay: float, first: bool = False) -> bool:
+        """Reopen until it works or we are stopped; doubles the delay each failure."""
+        while not self._stop.is_set():
+            if self._stop.wait(delay):
+                return False
+            if self.open():
+                log.info("camera '%s': %s %s", self.cam.id, "opened" if first else "reopened", self.cam.source)
+                return True
+            log.warning("camera '%s': cannot open %s; retrying in %.1f s", self.cam.id, self.cam.source,
+                        min(delay * 2, self.cam.reopen_max_s))
+            delay = min(delay * 2, self.cam.reopen_max_s)
+        return False
+
+    def _deliver(self, image: np.ndarray, t_capture: float) -> None:
+        index = self.captured
+        self.last_frame = t_capture
+        ts = self._t0 + index / self._fps if not self.live else time.time()
+        frame = Frame(camera=self.cam.id, index=index, ts=ts, image=resize_frame(image, self.input_hw),
+                      original=image if self.keep_original else None, t_capture=t_capture)
+        self.captured += 1
+        if self._on_frame is not None:
+            self._on_frame()
+        if self.live:
+            self.queue.put(frame)
+        else:
+            self.queue.put_blocking(frame, self._stop)

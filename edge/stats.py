@@ -1,0 +1,124 @@
+"""Health numbers for the stats topic: counters, rates and latency percentiles over recent frames.
+
+Percentiles come from a ring of the most recent samples, so they describe the station now rather than
+averaged over its whole uptime.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+STATS_SCHEMA_VERSION = 1
+
+
+class Reservoir:
+    """The last ``size`` samples; p50/p99 over them (None when empty)."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self._values.append(float(value))
+
+    def percentiles(self, *qs: float) -> list[Optional[float]]:
+        with self._lock:
+            if not self._values:
+                return [None for _ in qs]
+            arr = np.fromiter(self._values, dtype=np.float64)
+        return [round(float(np.percentile(arr, q)), 3) for q in qs]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+class Rate:
+    """Events per second between two ``snapshot`` calls (the stats interval)."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+        self._last_n = count()
+        self._last_t = time.monotonic()
+
+    def snapshot(self) -> float:
+        n, t = self._count(), time.monotonic()
+        dt = t - self._last_t
+        rate = (n - self._last_n) / dt if dt > 0 else 0.0
+        self._last_n, self._last_t = n, t
+        return round(rate, 2)
+
+
+class CameraStats:
+    """Counters of one camera; capture counters are read from its source."""
+
+    def __init__(self, camera: str, captured: Callable[[], int], dropped: Callable[[], int],
+                 reconnects: Callable[[], int], connected: Callable[[], bool]) -> None:
+        self.camera = camera
+        self.processed = 0
+        self.captured = captured
+        self.dropped = dropped
+        self.reconnects = reconnects
+        self.connected = connected
+        self._capture_rate = Rate(captured)
+        self._processed_rate = Rate(lambda: self.processed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connected": bool(self.connected()),
+            "capture_fps": self._capture_rate.snapshot(),
+            "processed_fps": self._processed_rate.snapshot(),
+            "frames_captured": int(self.captured()),
+            "frames_processed": int(self.processed),
+            "dropped": int(self.dropped()),
+            "reconnects": int(self.reconnects()),
+        }
+
+
+class StationStats:
+    """Everything the stats topic carries (config/schemas/stats.schema.json)."""
+
+    def __init__(self, station: str, backend: str, model: str, model_version: str, max_batch: int) -> None:
+        self.station = station
+        self.backend = backend
+        self.model = model
+        self.model_version = model_version
+        self.max_batch = max_batch
+        self.started = time.monotonic()
+        self.cameras: dict[str, CameraStats] = {}
+        self.inference_ms = Reservoir()
+        self.latency_ms = Reservoir()
+        self.batch_sizes = Reservoir(512)
+        self.batches = 0
+        self.events_published = 0
+
+    def add_batch(self, size: int, inference_ms: float) -> None:
+        self.batches += 1
+        self.batch_sizes.add(size)
+        self.inference_ms.add(inference_ms)
+
+    def as_dict(self, ts_iso: str, spool_depth: int, mqtt_connected: bool) -> dict[str, Any]:
+        inf50, inf99 = self.inference_ms.percentiles(50, 99)
+        lat50, lat99 = self.latency_ms.percentiles(50, 99)
+        (batch50,) = self.batch_sizes.percentiles(50)
+        return {
+            "schema": STATS_SCHEMA_VERSION,
+            "station": self.station,
+            "ts": ts_iso,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "backend": self.backend,
+            "model": self.model,
+            "model_version": self.model_version,
+            "batch_size": {"p50": batch50, "max": self.max_batch, "batches": self.batches},
+            "inference_ms": {"p50": inf50, "p99": inf99},
+            "latency_ms": {"p50": lat50, "p99": lat99},
+            "spool_depth": int(spool_depth),
+            "events_published": self.events_published,
+            "mqtt_connected": bool(mqtt_connected),
+            "cameras": {cid: c.as_dict() for cid, c in self.cameras.items()},
+        }

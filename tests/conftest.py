@@ -1,0 +1,61 @@
+"""Fixtures shared by the tests: a real Mosquitto broker and a toy bundle."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/edge_helpers.py importable everywhere
+
+from edge_helpers import Mosquitto, free_port, make_toy_bundle, mosquitto_binary  # noqa: E402
+
+
+def _mosquitto_binary() -> str:
+    found = mosquitto_binary()
+    if not found:
+        pytest.fail("mosquitto not found: the edge tests need a real MQTT broker; "
+                    "install it with `sudo apt-get install mosquitto`", pytrace=False)
+    return found
+
+
+@pytest.fixture(scope="session")
+def mosquitto_bin() -> str:
+    """Path of the mosquitto binary (fails with an install hint when missing)."""
+    return _mosquitto_binary()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory, mosquitto_bin: str) -> Iterator[str]:
+    """A real Mosquitto on a free loopback port; yields its URL (mqtt://127.0.0.1:PORT)."""
+    try:
+        broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port(), mosquitto_bin)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield broker.url
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def toy_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An engines/ root holding model 'toy' with one promoted version (input 32×32, threshold 0.1)."""
+    root = tmp_path_factory.mktemp("toy") / "engines"  # named engines/: the default engines_dir
+    make_toy_bundle(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(toy_engines: Path) -> Path:
+    """The toy bundle's version folder."""
+    model_dir = toy_engines / "toy"
+    return model_dir / (model_dir / "current").read_text().strip()
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port where nothing listens (for the unreachable-broker tests)."""
+    return free_port()

@@ -1,0 +1,260 @@
+"""Shared helpers for the edge tests: a toy but real bundle, video files with planted defects, a real
+MQTT subscriber, and the real CLIs run as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import cv2
+import jsonschema
+import numpy as np
+import onnx
+import paho.mqtt.client as mqtt
+from onnx import TensorProto, helper
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.bundle import new_version_dir, promote, write_manifest
+from edge.mqtt import parse_mqtt_url
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMAS = REPO / "config" / "schemas"
+BRIGHT = 200  # the toy model calls a pixel channel "bright" above this
+TOY_THRESHOLD = 0.1
+
+
+# -- a toy bundle -----------------------------------------------------------------------------------
+def toy_model(hw: tuple[int, int]) -> onnx.ModelProto:
+    """frames uint8 [N,H,W,3] → anomaly_map = fraction of bright channels per pixel, score = its mean.
+
+    A real ONNX graph with the bundle contract's I/O (cast inside the graph), cheap enough for CI.
+    """
+    h, w = hw
+    nodes = [
+        helper.make_node("Cast", ["frames"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Greater", ["x", "bright"], ["hot"]),
+        helper.make_node("Cast", ["hot"], ["hotf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["hotf"], ["anomaly_map"], axes=[3], keepdims=0),
+        helper.make_node("ReduceMean", ["anomaly_map"], ["score"], axes=[1, 2], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "toy_bright",
+        [helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", h, w, 3])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", h, w])],
+        initializer=[helper.make_tensor("bright", TensorProto.FLOAT, [], [float(BRIGHT)])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="edge-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def make_toy_bundle(engines_root: Path, model_name: str = "toy", hw: tuple[int, int] = (32, 32),
+                    threshold: float = TOY_THRESHOLD, promote_it: bool = True) -> Path:
+    """A complete bundle written through edge.bundle (the same code path as the trainer)."""
+    bundle_dir = new_version_dir(engines_root, model_name)
+    onnx.save(toy_model(hw), str(bundle_dir / "model.onnx"))
+    write_manifest(
+        bundle_dir, model_name=model_name,
+        input_spec={"height": hw[0], "width": hw[1]},
+        outputs=[{"name": "score", "dtype": "float32", "shape": ["N"]},
+                 {"name": "anomaly_map", "dtype": "float32", "shape": ["N", hw[0], hw[1]]}],
+        calibration={"threshold": threshold, "method": "fixed (toy)"},
+        training_data={"count": 0, "hash": "none"},
+        metrics={},
+    )
+    if promote_it:
+        promote(bundle_dir)
+    return bundle_dir
+
+
+# -- video files with planted defects ---------------------------------------------------------------
+def make_frame(rng: np.random.Generator, size: tuple[int, int], defect: bool) -> np.ndarray:
+    """Dark noise (never bright); a defect is a bright square covering a quarter of the frame."""
+    h, w = size
+    img = rng.integers(30, 120, size=(h, w, 3), dtype=np.uint8)
+    if defect:
+        img[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
+    return img
+
+
+def write_video(path: Path, defects: Sequence[tuple[int, int]], n_frames: int, size: tuple[int, int] = (64, 64),
+                fps: float = 10.0, seed: int = 0) -> Path:
+    """MJPG .avi of ``n_frames``; frames in any [start, stop) of ``defects`` carry the planted defect."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size[1], size[0]))
+    assert writer.isOpened(), f"cannot write {path}"
+    rng = np.random.default_rng(seed)
+    for i in range(n_frames):
+        writer.write(make_frame(rng, size, any(a <= i < b for a, b in defects)))
+    writer.release()
+    return path
+
+
+# -- a real broker ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> Optional[str]:
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+
+
+class Mosquitto:
+    """A Mosquitto process on a loopback port (anonymous, no persistence), ready when constructed."""
+
+    def __init__(self, workdir: Path, port: int, binary: str) -> None:
+        self.port = port
+        self.url = f"mqtt://127.0.0.1:{port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / f"mosquitto-{port}.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n", encoding="utf-8")
+        self.log_path = workdir / f"mosquitto-{port}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
+                                   f"{self.log_path.read_text(errors='replace')}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("mosquitto did not accept connections within 10 s") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+# -- schemas ----------------------------------------------------------------------------------------
+def load_schema(name: str) -> dict[str, Any]:
+    return json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
+
+
+_VALIDATORS: dict[str, jsonschema.Draft202012Validator] = {}
+
+
+def validate(name: str, payload: Any) -> None:
+    """Validate against a shipped schema, format checks included (uuid, date-time)."""
+    if name not in _VALIDATORS:
+        schema = load_schema(name)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        _VALIDATORS[name] = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    _VALIDATORS[name].validate(payload)
+
+
+# -- a real subscriber ------------------------------------------------------------------------------
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+
+class Collector:
+    """Subscribes (paho, QoS 1) and keeps every message; used as a context manager."""
+
+    def __init__(self, url: str, topics: Sequence[str]) -> None:
+        u = parse_mqtt_url(url)
+        self.messages: list[Message] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=f"test-collector-{os.getpid()}-{id(self)}")
+        self.client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(u.host, u.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "the test subscriber could not subscribe"
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._cond:
+            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[list[Message]], bool], timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred(self.messages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def on(self, suffix: str) -> list[Message]:
+        with self._cond:
+            return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(m.payload) for m in self.on("/event")]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Collector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- the real CLIs ----------------------------------------------------------------------------------
+def cli_command(name: str) -> list[str]:
+    """The installed console script next to this interpreter, else the same entry point via -c."""
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    func = {"edge-run": "run_main", "edge-events": "events_main"}[name]
+    return [sys.executable, "-c", f"import sys; from edge.cli import {func}; sys.exit({func}())"]
+
+
+def run_cli(name: str, args: Sequence[str], cwd: Optional[Path] = None, timeout: float = 60.0,
+            env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONPATH", str(REPO))
+    return subprocess.run([*cli_command(name), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, prog: str, *needles: str, code: int = 2) -> str:
+    """Exit ``code``, no traceback, and a single ``prog: error: ...`` line on stderr mentioning ``needles``."""
+    err = proc.stderr
+    assert proc.returncode == code, f"exit {proc.returncode}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"{prog}: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def write_station_yaml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,63 @@
+"""The ONNX Runtime backend on a real (toy) bundle, and backend selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edge_helpers import assert_one_line_error, make_frame, run_cli, write_video
+
+from edge.backends import Backend, BackendUnavailable, create_backend, resolve_backend_name
+from edge.backends.onnxruntime import OrtBackend
+from edge.bundle import load_bundle
+
+
+def test_ort_backend_scores_frames_and_maps(toy_bundle: Path) -> None:
+    bundle = load_bundle(toy_bundle)
+    backend = create_backend("onnxruntime", bundle, max_batch=3)
+    assert isinstance(backend, Backend) and backend.name == "onnxruntime" and backend.max_batch == 3
+    rng = np.random.default_rng(1)
+    frames = np.stack([make_frame(rng, (32, 32), defect=i % 2 == 1) for i in range(7)])  # 7 > max_batch: chunks
+    out = backend.infer(frames)
+    assert out["score"].shape == (7,) and out["score"].dtype == np.float32
+    assert out["anomaly_map"].shape == (7, 32, 32)
+    np.testing.assert_allclose(out["score"], [0, 0.25] * 3 + [0], atol=1e-6)
+    backend.close()
+
+
+def test_ort_backend_standalone_on_an_onnx_path(toy_bundle: Path) -> None:
+    backend = OrtBackend(toy_bundle / "model.onnx", max_batch=4, providers=["CPUExecutionProvider"])
+    assert backend.input_hw == (32, 32)
+    assert backend.infer(np.zeros((2, 32, 32, 3), np.uint8))["score"].tolist() == [0.0, 0.0]
+
+
+def test_ort_backend_refuses_wrong_inputs_clearly(toy_bundle: Path) -> None:
+    backend = create_backend("auto", load_bundle(toy_bundle), max_batch=2)
+    with pytest.raises(ValueError, match="uint8"):
+        backend.infer(np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="resize on the host"):
+        backend.infer(np.zeros((1, 64, 64, 3), np.uint8))
+
+
+def test_auto_picks_onnxruntime_here_and_tensorrt_is_refused_in_one_line(toy_bundle: Path) -> None:
+    assert resolve_backend_name("auto") == "onnxruntime"
+    with pytest.raises(BackendUnavailable, match="TensorRT backend not available"):
+        create_backend("tensorrt", load_bundle(toy_bundle))
+
+
+def test_cli_backend_tensorrt_fails_with_one_line(tmp_path: Path, toy_bundle: Path) -> None:
+    video = write_video(tmp_path / "v.avi", [], 5)
+    proc = run_cli("edge-run", ["--camera", video, "--engine", toy_bundle, "--backend", "tensorrt",
+                                "--state-dir", tmp_path / "state"], cwd=tmp_path)
+    assert_one_line_error(proc, "edge-run", "TensorRT backend not available on this machine/build")
+
+
+def test_edge_never_imports_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, edge.cli, edge.pipeline, edge.backends, edge.backends.onnxruntime, edge.mqtt; "
+            "bad = [m for m in ('torch', 'trainer', 'tensorrt', 'pycuda') if m in sys.modules]; "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
