@@ -101,7 +101,7 @@ def _convert(tp: Any, node: yaml.Node, source: str, dotted: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, node, source, dotted + ".")
     if origin in (list, tuple):
         if not isinstance(node, yaml.SequenceNode):
