@@ -225,6 +225,59 @@ class Collector:
         self.close()
 
 
+# -- checks shared by the end-to-end tests ------------------------------------------------------
+def check_payloads(col: Collector) -> dict[str, list[Any]]:
+    """Validate every message against its schema; returns decoded payloads by kind."""
+    out: dict[str, list[Any]] = {"event": [], "stats": [], "status": [], "snapshot": []}
+    for m in col.messages:
+        kind = m.topic.rsplit("/", 1)[1]
+        if kind == "status":
+            assert m.retain or m.qos == 1
+            validate("status", m.payload.decode())
+            out["status"].append(m.payload.decode())
+        elif kind == "stats":
+            payload = json.loads(m.payload)
+            validate("stats", payload)
+            out["stats"].append(payload)
+        elif kind == "event":
+            assert not m.retain and m.qos == 1
+            payload = json.loads(m.payload)
+            validate("event", payload)
+            out["event"].append(payload)
+        elif kind == "snapshot":
+            assert m.payload[:2] == b"\xff\xd8", "snapshot is not a JPEG"
+            out["snapshot"].append(m.payload)
+        else:
+            raise AssertionError(f"unexpected topic {m.topic}")
+    return out
+
+
+def check_events(events: list[dict[str, Any]], defects: list[tuple[int, int]], camera: str) -> None:
+    """One event per defect stretch, opened inside it; none in clean stretches; every start has an end."""
+    mine = [e for e in events if e["camera"] == camera]
+    starts = [e for e in mine if e["type"] == "start"]
+    ends = {e["event_id"]: e for e in mine if e["type"] == "end"}
+    assert len(starts) == len(defects), (camera, starts)
+    for (a, b), start in ((defects[i], starts[i]) for i in range(len(starts))):
+        assert a <= start["frame"] < b, f"{camera}: event opened at frame {start['frame']}, outside [{a}, {b})"
+        end = ends.get(start["event_id"])
+        assert end is not None, f"{camera}: event {start['event_id']} has no end"
+        assert end["frame"] >= start["frame"] and end["peak_score"] >= start["threshold"]
+    assert len(ends) == len(starts)
+
+
+def assert_seq_monotonic(events: list[dict[str, Any]]) -> None:
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+
+
+def wait_stopped(col: Collector) -> None:
+    """Wait for this run's 'stopped' (live traffic has retain=False; a retained one is an earlier run's)."""
+    assert col.wait_for(lambda ms: any(m.topic.endswith("/status") and m.payload == b"stopped" and not m.retain
+                                       for m in ms)), "no 'stopped' status"
+
+
+
 # -- the real CLIs ----------------------------------------------------------------------------------
 def cli_command(name: str) -> list[str]:
     """The installed console script next to this interpreter, else the same entry point via -c."""
