@@ -1,0 +1,82 @@
+"""``edge-train``: fit a model into a promoted bundle, or evaluate a bundle on a dataset.
+
+  edge-train fit --data DIR [--model NAME] [--out engines/] [--config config/train.yaml] [--epochs N] [--seed S]
+  edge-train eval BUNDLE --data DIR [--json]
+
+Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any problem the user
+can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from edge.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-train", description="Train and evaluate anomaly-detection bundles.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train on DIR/train/good, calibrate, export, write and promote a bundle")
+    fit.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec AD layout)")
+    fit.add_argument("--model", help="registered model name (default: the config's 'model')")
+    fit.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
+    fit.add_argument("--config", type=Path, help="train config YAML (default: config/train.yaml)")
+    fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (PatchCore ignores it)")
+    fit.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    ev = sub.add_parser("eval", help="score DIR/test through a bundle's ONNX graph")
+    ev.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
+    ev.add_argument("--data", required=True, type=Path, help="dataset folder with test/ (and ground_truth/)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from trainer.config import load_train_config
+    from trainer.pipeline import fit_bundle
+
+    cfg = load_train_config(args.config)
+    if args.model:
+        cfg.model = args.model
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise UserError(f"--epochs {args.epochs}: must be >= 1")
+        cfg.epochs = args.epochs
+    bundle_dir = fit_bundle(cfg, args.data, args.out)
+    print(bundle_dir, flush=True)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_bundle
+
+    evaluation = evaluate_bundle(args.bundle, args.data)
+    if args.json:
+        print(json.dumps(evaluation.metrics), flush=True)
+    else:
+        for key, value in evaluation.metrics.items():
+            print(f"{key:12s} {value:.4f}" if isinstance(value, float) else f"{key:12s} {value}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return _fit(args) if args.command == "fit" else _eval(args)
+    except UserError as exc:
+        print(f"edge-train: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Evaluation of a bundle on DIR/test through its exported ONNX graph (onnxruntime, not the torch module).
+
+What the station runs is the ONNX file, so that is what is measured: image AUROC, F1 at the bundle's
+threshold, and pixel AUROC where ground-truth masks and anomaly maps exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+from sklearn.metrics import f1_score, roc_auc_score
+
+from edge.bundle import load_bundle
+from edge.errors import UserError
+from trainer.data import ImageSet, load_test
+from trainer.export import run_onnx, session
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "f1", "threshold", "n_normal", "n_anomalous")
+
+
+@dataclass
+class Evaluation:
+    """Metrics plus the per-image outputs the report plots are drawn from."""
+
+    metrics: dict[str, Any]
+    scores: np.ndarray
+    maps: Optional[np.ndarray]
+    test: ImageSet
+
+
+def metrics_from_scores(scores: np.ndarray, labels: np.ndarray, threshold: float,
+                        maps: Optional[np.ndarray] = None, masks: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Image AUROC, F1 of ``score >= threshold``, counts; pixel AUROC when both maps and masks are given."""
+    labels = np.asarray(labels).astype(int)
+    both = 0 < labels.sum() < len(labels)
+    out: dict[str, Any] = {
+        "image_auroc": float(roc_auc_score(labels, scores)) if both else None,
+        "f1": float(f1_score(labels, (scores >= threshold).astype(int), zero_division=0)),
+        "threshold": float(threshold),
+        "n_normal": int((labels == 0).sum()),
+        "n_anomalous": int((labels == 1).sum()),
+        "pixel_auroc": None,
+    }
+    if maps is not None and masks is not None and masks.any() and not masks.all():
+        if maps.shape[1:] != masks.shape[1:]:
+            h, w = masks.shape[1:]
+            maps = np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps])
+        out["pixel_auroc"] = float(roc_auc_score(masks.reshape(-1).astype(int), maps.reshape(-1)))
+    return out
+
+
+def evaluate_onnx(onnx_path: Path, test: ImageSet, threshold: float, batch: int = 16) -> Evaluation:
+    """Score ``test`` with the ONNX file and compute the metrics."""
+    sess = session(onnx_path)
+    scores, maps = run_onnx(sess, test.images, batch)
+    has_map = maps is not None and maps.ndim == 3
+    metrics = metrics_from_scores(scores, test.labels, threshold, maps if has_map else None, test.masks)
+    return Evaluation(metrics=metrics, scores=scores, maps=maps if has_map else None, test=test)
+
+
+def evaluate_bundle(ref: str | Path, data_dir: str | Path, batch: Optional[int] = None) -> Evaluation:
+    """Load and verify a bundle, read DIR/test at its input size, and evaluate through its model.onnx."""
+    bundle = load_bundle(ref)
+    test = load_test(Path(data_dir), bundle.input_hw)
+    if test is None:
+        raise UserError(f"{Path(data_dir) / 'test'}: no test folder; add DIR/test/good and DIR/test/<defect> images")
+    max_batch = int(bundle.manifest.get("input", {}).get("max_batch", 16))
+    return evaluate_onnx(bundle.onnx_path, test, bundle.threshold, batch or max_batch)

@@ -1,0 +1,132 @@
+"""ONNX export (FP32 and FP16), validation, and the torch/ONNX parity check.
+
+The TorchScript-based exporter (``dynamo=False``) is used: torch 2.13 still ships it, and it needs no
+onnxscript. The graph's input is ``frames`` uint8 [N,H,W,3] with a dynamic N; outputs ``score`` [N] and
+``anomaly_map`` [N,h,w], all float32. The FP16 file has FP16 weights and activations with the same I/O
+types; the nearest-neighbour distance (a matmul followed by a min over the memory bank, where FP16
+cancellation would cost precision) stays FP32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+INPUT_NAME = "frames"
+OUTPUT_NAMES = ("score", "anomaly_map")
+# Node-name prefixes (torch module scopes) kept in FP32 in model.fp16.onnx.
+FP32_SCOPES = ("/distance/",)
+
+
+def export_onnx(module: nn.Module, path: Path, hw: tuple[int, int], opset: int = 17) -> None:
+    """Trace ``module`` to ``path`` with a dynamic batch axis and check the result."""
+    h, w = hw
+    example = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
+        torch.onnx.export(
+            module.eval(), (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAMES[0]: {0: "N"}, OUTPUT_NAMES[1]: {0: "N"}},
+            do_constant_folding=True)
+    check_onnx(path)
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker (with shape inference) and the I/O contract of the bundle."""
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+        raise RuntimeError(f"{path}: I/O names {inputs} -> {outputs}, expected {INPUT_NAME} -> {OUTPUT_NAMES}")
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.UINT8:
+        raise RuntimeError(f"{path}: input type {onnx.TensorProto.DataType.Name(elem)}, expected UINT8")
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise RuntimeError(f"{path}: output {out.name} is not float32")
+
+
+def convert_fp16(src: Path, dst: Path, fp32_scopes: tuple[str, ...] = FP32_SCOPES) -> dict[str, Any]:
+    """Write an FP16 copy of ``src``: FP16 weights/activations, same I/O types, ``fp32_scopes`` kept FP32."""
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    keep = [n.name for n in model.graph.node if n.name.startswith(fp32_scopes)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "values truncated to fp16" notices
+        fp16 = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    _fix_casts_to_fp16(fp16)
+    onnx.save(fp16, str(dst))
+    check_onnx(dst)
+    return {"fp32_nodes": len(keep), "nodes": len(fp16.graph.node)}
+
+
+def _fix_casts_to_fp16(model: onnx.ModelProto) -> None:
+    """Make Cast nodes agree with the converter's FP16 value_info (it retypes the tensor, not the Cast).
+
+    The input ``Cast(uint8 -> float)`` is one: it becomes ``Cast(uint8 -> float16)``, exact for 0..255.
+    """
+    fp16_tensors = {vi.name for vi in model.graph.value_info
+                    if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in fp16_tensors:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                    attr.i = onnx.TensorProto.FLOAT16
+
+
+def session(path: Path) -> ort.InferenceSession:
+    """A CPU onnxruntime session (what the trainer validates and evaluates with)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess: ort.InferenceSession, frames: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of uint8 BGR ``frames`` through an ONNX session, ``batch`` frames at a time."""
+    scores, maps = [], []
+    for i in range(0, len(frames), batch):
+        s, m = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(frames[i:i + batch])})
+        scores.append(s)
+        maps.append(m)
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def torch_scores(module: nn.Module, frames: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The export module's own outputs (the reference for parity)."""
+    scores, maps = [], []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            s, m = module(torch.from_numpy(np.ascontiguousarray(frames[i:i + batch])))
+            scores.append(s.numpy())
+            maps.append(m.numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def max_rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref|: relative to the scale of the reference, so near-zero entries do not blow up."""
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    return float(np.abs(a.astype(np.float64) - ref.astype(np.float64)).max() / scale)
+
+
+def parity(module: nn.Module, fp32_path: Path, fp16_path: Optional[Path], frames: np.ndarray,
+           batch: int = 16) -> dict[str, Any]:
+    """Score the same frames with torch, ONNX FP32 and ONNX FP16; max relative differences vs torch."""
+    ref_s, ref_m = torch_scores(module, frames, batch)
+    out: dict[str, Any] = {"frames": len(frames)}
+    for label, path in (("onnx_fp32", fp32_path), ("onnx_fp16", fp16_path)):
+        if path is None:
+            continue
+        s, m = run_onnx(session(path), frames, batch)
+        out[label] = {"score_max_rel_diff": max_rel_diff(s, ref_s), "map_max_rel_diff": max_rel_diff(m, ref_m),
+                      "rank_agreement": float(np.mean(np.argsort(s) == np.argsort(ref_s)))}
+    return out

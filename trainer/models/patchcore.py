@@ -1,0 +1,277 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022) on Lite0 features.
+
+Patch embeddings: two backbone levels (stride 8 and 16), each locally aggregated by a k x k average
+pool, the coarser one upsampled to the finer grid, concatenated (optionally randomly projected).
+Memory bank: a greedy k-center coreset of the training patches (selection sped up by a random
+projection, as in the paper). Score: max over a frame's patches of the nearest-neighbour distance to the
+bank; anomaly map: those distances upsampled to the input size and Gaussian-blurred.
+The paper's score reweighting is not applied (optional in the paper, small effect).
+
+Every intermediate is bounded at the export batch: the distance tensor batch x patches x bank-chunk
+is computed as ||b||^2 - 2ab (+ ||a||^2 after the min) with a matmul, chunked so it stays under
+``export.max_distance_elements`` (far below TensorRT's 2^31-element limit).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge.errors import UserError
+from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
+from trainer.models import AnomalyModel, register_model
+
+
+class FrameFeatures(nn.Module):
+    """uint8 BGR frames [N,H,W,3] -> locally aware patch embeddings [N,C,h,w] (cast, RGB, normalise in-graph)."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    projection: Optional[torch.Tensor]
+
+    def __init__(self, backbone: EfficientNetLite0, layers: tuple[int, int], neighbourhood: int,
+                 projection: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.backbone = backbone.eval()
+        self.layers = tuple(layers)
+        self.neighbourhood = neighbourhood
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        # x_norm = (x/255 - mean)/std = x * scale - offset, one multiply-add per pixel.
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("offset", mean / std)
+        if projection is not None:
+            self.register_buffer("projection", projection.reshape(*projection.shape, 1, 1).clone())
+        else:
+            self.projection = None
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.to(torch.float32).flip(-1)  # BGR -> RGB
+        x = x.permute(0, 3, 1, 2) * self.scale - self.offset
+        fine, coarse = self.backbone.features(x, self.layers)
+        k = self.neighbourhood
+        if k > 1:
+            fine = F.avg_pool2d(fine, k, stride=1, padding=k // 2, count_include_pad=False)
+            coarse = F.avg_pool2d(coarse, k, stride=1, padding=k // 2, count_include_pad=False)
+        if coarse.shape[-2:] != fine.shape[-2:]:
+            coarse = F.interpolate(coarse, size=(int(fine.shape[-2]), int(fine.shape[-1])), mode="bilinear",
+                                   align_corners=False)
+        emb = torch.cat([fine, coarse], dim=1)
+        if self.projection is not None:
+            emb = F.conv2d(emb, self.projection)
+        return emb
+
+
+class BankDistance(nn.Module):
+    """Nearest-neighbour distance of each query patch to the memory bank, in bounded chunks.
+
+    ``min_m ||a - b_m||^2 = ||a||^2 + min_m (||b_m||^2 - 2 a.b_m)``: one matmul and one reduction per
+    chunk of the bank; features are centred on the bank mean first so the squared norms stay small
+    (less cancellation, FP16-friendlier).
+    """
+
+    mu: torch.Tensor
+
+    def __init__(self, bank: torch.Tensor, chunk: int):
+        super().__init__()
+        mu = bank.mean(0)
+        centred = bank - mu
+        self.register_buffer("mu", mu.clone())
+        self.n_chunks = 0
+        for i, start in enumerate(range(0, len(bank), chunk)):
+            part = centred[start:start + chunk]
+            self.register_buffer(f"neg2_bank_t{i}", (-2.0 * part.t()).contiguous())
+            self.register_buffer(f"bank_sq{i}", (part * part).sum(1).contiguous())
+            self.n_chunks += 1
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        q = q - self.mu
+        best: Optional[torch.Tensor] = None
+        for i in range(self.n_chunks):
+            part = (torch.matmul(q, getattr(self, f"neg2_bank_t{i}")) + getattr(self, f"bank_sq{i}")).amin(-1)
+            best = part if best is None else torch.minimum(best, part)
+        assert best is not None
+        return ((q * q).sum(-1) + best).clamp_min(0.0).sqrt()
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class MapBlur(nn.Module):
+    """Separable Gaussian blur with zero padding, divided by the blurred ones-map (no dark borders, no Pad op)."""
+
+    kx: torch.Tensor
+    ky: torch.Tensor
+    norm: torch.Tensor
+
+    def __init__(self, sigma: float, hw: tuple[int, int]):
+        super().__init__()
+        k = _gaussian_kernel(sigma)
+        self.pad = len(k) // 2
+        self.register_buffer("kx", k.view(1, 1, 1, -1).clone())
+        self.register_buffer("ky", k.view(1, 1, -1, 1).clone())
+        ones = torch.ones(1, 1, *hw)
+        self.register_buffer("norm", 1.0 / self._blur(ones))
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.kx, padding=(0, self.pad))
+        return F.conv2d(x, self.ky, padding=(self.pad, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._blur(x) * self.norm
+
+
+class PatchCoreExport(nn.Module):
+    """frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,H,W])."""
+
+    def __init__(self, features: FrameFeatures, bank: torch.Tensor, grid: tuple[int, int], hw: tuple[int, int],
+                 blur_sigma: float, chunk: int):
+        super().__init__()
+        self.features = features
+        self.distance = BankDistance(bank, chunk)
+        self.grid = grid
+        self.hw = hw
+        self.blur = MapBlur(blur_sigma, hw) if blur_sigma > 0 else None
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.features(frames)  # [N,C,h,w]
+        q = emb.flatten(2).transpose(1, 2)  # [N,P,C]
+        d = self.distance(q)  # [N,P]
+        score = d.amax(1)
+        amap = F.interpolate(d.reshape(-1, 1, self.grid[0], self.grid[1]), size=self.hw, mode="bilinear",
+                             align_corners=False)
+        if self.blur is not None:
+            amap = self.blur(amap)
+        return score, amap.squeeze(1)
+
+
+def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int, generator: torch.Generator,
+                   log: Callable[[str], None] = lambda _m: None) -> torch.Tensor:
+    """Indices of ``n`` rows chosen by greedy k-center (farthest-point) selection.
+
+    Distances are measured in a random Gaussian projection to ``projection_dim`` dims (Johnson-Lindenstrauss;
+    the paper's speed-up); 0 = full dims. Starts from a random row (seeded).
+    """
+    total = features.shape[0]
+    if n >= total:
+        return torch.arange(total)
+    x = features
+    if 0 < projection_dim < features.shape[1]:
+        r = torch.randn(features.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
+        x = features @ r
+    start = int(torch.randint(total, (1,), generator=generator))
+    chosen = torch.empty(n, dtype=torch.long)
+    chosen[0] = start
+    x = x - x.mean(0)  # centred: smaller norms, less cancellation in ||a||^2 - 2ab + ||b||^2
+    x_sq = (x * x).sum(1)
+    min_d = x_sq - 2.0 * (x @ x[start]) + x_sq[start]
+    dist = torch.empty_like(min_d)
+    t0 = time.monotonic()
+    for i in range(1, n):
+        idx = int(torch.argmax(min_d))
+        chosen[i] = idx
+        torch.mv(x, x[idx], out=dist)  # one mat-vec per pick instead of materialising (x - x[idx])
+        dist.mul_(-2.0).add_(x_sq).add_(x_sq[idx])
+        torch.minimum(min_d, dist, out=min_d)
+        if time.monotonic() - t0 > 10:
+            log(f"coreset: {i}/{n} selected")
+            t0 = time.monotonic()
+    return chosen
+
+
+@register_model("patchcore")
+class PatchCore(AnomalyModel):
+    """PatchCore: memory bank of normal patch features; kNN distance as the anomaly score."""
+
+    trains_with_epochs = False
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.cfg = config.patchcore
+        self.hw = (config.input.height, config.input.width)
+        self.generator = torch.Generator().manual_seed(int(config.seed))
+        backbone = load_efficientnet_lite0(config.backbone.weights)
+        layers = tuple(config.backbone.layers)
+        in_dim = self._tap_channels(backbone, layers)
+        projection = None
+        if 0 < self.cfg.projection_dim < in_dim:
+            projection = torch.randn(self.cfg.projection_dim, in_dim, generator=self.generator)
+            projection /= math.sqrt(self.cfg.projection_dim)
+        self.features = FrameFeatures(backbone, layers, self.cfg.neighbourhood, projection).eval()
+        with torch.no_grad():
+            probe = self.features(torch.zeros(1, *self.hw, 3, dtype=torch.uint8))
+        self.feature_dim = int(probe.shape[1])
+        self.grid = (int(probe.shape[2]), int(probe.shape[3]))
+        self.bank: Optional[torch.Tensor] = None
+        self._export: Optional[PatchCoreExport] = None
+
+    @staticmethod
+    def _tap_channels(backbone: EfficientNetLite0, layers: tuple[int, ...]) -> int:
+        return sum(int(backbone._blocks[i]._bn2.num_features) for i in layers)  # type: ignore[union-attr,misc,arg-type]
+
+    def map_shape(self) -> tuple[int, int]:
+        return self.hw
+
+    def fit(self, images: np.ndarray, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+        """Extract patch features of all ``images`` and keep a coreset of them as the memory bank."""
+        t0 = time.monotonic()
+        chunks = []
+        bs = int(self.config.batch_size)
+        with torch.no_grad():
+            for i in range(0, len(images), bs):
+                emb = self.features(torch.from_numpy(np.ascontiguousarray(images[i:i + bs])))
+                chunks.append(emb.flatten(2).transpose(1, 2).reshape(-1, emb.shape[1]))
+        feats = torch.cat(chunks)
+        t_feat = time.monotonic() - t0
+        n = max(1, min(int(round(self.cfg.coreset_ratio * len(feats))), self.cfg.max_bank_size))
+        log(f"patchcore: {len(feats)} patches of {feats.shape[1]} dims from {len(images)} images "
+            f"({t_feat:.1f}s); selecting a {n}-row coreset")
+        t1 = time.monotonic()
+        with torch.no_grad():
+            idx = greedy_coreset(feats, n, self.cfg.coreset_projection_dim, self.generator, log)
+        self.bank = feats[idx].clone()
+        self._export = None
+        t_core = time.monotonic() - t1
+        log(f"patchcore: memory bank {tuple(self.bank.shape)} ({t_core:.1f}s)")
+        return {"n_train_images": len(images), "n_patches": len(feats), "feature_dim": self.feature_dim,
+                "patch_grid": list(self.grid), "bank_size": len(self.bank), "coreset_ratio": self.cfg.coreset_ratio,
+                "feature_seconds": round(t_feat, 3), "coreset_seconds": round(t_core, 3)}
+
+    def _chunk(self, max_batch: int, max_elements: int) -> int:
+        assert self.bank is not None
+        rows = max_batch * self.grid[0] * self.grid[1]
+        if rows > max_elements:
+            raise UserError(f"export.max_batch {max_batch} x {rows // max_batch} patches exceeds "
+                            f"export.max_distance_elements {max_elements}; lower export.max_batch or the input size")
+        return max(1, min(len(self.bank), max_elements // rows))
+
+    def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
+        """Check the distance tensor bound at ``max_batch`` and report the chunking used."""
+        chunk = self._chunk(max_batch, max_elements)
+        assert self.bank is not None
+        bank = len(self.bank)
+        patches = self.grid[0] * self.grid[1]
+        largest = max_batch * patches * chunk
+        assert largest <= max_elements < 2**31, "distance tensor bound violated"
+        return {"max_batch": max_batch, "patches_per_frame": patches, "bank_size": bank,
+                "bank_chunk": chunk, "bank_chunks": -(-bank // chunk),
+                "largest_distance_tensor_elements": largest, "max_distance_elements": max_elements}
+
+    def export_module(self) -> nn.Module:
+        if self.bank is None:
+            raise RuntimeError("PatchCore.export_module() called before fit()")
+        if self._export is None:
+            chunk = self._chunk(self.config.export.max_batch, self.config.export.max_distance_elements)
+            self._export = PatchCoreExport(self.features, self.bank, self.grid, self.hw,
+                                           self.cfg.blur_sigma, chunk).eval()
+        return self._export

@@ -1,0 +1,139 @@
+"""fit -> calibrate -> export -> evaluate -> bundle -> promote, as one function the CLI (and tests) call.
+
+The threshold and the test metrics are computed through the exported ONNX graph, so they describe the
+file the station runs. A failed run removes its half-written version folder; nothing is promoted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edge.bundle import ONNX_FP16, ONNX_FP32, new_version_dir, promote, write_manifest
+from trainer import calibrate as cal
+from trainer import export as ex
+from trainer import report as rep
+from trainer.config import TrainConfig
+from trainer.data import fingerprint, load_test, load_train, load_val, train_paths
+from trainer.evaluate import evaluate_onnx
+from trainer.models import get_model_class
+
+
+def _stderr(msg: str) -> None:
+    print(f"edge-train: {msg}", file=sys.stderr, flush=True)
+
+
+def _round(x: Any) -> Any:
+    return round(x, 6) if isinstance(x, float) else x
+
+
+def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
+               log: Callable[[str], None] = _stderr) -> Path:
+    """Train ``cfg.model`` on DIR/train/good, write and promote a bundle under ``engines_root``; returns its path."""
+    t_start = time.monotonic()
+    data_dir, engines_root = Path(data_dir), Path(engines_root)
+    model_cls = get_model_class(cfg.model)  # unknown name: fail before reading any data
+    hw = (cfg.input.height, cfg.input.width)
+    paths = train_paths(data_dir)
+    log(f"reading {len(paths)} training images from {data_dir / 'train' / 'good'} at {hw[1]}x{hw[0]}")
+    train = load_train(data_dir, hw)
+    val = load_val(data_dir, hw)
+    test = load_test(data_dir, hw)
+    notes: list[str] = []
+    if cfg.epochs is not None and not model_cls.trains_with_epochs:
+        notes.append(f"{cfg.model} does not train by epochs; epochs={cfg.epochs} ignored")
+        log(notes[-1])
+    fit_idx, hold_idx = cal.split_holdout(len(train), cfg.calibration.holdout_fraction, cfg.seed)
+    log(f"fitting {cfg.model} on {len(fit_idx)} images; {len(hold_idx)} held out for calibration")
+    model = model_cls(cfg)
+    t0 = time.monotonic()
+    fit_info = model.fit(train.images[fit_idx], log)
+    fit_seconds = time.monotonic() - t0
+    bounds = model.export_checks(cfg.export.max_batch, cfg.export.max_distance_elements)
+
+    bundle_dir = new_version_dir(engines_root, cfg.model)
+    try:
+        module = model.export_module()
+        fp32 = bundle_dir / ONNX_FP32
+        ex.export_onnx(module, fp32, hw, cfg.export.opset)
+        fp16: Optional[Path] = None
+        fp16_info: dict[str, Any] = {}
+        if cfg.export.fp16:
+            fp16 = bundle_dir / ONNX_FP16
+            fp16_info = ex.convert_fp16(fp32, fp16)
+        log(f"exported {fp32.name} ({fp32.stat().st_size / 1e6:.1f} MB)" + (f" and {fp16.name}" if fp16 else ""))
+
+        batch = cfg.export.max_batch
+        sess = ex.session(fp32)
+        hold_scores, _ = ex.run_onnx(sess, train.images[hold_idx], batch)
+        val_scores = ex.run_onnx(sess, val.images, batch)[0] if val is not None else None
+        calibration = cal.calibrate(hold_scores, cfg.calibration.method, cfg.calibration.quantile,
+                                    cfg.calibration.margin, val_scores, None if val is None else val.labels)
+        log(f"threshold {calibration['threshold']:.4g} ({calibration['method']}; held-out normal scores "
+            f"{calibration['normal_min']:.4g}..{calibration['normal_max']:.4g})")
+
+        parity_frames = train.images[hold_idx][: cfg.report.parity_frames]
+        if test is not None:
+            extra = max(0, cfg.report.parity_frames - len(parity_frames))
+            parity_frames = np.concatenate([parity_frames, test.images[np.argsort(-test.labels)][:extra]])
+        parity = ex.parity(module, fp32, fp16, parity_frames, batch)
+        log("parity vs torch: max rel diff of scores " + ", ".join(
+            f"{k} {v['score_max_rel_diff']:.2e}" for k, v in parity.items() if isinstance(v, dict)))
+
+        metrics: dict[str, Any] = {"fit_seconds": round(fit_seconds, 3)}
+        plots: list[str] = []
+        if test is not None:
+            evaluation = evaluate_onnx(fp32, test, calibration["threshold"], batch)
+            metrics.update({k: _round(v) for k, v in evaluation.metrics.items()})
+            log("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in evaluation.metrics.items()))
+            if rep.plot_roc(bundle_dir / "roc.png", evaluation.scores, test.labels, evaluation.metrics["image_auroc"]):
+                plots.append("roc.png")
+            rep.plot_histogram(bundle_dir / "score_histogram.png", evaluation.scores, test.labels,
+                               calibration["threshold"])
+            plots.append("score_histogram.png")
+            if evaluation.maps is not None and cfg.report.overlays > 0:
+                names = [f"{p.parent.name}/{p.name}" for p in test.paths]
+                plots += rep.write_overlays(bundle_dir, test.images, evaluation.maps, evaluation.scores, names,
+                                            calibration["normal_median"], calibration["threshold"],
+                                            cfg.report.overlays)
+        else:
+            notes.append(f"no {data_dir / 'test'} folder: no test metrics")
+            log(notes[-1])
+
+        sizes = {p.name: p.stat().st_size for p in (fp32, fp16) if p is not None}
+        report = {
+            "model": cfg.model, "data": str(data_dir), "config": _config_dict(cfg), "fit": fit_info,
+            "export": {**bounds, "opset": cfg.export.opset, "file_bytes": sizes, "fp16": fp16_info},
+            "calibration": calibration, "parity": parity, "metrics": metrics, "plots": plots, "notes": notes,
+            "total_seconds": round(time.monotonic() - t_start, 3),
+        }
+        rep.write_report(bundle_dir, report)
+        map_h, map_w = model.map_shape()
+        write_manifest(
+            bundle_dir, model_name=cfg.model,
+            input_spec={"height": hw[0], "width": hw[1], "max_batch": cfg.export.max_batch},
+            outputs=[{"name": "score", "dtype": "float32", "shape": ["N"]},
+                     {"name": "anomaly_map", "dtype": "float32", "shape": ["N", map_h, map_w]}],
+            calibration=calibration,
+            training_data=fingerprint(paths, data_dir),
+            metrics=metrics,
+            extra={"parity": {k: v for k, v in parity.items() if isinstance(v, dict)}},
+        )
+        promote(bundle_dir)
+    except BaseException:
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        raise
+    log(f"bundle {bundle_dir} promoted ({time.monotonic() - t_start:.1f}s)")
+    return bundle_dir
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
