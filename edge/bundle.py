@@ -74,6 +74,12 @@ class Bundle:
         return float(self.manifest["calibration"]["threshold"])
 
     @property
+    def score_baseline(self) -> float:
+        """Typical score of a good part (calibration's normal median); 0 when the trainer recorded none."""
+        value = self.manifest["calibration"].get("normal_median", 0.0)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+    @property
     def output_names(self) -> list[str]:
         return [str(o["name"]) for o in self.manifest["outputs"]]
 

@@ -75,7 +75,7 @@ class CameraConfig:
 
 @dataclass
 class EventsConfig:
-    """Event rule per camera: k of the last n frames open, close_after frames below threshold×hysteresis close."""
+    """Event rule per camera: k of the last n frames open, close_after frames below the close level close."""
 
     k: int = 3
     n: int = 5

@@ -2,9 +2,12 @@
 
 Pure so it is testable without cameras and deterministic on video files: the same scores give the same
 events however fast the machine is. Opening needs k of the last n frames at or above the threshold;
-closing needs ``close_after`` consecutive frames below threshold × hysteresis (so a score hovering at
-the threshold does not flap); while open an ``update`` goes out at most every ``update_interval_s``;
-after the end no event opens for ``cooldown_s``.
+closing needs ``close_after`` consecutive frames below the close level (so a score hovering at the
+threshold does not flap). The close level is ``baseline + hysteresis × (threshold − baseline)``, where the
+baseline is the typical score of a good part from the bundle's calibration: raw anomaly scores do not start
+at zero (a good part may score 20 against a threshold of 24), so "10 % below the threshold" must be measured
+from where good parts are, or an event would never close. While open an ``update`` goes out at most every
+``update_interval_s``; after the end no event opens for ``cooldown_s``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ class EventRule:
     hysteresis: float = 0.9
     update_interval_s: float = 5.0
     cooldown_s: float = 2.0
+    baseline: float = 0.0  # typical score of a good part; the hysteresis band is measured from here
+
+    @property
+    def close_level(self) -> float:
+        base = min(self.baseline, self.threshold)
+        return base + self.hysteresis * (self.threshold - base)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n:
@@ -86,7 +95,7 @@ class EventDetector:
             return [self._transition("start", frame, ts, score)]
         if score > self.peak_score:
             self.peak_score, self.peak_frame = score, frame
-        if score < r.threshold * r.hysteresis:
+        if score < r.close_level:
             self._below += 1
         else:
             self._below = 0

@@ -83,7 +83,7 @@ class Station:
         ev = cfg.events
         self.rule = EventRule(threshold=threshold, k=ev.k, n=ev.n, close_after=ev.close_after,
                               hysteresis=ev.hysteresis, update_interval_s=ev.update_interval_s,
-                              cooldown_s=ev.cooldown_s)
+                              cooldown_s=ev.cooldown_s, baseline=bundle.score_baseline)
         cond = threading.Condition()
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:

@@ -46,6 +46,20 @@ def test_hysteresis_keeps_the_event_open_between_threshold_and_threshold_times_h
     assert kinds(ts) == [("start", 2), ("end", 25)]
 
 
+def test_hysteresis_band_is_measured_from_the_good_part_baseline() -> None:
+    # Good parts score about 20 against a threshold of 24: "threshold × 0.9" (21.6) would sit among good
+    # scores and the event would never close. From the baseline: 20 + 0.9 × 4 = 23.6.
+    rule = EventRule(threshold=24.0, k=3, n=5, close_after=3, hysteresis=0.9, update_interval_s=100.0,
+                     cooldown_s=0.0, baseline=20.0)
+    assert rule.close_level == pytest.approx(23.6)
+    good = [21.5, 22.0, 21.0]  # above 21.6, below 23.6
+    assert kinds(run(rule, [25, 25, 25] + good)) == [("start", 2), ("end", 5)]
+    assert kinds(run(rule, [25, 25, 25] + [23.8] * 5 + good)) == [("start", 2), ("end", 10)]
+    # a threshold override below the baseline: the band is then measured from zero-width (threshold itself)
+    low = EventRule(threshold=10.0, hysteresis=0.5, baseline=20.0)
+    assert low.close_level == pytest.approx(10.0)
+
+
 def test_closes_after_m_consecutive_low_frames_and_counts_reset_on_a_high_frame() -> None:
     scores = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
     ts = run(RULE, scores)

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from edge.errors import UserError
+from edge.sources import resize_frame  # the one resize, shared with the station
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -52,14 +53,6 @@ def read_image(path: Path, hw: tuple[int, int]) -> np.ndarray:
     if img is None:
         raise UserError(f"{path}: cannot read this image (corrupt or not an image); fix or remove the file")
     return resize_frame(img, hw)
-
-
-def resize_frame(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Resize to (height, width) with cv2's default bilinear interpolation, as the edge does."""
-    h, w = hw
-    if img.shape[:2] != (h, w):
-        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(img)
 
 
 def read_mask(path: Path, hw: tuple[int, int]) -> np.ndarray:
