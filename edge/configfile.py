@@ -122,6 +122,11 @@ def _convert(tp: Any, node: yaml.Node, source: str, dotted: str) -> Any:
     value = _scalar(node)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and node.style is None:
+        try:  # YAML 1.1 reads 1e9 and 1.0e9 (no exponent sign) as strings; a user means a number
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return node.value  # e.g. a camera index written as 0: keep the text the user wrote
     if tp in _TYPE_WORDS:

@@ -34,6 +34,9 @@ def test_values_are_typed_and_defaults_kept() -> None:
     cfg = parse_config("station: a\nthreshold: 2\nmqtt:\n  keepalive_s: 5\ncameras: [0, b.avi]\n", _Station)
     assert cfg == _Station(station="a", threshold=2.0, mqtt=_Mqtt(keepalive_s=5), cameras=["0", "b.avi"])
     assert parse_config("", _Station) == _Station()
+    assert parse_config("threshold: 1.0e9\n", _Station).threshold == 1e9  # YAML 1.1 reads this as a string
+    with pytest.raises(ConfigError, match="must be a number"):
+        parse_config("threshold: '1.0e9'\n", _Station)  # quoted: the user wrote a string
 
 
 @pytest.mark.parametrize(

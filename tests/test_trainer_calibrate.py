@@ -50,3 +50,16 @@ def test_holdout_split_disjoint_and_seeded() -> None:
     assert len(split_holdout(2, 0.2, seed=0)[1]) == 1
     with pytest.raises(UserError, match="at least 2"):
         split_holdout(1, 0.2, seed=0)
+
+
+def test_few_held_out_images_get_a_spread_based_floor() -> None:
+    """Eight held-out scores: their 0.99 quantile is about their maximum, which good frames often exceed."""
+    rng = np.random.default_rng(0)
+    held_out = rng.normal(20.0, 1.0, size=8)
+    thr = quantile_threshold(held_out, 0.99, 0.5, sigmas=3.0)
+    assert thr >= held_out.mean() + 3.0 * held_out.std()
+    fresh_good = rng.normal(20.0, 1.0, size=10_000)
+    quantile_only = quantile_threshold(held_out, 0.99, 0.5, sigmas=0.0)
+    assert quantile_only < thr
+    # single good frames over the threshold: fewer with the floor, and few (k-of-n filters the rest)
+    assert (fresh_good >= thr).mean() < min(0.05, (fresh_good >= quantile_only).mean())

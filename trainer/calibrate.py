@@ -27,14 +27,19 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def quantile_threshold(normal_scores: np.ndarray, quantile: float, margin: float) -> float:
-    """``q``-quantile of normal scores raised by ``margin`` x (quantile - median): robust to a few held-out images."""
+def quantile_threshold(normal_scores: np.ndarray, quantile: float, margin: float, sigmas: float = 0.0) -> float:
+    """``q``-quantile of normal scores raised by ``margin`` x (quantile - median), and at least mean + ``sigmas`` x std.
+
+    A few held-out images see little of the tail: their 0.99 quantile is about their maximum, and a camera
+    stream then crosses it every few dozen good frames. The mean + k·std floor estimates the tail from the
+    spread instead of from the one largest sample.
+    """
     s = np.asarray(normal_scores, np.float64)
     if s.size == 0:
         raise ValueError("no normal scores to calibrate on")
     q = float(np.quantile(s, quantile))
     med = float(np.median(s))
-    return q + margin * max(q - med, 0.0)
+    return max(q + margin * max(q - med, 0.0), float(s.mean() + sigmas * s.std()))
 
 
 def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -65,7 +70,8 @@ def normalisation(normal_scores: np.ndarray) -> dict[str, float]:
 
 
 def calibrate(normal_scores: np.ndarray, method: str = "auto", quantile: float = 0.99, margin: float = 0.5,
-              val_scores: Optional[np.ndarray] = None, val_labels: Optional[np.ndarray] = None) -> dict[str, Any]:
+              sigmas: float = 3.0, val_scores: Optional[np.ndarray] = None,
+              val_labels: Optional[np.ndarray] = None) -> dict[str, Any]:
     """The manifest's calibration dict: threshold, method and normalisation constants.
 
     ``normal_scores``: held-out normal images (not in the model). ``val_scores``/``val_labels``: optional
@@ -87,8 +93,8 @@ def calibrate(normal_scores: np.ndarray, method: str = "auto", quantile: float =
                "n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum())}
     else:
         normals = normal_scores
-        thr = quantile_threshold(normals, quantile, margin)
-        out = {"threshold": thr, "method": "quantile", "quantile": quantile, "margin": margin,
+        thr = quantile_threshold(normals, quantile, margin, sigmas)
+        out = {"threshold": thr, "method": "quantile", "quantile": quantile, "margin": margin, "sigmas": sigmas,
                "n_normal": len(normals), "n_anomalous": 0}
     out.update(normalisation(normals))
     out["threshold"] = float(out["threshold"])

@@ -74,6 +74,7 @@ class CalibrationConfig:
     method: str = "auto"
     quantile: float = 0.99
     margin: float = 0.5
+    sigmas: float = 3.0
 
     def validate(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.9:
@@ -84,6 +85,8 @@ class CalibrationConfig:
             raise ValueError("calibration.quantile must be in [0.5, 1]")
         if self.margin < 0:
             raise ValueError("calibration.margin must be >= 0")
+        if self.sigmas < 0:
+            raise ValueError("calibration.sigmas must be >= 0")
 
 
 @dataclass

@@ -73,7 +73,8 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         hold_scores, _ = ex.run_onnx(sess, train.images[hold_idx], batch)
         val_scores = ex.run_onnx(sess, val.images, batch)[0] if val is not None else None
         calibration = cal.calibrate(hold_scores, cfg.calibration.method, cfg.calibration.quantile,
-                                    cfg.calibration.margin, val_scores, None if val is None else val.labels)
+                                    cfg.calibration.margin, cfg.calibration.sigmas, val_scores,
+                                    None if val is None else val.labels)
         log(f"threshold {calibration['threshold']:.4g} ({calibration['method']}; held-out normal scores "
             f"{calibration['normal_min']:.4g}..{calibration['normal_max']:.4g})")
 

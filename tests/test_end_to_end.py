@@ -1,0 +1,81 @@
+"""The whole spine with nothing stood in: generated parts → edge-train fit → bundle → a video with planted
+defect stretches → edge-run → a real Mosquitto → a real subscriber.
+
+This is the job a station does; the edge tests cover the runtime with a toy graph, this one with the
+model the trainer really builds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from edge_helpers import Collector, assert_seq_monotonic, check_events, check_payloads, run_cli, wait_stopped
+
+from edge.bundle import load_bundle
+from trainer.synthetic import make_dataset, render_frame
+
+SIZE = (240, 320)  # camera-like frames, resized on the host to the model input, as in training
+FPS = 10.0
+DEFECTS = [(40, 70), (110, 140)]
+N_FRAMES = 170
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_dataset(root / "data", n_train=40, n_test_good=8, n_test_defect=8, size=SIZE, seed=11)
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--data", str(data),
+                           "--out", str(root / "engines")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def write_clip(path: Path) -> Path:
+    """Lossless (FFV1), like the PNG training images: codec artefacts would shift good-part scores."""
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), FPS, (SIZE[1], SIZE[0]))
+    assert writer.isOpened(), "OpenCV cannot write FFV1 here"
+    rng = np.random.default_rng(5)
+    for i in range(N_FRAMES):
+        writer.write(render_frame(rng, SIZE, defect=any(a <= i < b for a, b in DEFECTS)))
+    writer.release()
+    return path
+
+
+def test_trained_model_streams_events_for_each_defect_stretch_only(
+        tmp_path: Path, mosquitto: str, trained_bundle: Path) -> None:
+    bundle = load_bundle(trained_bundle)
+    clip = write_clip(tmp_path / "line.avi")
+    config = tmp_path / "station.yaml"
+    config.write_text(f"station: e2e\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  stats_interval_s: 0.5\n")
+    with Collector(mosquitto, ["anomaly/e2e/#"]) as col:
+        proc = run_cli("edge-run", ["--config", config, "--camera", clip, "--engine", trained_bundle,
+                                    "--mqtt", mosquitto], timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        wait_stopped(col)
+        got = check_payloads(col)  # every event, stats and status payload against the shipped schemas
+    events = got["event"]
+    check_events(events, DEFECTS, "cam0")  # one event opened inside each stretch, none in clean ones
+    assert_seq_monotonic(events)
+    assert {(e["model"], e["model_version"], e["threshold"]) for e in events} == \
+        {("patchcore", bundle.version, bundle.threshold)}
+    assert got["stats"][-1]["cameras"]["cam0"]["frames_processed"] == N_FRAMES
+
+
+def test_threshold_override_in_station_yaml_changes_what_fires(
+        tmp_path: Path, mosquitto: str, trained_bundle: Path) -> None:
+    """Users move the threshold at run time without re-exporting: far above every score, nothing fires."""
+    clip = write_clip(tmp_path / "line.avi")
+    config = tmp_path / "station.yaml"
+    config.write_text(f"station: e2e-high\nstate_dir: {tmp_path / 'state'}\nengine:\n  threshold: 1.0e9\n")
+    with Collector(mosquitto, ["anomaly/e2e-high/#"]) as col:
+        proc = run_cli("edge-run", ["--config", config, "--camera", clip, "--engine", trained_bundle,
+                                    "--mqtt", mosquitto, "--max-frames", "80"], timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        wait_stopped(col)
+        assert col.on("/event") == []
