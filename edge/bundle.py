@@ -70,6 +70,12 @@ class Bundle:
         return int(spec["height"]), int(spec["width"])
 
     @property
+    def max_batch(self) -> int | None:
+        """The largest batch the graph was exported and bounded for; None when the trainer set no limit."""
+        value = self.manifest["input"].get("max_batch")
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    @property
     def threshold(self) -> float:
         return float(self.manifest["calibration"]["threshold"])
 

@@ -139,6 +139,10 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     if not ref:
         raise UserError("no model: pass --engine BUNDLE_DIR|MODEL_NAME or set engine.model in the config")
     bundle = load_bundle(ref, Path(cfg.engine.engines_dir))
+    if bundle.max_batch is not None and cfg.engine.max_batch > bundle.max_batch:
+        log.warning("engine.max_batch %d is above the %d frames this bundle was exported for; using %d",
+                    cfg.engine.max_batch, bundle.max_batch, bundle.max_batch)
+        cfg.engine.max_batch = bundle.max_batch
     threshold = cfg.engine.threshold if cfg.engine.threshold is not None else bundle.threshold
     backend = create_backend(cfg.engine.backend, bundle, max_batch=cfg.engine.max_batch,
                              intra_op_threads=cfg.engine.intra_op_threads)

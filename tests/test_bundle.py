@@ -43,6 +43,7 @@ def test_written_bundle_loads_with_its_contract(tmp_path: Path) -> None:
     assert b.manifest["format_version"] == FORMAT_VERSION
     assert set(b.manifest["files"]) == {"model.onnx", "report.json"}
     assert b.manifest["input"]["colour_order"] == "BGR" and b.manifest["input"]["dtype"] == "uint8"
+    assert b.max_batch is None and b.score_baseline == 0.0  # optional fields absent: safe defaults
 
 
 def test_promote_and_resolve_by_model_name(tmp_path: Path) -> None:

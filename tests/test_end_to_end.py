@@ -69,13 +69,18 @@ def test_trained_model_streams_events_for_each_defect_stretch_only(
 
 def test_threshold_override_in_station_yaml_changes_what_fires(
         tmp_path: Path, mosquitto: str, trained_bundle: Path) -> None:
-    """Users move the threshold at run time without re-exporting: far above every score, nothing fires."""
+    """Users move the threshold at run time without re-exporting: far above every score, nothing fires.
+
+    The same run asks for bigger batches than the bundle was bounded for: the station caps them and says so.
+    """
     clip = write_clip(tmp_path / "line.avi")
     config = tmp_path / "station.yaml"
-    config.write_text(f"station: e2e-high\nstate_dir: {tmp_path / 'state'}\nengine:\n  threshold: 1.0e9\n")
+    config.write_text(f"station: e2e-high\nstate_dir: {tmp_path / 'state'}\nengine:\n  threshold: 1.0e9\n"
+                      "  max_batch: 64\n")
     with Collector(mosquitto, ["anomaly/e2e-high/#"]) as col:
         proc = run_cli("edge-run", ["--config", config, "--camera", clip, "--engine", trained_bundle,
                                     "--mqtt", mosquitto, "--max-frames", "80"], timeout=180)
         assert proc.returncode == 0, proc.stderr
+        assert "engine.max_batch 64 is above the 16 frames this bundle was exported for" in proc.stderr
         wait_stopped(col)
         assert col.on("/event") == []

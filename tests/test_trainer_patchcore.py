@@ -85,9 +85,8 @@ def test_onnx_contract_and_dynamic_batch(trained) -> None:
         assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [SIZE, SIZE, 3]
         assert [o.name for o in m.graph.output] == ["score", "anomaly_map"]
     frames = load_test(root, (SIZE, SIZE)).images[:5]
-    sess = ex.session(fp32)
-    together, _ = ex.run_onnx(sess, frames, batch=5)
-    alone = np.concatenate([ex.run_onnx(sess, frames[i:i + 1], batch=1)[0] for i in range(5)])
+    together, _ = ex.run_onnx(ex.onnx_scorer(fp32, batch=5), frames)
+    alone = np.concatenate([ex.run_onnx(ex.onnx_scorer(fp32, batch=1), frames[i:i + 1])[0] for i in range(5)])
     np.testing.assert_allclose(together, alone, rtol=1e-5)
     fp16_model = onnx.load(str(fp16))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16_model.graph.initializer)

@@ -17,7 +17,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from edge.bundle import load_bundle
 from edge.errors import UserError
 from trainer.data import ImageSet, load_test
-from trainer.export import run_onnx, session
+from trainer.export import onnx_scorer, run_onnx
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "f1", "threshold", "n_normal", "n_anomalous")
 
@@ -55,8 +55,7 @@ def metrics_from_scores(scores: np.ndarray, labels: np.ndarray, threshold: float
 
 def evaluate_onnx(onnx_path: Path, test: ImageSet, threshold: float, batch: int = 16) -> Evaluation:
     """Score ``test`` with the ONNX file and compute the metrics."""
-    sess = session(onnx_path)
-    scores, maps = run_onnx(sess, test.images, batch)
+    scores, maps = run_onnx(onnx_scorer(onnx_path, batch), test.images)
     has_map = maps is not None and maps.ndim == 3
     metrics = metrics_from_scores(scores, test.labels, threshold, maps if has_map else None, test.masks)
     return Evaluation(metrics=metrics, scores=scores, maps=maps if has_map else None, test=test)

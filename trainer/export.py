@@ -15,9 +15,10 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
+
+from edge.backends.onnxruntime import OrtBackend
 
 INPUT_NAME = "frames"
 OUTPUT_NAMES = ("score", "anomaly_map")
@@ -84,21 +85,15 @@ def _fix_casts_to_fp16(model: onnx.ModelProto) -> None:
                     attr.i = onnx.TensorProto.FLOAT16
 
 
-def session(path: Path) -> ort.InferenceSession:
-    """A CPU onnxruntime session (what the trainer validates and evaluates with)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+def onnx_scorer(path: Path, batch: int = 16) -> OrtBackend:
+    """The station's own ONNX Runtime backend on CPU: the trainer measures exactly what the edge will run."""
+    return OrtBackend(path, max_batch=batch, providers=["CPUExecutionProvider"], warmup=False)
 
 
-def run_onnx(sess: ort.InferenceSession, frames: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and maps of uint8 BGR ``frames`` through an ONNX session, ``batch`` frames at a time."""
-    scores, maps = [], []
-    for i in range(0, len(frames), batch):
-        s, m = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(frames[i:i + batch])})
-        scores.append(s)
-        maps.append(m)
-    return np.concatenate(scores), np.concatenate(maps)
+def run_onnx(scorer: OrtBackend, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of uint8 BGR ``frames`` (any number; the backend runs them in bounded batches)."""
+    out = scorer.infer(frames)
+    return out["score"], out["anomaly_map"]
 
 
 def torch_scores(module: nn.Module, frames: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +121,7 @@ def parity(module: nn.Module, fp32_path: Path, fp16_path: Optional[Path], frames
     for label, path in (("onnx_fp32", fp32_path), ("onnx_fp16", fp16_path)):
         if path is None:
             continue
-        s, m = run_onnx(session(path), frames, batch)
+        s, m = run_onnx(onnx_scorer(path, batch), frames)
         out[label] = {"score_max_rel_diff": max_rel_diff(s, ref_s), "map_max_rel_diff": max_rel_diff(m, ref_m),
                       "rank_agreement": float(np.mean(np.argsort(s) == np.argsort(ref_s)))}
     return out

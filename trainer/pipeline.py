@@ -69,9 +69,9 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         log(f"exported {fp32.name} ({fp32.stat().st_size / 1e6:.1f} MB)" + (f" and {fp16.name}" if fp16 else ""))
 
         batch = cfg.export.max_batch
-        sess = ex.session(fp32)
-        hold_scores, _ = ex.run_onnx(sess, train.images[hold_idx], batch)
-        val_scores = ex.run_onnx(sess, val.images, batch)[0] if val is not None else None
+        scorer = ex.onnx_scorer(fp32, batch)
+        hold_scores, _ = ex.run_onnx(scorer, train.images[hold_idx])
+        val_scores = ex.run_onnx(scorer, val.images)[0] if val is not None else None
         calibration = cal.calibrate(hold_scores, cfg.calibration.method, cfg.calibration.quantile,
                                     cfg.calibration.margin, cfg.calibration.sigmas, val_scores,
                                     None if val is None else val.labels)
