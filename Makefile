@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint typecheck bench broker clean
+.PHONY: demo test test-slow lint typecheck bench bench-accuracy broker datasets clean
 
 # torch is pinned in setup.cfg (torch==2.13.0, the CPU build); a looser pin would pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml
@@ -23,20 +23,34 @@ broker:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
 
+# Fashion-MNIST for the accuracy protocols (Debian package: idx gz files under /usr/share/datasets/fashion-mnist/).
+datasets:
+	@test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || { \
+	  echo "installing dataset-fashion-mnist (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
+
 demo: $(STAMP) broker
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) broker lint
+test: $(STAMP) broker lint typecheck
 	$(BIN)/pytest -m "not slow"
 
-test-slow: $(STAMP) broker
+test-slow: $(STAMP) broker datasets
 	$(BIN)/pytest -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check edge trainer tests benchmarks scripts
 
+typecheck: $(STAMP)
+	$(BIN)/mypy --ignore-missing-imports edge trainer benchmarks scripts
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+bench-accuracy: $(STAMP) datasets
+	$(BIN)/python benchmarks/accuracy_synthetic.py
+	$(BIN)/python benchmarks/protocol_fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

@@ -19,9 +19,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import cv2
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo-out"
 BIN = Path(sys.executable).parent
@@ -42,21 +39,6 @@ def run(cmd: list[str]) -> str:
     if proc.returncode != 0:
         sys.exit(f"demo: step failed with exit code {proc.returncode}: {' '.join(cmd)}")
     return proc.stdout
-
-
-def write_clip(path: Path, size: tuple[int, int]) -> None:
-    from trainer.synthetic import render_frame
-
-    rng = np.random.default_rng(7)
-    # Lossless (FFV1): the model learned from PNG images, and compression artefacts shift the scores of good
-    # parts. On a station, train on frames captured through the same camera and codec the station uses.
-    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), FPS, (size[1], size[0]))
-    if not writer.isOpened():
-        sys.exit(f"demo: cannot write {path} (OpenCV has no FFV1 writer here)")
-    for i in range(FPS * CLIP_SECONDS):
-        defect = any(a <= i < b for a, b in DEFECT_STRETCHES)
-        writer.write(render_frame(rng, size, defect=defect))
-    writer.release()
 
 
 def broker_answers(host: str, port: int) -> bool:
@@ -100,7 +82,7 @@ def main() -> int:
     size = (240, 320)  # camera-like frames; both training images and clip are resized to the model input
 
     say("1/5 generating images of a part: good ones to learn from, and a test set with planted defects")
-    from trainer.synthetic import make_dataset
+    from trainer.synthetic import make_dataset, write_clip
 
     shutil.rmtree(data, ignore_errors=True)
     make_dataset(data, n_train=60, n_test_good=20, n_test_defect=20, size=size, seed=0)
@@ -114,7 +96,7 @@ def main() -> int:
     say(f"3/5 writing a {CLIP_SECONDS}s clip at {FPS} fps with defects in frames "
         + ", ".join(f"{a}-{b - 1}" for a, b in DEFECT_STRETCHES))
     clip = OUT / "clip.avi"
-    write_clip(clip, size)
+    write_clip(clip, size, FPS * CLIP_SECONDS, DEFECT_STRETCHES, fps=FPS, seed=7)
     print(f"wrote {clip}")
 
     url = configured_mqtt_url()

@@ -91,7 +91,7 @@ def make_frame(rng: np.random.Generator, size: tuple[int, int], defect: bool) ->
 def write_video(path: Path, defects: Sequence[tuple[int, int]], n_frames: int, size: tuple[int, int] = (64, 64),
                 fps: float = 10.0, seed: int = 0) -> Path:
     """MJPG .avi of ``n_frames``; frames in any [start, stop) of ``defects`` carry the planted defect."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size[1], size[0]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (size[1], size[0]))
     assert writer.isOpened(), f"cannot write {path}"
     rng = np.random.default_rng(seed)
     for i in range(n_frames):

@@ -11,13 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 from edge_helpers import Collector, assert_seq_monotonic, check_events, check_payloads, run_cli, wait_stopped
 
 from edge.bundle import load_bundle
-from trainer.synthetic import make_dataset, render_frame
+from trainer.synthetic import make_dataset, write_clip
 
 SIZE = (240, 320)  # camera-like frames, resized on the host to the model input, as in training
 FPS = 10.0
@@ -35,21 +33,14 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def write_clip(path: Path) -> Path:
-    """Lossless (FFV1), like the PNG training images: codec artefacts would shift good-part scores."""
-    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), FPS, (SIZE[1], SIZE[0]))
-    assert writer.isOpened(), "OpenCV cannot write FFV1 here"
-    rng = np.random.default_rng(5)
-    for i in range(N_FRAMES):
-        writer.write(render_frame(rng, SIZE, defect=any(a <= i < b for a, b in DEFECTS)))
-    writer.release()
-    return path
+def write_line_clip(path: Path) -> Path:
+    return write_clip(path, SIZE, N_FRAMES, DEFECTS, fps=FPS, seed=5)
 
 
 def test_trained_model_streams_events_for_each_defect_stretch_only(
         tmp_path: Path, mosquitto: str, trained_bundle: Path) -> None:
     bundle = load_bundle(trained_bundle)
-    clip = write_clip(tmp_path / "line.avi")
+    clip = write_line_clip(tmp_path / "line.avi")
     config = tmp_path / "station.yaml"
     config.write_text(f"station: e2e\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  stats_interval_s: 0.5\n")
     with Collector(mosquitto, ["anomaly/e2e/#"]) as col:
@@ -73,7 +64,7 @@ def test_threshold_override_in_station_yaml_changes_what_fires(
 
     The same run asks for bigger batches than the bundle was bounded for: the station caps them and says so.
     """
-    clip = write_clip(tmp_path / "line.avi")
+    clip = write_line_clip(tmp_path / "line.avi")
     config = tmp_path / "station.yaml"
     config.write_text(f"station: e2e-high\nstate_dir: {tmp_path / 'state'}\nengine:\n  threshold: 1.0e9\n"
                       "  max_batch: 64\n")

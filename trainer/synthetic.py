@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import cv2
 import numpy as np
@@ -226,3 +226,24 @@ def make_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 10, n_t
         kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
         write(root / "val" / kind, f"{i:03d}.png", render_part(rng, size, kind)[0])
     return root
+
+
+def write_clip(path: str | Path, size: Size, n_frames: int, defects: Sequence[tuple[int, int]],
+               fps: float = 10.0, seed: int = 0) -> Path:
+    """A video of parts passing the camera; frames in any [start, stop) of ``defects`` carry a defect.
+
+    Lossless (FFV1): the model learns from PNG images, and a lossy codec alone shifts the scores of good
+    parts. On a station, train on frames captured through the station's own camera and codec.
+    """
+    path = Path(path)
+    h, w = _hw(size)
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter.fourcc(*"FFV1"), fps, (w, h))
+    if not writer.isOpened():
+        raise RuntimeError(f"{path}: OpenCV cannot write FFV1 video here (no FFmpeg backend)")
+    rng = np.random.default_rng(seed)
+    try:
+        for i in range(n_frames):
+            writer.write(render_frame(rng, (h, w), defect=any(a <= i < b for a, b in defects)))
+    finally:
+        writer.release()
+    return path
