@@ -7,12 +7,14 @@ Loaded with :func:`edge.configfile.load_config`, so an unknown key or a wrong ty
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 from edge.configfile import load_config
+from edge.events import EventRule
 
 # An MQTT topic level: no wildcards, no separators, nothing invisible.
 _TOPIC_LEVEL_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
@@ -85,14 +87,11 @@ class EventsConfig:
     cooldown_s: float = 2.0
 
     def validate(self) -> None:
-        if not 1 <= self.k <= self.n:
-            raise ValueError(f"events: need 1 <= k <= n, got k={self.k}, n={self.n}")
-        if self.close_after < 1:
-            raise ValueError("events.close_after must be at least 1")
-        if not 0.0 < self.hysteresis <= 1.0:
-            raise ValueError("events.hysteresis must be in (0, 1]")
-        if self.update_interval_s <= 0 or self.cooldown_s < 0:
-            raise ValueError("events.update_interval_s must be > 0 and events.cooldown_s >= 0")
+        """The event rule itself checks the values, so the config and the state machine never disagree."""
+        try:
+            EventRule(threshold=1.0, **dataclasses.asdict(self))
+        except ValueError as exc:
+            raise ValueError(f"events: {exc}") from None
 
 
 @dataclass

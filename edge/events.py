@@ -39,8 +39,12 @@ class EventRule:
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n:
             raise ValueError(f"need 1 <= k <= n, got k={self.k}, n={self.n}")
-        if self.close_after < 1 or not 0.0 < self.hysteresis <= 1.0:
-            raise ValueError("close_after must be >= 1 and hysteresis in (0, 1]")
+        if self.close_after < 1:
+            raise ValueError("close_after must be at least 1")
+        if not 0.0 < self.hysteresis <= 1.0:
+            raise ValueError("hysteresis must be in (0, 1]")
+        if self.update_interval_s <= 0 or self.cooldown_s < 0:
+            raise ValueError("update_interval_s must be > 0 and cooldown_s >= 0")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ paho runs its network thread. ``max_frames`` counts processed frames PER CAMERA.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -80,10 +81,7 @@ class Station:
         self.max_frames = max_frames
         self.stop_event = threading.Event()
         self.stats = StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, backend.max_batch)
-        ev = cfg.events
-        self.rule = EventRule(threshold=threshold, k=ev.k, n=ev.n, close_after=ev.close_after,
-                              hysteresis=ev.hysteresis, update_interval_s=ev.update_interval_s,
-                              cooldown_s=ev.cooldown_s, baseline=bundle.score_baseline)
+        self.rule = EventRule(threshold=threshold, baseline=bundle.score_baseline, **dataclasses.asdict(cfg.events))
         cond = threading.Condition()
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:

@@ -48,16 +48,9 @@ class AnomalyModel(ABC):
 
     def score(self, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """Scores and maps of uint8 BGR images through the export module (torch), in batches."""
-        import torch
+        from trainer.export import torch_scores
 
-        module = self.export_module()
-        scores, maps = [], []
-        with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                s, m = module(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
-                scores.append(s.numpy())
-                maps.append(m.numpy())
-        return np.concatenate(scores), np.concatenate(maps)
+        return torch_scores(self.export_module(), images, batch_size)
 
     def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
         """Validate that the export stays within bounds at ``max_batch``; returns what was checked."""
