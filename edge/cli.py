@@ -27,8 +27,8 @@ EXIT_UNDELIVERED = 3
 _CAMERA_ID_RE = re.compile(r"^([A-Za-z0-9_.:-]+)=(.+)$")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line too."""
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (every CLI of the project uses it)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -55,8 +55,8 @@ def _positive_float(text: str) -> float:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edge-run", description="Run a camera station: capture, score with a bundle, publish "
-                "anomaly events over MQTT.")
+    p = OneLineArgumentParser(prog="edge-run", description="Run a camera station: capture, score with a "
+                              "bundle, publish anomaly events over MQTT.")
     p.add_argument("--camera", action="append", metavar="SOURCE",
                    help="camera index (0), video file, rtsp:// or http:// URL, or a GStreamer pipeline "
                         "(contains '!'); ID=SOURCE names the camera; repeat for several cameras; replaces the "
@@ -202,7 +202,7 @@ def run_main(argv: Optional[Sequence[str]] = None) -> int:
 
 # -- edge-events ------------------------------------------------------------------------------------
 def events_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edge-events", description="Print a station's anomaly events as JSON lines.")
+    p = OneLineArgumentParser(prog="edge-events", description="Print a station's anomaly events as JSON lines.")
     p.add_argument("--mqtt", metavar="URL", help="broker (default: the config's mqtt.url, else mqtt://localhost:1883)")
     p.add_argument("--station", metavar="ID", help="only this station (default: all)")
     p.add_argument("--prefix", metavar="P", help="topic prefix (default: the config's mqtt.prefix, else 'anomaly')")

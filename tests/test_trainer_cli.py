@@ -123,3 +123,10 @@ def test_unknown_model(tmp_path, dataset, config) -> None:
 def test_eval_missing_bundle(tmp_path, dataset) -> None:
     proc = edge_train("eval", tmp_path / "no-bundle", "--data", dataset, "--json")
     assert_one_line_error(proc, "no-bundle")
+
+
+def test_usage_error_is_one_line() -> None:
+    proc = edge_train("fit")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "edge-train fit: error: the following arguments are required: --data (see --help)"]

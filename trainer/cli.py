@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from edge.cli import OneLineArgumentParser
 from edge.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-train", description="Train and evaluate anomaly-detection bundles.")
+    parser = OneLineArgumentParser(prog="edge-train", description="Train and evaluate anomaly-detection bundles.")
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train on DIR/train/good, calibrate, export, write and promote a bundle")
     fit.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec AD layout)")
