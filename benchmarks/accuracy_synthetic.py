@@ -33,6 +33,7 @@ from edge.bundle import load_bundle  # noqa: E402
 from edge.errors import UserError  # noqa: E402
 from trainer.config import load_train_config  # noqa: E402
 from trainer.evaluate import evaluate_bundle  # noqa: E402
+from trainer.models.patchcore import PatchCore  # noqa: E402
 from trainer.pipeline import fit_bundle  # noqa: E402
 from trainer.synthetic import DEFECT_KINDS, make_dataset  # noqa: E402
 
@@ -135,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.monotonic()
     results: list[SeedResult] = []
     try:
-        cfg = load_train_config(args.config)
+        cfg = load_train_config(args.config).resolve(PatchCore.defaults)
         with tempfile.TemporaryDirectory(prefix="bench-synthetic-") as tmp:
             for seed in range(args.seeds):
                 r = run_seed(seed, Path(tmp), args.train, args.test_good, args.test_defect, args.val_defects,

@@ -24,6 +24,11 @@ CURRENT = "current"
 PLANS_DIR = "plans"  # TensorRT engines built on the device; not part of the checksummed bundle
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
+# How a frame of any size is fitted to the model's H×W (manifest key input.resize; absent = "stretch"):
+# stretch to H×W; letterbox = fit inside keeping the aspect ratio, centred, black bars; crop = cover H×W
+# keeping the aspect ratio, centre crop. Training and the station fit frames the same way (edge.sources).
+RESIZE_MODES = ("stretch", "letterbox", "crop")
+DEFAULT_RESIZE = "stretch"
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 
 
@@ -68,6 +73,11 @@ class Bundle:
     def input_hw(self) -> tuple[int, int]:
         spec = self.manifest["input"]
         return int(spec["height"]), int(spec["width"])
+
+    @property
+    def input_resize(self) -> str:
+        """How frames are fitted to ``input_hw`` (one of RESIZE_MODES); "stretch" for bundles that predate the key."""
+        return str(self.manifest["input"].get("resize", DEFAULT_RESIZE))
 
     @property
     def max_batch(self) -> int | None:
@@ -140,6 +150,8 @@ def write_manifest(bundle_dir: Path, *, model_name: str, input_spec: dict[str, A
     """
     if "threshold" not in calibration:
         raise ValueError("calibration must contain 'threshold'")
+    if "resize" in input_spec and input_spec["resize"] not in RESIZE_MODES:
+        raise ValueError(f"input_spec resize must be one of {', '.join(RESIZE_MODES)}, not {input_spec['resize']!r}")
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model": {"name": model_name, "version": bundle_dir.name},
@@ -207,6 +219,10 @@ def load_bundle(ref: str | Path, engines_root: Path | None = None, verify: bool 
     except (KeyError, TypeError, ValueError):
         raise BundleError(f"{manifest_path}: calibration threshold or input size missing or invalid; "
                           "retrain the bundle") from None
+    resize = manifest["input"].get("resize", DEFAULT_RESIZE)
+    if resize not in RESIZE_MODES:
+        raise BundleError(f"{manifest_path}: input.resize {resize!r} is not one this runtime knows "
+                          f"({', '.join(RESIZE_MODES)}); re-export the bundle with one of them or update this runtime")
     if ONNX_FP32 not in manifest["files"]:
         raise BundleError(f"{manifest_path}: lists no {ONNX_FP32}; the bundle is incomplete, retrain it")
     if verify:

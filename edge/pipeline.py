@@ -86,7 +86,8 @@ class Station:
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:
             queue = FrameQueue(cam_cfg.queue_size, cond)
-            src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=cfg.mqtt.snapshots)
+            src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=cfg.mqtt.snapshots,
+                               resize=bundle.input_resize)
             if not src.live:
                 src.max_frames = max_frames  # a file reads exactly what will be processed
             stats = CameraStats(cam_cfg.id, captured=partial(getattr, src, "captured"),

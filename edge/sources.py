@@ -25,6 +25,7 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from edge.bundle import DEFAULT_RESIZE, RESIZE_MODES  # noqa: E402
 from edge.config import CameraConfig  # noqa: E402
 from edge.errors import UserError  # noqa: E402
 
@@ -99,18 +100,50 @@ def describe_open_failure(cam: CameraConfig) -> str:
     return f"camera '{cam.id}': cannot open {cam.source} ({hint})"
 
 
-def resize_frame(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """To the model's H×W, uint8 BGR; area interpolation when shrinking avoids aliasing."""
+def _scale(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """cv2.resize to h×w: area interpolation when shrinking (no aliasing), linear otherwise."""
+    if image.shape[0] == h and image.shape[1] == w:
+        return image
+    shrink = image.shape[0] > h or image.shape[1] > w
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RESIZE) -> np.ndarray:
+    """To the model's H×W, uint8 BGR, fitted by ``mode`` (edge.bundle.RESIZE_MODES).
+
+    The trainer calls this same function, so training images and station frames are fitted alike.
+    stretch: to H×W whatever the aspect ratio. letterbox: scaled to fit inside H×W keeping the aspect
+    ratio, centred, black (0) bars on the two sides it does not reach. crop: the centre region of the
+    frame with the input's aspect ratio, scaled to H×W (scaling to cover H×W, then cropping the centre).
+    Gray and BGRA frames become BGR.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, not {mode!r}")
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     elif image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     h, w = hw
-    if image.shape[0] == h and image.shape[1] == w:
-        return np.ascontiguousarray(image, dtype=np.uint8)
-    shrink = image.shape[0] > h or image.shape[1] > w
-    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return np.ascontiguousarray(out, dtype=np.uint8)
+    ih, iw = image.shape[:2]
+    if mode == "letterbox" and (ih, iw) != (h, w):
+        # Fit the limiting side exactly; the other keeps the aspect ratio (integer compare: no float ties).
+        if iw * h >= ih * w:
+            nh, nw = min(h, max(1, round(ih * w / iw))), w
+        else:
+            nh, nw = h, min(w, max(1, round(iw * h / ih)))
+        out = np.zeros((h, w, 3), np.uint8)
+        top, left = (h - nh) // 2, (w - nw) // 2
+        out[top:top + nh, left:left + nw] = _scale(image, nh, nw)
+        return out
+    if mode == "crop" and (ih, iw) != (h, w):
+        # Crop in source pixels first: the same centre region, without resizing what is cut away.
+        if iw * h >= ih * w:
+            ch, cw = ih, min(iw, max(1, round(ih * w / h)))
+        else:
+            ch, cw = min(ih, max(1, round(iw * h / w))), iw
+        top, left = (ih - ch) // 2, (iw - cw) // 2
+        image = image[top:top + ch, left:left + cw]
+    return np.ascontiguousarray(_scale(image, h, w), dtype=np.uint8)
 
 
 def iso_utc(ts: float) -> str:
@@ -180,9 +213,12 @@ class CameraSource:
 
     def __init__(self, cam: CameraConfig, input_hw: tuple[int, int], queue: FrameQueue,
                  max_frames: Optional[int] = None, keep_original: bool = False,
-                 on_frame: Optional[Callable[[], None]] = None) -> None:
+                 on_frame: Optional[Callable[[], None]] = None, resize: str = DEFAULT_RESIZE) -> None:
+        if resize not in RESIZE_MODES:  # here, not in the capture thread where it could only be logged
+            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
         self.cam = cam
         self.input_hw = input_hw
+        self.resize = resize  # the bundle's input.resize: fit frames exactly as the training images were
         self.queue = queue
         self.max_frames = max_frames
         self.keep_original = keep_original
@@ -289,7 +325,7 @@ class CameraSource:
         index = self.captured
         self.last_frame = t_capture
         ts = self._t0 + index / self._fps if not self.live else time.time()
-        frame = Frame(camera=self.cam.id, index=index, ts=ts, image=resize_frame(image, self.input_hw),
+        frame = Frame(camera=self.cam.id, index=index, ts=ts, image=resize_frame(image, self.input_hw, self.resize),
                       original=image if self.keep_original else None, t_capture=t_capture)
         self.captured += 1
         if self._on_frame is not None:

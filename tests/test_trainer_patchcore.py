@@ -12,8 +12,9 @@ import torch
 from edge.errors import UserError
 from trainer import export as ex
 from trainer.config import TrainConfig
-from trainer.data import load_test, load_train
+from trainer.data import load_test, train_paths
 from trainer.evaluate import evaluate_onnx
+from trainer.frames import TrainingData
 from trainer.models import create_model, list_models
 from trainer.models.patchcore import BankDistance, PatchCore, PatchCoreExport
 from trainer.synthetic import make_dataset
@@ -36,7 +37,8 @@ def trained(tmp_path_factory):
     cfg = _config()
     model = create_model("patchcore", cfg)
     t0 = time.monotonic()
-    info = model.fit(load_train(root, (SIZE, SIZE)).images)
+    data = TrainingData(fit_paths=train_paths(root), holdout_paths=[], hw=(SIZE, SIZE))
+    info = model.fit(data)
     print(f"fit {time.monotonic() - t0:.2f}s: {info}")
     out = tmp_path_factory.mktemp("onnx")
     fp32, fp16 = out / "model.onnx", out / "model.fp16.onnx"

@@ -1,10 +1,14 @@
 """``edge-train``: fit a model into a promoted bundle, or evaluate a bundle on a dataset.
 
-  edge-train fit --data DIR [--model NAME] [--out engines/] [--config config/train.yaml] [--epochs N] [--seed S]
+  edge-train fit --data DIR [--model NAME] [--out engines/] [--config config/train.yaml] [--epochs N]
+                 [--batch-size B] [--device auto|cpu|cuda] [--seed S] [--resume]
   edge-train eval BUNDLE --data DIR [--json]
 
 Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any problem the user
-can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback.
+can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The
+arguments, the config, the model name and the data folder are checked before torch is imported, so a typo
+answers in a second. Ctrl-C during training stops after the current step and keeps the last checkpoint
+(exit status 130); ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
     fit.add_argument("--config", type=Path, help="train config YAML (default: config/train.yaml)")
     fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (PatchCore ignores it)")
+    fit.add_argument("--batch-size", type=int, help="images per training step (default: the model's)")
+    fit.add_argument("--device", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
     fit.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue the interrupted training run in OUT/<model>/checkpoints/")
     ev = sub.add_parser("eval", help="score DIR/test through a bundle's ONNX graph")
     ev.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     ev.add_argument("--data", required=True, type=Path, help="dataset folder with test/ (and ground_truth/)")
@@ -37,19 +45,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    # Everything a user can get wrong is checked here, before the imports that load torch.
     from trainer.config import load_train_config
-    from trainer.pipeline import fit_bundle
+    from trainer.data import train_paths
+    from trainer.models import check_model_name
 
     cfg = load_train_config(args.config)
     if args.model:
         cfg.model = args.model
     if args.seed is not None:
         cfg.seed = args.seed
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
     if args.epochs is not None:
-        if args.epochs < 1:
-            raise UserError(f"--epochs {args.epochs}: must be >= 1")
         cfg.epochs = args.epochs
-    bundle_dir = fit_bundle(cfg, args.data, args.out)
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    if args.device is not None:
+        cfg.device = args.device
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise UserError(f"--device {args.device}: {exc}") from None
+    check_model_name(cfg.model)
+    train_paths(args.data)
+
+    from trainer.pipeline import fit_bundle
+
+    bundle_dir = fit_bundle(cfg, args.data, args.out, resume=args.resume)
     print(bundle_dir, flush=True)
     return 0
 
@@ -72,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _fit(args) if args.command == "fit" else _eval(args)
     except UserError as exc:
-        print(f"edge-train: error: {exc}", file=sys.stderr, flush=True)
+        kind = "interrupted" if exc.exit_code == 130 else "error"  # Ctrl-C in training: not the user's error
+        print(f"edge-train: {kind}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edge-train: interrupted", file=sys.stderr)

@@ -14,18 +14,40 @@ from edge.configfile import load_config, parse_config
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "train.yaml"
 
 
+RESIZE_MODES = ("stretch", "letterbox", "crop")  # mirrors edge.bundle.RESIZE_MODES (checked by a test)
+
+
 @dataclass
 class InputConfig:
-    """Model input size; frames are resized to it on the host with cv2.resize (as the edge does)."""
+    """Model input size and how frames are fitted to it on the host (the edge fits them the same way).
 
-    height: int = 160
-    width: int = 160
+    None = the model's own default size (PatchCore 160, GANomaly 64, ...), filled in by ``resolve``.
+    """
+
+    height: Optional[int] = None
+    width: Optional[int] = None
+    resize: str = "stretch"
+    channels: str = "auto"
 
     def validate(self) -> None:
-        if not (32 <= self.height <= 1024 and 32 <= self.width <= 1024):
-            raise ValueError("input height and width must be between 32 and 1024")
-        if self.height % 16 or self.width % 16:
-            raise ValueError("input height and width must be multiples of 16 (the backbone's stride)")
+        if self.channels not in ("auto", "gray", "colour"):
+            raise ValueError("input.channels must be auto, gray or colour")
+        for value in (self.height, self.width):
+            if value is None:
+                continue
+            if not 32 <= value <= 1024:
+                raise ValueError("input height and width must be between 32 and 1024")
+            if value % 16:
+                raise ValueError("input height and width must be multiples of 16 (the backbone's stride)")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"input.resize must be one of {', '.join(RESIZE_MODES)}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width); only valid after TrainConfig.resolve filled in the model's defaults."""
+        if self.height is None or self.width is None:
+            raise RuntimeError("input size not resolved: call TrainConfig.resolve(model_class) first")
+        return self.height, self.width
 
 
 @dataclass
@@ -108,6 +130,77 @@ class ExportConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """The shared training loop (trainer/loop.py) of every model trained by epochs."""
+
+    workers: int = 2
+    select: str = "auto"
+    amp: bool = True
+    log_every: int = 20
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise ValueError("training.workers must be >= 0")
+        if self.select not in ("auto", "last", "val_loss", "val_auroc"):
+            raise ValueError("training.select must be auto, last, val_loss or val_auroc")
+        if self.log_every < 1:
+            raise ValueError("training.log_every must be >= 1")
+
+
+@dataclass
+class GanomalyConfig:
+    """GANomaly (Akcay et al. 2018); defaults are the official code's."""
+
+    nz: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    lr: float = 0.0002
+    beta1: float = 0.5
+    w_adv: float = 1.0
+    w_con: float = 50.0
+    w_enc: float = 1.0
+    map_sigma: float = 2.0
+
+    def validate(self) -> None:
+        _check_gan(self.lr, self.beta1, self.map_sigma, "ganomaly")
+        if min(self.nz, self.ngf, self.ndf) < 1:
+            raise ValueError("ganomaly.nz, ngf and ndf must be >= 1")
+        if min(self.w_adv, self.w_con, self.w_enc) < 0:
+            raise ValueError("ganomaly loss weights must be >= 0")
+
+
+@dataclass
+class SkipGanomalyConfig:
+    """Skip-GANomaly (Akcay et al. 2019); loss weights and score mix are the paper's."""
+
+    ngf: int = 64
+    ndf: int = 64
+    lr: float = 0.0002
+    beta1: float = 0.5
+    w_adv: float = 1.0
+    w_con: float = 40.0
+    w_lat: float = 1.0
+    score_lambda: float = 0.9
+    map_sigma: float = 2.0
+
+    def validate(self) -> None:
+        _check_gan(self.lr, self.beta1, self.map_sigma, "skip_ganomaly")
+        if min(self.ngf, self.ndf) < 1:
+            raise ValueError("skip_ganomaly.ngf and ndf must be >= 1")
+        if min(self.w_adv, self.w_con, self.w_lat) < 0:
+            raise ValueError("skip_ganomaly loss weights must be >= 0")
+        if not 0.0 <= self.score_lambda <= 1.0:
+            raise ValueError("skip_ganomaly.score_lambda must be in [0, 1]")
+
+
+def _check_gan(lr: float, beta1: float, map_sigma: float, key: str) -> None:
+    if lr <= 0 or not 0 <= beta1 < 1:
+        raise ValueError(f"{key}.lr must be > 0 and beta1 in [0, 1)")
+    if map_sigma < 0:
+        raise ValueError(f"{key}.map_sigma must be >= 0")
+
+
+@dataclass
 class ReportConfig:
     """What goes into report.json and the PNG plots."""
 
@@ -121,20 +214,53 @@ class TrainConfig:
 
     model: str = "patchcore"
     seed: int = 0
+    device: str = "auto"
     epochs: Optional[int] = None
-    batch_size: int = 16
+    batch_size: Optional[int] = None
     input: InputConfig = field(default_factory=InputConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     patchcore: PatchCoreConfig = field(default_factory=PatchCoreConfig)
+    ganomaly: GanomalyConfig = field(default_factory=GanomalyConfig)
+    skip_ganomaly: SkipGanomalyConfig = field(default_factory=SkipGanomalyConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    def resolve(self, defaults: ModelDefaults, all_gray: Optional[bool] = None) -> TrainConfig:
+        """Fill the keys left at null or auto with the model's defaults and the data's facts; returns self.
+
+        ``all_gray``: every training image is single-channel (from the data scan); ``input.channels: auto``
+        then becomes gray, else colour.
+        """
+        if self.input.channels == "auto" and all_gray is not None:
+            self.input.channels = "gray" if all_gray else "colour"
+        if self.input.height is None:
+            self.input.height = defaults.input_size
+        if self.input.width is None:
+            self.input.width = defaults.input_size
+        if self.batch_size is None:
+            self.batch_size = defaults.batch_size
+        if self.epochs is None and defaults.epochs is not None:
+            self.epochs = defaults.epochs
+        return self
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model uses for the keys a config leaves at null."""
+
+    input_size: int = 160
+    batch_size: int = 16
+    epochs: Optional[int] = None
 
 
 def load_train_config(path: Optional[str | Path] = None) -> TrainConfig:

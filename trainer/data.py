@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import cv2
 import numpy as np
 
 from edge.errors import UserError
 from edge.sources import resize_frame  # the one resize, shared with the station
+from trainer.datacheck import missing_masks_warning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -47,29 +48,26 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def read_image(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    """One image as uint8 BGR [H,W,3] at ``hw``; an unreadable file is a UserError naming it."""
+def read_image(path: Path, hw: tuple[int, int], resize: str = "stretch") -> np.ndarray:
+    """One image as uint8 BGR [H,W,3] at ``hw`` fitted by ``resize``; an unreadable file is a UserError naming it."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise UserError(f"{path}: cannot read this image (corrupt or not an image); fix or remove the file")
-    return resize_frame(img, hw)
+    return resize_frame(img, hw, resize)
 
 
-def read_mask(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask as uint8 0/1 at ``hw`` (nearest-neighbour resize keeps it binary)."""
+def read_mask(path: Path, hw: tuple[int, int], resize: str = "stretch") -> np.ndarray:
+    """A ground-truth mask as uint8 0/1 at ``hw``, fitted like its image (stretch, letterbox or crop)."""
     m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise UserError(f"{path}: cannot read this mask (corrupt or not an image); fix or remove the file")
-    h, w = hw
-    if m.shape != (h, w):
-        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
-    return (m > 127).astype(np.uint8)
+    return (resize_frame(m, hw, resize)[..., 0] > 127).astype(np.uint8)
 
 
-def _read_all(paths: list[Path], hw: tuple[int, int]) -> np.ndarray:
+def _read_all(paths: list[Path], hw: tuple[int, int], resize: str = "stretch") -> np.ndarray:
     if not paths:
         return np.zeros((0, hw[0], hw[1], 3), np.uint8)
-    return np.stack([read_image(p, hw) for p in paths])
+    return np.stack([read_image(p, hw, resize) for p in paths])
 
 
 def _require_dir(path: Path, what: str, fix: str) -> None:
@@ -89,15 +87,16 @@ def train_paths(root: Path) -> list[Path]:
     return paths
 
 
-def load_train(root: Path, hw: tuple[int, int]) -> ImageSet:
-    """DIR/train/good as an ImageSet (all labels 0)."""
+def load_train(root: Path, hw: tuple[int, int], resize: str = "stretch") -> ImageSet:
+    """DIR/train/good as an ImageSet (all labels 0), in memory: for small sets (tests); fit streams from disk."""
     paths = train_paths(root)
-    return ImageSet(paths=paths, images=_read_all(paths, hw), labels=np.zeros(len(paths), np.int64),
+    return ImageSet(paths=paths, images=_read_all(paths, hw, resize), labels=np.zeros(len(paths), np.int64),
                     kinds=["good"] * len(paths))
 
 
-def _load_labelled(split_dir: Path, hw: tuple[int, int], gt_dir: Optional[Path]) -> Optional[ImageSet]:
-    """A labelled split (good + defect folders) with masks where ground truth exists."""
+def _load_labelled(split_dir: Path, hw: tuple[int, int], gt_dir: Optional[Path], resize: str = "stretch",
+                   warn: Callable[[str], None] = lambda _m: None) -> Optional[ImageSet]:
+    """A labelled split (good + defect folders) with masks where ground truth exists for every defect image."""
     if not split_dir.is_dir():
         return None
     paths: list[Path] = []
@@ -111,40 +110,47 @@ def _load_labelled(split_dir: Path, hw: tuple[int, int], gt_dir: Optional[Path])
     if not paths:
         raise UserError(f"{split_dir}: no images in its sub-folders; add {split_dir.name}/good/ and "
                         f"{split_dir.name}/<defect>/ images or remove the folder")
-    images = _read_all(paths, hw)
+    images = _read_all(paths, hw, resize)
     masks = None
     if gt_dir is not None and gt_dir.is_dir():
         masks = np.zeros((len(paths), hw[0], hw[1]), np.uint8)
-        found = 0
+        missing: list[Path] = []
         for i, p in enumerate(paths):
             kind = kinds[i]
             if kind == "good":
                 continue
-            for ext in IMAGE_EXTENSIONS:
-                mp = gt_dir / kind / f"{p.stem}_mask{ext}"
-                if mp.is_file():
-                    masks[i] = read_mask(mp, hw)
-                    found += 1
-                    break
+            mp = next((gt_dir / kind / f"{p.stem}_mask{ext}" for ext in IMAGE_EXTENSIONS
+                       if (gt_dir / kind / f"{p.stem}_mask{ext}").is_file()), None)
+            if mp is None:
+                missing.append(p.relative_to(split_dir))
+            else:
+                masks[i] = read_mask(mp, hw, resize)
         defects = sum(labels)
-        if found == 0:
+        if len(missing) == defects:
             masks = None
-        elif found < defects:
+        elif missing:
             # Pixel metrics need a mask for every defect image: a missing one would count as all-good.
             masks = None
+            message = missing_masks_warning(missing, defects, split_dir.name)
+            if message:
+                warn(message)
     return ImageSet(paths=paths, images=images, labels=np.asarray(labels, np.int64), masks=masks, kinds=kinds)
 
 
-def load_test(root: Path, hw: tuple[int, int]) -> Optional[ImageSet]:
-    """DIR/test (good + defect folders) with ground-truth masks when every defect image has one; None if absent."""
+def load_test(root: Path, hw: tuple[int, int], resize: str = "stretch",
+              warn: Callable[[str], None] = lambda _m: None) -> Optional[ImageSet]:
+    """DIR/test (good + defect folders) with ground-truth masks when every defect image has one; None if absent.
+
+    ``warn`` hears one line when some defect images have masks and others do not (which ones).
+    """
     root = Path(root)
     _require_dir(root, "data folder", "pass --data DIR (MVTec AD layout: DIR/test/good, DIR/test/<defect>)")
-    return _load_labelled(root / "test", hw, root / "ground_truth")
+    return _load_labelled(root / "test", hw, root / "ground_truth", resize, warn)
 
 
-def load_val(root: Path, hw: tuple[int, int]) -> Optional[ImageSet]:
+def load_val(root: Path, hw: tuple[int, int], resize: str = "stretch") -> Optional[ImageSet]:
     """Optional labelled validation data DIR/val (good + defect folders); None if absent."""
-    return _load_labelled(Path(root) / "val", hw, None)
+    return _load_labelled(Path(root) / "val", hw, None, resize)
 
 
 def fingerprint(paths: list[Path], root: Path) -> dict[str, object]:

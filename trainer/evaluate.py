@@ -64,7 +64,7 @@ def evaluate_onnx(onnx_path: Path, test: ImageSet, threshold: float, batch: int 
 def evaluate_bundle(ref: str | Path, data_dir: str | Path, batch: Optional[int] = None) -> Evaluation:
     """Load and verify a bundle, read DIR/test at its input size, and evaluate through its model.onnx."""
     bundle = load_bundle(ref)
-    test = load_test(Path(data_dir), bundle.input_hw)
+    test = load_test(Path(data_dir), bundle.input_hw, bundle.input_resize)
     if test is None:
         raise UserError(f"{Path(data_dir) / 'test'}: no test folder; add DIR/test/good and DIR/test/<defect> images")
     max_batch = int(bundle.manifest.get("input", {}).get("max_batch", 16))

@@ -13,15 +13,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
 
 from edge.bundle import ONNX_FP16, ONNX_FP32, new_version_dir, promote, write_manifest
 from trainer import calibrate as cal
 from trainer import export as ex
 from trainer import report as rep
 from trainer.config import TrainConfig
-from trainer.data import fingerprint, load_test, load_train, load_val, train_paths
+from trainer.data import fingerprint, load_test, load_val, train_paths
+from trainer.datacheck import grayscale_warning, holdout_warning, scan_images, size_warnings
 from trainer.evaluate import evaluate_onnx
-from trainer.models import get_model_class
+from trainer.frames import TrainingData
+from trainer.loop import run_fingerprint
+from trainer.models import RunOptions, get_model_class
+
+CHECKPOINTS = "checkpoints"  # engines/<model>/checkpoints/: the training run of models trained by epochs
 
 
 def _stderr(msg: str) -> None:
@@ -33,27 +39,64 @@ def _round(x: Any) -> Any:
 
 
 def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
-               log: Callable[[str], None] = _stderr) -> Path:
-    """Train ``cfg.model`` on DIR/train/good, write and promote a bundle under ``engines_root``; returns its path."""
+               log: Callable[[str], None] = _stderr, resume: bool = False,
+               stop_after_epoch: Optional[int] = None) -> Path:
+    """Train ``cfg.model`` on DIR/train/good, write and promote a bundle under ``engines_root``; returns its path.
+
+    Checkpoints of models trained by epochs go to ``engines_root/<model>/checkpoints/``; ``resume`` continues
+    the run found there.
+    """
     t_start = time.monotonic()
     data_dir, engines_root = Path(data_dir), Path(engines_root)
     model_cls = get_model_class(cfg.model)  # unknown name: fail before reading any data
-    hw = (cfg.input.height, cfg.input.width)
     paths = train_paths(data_dir)
-    log(f"reading {len(paths)} training images from {data_dir / 'train' / 'good'} at {hw[1]}x{hw[0]}")
-    train = load_train(data_dir, hw)
-    val = load_val(data_dir, hw)
-    test = load_test(data_dir, hw)
+    scan = scan_images(paths)
+    cfg.resolve(model_cls.defaults, all_gray=len(scan.grayscale) == scan.count)
+    hw, resize = cfg.input.hw, cfg.input.resize
     notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        log(f"warning: {message}")
+
+    for message in size_warnings(scan, "train/good", hw, resize):
+        note(message)
+    gray = grayscale_warning(scan, "train/good")
+    if gray:
+        note(gray)
+    log(f"{len(paths)} training images in {data_dir / 'train' / 'good'}, fitted to {hw[1]}x{hw[0]} ({resize})")
     if cfg.epochs is not None and not model_cls.trains_with_epochs:
         notes.append(f"{cfg.model} does not train by epochs; epochs={cfg.epochs} ignored")
         log(notes[-1])
-    fit_idx, hold_idx = cal.split_holdout(len(train), cfg.calibration.holdout_fraction, cfg.seed)
+    fit_idx, hold_idx = cal.split_holdout(len(paths), cfg.calibration.holdout_fraction, cfg.seed)
+    small = holdout_warning(len(hold_idx), cfg.calibration.quantile, cfg.calibration.sigmas)
+    if small:
+        note(small)
+    val = load_val(data_dir, hw, resize)
+    test = load_test(data_dir, hw, resize, warn=note)
+    data = TrainingData(fit_paths=[paths[i] for i in fit_idx], holdout_paths=[paths[i] for i in hold_idx], hw=hw,
+                        resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed)
+    training_data = fingerprint(paths, data_dir)
     log(f"fitting {cfg.model} on {len(fit_idx)} images; {len(hold_idx)} held out for calibration")
+    torch.manual_seed(int(cfg.seed))
     model = model_cls(cfg)
+    run = RunOptions(device=cfg.device, amp=cfg.training.amp, select=cfg.training.select,
+                     checkpoint_dir=engines_root / cfg.model / CHECKPOINTS, resume=resume,
+                     fingerprint=run_fingerprint(_config_dict(cfg), str(training_data["sha256"])),
+                     log_every=cfg.training.log_every, stop_after_epoch=stop_after_epoch)
     t0 = time.monotonic()
-    fit_info = model.fit(train.images[fit_idx], log)
+    fit_info = model.fit(data, log, run)
     fit_seconds = time.monotonic() - t0
+    batch = cfg.export.max_batch
+    scaling: dict[str, Any] = {}
+    if model.scales_scores:
+        raw = _stream_scores(lambda f: model.score(f, batch)[0], data, data.holdout_paths, batch)
+        if val is not None:
+            raw = np.concatenate([raw, model.score(val.images, batch)[0]])
+        scaling = {"low": float(raw.min()), "high": float(raw.max()),
+                   "from": "held-out training normals" + (" and DIR/val" if val is not None else "")}
+        model.set_score_range(scaling["low"], scaling["high"])
+        log(f"score scaled to [0, 1] over the {scaling['from']}: raw {scaling['low']:.4g}..{scaling['high']:.4g}")
     bounds = model.export_checks(cfg.export.max_batch, cfg.export.max_distance_elements)
 
     bundle_dir = new_version_dir(engines_root, cfg.model)
@@ -65,12 +108,11 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         fp16_info: dict[str, Any] = {}
         if cfg.export.fp16:
             fp16 = bundle_dir / ONNX_FP16
-            fp16_info = ex.convert_fp16(fp32, fp16)
+            fp16_info = ex.convert_fp16(fp32, fp16, model.fp32_scopes)
         log(f"exported {fp32.name} ({fp32.stat().st_size / 1e6:.1f} MB)" + (f" and {fp16.name}" if fp16 else ""))
 
-        batch = cfg.export.max_batch
         scorer = ex.onnx_scorer(fp32, batch)
-        hold_scores, _ = ex.run_onnx(scorer, train.images[hold_idx])
+        hold_scores = _stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch)
         val_scores = ex.run_onnx(scorer, val.images)[0] if val is not None else None
         calibration = cal.calibrate(hold_scores, cfg.calibration.method, cfg.calibration.quantile,
                                     cfg.calibration.margin, cfg.calibration.sigmas, val_scores,
@@ -78,7 +120,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         log(f"threshold {calibration['threshold']:.4g} ({calibration['method']}; held-out normal scores "
             f"{calibration['normal_min']:.4g}..{calibration['normal_max']:.4g})")
 
-        parity_frames = train.images[hold_idx][: cfg.report.parity_frames]
+        parity_frames = data.read(data.holdout_paths[: cfg.report.parity_frames])
         if test is not None:
             extra = max(0, cfg.report.parity_frames - len(parity_frames))
             parity_frames = np.concatenate([parity_frames, test.images[np.argsort(-test.labels)][:extra]])
@@ -110,6 +152,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         sizes = {p.name: p.stat().st_size for p in (fp32, fp16) if p is not None}
         report = {
             "model": cfg.model, "data": str(data_dir), "config": _config_dict(cfg), "fit": fit_info,
+            "score_scaling": scaling or None,
             "export": {**bounds, "opset": cfg.export.opset, "file_bytes": sizes, "fp16": fp16_info},
             "calibration": calibration, "parity": parity, "metrics": metrics, "plots": plots, "notes": notes,
             "total_seconds": round(time.monotonic() - t_start, 3),
@@ -118,11 +161,11 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         map_h, map_w = model.map_shape()
         write_manifest(
             bundle_dir, model_name=cfg.model,
-            input_spec={"height": hw[0], "width": hw[1], "max_batch": cfg.export.max_batch},
+            input_spec={"height": hw[0], "width": hw[1], "resize": resize, "max_batch": cfg.export.max_batch},
             outputs=[{"name": "score", "dtype": "float32", "shape": ["N"]},
                      {"name": "anomaly_map", "dtype": "float32", "shape": ["N", map_h, map_w]}],
             calibration=calibration,
-            training_data=fingerprint(paths, data_dir),
+            training_data=training_data,
             metrics=metrics,
             extra={"parity": {k: v for k, v in parity.items() if isinstance(v, dict)}},
         )
@@ -132,6 +175,13 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         raise
     log(f"bundle {bundle_dir} promoted ({time.monotonic() - t_start:.1f}s)")
     return bundle_dir
+
+
+def _stream_scores(score: Callable[[np.ndarray], np.ndarray], data: TrainingData, paths: list[Path],
+                   batch: int) -> np.ndarray:
+    """Scores of ``paths`` read batch by batch from disk (hold-outs of tens of thousands of frames fit nowhere)."""
+    parts = [score(frames.numpy()) for frames in data.loader(paths, batch)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:

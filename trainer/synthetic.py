@@ -17,7 +17,8 @@ import cv2
 import numpy as np
 
 Size = Union[int, tuple[int, int]]
-DEFECT_KINDS = ("scratch", "spot", "crack", "missing")
+DEFECT_KINDS = ("scratch", "spot", "crack", "missing")  # local surface defects: what patch models are for
+OBJECT_KINDS = ("foreign",)  # a foreign object on the part: what image-level models (GANomaly, ...) are for
 
 
 def _hw(size: Size) -> tuple[int, int]:
@@ -166,8 +167,22 @@ def _plant_defect(rng: np.random.Generator, img: np.ndarray, part: np.ndarray, g
         belt = float(np.median(img[part < 0.01]))
         m = mask.astype(np.float32)[..., None] / 255
         img[:] = img * (1 - m) + (belt + rng.normal(0, 2.5, img.shape).astype(np.float32)) * m
+    elif kind == "foreign":
+        # A stray hex nut left on the part: an object-sized anomaly, with its shadow on the metal.
+        x0, y0 = _random_point_on_part(rng, part)
+        r = rng.uniform(0.20, 0.26) * geo["half"]
+        turn = rng.uniform(0, math.pi / 3)
+        hexagon = np.round([(x0 + r * math.cos(turn + k * math.pi / 3), y0 + r * math.sin(turn + k * math.pi / 3))
+                            for k in range(6)]).astype(np.int32)
+        shadow = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(shadow, [hexagon + round(0.25 * r)], 255, cv2.LINE_AA)
+        img[:] = img * (1 - shadow[..., None].astype(np.float32) / 255 * 0.5)
+        cv2.fillPoly(mask, [hexagon], 255, cv2.LINE_AA)
+        m = mask.astype(np.float32)[..., None] / 255
+        img[:] = img * (1 - m) + np.array([rng.uniform(95, 120)] * 3, np.float32) * m  # darker, oiled steel
+        cv2.circle(img, (round(x0), round(y0)), max(1, round(0.45 * r)), (30.0, 30.0, 32.0), -1, cv2.LINE_AA)
     else:
-        raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS)}")
+        raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS + OBJECT_KINDS)}")
     return (mask > 127).astype(np.uint8) * 255
 
 
@@ -192,17 +207,21 @@ def render_part(rng: np.random.Generator, size: Size, defect: str | None = None)
     return _finish(rng, img), mask
 
 
-def render_frame(rng: np.random.Generator, size: Size, defect: bool) -> np.ndarray:
-    """A BGR uint8 video frame of one part (``size`` = side or (height, width)); a random defect if asked."""
-    kind = str(rng.choice(DEFECT_KINDS)) if defect else None
+def render_frame(rng: np.random.Generator, size: Size, defect: bool,
+                 kinds: Sequence[str] = DEFECT_KINDS) -> np.ndarray:
+    """A BGR uint8 video frame of one part (``size`` = side or (height, width)); a random defect of ``kinds``
+    if asked."""
+    kind = str(rng.choice(list(kinds))) if defect else None
     return render_part(rng, size, kind)[0]
 
 
 def make_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 10, n_test_defect: int = 16,
-                 size: Size = 160, seed: int = 0, n_val_defect: int = 0) -> Path:
+                 size: Size = 160, seed: int = 0, n_val_defect: int = 0,
+                 kinds: Sequence[str] = DEFECT_KINDS) -> Path:
     """Write an MVTec-AD-like folder: train/good, test/good, test/<kind>, ground_truth/<kind>/<name>_mask.png.
 
-    Defective test images cycle through DEFECT_KINDS. ``n_val_defect`` > 0 also writes val/good and
+    Defective test images cycle through ``kinds`` (default the surface DEFECT_KINDS). ``n_val_defect`` > 0
+    also writes val/good and
     val/<kind> (labelled validation data the trainer uses for an F1-optimal threshold). Returns ``root``.
     """
     root = Path(root)
@@ -217,19 +236,19 @@ def make_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 10, n_t
     for i in range(n_test_good):
         write(root / "test" / "good", f"{i:03d}.png", render_part(rng, size)[0])
     for i in range(n_test_defect):
-        kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
+        kind = kinds[i % len(kinds)]
         img, mask = render_part(rng, size, kind)
         write(root / "test" / kind, f"{i:03d}.png", img)
         write(root / "ground_truth" / kind, f"{i:03d}_mask.png", mask)
     for i in range(n_val_defect):
         write(root / "val" / "good", f"{i:03d}.png", render_part(rng, size)[0])
-        kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
+        kind = kinds[i % len(kinds)]
         write(root / "val" / kind, f"{i:03d}.png", render_part(rng, size, kind)[0])
     return root
 
 
 def write_clip(path: str | Path, size: Size, n_frames: int, defects: Sequence[tuple[int, int]],
-               fps: float = 10.0, seed: int = 0) -> Path:
+               fps: float = 10.0, seed: int = 0, kinds: Sequence[str] = DEFECT_KINDS) -> Path:
     """A video of parts passing the camera; frames in any [start, stop) of ``defects`` carry a defect.
 
     Lossless (FFV1): the model learns from PNG images, and a lossy codec alone shifts the scores of good
@@ -243,7 +262,7 @@ def write_clip(path: str | Path, size: Size, n_frames: int, defects: Sequence[tu
     rng = np.random.default_rng(seed)
     try:
         for i in range(n_frames):
-            writer.write(render_frame(rng, (h, w), defect=any(a <= i < b for a, b in defects)))
+            writer.write(render_frame(rng, (h, w), any(a <= i < b for a, b in defects), kinds))
     finally:
         writer.release()
     return path

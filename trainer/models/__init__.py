@@ -1,7 +1,9 @@
 """Model registry: one file a model in this package, registered by name (like timm's ``register_model``).
 
 Adding a model = adding ``trainer/models/<name>.py`` with a class decorated ``@register_model("<name>")``
-(and its test). Every module in this package is imported on first lookup, so no list to edit here.
+(and its test); the file is named after the model, dashes as underscores (``skip-ganomaly`` ->
+``skip_ganomaly.py``), so ``known_model_names`` answers without importing torch. Every module in this package
+is imported on first lookup, so no list to edit here.
 
 A model is trained on normal images (uint8 BGR [N,H,W,3] at the input size) and hands out an export
 module: ``frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,h,w])`` with the cast,
@@ -13,30 +15,60 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from typing import Any, Callable, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import numpy as np
-from torch import nn
 
 from edge.errors import UserError
+from trainer.config import ModelDefaults
+
+if TYPE_CHECKING:  # this package's __init__ stays torch-free, so a wrong --model answers before torch loads
+    from torch import nn
+
+    from trainer.frames import TrainingData
 
 _REGISTRY: dict[str, type[AnomalyModel]] = {}
 _DISCOVERED = False
 M = TypeVar("M", bound="type[AnomalyModel]")
 
 
+@dataclass
+class RunOptions:
+    """Where and how a fit runs (the pipeline sets it from the CLI and config; models trained by epochs use it)."""
+
+    device: str = "auto"
+    amp: bool = True
+    select: str = "auto"
+    checkpoint_dir: Optional[Path] = None
+    resume: bool = False
+    fingerprint: str = ""
+    log_every: int = 20
+    progress: bool = True
+    stop_after_epoch: Optional[int] = None  # tests: behave as if Ctrl-C came at the end of this epoch
+
+
 class AnomalyModel(ABC):
-    """What the trainer needs from a model. Subclasses take the whole TrainConfig in ``__init__``."""
+    """What the trainer needs from a model. Subclasses take the whole TrainConfig in ``__init__``.
+
+    ``defaults`` fills the config keys left at null (input size, batch size, epochs). ``scales_scores``: the
+    export graph min-max scales its score with constants from calibration data (``set_score_range``).
+    """
 
     name: str = ""
     trains_with_epochs: bool = False
+    defaults = ModelDefaults()
+    scales_scores: bool = False
+    fp32_scopes: tuple[str, ...] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config
 
     @abstractmethod
-    def fit(self, images: np.ndarray, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-        """Learn from normal uint8 BGR images [N,H,W,3]; returns facts for the report (sizes, timings)."""
+    def fit(self, data: TrainingData, log: Callable[[str], None] = lambda _m: None,
+            run: Optional[RunOptions] = None) -> dict[str, Any]:
+        """Learn from the normal images of ``data``; returns facts for the report (sizes, timings, history)."""
 
     @abstractmethod
     def export_module(self) -> nn.Module:
@@ -55,6 +87,10 @@ class AnomalyModel(ABC):
     def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
         """Validate that the export stays within bounds at ``max_batch``; returns what was checked."""
         return {}
+
+    def set_score_range(self, low: float, high: float) -> None:
+        """Scale exported scores to (raw - low) / (high - low); only for models with ``scales_scores``."""
+        raise NotImplementedError(f"{self.name} does not scale its scores")
 
 
 def register_model(name: str) -> Callable[[M], M]:
@@ -78,6 +114,19 @@ def _discover() -> None:
         _DISCOVERED = True
 
 
+def known_model_names() -> list[str]:
+    """Model names from the file names of this package, without importing torch (fast argument checks)."""
+    return sorted(info.name.replace("_", "-") for info in pkgutil.iter_modules(__path__)
+                  if not info.name.startswith("_"))
+
+
+def check_model_name(name: str) -> None:
+    """A UserError listing the known models when ``name`` is not one (no torch import)."""
+    known = known_model_names()
+    if name not in known:
+        raise UserError(f"unknown model '{name}'; known models: {', '.join(known) or 'none'}")
+
+
 def list_models() -> list[str]:
     """Registered model names, sorted."""
     _discover()
@@ -93,5 +142,7 @@ def get_model_class(name: str) -> type[AnomalyModel]:
 
 
 def create_model(name: str, config: Any) -> AnomalyModel:
-    """Instantiate the model registered as ``name`` with the TrainConfig ``config``."""
-    return get_model_class(name)(config)
+    """Instantiate the model registered as ``name`` with ``config`` (its null keys resolved to the model's defaults)."""
+    cls = get_model_class(name)
+    config.resolve(cls.defaults)
+    return cls(config)

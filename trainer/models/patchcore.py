@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edge.errors import UserError
 from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
-from trainer.models import AnomalyModel, register_model
+from trainer.config import ModelDefaults
+from trainer.ingraph import MapBlur
+from trainer.models import AnomalyModel, RunOptions, register_model
+
+if TYPE_CHECKING:
+    from trainer.frames import TrainingData
 
 
 class FrameFeatures(nn.Module):
@@ -100,37 +104,6 @@ class BankDistance(nn.Module):
         return ((q * q).sum(-1) + best).clamp_min(0.0).sqrt()
 
 
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(4.0 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-class MapBlur(nn.Module):
-    """Separable Gaussian blur with zero padding, divided by the blurred ones-map (no dark borders, no Pad op)."""
-
-    kx: torch.Tensor
-    ky: torch.Tensor
-    norm: torch.Tensor
-
-    def __init__(self, sigma: float, hw: tuple[int, int]):
-        super().__init__()
-        k = _gaussian_kernel(sigma)
-        self.pad = len(k) // 2
-        self.register_buffer("kx", k.view(1, 1, 1, -1).clone())
-        self.register_buffer("ky", k.view(1, 1, -1, 1).clone())
-        ones = torch.ones(1, 1, *hw)
-        self.register_buffer("norm", 1.0 / self._blur(ones))
-
-    def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.kx, padding=(0, self.pad))
-        return F.conv2d(x, self.ky, padding=(self.pad, 0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._blur(x) * self.norm
-
-
 class PatchCoreExport(nn.Module):
     """frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,H,W])."""
 
@@ -194,11 +167,13 @@ class PatchCore(AnomalyModel):
     """PatchCore: memory bank of normal patch features; kNN distance as the anomaly score."""
 
     trains_with_epochs = False
+    defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
+    fp32_scopes = ("/distance/",)  # the nearest-neighbour matmul + min: FP16 cancellation would cost precision
 
     def __init__(self, config: Any):
         super().__init__(config)
         self.cfg = config.patchcore
-        self.hw = (config.input.height, config.input.width)
+        self.hw = config.input.hw
         self.generator = torch.Generator().manual_seed(int(config.seed))
         backbone = load_efficientnet_lite0(config.backbone.weights)
         layers = tuple(config.backbone.layers)
@@ -222,19 +197,21 @@ class PatchCore(AnomalyModel):
     def map_shape(self) -> tuple[int, int]:
         return self.hw
 
-    def fit(self, images: np.ndarray, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-        """Extract patch features of all ``images`` and keep a coreset of them as the memory bank."""
+    def fit(self, data: TrainingData, log: Callable[[str], None] = lambda _m: None,
+            run: Optional[RunOptions] = None) -> dict[str, Any]:
+        """Extract patch features of the training images (streamed) and keep a coreset of them as the bank."""
         t0 = time.monotonic()
         chunks = []
-        bs = int(self.config.batch_size)
+        n_images = 0
         with torch.no_grad():
-            for i in range(0, len(images), bs):
-                emb = self.features(torch.from_numpy(np.ascontiguousarray(images[i:i + bs])))
+            for frames in data.loader(data.fit_paths, int(self.config.batch_size)):
+                emb = self.features(frames)
                 chunks.append(emb.flatten(2).transpose(1, 2).reshape(-1, emb.shape[1]))
+                n_images += int(frames.shape[0])
         feats = torch.cat(chunks)
         t_feat = time.monotonic() - t0
         n = max(1, min(int(round(self.cfg.coreset_ratio * len(feats))), self.cfg.max_bank_size))
-        log(f"patchcore: {len(feats)} patches of {feats.shape[1]} dims from {len(images)} images "
+        log(f"patchcore: {len(feats)} patches of {feats.shape[1]} dims from {n_images} images "
             f"({t_feat:.1f}s); selecting a {n}-row coreset")
         t1 = time.monotonic()
         with torch.no_grad():
@@ -243,7 +220,7 @@ class PatchCore(AnomalyModel):
         self._export = None
         t_core = time.monotonic() - t1
         log(f"patchcore: memory bank {tuple(self.bank.shape)} ({t_core:.1f}s)")
-        return {"n_train_images": len(images), "n_patches": len(feats), "feature_dim": self.feature_dim,
+        return {"n_train_images": n_images, "n_patches": len(feats), "feature_dim": self.feature_dim,
                 "patch_grid": list(self.grid), "bank_size": len(self.bank), "coreset_ratio": self.cfg.coreset_ratio,
                 "feature_seconds": round(t_feat, 3), "coreset_seconds": round(t_core, 3)}
 

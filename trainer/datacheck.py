@@ -1,0 +1,168 @@
+"""Checks of a dataset a user must see before training: sizes, grayscale, calibration hold-out, masks.
+
+Each check returns one-line warnings (or nothing) for the CLI to print before the minutes of training
+start, so that a surprise (stretched images, a hold-out too small to set a threshold on, defect images
+without masks) is seen when it can still be fixed. Headers only are read (PIL, no pixel decoding), so tens
+of thousands of files scan in seconds. No torch here: the checks run before any model is built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image
+
+from edge.bundle import RESIZE_MODES
+from edge.errors import UserError
+
+# PIL modes of single-channel images ("LA"/"La": gray with alpha). "P" (palette) counts as colour, even
+# with a gray palette: telling those apart would need the palette, which is more than this check is worth.
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+ASPECT_TOLERANCE = 0.01  # an aspect ratio within 1 % of the input's is not worth a warning
+MIN_HOLDOUT = 30  # below about this many scores the mean + k·std floor of the threshold is noise
+MAX_NAMED = 5  # file names listed in a warning before "and N more"
+
+
+@dataclass
+class ImageScan:
+    """What the image headers of one folder say: how many, which sizes (width, height), which are grayscale."""
+
+    count: int = 0
+    sizes: Counter[tuple[int, int]] = field(default_factory=Counter)
+    grayscale: list[Path] = field(default_factory=list)
+
+
+def scan_images(paths: Sequence[Path]) -> ImageScan:
+    """Size and mode of every image from its header alone, so a large dataset is checked in seconds.
+
+    A file PIL cannot identify is a UserError naming it, the same line the training reader gives.
+    """
+    scan = ImageScan()
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                size, mode = (int(im.size[0]), int(im.size[1])), str(im.mode)
+        except Image.DecompressionBombError:
+            raise UserError(f"{p}: image too large to read safely (over PIL's decompression-bomb limit); "
+                            "downscale it or remove the file") from None
+        except (OSError, ValueError, SyntaxError):
+            raise UserError(f"{p}: cannot read this image (corrupt or not an image); fix or remove the file") from None
+        scan.count += 1
+        scan.sizes[size] += 1
+        if mode in GRAYSCALE_MODES:
+            scan.grayscale.append(Path(p))
+    return scan
+
+
+def _aspect(width: int, height: int) -> float:
+    return width / height
+
+
+def _differs(aspect: float, target: float) -> bool:
+    return abs(aspect / target - 1.0) > ASPECT_TOLERANCE
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def size_warnings(scan: ImageScan, where: str, hw: tuple[int, int], resize: str) -> list[str]:
+    """Warn when images come in several sizes, or in one whose aspect ratio ``resize`` = stretch distorts.
+
+    Every image is fitted to the model input (``hw`` = (height, width)) by the bundle's input.resize;
+    stretch changes the shape of parts whose aspect ratio differs from the input's, which the user should
+    choose knowingly. Sizes are written width x height, as image viewers show them.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+    h, w = hw
+    target = _aspect(w, h)
+    if not scan.sizes:
+        return []
+    if len(scan.sizes) > 1:
+        ranked = sorted(scan.sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+        named = ", ".join(f"{sw}x{sh} ×{n}" for (sw, sh), n in ranked[:MAX_NAMED])
+        if len(ranked) > MAX_NAMED:
+            named += f" and {len(ranked) - MAX_NAMED} more"
+        aspects = {round(_aspect(sw, sh), 2) for sw, sh in scan.sizes}
+        if resize == "stretch":
+            if any(_differs(_aspect(sw, sh), target) for sw, sh in scan.sizes):
+                effect = "distorts the aspect ratio; letterbox or crop keep it"
+            else:
+                effect = "the aspect ratio is the input's, only the scale differs"
+        elif resize == "letterbox":
+            effect = "keeps the aspect ratio, black bars fill the rest"
+        else:
+            effect = "keeps the aspect ratio, the edges beyond it are cut off"
+        return [f"{where}: images come in {len(scan.sizes)} sizes ({named}; "
+                f"{_plural(len(aspects), 'aspect ratio', 'aspect ratios')}); each is fitted to {w}x{h} by "
+                f"input.resize: {resize} ({effect})"]
+    sw, sh = next(iter(scan.sizes))
+    if resize == "stretch" and _differs(_aspect(sw, sh), target):
+        return [f"{where}: images are {sw}x{sh} (aspect ratio {_aspect(sw, sh):.2f}) and are stretched to the "
+                f"model input {w}x{h} (aspect ratio {target:.2f}); input.resize letterbox or crop keep the "
+                "aspect ratio"]
+    return []
+
+
+def grayscale_warning(scan: ImageScan, where: str) -> Optional[str]:
+    """Say how many images are grayscale: they are converted to BGR like the station's frames, not refused."""
+    n = len(scan.grayscale)
+    if n == 0:
+        return None
+    if n == scan.count:
+        what = "the one image is grayscale" if n == 1 else f"all {n} images are grayscale"
+    else:
+        what = f"{n} of {scan.count} images {'is' if n == 1 else 'are'} grayscale"
+    return f"{where}: {what}; converted to 3-channel BGR (B = G = R) as the station's camera frames are"
+
+
+def holdout_needed(quantile: float) -> int:
+    """Held-out normal images a ``quantile`` threshold needs: its q-quantile is more than their maximum
+    only from 1/(1-q) images on, and the mean + k·std floor is noise below about MIN_HOLDOUT."""
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], not {quantile}")
+    if quantile >= 1.0:
+        return MIN_HOLDOUT
+    # round first: 1 / (1 - 0.99) is 99.99999999999991 in floating point, and 1 / (1 - 0.9) 10.000000000000002
+    return max(MIN_HOLDOUT, math.ceil(round(1.0 / (1.0 - quantile), 9)))
+
+
+def holdout_warning(n_holdout: int, quantile: float, sigmas: float) -> Optional[str]:
+    """Warn when the calibration hold-out (held-out normal images that set the threshold) is too small to trust.
+
+    Below 1/(1-q) images the q-quantile is just their maximum, so the threshold is one sample; below
+    MIN_HOLDOUT images the mean + ``sigmas``·std floor is noisy. None when there are enough.
+    """
+    if sigmas < 0:
+        raise ValueError(f"sigmas must be >= 0, not {sigmas}")
+    needed = holdout_needed(quantile)
+    if n_holdout >= needed:
+        return None
+    fix = "add normal images to train/good or raise calibration.holdout_fraction"
+    if quantile < 1.0 and math.ceil(round(1.0 / (1.0 - quantile), 9)) >= MIN_HOLDOUT:
+        return (f"calibration hold-out has {n_holdout} images; a {quantile:g} quantile threshold needs at least "
+                f"{needed} to be more than their maximum: {fix}")
+    floor = f" and its mean + {sigmas:g} std floor need" if sigmas > 0 else " needs"
+    return (f"calibration hold-out has {n_holdout} images; a {quantile:g} quantile threshold{floor} at least "
+            f"{needed} to be stable: {fix}")
+
+
+def missing_masks_warning(defect_paths_without_mask: Sequence[Path], n_defect: int, where: str) -> Optional[str]:
+    """Name defect images without a ground-truth mask: pixel AUROC needs a mask for every one of them
+    (a missing mask would count the defect as all good), so without them it is not computed."""
+    missing = list(defect_paths_without_mask)
+    if not missing:
+        return None
+    names = [f"{Path(p).parent.name}/{Path(p).name}" for p in missing]
+    named = ", ".join(names[:MAX_NAMED])
+    if len(names) > MAX_NAMED:
+        named += f" and {len(names) - MAX_NAMED} more"
+    verb = "has" if len(missing) == 1 else "have"
+    return (f"{where}: {len(missing)} of {n_defect} defect images {verb} no mask in ground_truth/ ({named}); "
+            "pixel AUROC is not computed")

@@ -1,0 +1,116 @@
+"""Training images streamed from disk in batches (torch DataLoader), never all held in memory.
+
+Nightly retraining sees tens of thousands of frames: each batch is read, fitted to the model input with the
+station's own ``resize_frame`` and handed over as uint8 BGR [B,H,W,3], exactly what a station sends its
+engine. The order of every epoch is a pure function of (seed, epoch), so an interrupted run resumes with the
+same batches. Shaped for DistributedDataParallel: each rank reads its own shard of the same permutation.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from trainer.data import ImageSet, read_image
+
+# (frame uint8 [H,W,3] BGR, rng) -> frame of the same shape: a model's training-time augmentation.
+Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+class FrameDataset(Dataset):
+    """Image files -> uint8 BGR tensors [H,W,3] at the model input (read on demand, in the loader's workers)."""
+
+    def __init__(self, paths: Sequence[Path], hw: tuple[int, int], resize: str = "stretch",
+                 augment: Optional[Augment] = None, seed: int = 0) -> None:
+        self.paths = list(paths)
+        self.hw = hw
+        self.resize = resize
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        frame = read_image(self.paths[index], self.hw, self.resize)
+        if self.augment is not None:
+            frame = self.augment(frame, np.random.default_rng([self.seed, self.epoch, index]))
+        return torch.from_numpy(np.ascontiguousarray(frame))
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch (or the plain order), sharded across ``world_size`` ranks."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        return iter(order[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def _quiet_worker(_worker_id: int) -> None:
+    """Workers ignore Ctrl-C: the main process decides when to stop, after the current step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@dataclass
+class TrainingData:
+    """What a model is fitted on: normal images to learn from, held-out normals, optional labelled val data.
+
+    ``holdout_paths`` never enter training: they choose the epoch (models trained by epochs) and set the
+    threshold. ``val`` is DIR/val (good + defect images) when the user supplied one.
+    """
+
+    fit_paths: list[Path]
+    holdout_paths: list[Path]
+    hw: tuple[int, int]
+    resize: str = "stretch"
+    val: Optional[ImageSet] = None
+    workers: int = 0
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
+               augment: Optional[Augment] = None, pin_memory: bool = False) -> DataLoader:
+        """Batches of uint8 [B,H,W,3] frames of ``paths``; call ``set_epoch(loader, e)`` before each epoch."""
+        dataset = FrameDataset(paths, self.hw, self.resize, augment, self.seed)
+        sampler = EpochSampler(len(dataset), shuffle, self.seed, self.rank, self.world_size)
+        workers = min(self.workers, max(0, len(dataset) // max(batch_size, 1)))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=workers, worker_init_fn=_quiet_worker if workers else None,
+                          pin_memory=pin_memory, persistent_workers=False)
+
+    def read(self, paths: Sequence[Path]) -> np.ndarray:
+        """A few images as one uint8 array (parity frames, plots): not for whole training sets."""
+        if not paths:
+            return np.zeros((0, *self.hw, 3), np.uint8)
+        return np.stack([read_image(p, self.hw, self.resize) for p in paths])
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Make ``loader``'s next pass the permutation (and augmentation draws) of ``epoch``."""
+    sampler = loader.sampler
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch)
+    dataset = loader.dataset
+    if isinstance(dataset, FrameDataset):
+        dataset.epoch = epoch

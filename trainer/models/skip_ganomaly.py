@@ -1,0 +1,100 @@
+"""Skip-GANomaly (Akcay, Atapour-Abarghouei & Breckon, IJCNN 2019): GANomaly's successor with a U-Net generator.
+
+Generator: pix2pix's U-Net (skip connections between mirrored encoder and decoder levels). Discriminator: the
+DCGAN one. Generator loss w_adv * BCE(D(x^), real) + w_con * L1(x, x^) + w_lat * L2 between the
+discriminator's last feature maps of x and x^, with the paper's weights (1, 40, 1) (the official
+repository's option defaults put w_con at 50; we follow the paper). Discriminator loss BCE(real) + BCE(fake)
+as in the paper (the official code also adds the latent term to it), re-initialised when it falls below 1e-5.
+The official code's input noise is not added. Score A(x) = 0.9 * mean((x - x^)^2) + 0.1 * mean((f(x) - f(x^))^2),
+f the discriminator's features, min-max scaled in the graph with constants from calibration data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.adversarial import AdversarialModel
+from trainer.config import ModelDefaults
+from trainer.ingraph import FrameInput, ReconstructionMap, ScoreScale
+from trainer.loop import LossParts
+from trainer.models import register_model
+from trainer.networks import DcganDiscriminator, UnetGenerator
+
+
+def skip_score(x: torch.Tensor, fake: torch.Tensor, feat_real: torch.Tensor, feat_fake: torch.Tensor,
+               lam: float) -> torch.Tensor:
+    """λ · reconstruction error + (1 − λ) · discriminator-feature error, per image."""
+    rec = (x - fake).pow(2).flatten(1).mean(1)
+    lat = (feat_real - feat_fake).pow(2).flatten(1).mean(1)
+    return lam * rec + (1.0 - lam) * lat
+
+
+class SkipGanomalyExport(nn.Module):
+    """frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,H,W])."""
+
+    def __init__(self, frame_input: FrameInput, generator: UnetGenerator, discriminator: DcganDiscriminator,
+                 scale: ScoreScale, amap: ReconstructionMap, lam: float) -> None:
+        super().__init__()
+        self.frame_input = frame_input
+        self.generator = generator
+        self.discriminator = discriminator
+        self.scale = scale
+        self.amap = amap
+        self.lam = lam
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.frame_input(frames)
+        fake = self.generator(x)
+        _, feat_real = self.discriminator(x)
+        _, feat_fake = self.discriminator(fake)
+        return self.scale(skip_score(x, fake, feat_real, feat_fake, self.lam)), self.amap(x, fake)
+
+
+@register_model("skip-ganomaly")
+class SkipGanomaly(AdversarialModel):
+    """Skip-GANomaly: U-Net generator + DCGAN discriminator; reconstruction and feature errors as the score."""
+
+    defaults = ModelDefaults(input_size=64, batch_size=64, epochs=15)
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config, "skip_ganomaly")
+        self.generator = UnetGenerator(self.size, self.channels, self.cfg.ngf)
+        self.discriminator = DcganDiscriminator(self.size, self.channels, self.cfg.ndf)
+        self.init_weights()
+
+    def generator_loss(self, x: torch.Tensor, shared: dict[str, Any]) -> LossParts:
+        fake = self.generator(x)
+        shared["fake"] = fake
+        pred_fake, feat_fake = self.discriminator(fake)
+        _, feat_real = self.discriminator(x)
+        adv = F.binary_cross_entropy_with_logits(pred_fake, torch.ones_like(pred_fake))
+        con = F.l1_loss(fake, x)
+        lat = F.mse_loss(feat_fake, feat_real)
+        loss = self.cfg.w_adv * adv + self.cfg.w_con * con + self.cfg.w_lat * lat
+        return loss, {"loss_g": loss, "adv": adv, "con": con, "lat": lat}
+
+    def discriminator_loss(self, x: torch.Tensor, fake: torch.Tensor) -> LossParts:
+        pred_real, _ = self.discriminator(x)
+        pred_fake, _ = self.discriminator(fake)
+        loss = (F.binary_cross_entropy_with_logits(pred_real, torch.ones_like(pred_real))
+                + F.binary_cross_entropy_with_logits(pred_fake, torch.zeros_like(pred_fake)))
+        return loss, {"loss_d": loss}
+
+    def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.generator(x) - x).abs().flatten(1).mean(1)
+
+    def raw_score(self, x: torch.Tensor) -> torch.Tensor:
+        fake = self.generator(x)
+        _, feat_real = self.discriminator(x)
+        _, feat_fake = self.discriminator(fake)
+        return skip_score(x, fake, feat_real, feat_fake, self.cfg.score_lambda)
+
+    def export_module(self) -> nn.Module:
+        self.for_export()
+        assert isinstance(self.generator, UnetGenerator) and isinstance(self.discriminator, DcganDiscriminator)
+        return SkipGanomalyExport(self.frame_input, self.generator, self.discriminator, self.scale, self.amap,
+                                  self.cfg.score_lambda).eval()

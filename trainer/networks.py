@@ -1,0 +1,132 @@
+"""Network building blocks shared by the models: the DCGAN encoder/decoder/discriminator and the U-Net generator.
+
+Written after GANomaly's and Skip-GANomaly's official code (DCGAN layout; pix2pix's U-Net): 4x4 convolutions
+of stride 2 without bias, BatchNorm, LeakyReLU(0.2) going down and ReLU coming up, tanh out, and DCGAN's
+initialisation. Every input size that is a power of two from 32 works.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """DCGAN initialisation (the official code's ``weights_init``): conv N(0, 0.02), BatchNorm N(1, 0.02), bias 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def check_power_of_two(hw: tuple[int, int], model: str) -> int:
+    """The side of a square power-of-two input from 32; anything else is a one-line config error."""
+    h, w = hw
+    if h != w or h < 32 or h & (h - 1):
+        from edge.errors import UserError
+
+        raise UserError(f"input {h}x{w}: {model} needs a square input whose side is a power of two from 32 "
+                        f"(32, 64, 128, 256); set input: {{height: 64, width: 64}} in the train config")
+    return h
+
+
+class DcganEncoder(nn.Module):
+    """x [N,C,S,S] -> [N,nz,1,1]: conv(4,2,1) down to 4x4 (channels doubling from ``width``), then a 4x4 conv."""
+
+    def __init__(self, size: int, channels: int, nz: int, width: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
+        side, c = size // 2, width
+        while side > 4:
+            layers += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c * 2), nn.LeakyReLU(0.2, inplace=True)]
+            side, c = side // 2, c * 2
+        self.features = nn.Sequential(*layers)  # [N, c, 4, 4]: the discriminator's feature map
+        self.final = nn.Conv2d(c, nz, 4, 1, 0, bias=False)
+        self.feature_channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final(self.features(x))
+
+
+class DcganDecoder(nn.Module):
+    """z [N,nz,1,1] -> [N,C,S,S] in [-1, 1]: the encoder mirrored with transposed convolutions."""
+
+    def __init__(self, size: int, channels: int, nz: int, width: int) -> None:
+        super().__init__()
+        c = width * size // 8  # channels at 4x4, so that the last hidden layer has ``width``
+        layers: list[nn.Module] = [nn.ConvTranspose2d(nz, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
+        side = 4
+        while side < size // 2:
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(True)]
+            side, c = side * 2, c // 2
+        layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z)
+
+
+class DcganDiscriminator(nn.Module):
+    """x -> (logit [N], features [N,c,4,4]): a DCGAN encoder with one output; its last feature map is what
+    GANomaly's feature-matching loss and Skip-GANomaly's latent loss compare. Returns logits (the official
+    code's sigmoid is folded into the loss as BCE-with-logits, which is the same function, stable under AMP)."""
+
+    def __init__(self, size: int, channels: int, width: int) -> None:
+        super().__init__()
+        self.encoder = DcganEncoder(size, channels, 1, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder.features(x)
+        return self.encoder.final(features).flatten(), features
+
+
+class UnetBlock(nn.Module):
+    """One level of pix2pix's U-Net: down, the inner levels, up, and the skip connection (concatenation)."""
+
+    def __init__(self, outer: int, inner: int, inner_block: Optional[nn.Module] = None,
+                 in_channels: Optional[int] = None, outermost: bool = False) -> None:
+        super().__init__()
+        self.outermost = outermost
+        in_channels = outer if in_channels is None else in_channels
+        down = nn.Conv2d(in_channels, inner, 4, 2, 1, bias=False)
+        if outermost:
+            assert inner_block is not None
+            up = nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1)
+            layers: list[nn.Module] = [down, inner_block, nn.ReLU(True), up, nn.Tanh()]
+        elif inner_block is None:  # innermost: 2x2 -> 1x1 and back, no BatchNorm at 1x1
+            up = nn.ConvTranspose2d(inner, outer, 4, 2, 1, bias=False)
+            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), up, nn.BatchNorm2d(outer)]
+        else:
+            up = nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1, bias=False)
+            layers = [nn.LeakyReLU(0.2, True), down, nn.BatchNorm2d(inner), inner_block, nn.ReLU(True), up,
+                      nn.BatchNorm2d(outer)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outermost:
+            return self.model(x)
+        return torch.cat([x, self.model(x)], 1)
+
+
+class UnetGenerator(nn.Module):
+    """pix2pix's U-Net with log2(size) levels down to 1x1 (Skip-GANomaly's generator), channels up to 8 x width."""
+
+    def __init__(self, size: int, channels: int, width: int) -> None:
+        super().__init__()
+        levels = int(math.log2(size))
+        block = UnetBlock(width * 8, width * 8)
+        for _ in range(levels - 5):
+            block = UnetBlock(width * 8, width * 8, block)
+        block = UnetBlock(width * 4, width * 8, block)
+        block = UnetBlock(width * 2, width * 4, block)
+        block = UnetBlock(width, width * 2, block)
+        self.model = UnetBlock(channels, width, block, in_channels=channels, outermost=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
