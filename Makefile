@@ -33,7 +33,7 @@ datasets:
 demo: $(STAMP) broker
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) broker lint typecheck
+test: $(STAMP) broker datasets lint typecheck
 	$(BIN)/pytest -m "not slow"
 
 test-slow: $(STAMP) broker datasets
@@ -50,7 +50,7 @@ bench: $(STAMP)
 
 bench-accuracy: $(STAMP) datasets
 	$(BIN)/python benchmarks/accuracy_synthetic.py
-	$(BIN)/python benchmarks/protocol_fashion_mnist.py
+	$(BIN)/python benchmarks/protocol.py --dataset fashion-mnist --protocol one-normal --model patchcore --seeds 3 --train-limit 1000 --test-limit 2000 --size 64
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

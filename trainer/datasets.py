@@ -1,11 +1,21 @@
-"""Public datasets read from local files (no downloads): Fashion-MNIST in its original idx gz format.
+"""Public datasets read from local files only (no downloads): Fashion-MNIST, MNIST, CIFAR-10, image folders.
 
-Why here: the accuracy-protocol benchmarks and their slow test need the same reader, and a missing
-dataset must be one line saying what to install, not a traceback. The files come from the Debian
-package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``).
+Why here: the accuracy-protocol runner (``benchmarks/protocol.py``) and its tests need the same readers,
+and a missing or malformed dataset must be one line saying what to supply, not a traceback. One reader
+per format; each returns a ``LabelledImages``: uint8 images ``[N,H,W]`` (grey) or ``[N,H,W,3]`` (BGR,
+OpenCV's order, as everywhere in this project), int64 labels ``[N]`` and the class names (index = label).
 
-idx format (LeCun's MNIST page): big-endian; two zero bytes, a type byte (0x08 = uint8), a byte with the
-number of dimensions, one uint32 per dimension, then the data in C order.
+Formats:
+
+- idx (LeCun's MNIST page; Fashion-MNIST uses it too): big-endian; two zero bytes, a type byte (0x08 =
+  uint8), a byte with the number of dimensions, one uint32 per dimension, then the data in C order;
+  gzipped or not. Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``.
+- CIFAR-10 *binary* version (``data_batch_1.bin`` … ``data_batch_5.bin``, ``test_batch.bin``): records of
+  1 label byte + 3072 pixel bytes (the 32x32 R plane, then G, then B). The Python version is pickles, and
+  this project never unpickles files (a pickle can run code), so it is refused with a pointer to the
+  binary version.
+- image folders: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (png, jpg, jpeg, bmp), classes sorted
+  by folder name = labels 0, 1, …; accepted for MNIST and CIFAR-10 too.
 """
 
 from __future__ import annotations
@@ -13,20 +23,44 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import cv2
 import numpy as np
 
 from edge.errors import UserError
-from edge.sources import resize_frame
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-_IDX_UBYTE = 0x08
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_UBYTE = 0x08
+_CIFAR_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
+_CIFAR_SIDE = 32
+_CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE
+
+
+class LabelledImages(NamedTuple):
+    """One split of a dataset: uint8 images [N,H,W] or [N,H,W,3] BGR, int64 labels [N], class names."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+
+
+# --- idx (MNIST, Fashion-MNIST) ---------------------------------------------------------------------------
 
 def read_idx(path: str | Path) -> np.ndarray:
     """An idx(.gz) file as a uint8 array of its declared shape; a malformed file is a UserError naming it."""
@@ -51,30 +85,200 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
-def load_fashion_mnist(split: str, root: Optional[str | Path] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N,28,28], labels uint8 [N]) of ``split`` 'train' or 'test'.
+def _idx_path(folder: Path, stem: str) -> Optional[Path]:
+    """``stem.gz`` or ``stem`` in ``folder`` (the gzipped form first), or None."""
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
-    Missing files are one UserError line naming the folder and the package to install.
+
+def read_idx_split(folder: str | Path, split: str, classes: tuple[str, ...], install_hint: str) -> LabelledImages:
+    """The idx image and label files of ``split`` in ``folder`` (``.gz`` or not) as grey images and labels.
+
+    Missing files are one UserError naming them and ``install_hint``; labels beyond ``classes`` are an error.
     """
-    if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    _check_split(split)
+    folder = Path(folder)
+    stems = _IDX_FILES[split]
+    paths = [_idx_path(folder, stem) for stem in stems]
+    missing = [f"{stem}[.gz]" for stem, p in zip(stems, paths, strict=True) if p is None]
+    if missing:
+        raise UserError(f"{folder}: {', '.join(missing)} not found; {install_hint}")
+    assert paths[0] is not None and paths[1] is not None
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3:
+        raise UserError(f"{paths[0]}: expected images [N,H,W], the file declares {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{paths[1]}: {labels.shape} labels for {len(images)} images in {paths[0].name}; "
+                        "reinstall the dataset")
+    if len(labels) and int(labels.max()) >= len(classes):
+        raise UserError(f"{paths[1]}: label {int(labels.max())} outside 0..{len(classes) - 1}")
+    return LabelledImages(images, labels.astype(np.int64), classes)
+
+
+def load_fashion_mnist(split: str, root: Optional[str | Path] = None) -> LabelledImages:
+    """Fashion-MNIST ``split`` ('train' or 'test'): 28x28 grey images; default folder the Debian package's."""
     folder = Path(root) if root is not None else FASHION_MNIST_DIR
-    paths = [folder / name for name in _FILES[split]]
+    return read_idx_split(folder, split, FASHION_MNIST_CLASSES,
+                          "install them with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass "
+                          "--data DIR holding the idx files")
+
+
+def load_mnist(split: str, root: str | Path) -> LabelledImages:
+    """MNIST ``split`` from the standard idx files in ``root`` (gzipped or not): 28x28 grey digits."""
+    return read_idx_split(root, split, MNIST_CLASSES,
+                          "put the four standard MNIST idx files there (train-images-idx3-ubyte, "
+                          "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gzipped or not)")
+
+
+# --- CIFAR-10 binary ---------------------------------------------------------------------------------------
+
+def read_cifar10_binary(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch file as (BGR images uint8 [N,32,32,3], labels int64 [N])."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read this CIFAR-10 batch ({exc})") from None
+    if not data or len(data) % _CIFAR_RECORD:
+        raise UserError(f"{path}: {len(data)} bytes is not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 "
+                        "records (1 label byte + 3072 pixel bytes); use the binary version's files unchanged")
+    records = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if int(labels.max()) >= len(CIFAR10_CLASSES):
+        raise UserError(f"{path}: label {int(labels.max())} outside 0..9; not a CIFAR-10 binary batch file")
+    rgb_planes = records[:, 1:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE)  # R, G, B planes
+    bgr = np.ascontiguousarray(rgb_planes[:, ::-1].transpose(0, 2, 3, 1))
+    return bgr, labels
+
+
+def _cifar_folder(root: Path) -> Path:
+    """The folder holding the binary batches: ``root`` itself or its ``cifar-10-batches-bin`` (as unpacked)."""
+    nested = root / "cifar-10-batches-bin"
+    return nested if nested.is_dir() and not (root / "data_batch_1.bin").is_file() else root
+
+
+def _cifar_class_names(folder: Path) -> tuple[str, ...]:
+    """Names from the binary version's ``batches.meta.txt`` (one a line) when it lists 10; else the standard."""
+    meta = folder / "batches.meta.txt"
+    if meta.is_file():
+        names = tuple(line.strip() for line in meta.read_text(errors="replace").splitlines() if line.strip())
+        if len(names) == len(CIFAR10_CLASSES):
+            return names
+    return CIFAR10_CLASSES
+
+
+def load_cifar10(split: str, root: str | Path) -> LabelledImages:
+    """CIFAR-10 ``split`` from the binary version's batch files in ``root``: 32x32 BGR images.
+
+    A folder with the Python (pickle) version instead is a UserError pointing at the binary version.
+    """
+    _check_split(split)
+    root = Path(root)
+    folder = _cifar_folder(root)
+    paths = [folder / name for name in _CIFAR_FILES[split]]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"{folder}: Fashion-MNIST file(s) {', '.join(missing)} not found; install them with "
-                        "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or point --data-dir at a folder "
-                        "holding them")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise UserError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match; "
-                        "reinstall the dataset")
-    return images, labels
+        pickled = [p for p in (folder / "data_batch_1", folder / "test_batch", root / "cifar-10-batches-py")
+                   if p.exists()]
+        if pickled:
+            raise UserError(f"{pickled[0]}: this is the Python (pickle) version of CIFAR-10, which is not read "
+                            "here (files are never unpickled); get the CIFAR-10 binary version and pass its folder "
+                            "(data_batch_1.bin ... data_batch_5.bin, test_batch.bin) as --data")
+        raise UserError(f"{folder}: CIFAR-10 binary file(s) {', '.join(missing)} not found; pass --data DIR holding "
+                        "the binary version (data_batch_1.bin ... data_batch_5.bin, test_batch.bin) or "
+                        "DIR/train/<class>/ and DIR/test/<class>/ image folders")
+    parts = [read_cifar10_binary(p) for p in paths]
+    return LabelledImages(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                          _cifar_class_names(folder))
 
 
-def to_bgr_frames(gray: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Grayscale images [N,h,w] -> uint8 BGR frames [N,H,W,3] at the model input, with the edge's own resize."""
-    out = np.empty((len(gray), hw[0], hw[1], 3), np.uint8)
-    for i, img in enumerate(gray):
-        out[i] = resize_frame(img, hw)
-    return out
+# --- image folders -----------------------------------------------------------------------------------------
+
+def _read_folder_image(path: Path) -> np.ndarray:
+    """One image as uint8 grey [H,W] or BGR [H,W,3] (alpha dropped); an unreadable file names itself."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise UserError(f"{path}: cannot read this image (corrupt or not an image); fix or remove the file")
+    if img.dtype != np.uint8:
+        raise UserError(f"{path}: {img.dtype} pixels; save it as 8-bit (uint8) grey or colour")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    return img
+
+
+def read_image_folder(split_dir: str | Path) -> LabelledImages:
+    """``split_dir/<class>/*`` images as one array; classes sorted by folder name are labels 0, 1, ….
+
+    All images must share one size; grey ones are turned into BGR when any image is colour.
+    """
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir}: folder not found; lay the images out as DIR/train/<class>/*.png and "
+                        "DIR/test/<class>/*.png")
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise UserError(f"{split_dir}: no class sub-folders; put each class's images in {split_dir}/<class>/")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    first: Optional[Path] = None
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise UserError(f"{class_dir}: no images (png, jpg, jpeg, bmp); add some or remove the folder")
+        for path in files:
+            img = _read_folder_image(path)
+            if first is None:
+                first = path
+            elif img.shape[:2] != images[0].shape[:2]:
+                raise UserError(f"{path}: {img.shape[1]}x{img.shape[0]} px, but {first} is "
+                                f"{images[0].shape[1]}x{images[0].shape[0]}; give all images one size")
+            images.append(img)
+            labels.append(label)
+    if any(img.ndim == 3 for img in images):
+        images = [cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img for img in images]
+    return LabelledImages(np.stack(images), np.asarray(labels, np.int64), tuple(p.name for p in class_dirs))
+
+
+def load_image_folder(split: str, root: str | Path) -> LabelledImages:
+    """``root/<split>/<class>/*`` (see ``read_image_folder``)."""
+    _check_split(split)
+    return read_image_folder(Path(root) / split)
+
+
+def has_folder_layout(root: str | Path) -> bool:
+    """Whether ``root`` holds ``train/<class>/`` and ``test/<class>/`` sub-folders (the folder layout)."""
+    root = Path(root)
+    return all((root / s).is_dir() and any(p.is_dir() for p in (root / s).iterdir()) for s in SPLITS)
+
+
+def load_dataset(name: str, split: str, root: Optional[str | Path] = None) -> LabelledImages:
+    """``split`` of dataset ``name`` (one of DATASETS) from local files; the folder layout is accepted for all.
+
+    ``root`` is required except for fashion-mnist (default: the Debian package's folder). The test split's
+    class names must be the training split's (the caller checks when it holds both).
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+    if root is not None and not Path(root).is_dir():
+        raise UserError(f"{root}: --data folder not found")
+    if root is not None and (name == "folder" or has_folder_layout(root)):
+        return load_image_folder(split, root)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split, root)
+    if root is None:
+        what = {"mnist": "the four standard MNIST idx files (train-images-idx3-ubyte[.gz] ...)",
+                "cifar10": "the CIFAR-10 binary version (data_batch_1.bin ... data_batch_5.bin, test_batch.bin)",
+                "folder": "DIR/train/<class>/*.png and DIR/test/<class>/*.png"}[name]
+        alt = "" if name == "folder" else ", or DIR/train/<class>/ and DIR/test/<class>/ image folders"
+        raise UserError(f"--dataset {name} is read from local files only (nothing is downloaded): pass --data DIR "
+                        f"holding {what}{alt}")
+    if name == "mnist":
+        return load_mnist(split, root)
+    if name == "cifar10":
+        return load_cifar10(split, root)
+    return load_image_folder(split, root)
+

@@ -1,0 +1,643 @@
+"""One-class accuracy protocols (one class abnormal, one class normal), run through `edge-train` as a user runs it.
+
+    python benchmarks/protocol.py --dataset fashion-mnist|cifar10|mnist|folder --protocol one-abnormal|one-normal
+        --model NAME [--classes 0,1,...] [--seeds 3] [--epochs E] [--train-limit K] [--test-limit T]
+        [--device D] [--data PATH] [--size 32] [--json OUT.json] [--keep DIR] [-v]
+
+Protocols (see benchmarks/README.md):
+
+- ``one-abnormal`` (GANomaly, Skip-GANomaly): train on the training images of every class but the chosen one;
+  test on the dataset's test split with the chosen class anomalous and the others good. GANomaly's official
+  code instead pools the training and test normals and splits them 80/20 (and reports the best test AUROC
+  over epochs); we use the dataset's own train/test split, so its test normals are images no model saw.
+- ``one-normal`` (GEOM, Deep SVDD): train on the chosen class's training images; test on the test split with
+  that class good and every other class anomalous.
+
+Why subprocesses: every (class, seed) is laid out as an MVTec-style folder (``train/good``, ``test/good``,
+``test/abnormal``; grey datasets as single-channel PNG, colour ones as BGR PNG) and handed to
+``python -m trainer.cli fit`` and ``... eval --json``, so the number is what a user of the trainer gets:
+the same data reading, calibration hold-out, ONNX export, and scoring through the exported FP32 graph.
+
+The trainer config written for the runs is the trainer's defaults plus ``CONFIG_BASE`` and the model's entry
+in ``MODEL_OVERRIDES`` below, printed in the table header. ``--train-limit`` / ``--test-limit`` subsample
+(seeded, stratified by class) to fit small machines; the header says SUBSAMPLED when they cut anything.
+Published numbers are printed beside ours only where a paper gives them for this dataset and protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import cv2
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.errors import UserError  # noqa: E402
+from trainer.datasets import (  # noqa: E402
+    CIFAR10_CLASSES,
+    DATASETS,
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    LabelledImages,
+    load_dataset,
+)
+
+PROG = "protocol"
+PROTOCOLS = ("one-abnormal", "one-normal")
+CHANCE = 50.0
+DEFAULT_SIZE = 32  # GANomaly's protocol input size (isize 32)
+TEST_DRAW_KEY = 1_000_003  # seeds the test subsample, shared by every class of a seed
+
+# Written into every run's trainer config: the hold-out explicitly (what calibrates the threshold), and no
+# FP16 graph (only the FP32 graph is scored; converting costs time).
+CONFIG_BASE: dict[str, Any] = {"calibration": {"holdout_fraction": 0.2}, "export": {"fp16": False}}
+
+# Per-model overrides of the trainer's defaults for these datasets, merged over CONFIG_BASE.
+MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
+    # The defaults' fine taps [2, 4] suit small scratches on parts; telling one object class from another is
+    # semantic, so deeper taps (stride 8 and 16). Fashion-MNIST classes 0, 2, 6 at 64 px, 500 training
+    # images, seed 0: [4, 10] 88.1 mean AUROC, [2, 4] 83.7 and about 5x slower (benchmarks/README.md).
+    "patchcore": {"backbone": {"layers": [4, 10]}},
+}
+
+DATASET_TITLES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "folder": "image folder"}
+# Class order the published numbers are indexed by; they are shown only when the dataset's names match it.
+STANDARD_CLASSES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Published image AUROC (%) of one method under one (dataset, protocol), by class in the standard order."""
+
+    method: str
+    model: str  # the --model name of our implementation of that method, matched ignoring case, '-' and '_'
+    per_class: Optional[tuple[float, ...]]  # None: the paper gives only the mean
+    mean: Optional[float]  # the paper's own mean; None: it gives none
+    source: str
+
+
+_GEOM = "Golan & El-Yaniv 2018 (GEOM)"
+_DSVDD = "Ruff et al. 2018 (Deep SVDD)"
+_GANOMALY = "Akcay et al. 2018 (GANomaly), as tabulated in the Skip-GANomaly paper (Akcay et al. 2019)"
+PUBLISHED: dict[tuple[str, str], tuple[Reference, ...]] = {
+    ("cifar10", "one-abnormal"): (
+        Reference("GANomaly", "ganomaly",
+                  (63.3, 63.1, 51.0, 58.7, 59.3, 62.8, 68.3, 60.5, 61.6, 61.7), None, _GANOMALY),
+        Reference("Skip-GANomaly", "skipganomaly",
+                  (79.7, 95.3, 44.8, 60.7, 60.2, 61.5, 93.1, 78.8, 65.9, 90.7), None,
+                  "Akcay et al. 2019 (Skip-GANomaly)"),
+    ),
+    ("cifar10", "one-normal"): (
+        Reference("GEOM", "geom", (74.7, 95.7, 78.1, 72.4, 87.8, 87.8, 83.4, 95.5, 93.3, 91.3), 86.0, _GEOM),
+        Reference("Deep SVDD", "deepsvdd",
+                  (61.7, 65.9, 50.8, 59.1, 60.9, 65.7, 67.7, 67.3, 75.9, 73.1), 64.8, _DSVDD),
+    ),
+    ("fashion-mnist", "one-normal"): (
+        Reference("GEOM", "geom", (99.4, 97.6, 91.1, 89.9, 92.1, 93.4, 83.3, 98.9, 90.8, 99.2), 93.5, _GEOM),
+    ),
+    ("mnist", "one-normal"): (Reference("Deep SVDD", "deepsvdd", None, 94.8, _DSVDD),),
+}
+KNOWN_REFERENCES = "GANomaly, Skip-GANomaly, GEOM, Deep SVDD"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+@dataclass(frozen=True)
+class ShownReference:
+    """A published column of the table: the reference and its header label."""
+
+    ref: Reference
+    label: str
+    same_method: bool
+
+
+def references_for(dataset: str, protocol: str, model: str,
+                   class_names: Sequence[str]) -> tuple[list[ShownReference], list[str]]:
+    """Published columns for this run and notes on them.
+
+    The reference whose method is ``model`` is shown alone; otherwise every reference of this (dataset,
+    protocol), labelled as another method. None when the dataset's class names are not the standard order.
+    """
+    refs = PUBLISHED.get((dataset, protocol), ())
+    standard = STANDARD_CLASSES.get(dataset)
+    if refs and standard is not None and [_norm(c) for c in class_names] != [_norm(c) for c in standard]:
+        return [], [f"n/a: the class folders ({', '.join(class_names)}) are not {DATASET_TITLES[dataset]}'s "
+                    "standard classes in the standard order, so no published number is matched to them"]
+    if not refs:
+        return [], [f"n/a: nothing published for {DATASET_TITLES[dataset]}, {protocol}, in the references used "
+                    f"here ({KNOWN_REFERENCES})"]
+    own = [r for r in refs if r.model == _norm(model)]
+    if own:
+        return [ShownReference(r, f"{r.method} (paper)", True) for r in own], []
+    return [ShownReference(r, f"{r.method} (ref., other method)", False) for r in refs], []
+
+
+# --- splits -------------------------------------------------------------------------------------------------
+
+def stratified_subsample(labels: np.ndarray, limit: Optional[int], key: Sequence[int]) -> np.ndarray:
+    """Sorted indices of at most ``limit`` rows, each class keeping its share of ``labels``; all when it fits.
+
+    Seeded by ``key``; shares are rounded by largest remainder, so the count is exactly ``limit``. Classes
+    are drawn in label order from one generator (for a single class: ``rng.choice(rows, limit)``).
+    """
+    n = len(labels)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = limit * counts / n
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[: limit - int(quota.sum())]] += 1
+    rng = np.random.default_rng(list(key))
+    picks = [rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(picks))
+
+
+@dataclass
+class Split:
+    """Rows of the train and test splits one (class, seed) run uses, and which test rows are anomalous."""
+
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    test_anomalous: np.ndarray
+    n_train_pool: int
+    n_test_pool: int
+
+
+def normal_classes(protocol: str, chosen: int, n_classes: int) -> list[int]:
+    """The classes trained on: the chosen one (one-normal) or all the others (one-abnormal)."""
+    return [chosen] if protocol == "one-normal" else [c for c in range(n_classes) if c != chosen]
+
+
+def plan_split(train_labels: np.ndarray, test_labels: np.ndarray, chosen: int, protocol: str, seed: int,
+               train_limit: Optional[int], test_limit: Optional[int], n_classes: int) -> Split:
+    """The (class, seed) split: seeded training draw over the normal classes, the seed's test draw, the labels."""
+    pool = np.flatnonzero(np.isin(train_labels, normal_classes(protocol, chosen, n_classes)))
+    train_idx = pool[stratified_subsample(train_labels[pool], train_limit, (seed, chosen))]
+    test_idx = stratified_subsample(test_labels, test_limit, (seed, TEST_DRAW_KEY))
+    chosen_rows = test_labels[test_idx] == chosen
+    anomalous = chosen_rows if protocol == "one-abnormal" else ~chosen_rows
+    return Split(train_idx, test_idx, anomalous, len(pool), len(test_labels))
+
+
+def layout_split(folder: Path, train: LabelledImages, test: LabelledImages, split: Split) -> dict[str, int]:
+    """Write the split as ``folder/train/good``, ``folder/test/good``, ``folder/test/abnormal`` PNGs.
+
+    Files are named by their row in the dataset's split (``012345.png``); grey images stay single-channel.
+    Returns the count per sub-folder.
+    """
+    plan = [("train/good", train.images, split.train_idx),
+            ("test/good", test.images, split.test_idx[~split.test_anomalous]),
+            ("test/abnormal", test.images, split.test_idx[split.test_anomalous])]
+    counts: dict[str, int] = {}
+    for sub, images, rows in plan:
+        out = folder / sub
+        out.mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            path = out / f"{int(row):06d}.png"
+            if not cv2.imwrite(str(path), images[row]):
+                raise UserError(f"{path}: cannot write this PNG (disk full or folder not writable?)")
+        counts[sub] = len(rows)
+    return counts
+
+
+# --- trainer config and the CLI -----------------------------------------------------------------------------
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def trainer_config(model: str, size: int) -> dict[str, Any]:
+    """The config the runs use: input size, CONFIG_BASE, and the model's MODEL_OVERRIDES entry."""
+    return _merge(_merge({"input": {"height": size, "width": size}}, CONFIG_BASE), MODEL_OVERRIDES.get(model, {}))
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> list[str]:
+    """``a.b=value`` pairs of a nested dict, for the table header."""
+    out: list[str] = []
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+class CliFailure(Exception):
+    """An edge-train step exited non-zero; carries its last stderr lines."""
+
+    def __init__(self, step: str, what: str, tail: list[str]) -> None:
+        super().__init__(f"edge-train {step} {what}")
+        self.step, self.tail = step, tail
+
+
+def run_cli(args: Sequence[str], verbose: bool) -> str:
+    """``python -m trainer.cli ARGS`` from the repository root; returns stdout. Stderr is streamed when verbose."""
+    cmd = [sys.executable, "-m", "trainer.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read() if proc.stdout else ""), daemon=True)
+    reader.start()
+    tail: deque[str] = deque(maxlen=15)
+    for line in proc.stderr:
+        tail.append(line.rstrip("\n"))
+        if verbose:
+            print(f"    {line}", end="", file=sys.stderr, flush=True)
+    proc.wait()
+    reader.join()
+    if proc.returncode:
+        code = proc.returncode
+        raise CliFailure(args[0], f"was killed by signal {-code}" if code < 0 else f"exited with status {code}",
+                         list(tail))
+    return "".join(stdout)
+
+
+@dataclass
+class Cell:
+    """One (class, seed) run: its metrics from ``edge-train eval --json`` and what it was trained and tested on."""
+
+    cls: int
+    seed: int
+    image_auroc: float
+    metrics: dict[str, Any]
+    n_train: int
+    n_train_pool: int
+    n_test: int
+    n_test_pool: int
+    n_test_anomalous: int
+    seconds: float
+    fit_seconds: float
+    eval_seconds: float
+    bundle: Optional[str] = None
+    device: Optional[str] = None
+
+
+def _bundle_device(bundle: Path) -> Optional[str]:
+    """The device the trainer recorded in the bundle's report.json (what fit used, else the config's), if any."""
+    try:
+        report = json.loads((bundle / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in ("fit", "config"):
+        value = report.get(section, {}).get("device") if isinstance(report.get(section), dict) else None
+        if value:
+            return str(value)
+    return None
+
+
+@dataclass
+class Settings:
+    """The command line, validated."""
+
+    dataset: str
+    protocol: str
+    model: str
+    classes: Optional[list[int]]
+    seeds: int
+    epochs: Optional[int]
+    train_limit: Optional[int]
+    test_limit: Optional[int]
+    device: Optional[str]
+    data: Optional[Path]
+    size: int
+    json_path: Optional[Path]
+    keep: Optional[Path]
+    verbose: bool
+
+
+def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, chosen: int, seed: int,
+             workdir: Path, config_path: Path) -> Cell:
+    """Lay out one (class, seed) split under ``workdir``, fit a bundle on it with edge-train and evaluate it."""
+    t0 = time.monotonic()
+    split = plan_split(train.labels, test.labels, chosen, settings.protocol, seed, settings.train_limit,
+                       settings.test_limit, len(train.classes))
+    n_bad = int(split.test_anomalous.sum())
+    if n_bad == 0 or n_bad == len(split.test_idx):
+        raise UserError(f"class {chosen}, seed {seed}: the test set has no {'anomalous' if n_bad == 0 else 'good'} "
+                        "images, so AUROC is undefined; raise --test-limit or check the test folders")
+    data_dir, engines = workdir / "data", workdir / "engines"
+    layout_split(data_dir, train, test, split)
+    fit_args = ["fit", "--data", str(data_dir), "--model", settings.model, "--out", str(engines),
+                "--config", str(config_path), "--seed", str(seed)]
+    if settings.epochs is not None:
+        fit_args += ["--epochs", str(settings.epochs)]
+    if settings.device is not None:
+        fit_args += ["--device", settings.device]
+    t_fit = time.monotonic()
+    lines = [ln for ln in run_cli(fit_args, settings.verbose).splitlines() if ln.strip()]
+    bundle = Path(lines[-1].strip()) if lines else None
+    if bundle is None or not bundle.is_dir():
+        raise CliFailure("fit", "printed no bundle folder as its last line", lines[-5:])
+    t_eval = time.monotonic()
+    out = run_cli(["eval", str(bundle), "--data", str(data_dir), "--json"], settings.verbose).strip()
+    try:
+        metrics = json.loads(out.splitlines()[-1])
+        auroc = float(metrics["image_auroc"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        raise CliFailure("eval", "printed no JSON object with an image_auroc", out.splitlines()[-5:]) from None
+    t_end = time.monotonic()
+    return Cell(cls=chosen, seed=seed, image_auroc=auroc, metrics=metrics, n_train=len(split.train_idx),
+                n_train_pool=split.n_train_pool, n_test=len(split.test_idx), n_test_pool=split.n_test_pool,
+                n_test_anomalous=n_bad, seconds=t_end - t0, fit_seconds=t_eval - t_fit, eval_seconds=t_end - t_eval,
+                bundle=str(bundle) if settings.keep else None, device=_bundle_device(bundle))
+
+
+def run_protocol(settings: Settings, train: LabelledImages, test: LabelledImages, classes: Sequence[int],
+                 workroot: Path, progress: Callable[[Cell], None] = lambda _c: None) -> list[Cell]:
+    """Every (class, seed) cell, seeds outermost; each cell's folder is removed after it unless ``--keep``."""
+    config_path = workroot / "train.yaml"
+    config_path.write_text(yaml.safe_dump(trainer_config(settings.model, settings.size), sort_keys=False))
+    cells: list[Cell] = []
+    for seed in range(settings.seeds):
+        for chosen in classes:
+            workdir = workroot / f"class{chosen}-seed{seed}"
+            try:
+                cells.append(run_cell(settings, train, test, chosen, seed, workdir, config_path))
+            except CliFailure as exc:
+                exc.args = (f"class {chosen}, seed {seed}: {exc.args[0]}",)
+                raise
+            finally:
+                if not settings.keep:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            progress(cells[-1])
+    return cells
+
+
+# --- the table ----------------------------------------------------------------------------------------------
+
+def _mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _published_mean(ref: Reference, classes: Sequence[int], n_classes: int) -> tuple[Optional[float], Optional[str]]:
+    """The reference's value for the mean row, and a note when it is not simply the paper's mean."""
+    if len(classes) == n_classes and ref.mean is not None:
+        return ref.mean, None
+    if ref.per_class is None:
+        return None, f"{ref.method}: the paper gives only the mean over all {n_classes} classes"
+    value = statistics.fmean(ref.per_class[c] for c in classes)
+    if len(classes) == n_classes:
+        return value, f"{ref.method} mean: of its per-class numbers (the paper gives no mean)"
+    return value, f"{ref.method} mean: of its per-class numbers over the same {len(classes)} class(es)"
+
+
+def summarise(cells: Sequence[Cell], classes: Sequence[int], seeds: Sequence[int], class_names: Sequence[str],
+              refs: Sequence[ShownReference]) -> dict[str, Any]:
+    """Every cell of the table in %: rows by class, the mean row, and notes on the published columns."""
+    by = {(c.cls, c.seed): 100 * c.image_auroc for c in cells}
+    rows = []
+    for cls in classes:
+        values = [by[(cls, s)] for s in seeds]
+        mean, std = _mean_std(values)
+        rows.append({"class": cls, "name": class_names[cls], "auroc": values, "mean": mean, "std": std,
+                     "published": {r.label: (r.ref.per_class[cls] if r.ref.per_class else None) for r in refs},
+                     "chance": CHANCE})
+    per_seed = [statistics.fmean(by[(cls, s)] for cls in classes) for s in seeds]
+    mean, std = _mean_std(per_seed)
+    notes: list[str] = []
+    published: dict[str, Optional[float]] = {}
+    for r in refs:
+        published[r.label], note = _published_mean(r.ref, classes, len(class_names))
+        if note:
+            notes.append(note)
+    return {"rows": rows, "mean_row": {"auroc": per_seed, "mean": mean, "std": std, "published": published,
+                                       "chance": CHANCE}, "notes": notes}
+
+
+def _counts(used: set[int], pool: set[int]) -> str:
+    """'all 10000' or '1000 of 6000' (several values joined by '/': per-class pools may differ)."""
+    used_s, pool_s = "/".join(map(str, sorted(used))), "/".join(map(str, sorted(pool)))
+    return f"all {pool_s}" if used == pool else f"{used_s} of {pool_s}"
+
+
+def header_lines(settings: Settings, cells: Sequence[Cell], train: LabelledImages,
+                 refs: Sequence[ShownReference]) -> list[str]:
+    """What was run: protocol, data used (SUBSAMPLED or full sets), model, config, epochs, size, device, refs."""
+    title = DATASET_TITLES[settings.dataset]
+    n = len(train.classes)
+    if settings.protocol == "one-normal":
+        what = (f"one class normal (train on that class's training images; test split: that class good, "
+                f"the other {n - 1} anomalous)")
+    else:
+        what = (f"one class abnormal (train on the other {n - 1} classes' training images; test split: that class "
+                "anomalous, the others good; the dataset's own train/test split, not GANomaly's pooled 80/20)")
+    used_train, pool_train = {c.n_train for c in cells}, {c.n_train_pool for c in cells}
+    used_test, pool_test = {c.n_test for c in cells}, {c.n_test_pool for c in cells}
+    subsampled = used_train != pool_train or used_test != pool_test
+    draw = " (drawn stratified over the normal classes)" if settings.protocol == "one-abnormal" else " (drawn)"
+    data = (f"{'SUBSAMPLED' if subsampled else 'full sets'}: {_counts(used_train, pool_train)} training images per "
+            f"run{draw if used_train != pool_train else ''}, "
+            f"{_counts(used_test, pool_test)} test images{' (stratified by class)' if used_test != pool_test else ''}"
+            + ("; each seed draws its own subsets" if subsampled else ""))
+    shape = train.images.shape
+    kind = "grey" if train.images.ndim == 3 else "BGR"
+    devices = sorted({c.device for c in cells if c.device})
+    device = settings.device or (f"not passed (bundle report: {', '.join(devices)})" if devices else "not passed")
+    cfg = trainer_config(settings.model, settings.size)
+    lines = [
+        f"{title}, {what}; image AUROC (%) by {'normal' if settings.protocol == 'one-normal' else 'abnormal'} class",
+        data,
+        f"model {settings.model}: input {settings.size}x{settings.size} (from {shape[2]}x{shape[1]} {kind}), "
+        f"epochs {settings.epochs if settings.epochs is not None else 'not passed (model default)'}, device {device}; "
+        f"trainer config: defaults + {', '.join(_flat({k: v for k, v in cfg.items() if k != 'input'}))} "
+        "(the hold-out is kept out of training to calibrate the threshold)",
+        f"seeds {','.join(map(str, range(settings.seeds)))} (edge-train fit --seed and the subsets); scored by "
+        "edge-train eval through the exported ONNX graph (FP32)",
+    ]
+    for r in refs:
+        lines.append(f"{r.label}: {r.ref.source}, published"
+                     + ("" if r.same_method else "; a different method, for reference only, not a reproduction"))
+    return lines
+
+
+def _fmt(value: Optional[float], width: int) -> str:
+    return f"{'n/a' if value is None else f'{value:.1f}':>{width}}"
+
+
+def format_table(summary: dict[str, Any], header: Sequence[str], seeds: Sequence[int],
+                 refs: Sequence[ShownReference], extra_notes: Sequence[str], footer: str) -> str:
+    """The printed table: header, one row per class, the mean row, notes."""
+    labels = [r.label for r in refs] or ["published"]
+    names = [f"{row['class']} {row['name']}" for row in summary["rows"]]
+    name_w = max([len(n) for n in names] + [len("class"), len("mean")]) + 2
+    cols = [max(len(label), 5) + 2 for label in labels]
+
+    def line(name: str, values: Sequence[float], mean: float, std: Optional[float], published: dict[str, Any],
+             chance: float) -> str:
+        spread = f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+        pub = "".join(_fmt(published.get(label), w) for label, w in zip(labels, cols, strict=True))
+        return f"{name:<{name_w}}" + "".join(f"{v:>8.1f}" for v in values) + f"{spread:>14}" + pub + f"{chance:>8.1f}"
+
+    lines = [*header, "",
+             f"{'class':<{name_w}}" + "".join(f"{'seed ' + str(s):>8}" for s in seeds) + f"{'mean ± std':>14}"
+             + "".join(f"{label:>{w}}" for label, w in zip(labels, cols, strict=True)) + f"{'chance':>8}"]
+    for name, row in zip(names, summary["rows"], strict=True):
+        lines.append(line(name, row["auroc"], row["mean"], row["std"], row["published"], row["chance"]))
+    m = summary["mean_row"]
+    lines.append(line("mean", m["auroc"], m["mean"], m["std"], m["published"], m["chance"]))
+    lines += ["", "std: sample std over seeds (the mean row: mean and std of the per-seed means over the classes "
+              "shown); chance: a random score's AUROC", *summary["notes"], *extra_notes, footer]
+    return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated class indices, e.g. 0,1,2") from None
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"'{text}': expected distinct class indices >= 0")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Settings:
+    """The command line as Settings; a bad argument is argparse's one-line error and exit 2."""
+    ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--dataset", required=True, choices=DATASETS)
+    ap.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    ap.add_argument("--model", required=True, help="registered model name (edge-train fit --model)")
+    ap.add_argument("--classes", type=_int_list, help="chosen classes, e.g. 0,1,2 (default: all)")
+    ap.add_argument("--seeds", type=_positive, default=3, help="number of seeds, 0..N-1 (default 3)")
+    ap.add_argument("--epochs", type=_positive, help="edge-train fit --epochs (default: not passed)")
+    ap.add_argument("--train-limit", type=_positive, help="at most K training images per run (default all)")
+    ap.add_argument("--test-limit", type=_positive, help="at most T test images, stratified by class (default all)")
+    ap.add_argument("--device", help="edge-train fit --device, e.g. auto, cpu, cuda (default: not passed)")
+    ap.add_argument("--data", type=Path, help="dataset folder (default for fashion-mnist: the Debian package's)")
+    ap.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                    help=f"model input px, a multiple of 16, >= 32 (default {DEFAULT_SIZE}: GANomaly's)")
+    ap.add_argument("--json", type=Path, dest="json_path", help="also write every cell and the settings here")
+    ap.add_argument("--keep", type=Path, help="keep the laid-out folders and bundles in this new or empty folder")
+    ap.add_argument("-v", "--verbose", action="store_true", help="stream the trainer's log to stderr")
+    a = ap.parse_args(argv)
+    if a.size < 32 or a.size % 16:
+        ap.error(f"--size {a.size}: must be a multiple of 16 and at least 32")
+    if a.keep is not None and a.keep.exists() and (not a.keep.is_dir() or any(a.keep.iterdir())):
+        ap.error(f"--keep {a.keep}: exists and is not an empty folder; give a new or empty one")
+    if a.json_path is not None and not a.json_path.parent.resolve().is_dir():
+        ap.error(f"--json {a.json_path}: folder {a.json_path.parent} does not exist")
+    return Settings(dataset=a.dataset, protocol=a.protocol, model=a.model, classes=a.classes, seeds=a.seeds,
+                    epochs=a.epochs, train_limit=a.train_limit, test_limit=a.test_limit, device=a.device,
+                    data=a.data, size=a.size, json_path=a.json_path, keep=a.keep, verbose=a.verbose)
+
+
+def load_splits(settings: Settings) -> tuple[LabelledImages, LabelledImages, list[int]]:
+    """Both splits of the dataset and the chosen classes, checked against each other."""
+    train = load_dataset(settings.dataset, "train", settings.data)
+    test = load_dataset(settings.dataset, "test", settings.data)
+    if train.classes != test.classes:
+        raise UserError(f"{settings.data}: test classes ({', '.join(test.classes)}) differ from the training "
+                        f"classes ({', '.join(train.classes)}); give both splits the same class folders")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise UserError(f"{settings.data}: training images are {train.images.shape[1:]}, test images "
+                        f"{test.images.shape[1:]}; give both splits one size and channel count")
+    n = len(train.classes)
+    classes = settings.classes if settings.classes is not None else list(range(n))
+    bad = [c for c in classes if c >= n]
+    if bad:
+        raise UserError(f"--classes {','.join(map(str, bad))}: the dataset has {n} classes (0..{n - 1})")
+    return train, test, classes
+
+
+def report_document(settings: Settings, command: Sequence[str], started: datetime, seconds: float,
+                    classes: Sequence[int], class_names: Sequence[str], refs: Sequence[ShownReference],
+                    ref_notes: Sequence[str], cells: Sequence[Cell], summary: dict[str, Any],
+                    header: Sequence[str]) -> dict[str, Any]:
+    """The --json document: the command line, settings, trainer config, every cell and every table cell."""
+    return {"command": list(command), "command_line": shlex.join(command),
+            "started_utc": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+            "trainer_config": trainer_config(settings.model, settings.size), "classes": list(classes),
+            "class_names": list(class_names), "header": list(header),
+            "references": [{"label": r.label, "same_method": r.same_method, **asdict(r.ref)} for r in refs],
+            "cells": [asdict(c) for c in cells], "rows": summary["rows"], "mean_row": summary["mean_row"],
+            "notes": [*summary["notes"], *ref_notes], "chance": CHANCE}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the protocol; 0 on success, 2 on a user error or a failed edge-train step (one line naming it)."""
+    settings = parse_args(argv)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+
+    def progress(c: Cell) -> None:
+        print(f"class {c.cls} seed {c.seed}: AUROC {100 * c.image_auroc:.1f} ({c.n_train} train, {c.n_test} test "
+              f"images; {c.seconds:.1f} s)", file=sys.stderr, flush=True)
+
+    try:
+        train, test, classes = load_splits(settings)
+        refs, ref_notes = references_for(settings.dataset, settings.protocol, settings.model, train.classes)
+        if settings.keep is not None:
+            settings.keep.mkdir(parents=True, exist_ok=True)  # absolute: the trainer runs from the repository root
+            cells = run_protocol(settings, train, test, classes, settings.keep.resolve(), progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="protocol-") as tmp:
+                cells = run_protocol(settings, train, test, classes, Path(tmp), progress)
+    except CliFailure as exc:
+        for line in exc.tail:
+            print(f"  | {line}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    seconds = time.monotonic() - t0
+    seeds = list(range(settings.seeds))
+    summary = summarise(cells, classes, seeds, train.classes, refs)
+    header = header_lines(settings, cells, train, refs)
+    footer = (f"{len(cells)} runs in {seconds / 60:.1f} min ({statistics.fmean(c.seconds for c in cells):.1f} s per "
+              "run: lay out, fit, export, eval)")
+    print(format_table(summary, header, seeds, refs, ref_notes, footer))
+    if settings.json_path is not None:
+        doc = report_document(settings, sys.argv if argv is None else [PROG, *argv], started, seconds, classes,
+                              train.classes, refs, ref_notes, cells, summary, header)
+        settings.json_path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
