@@ -50,6 +50,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge.cli import positive_int  # noqa: E402
 from edge.errors import UserError  # noqa: E402
 from trainer.datasets import (  # noqa: E402
     CIFAR10_CLASSES,
@@ -516,16 +517,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> Settings:
     """The command line as Settings; a bad argument is argparse's one-line error and exit 2."""
     ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").splitlines()[0])
@@ -533,10 +524,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
     ap.add_argument("--protocol", required=True, choices=PROTOCOLS)
     ap.add_argument("--model", required=True, help="registered model name (edge-train fit --model)")
     ap.add_argument("--classes", type=_int_list, help="chosen classes, e.g. 0,1,2 (default: all)")
-    ap.add_argument("--seeds", type=_positive, default=3, help="number of seeds, 0..N-1 (default 3)")
-    ap.add_argument("--epochs", type=_positive, help="edge-train fit --epochs (default: not passed)")
-    ap.add_argument("--train-limit", type=_positive, help="at most K training images per run (default all)")
-    ap.add_argument("--test-limit", type=_positive, help="at most T test images, stratified by class (default all)")
+    ap.add_argument("--seeds", type=positive_int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    ap.add_argument("--epochs", type=positive_int, help="edge-train fit --epochs (default: not passed)")
+    ap.add_argument("--train-limit", type=positive_int, help="at most K training images per run (default all)")
+    ap.add_argument("--test-limit", type=positive_int, help="at most T test images, stratified by class (default all)")
     ap.add_argument("--device", help="edge-train fit --device, e.g. auto, cpu, cuda (default: not passed)")
     ap.add_argument("--data", type=Path, help="dataset folder (default for fashion-mnist: the Debian package's)")
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE,

@@ -34,7 +34,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared by the project's command lines)."""
     try:
         value = int(text)
     except ValueError:
@@ -68,7 +69,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", metavar="URL", help="broker, mqtt://host:port or mqtts://host:port")
     p.add_argument("--station", metavar="ID", help="station id (an MQTT topic level)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), help="inference backend")
-    p.add_argument("--max-frames", type=_positive_int, metavar="N",
+    p.add_argument("--max-frames", type=positive_int, metavar="N",
                    help="stop after N processed frames per camera, close open events, flush, exit")
     p.add_argument("--state-dir", metavar="DIR", help="where the event sequence counter is kept")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level")
@@ -207,7 +208,7 @@ def events_parser() -> argparse.ArgumentParser:
     p.add_argument("--station", metavar="ID", help="only this station (default: all)")
     p.add_argument("--prefix", metavar="P", help="topic prefix (default: the config's mqtt.prefix, else 'anomaly')")
     p.add_argument("--config", metavar="FILE", help="station config, for credentials / TLS / prefix")
-    p.add_argument("--count", type=_positive_int, metavar="N", help="exit 0 after N events")
+    p.add_argument("--count", type=positive_int, metavar="N", help="exit 0 after N events")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
                    help="exit after S seconds (non-zero when --count events had not arrived)")
     return p

@@ -12,6 +12,7 @@ from abc import abstractmethod
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainer.ingraph import FrameInput, ReconstructionMap, ScoreScale
@@ -53,6 +54,13 @@ class AdversarialModel(EpochModel):
     @abstractmethod
     def discriminator_loss(self, x: torch.Tensor, fake: torch.Tensor) -> LossParts:
         """The discriminator's loss on real ``x`` and the (detached) reconstruction ``fake``; logs 'loss_d'."""
+
+    def real_fake_bce(self, x: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The discriminator's BCE on real images (target 1) and reconstructions (target 0), from its logits."""
+        pred_real, _ = self.discriminator(x)
+        pred_fake, _ = self.discriminator(fake)
+        return (F.binary_cross_entropy_with_logits(pred_real, torch.ones_like(pred_real)),
+                F.binary_cross_entropy_with_logits(pred_fake, torch.zeros_like(pred_fake)))
 
     def networks(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}

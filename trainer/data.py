@@ -119,8 +119,8 @@ def _load_labelled(split_dir: Path, hw: tuple[int, int], gt_dir: Optional[Path],
             kind = kinds[i]
             if kind == "good":
                 continue
-            mp = next((gt_dir / kind / f"{p.stem}_mask{ext}" for ext in IMAGE_EXTENSIONS
-                       if (gt_dir / kind / f"{p.stem}_mask{ext}").is_file()), None)
+            candidates = (gt_dir / kind / f"{p.stem}_mask{ext}" for ext in IMAGE_EXTENSIONS)
+            mp = next((c for c in candidates if c.is_file()), None)
             if mp is None:
                 missing.append(p.relative_to(split_dir))
             else:

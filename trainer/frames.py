@@ -9,7 +9,7 @@ same batches. Shaped for DistributedDataParallel: each rank reads its own shard 
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -87,7 +87,6 @@ class TrainingData:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    notes: list[str] = field(default_factory=list)
 
     def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
                augment: Optional[Augment] = None, pin_memory: bool = False) -> DataLoader:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
 
 from edge.bundle import ONNX_FP16, ONNX_FP32, new_version_dir, promote, write_manifest
 from trainer import calibrate as cal
@@ -78,7 +77,6 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
                         resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed)
     training_data = fingerprint(paths, data_dir)
     log(f"fitting {cfg.model} on {len(fit_idx)} images; {len(hold_idx)} held out for calibration")
-    torch.manual_seed(int(cfg.seed))
     model = model_cls(cfg)
     run = RunOptions(device=cfg.device, amp=cfg.training.amp, select=cfg.training.select,
                      checkpoint_dir=engines_root / cfg.model / CHECKPOINTS, resume=resume,

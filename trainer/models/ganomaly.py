@@ -87,10 +87,7 @@ class Ganomaly(AdversarialModel):
         return loss, {"loss_g": loss, "adv": adv, "con": con, "enc": enc}
 
     def discriminator_loss(self, x: torch.Tensor, fake: torch.Tensor) -> LossParts:
-        pred_real, _ = self.discriminator(x)
-        pred_fake, _ = self.discriminator(fake)
-        real = F.binary_cross_entropy_with_logits(pred_real, torch.ones_like(pred_real))
-        false = F.binary_cross_entropy_with_logits(pred_fake, torch.zeros_like(pred_fake))
+        real, false = self.real_fake_bce(x, fake)
         loss = 0.5 * (real + false)
         return loss, {"loss_d": loss}
 

@@ -78,10 +78,8 @@ class SkipGanomaly(AdversarialModel):
         return loss, {"loss_g": loss, "adv": adv, "con": con, "lat": lat}
 
     def discriminator_loss(self, x: torch.Tensor, fake: torch.Tensor) -> LossParts:
-        pred_real, _ = self.discriminator(x)
-        pred_fake, _ = self.discriminator(fake)
-        loss = (F.binary_cross_entropy_with_logits(pred_real, torch.ones_like(pred_real))
-                + F.binary_cross_entropy_with_logits(pred_fake, torch.zeros_like(pred_fake)))
+        real, false = self.real_fake_bce(x, fake)
+        loss = real + false
         return loss, {"loss_d": loss}
 
     def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
