@@ -2,7 +2,9 @@
 through the ONNX graph (accuracy and where the map points), FP16 parity, and a station streaming a clip.
 
 The networks are the papers' with narrower layers (16 channels instead of 64) and 64 px inputs, so that two
-models train in about a minute on a CPU; the recipe (losses, weights, optimiser, initialisation) is unchanged.
+models train in about two minutes on a CPU; the recipe (losses, weights, optimiser, initialisation) is unchanged.
+640 training parts and 30 epochs (600 steps): with 160 parts (150 steps) the image scores stayed at 0.57-0.68.
+Labelled defects in DIR/val make the loop keep the epoch with the best validation AUROC (never DIR/test).
 The planted anomaly is a foreign object (a stray nut on the part): GANomaly-like models score whole images,
 which is what they are for (surface scratches are the patch models' job; see README).
 """
@@ -36,8 +38,8 @@ MODELS = ("ganomaly", "skip-ganomaly")
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("gan") / "ds", n_train=160, n_test_good=30, n_test_defect=30,
-                        size=SIZE, seed=1, kinds=OBJECT_KINDS)
+    return make_dataset(tmp_path_factory.mktemp("gan") / "ds", n_train=640, n_test_good=30, n_test_defect=30,
+                        size=SIZE, seed=1, kinds=OBJECT_KINDS, n_val_defect=16)
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -54,14 +56,15 @@ def test_accuracy_through_the_onnx_graph(bundle: Path, parts: Path) -> None:
     m = evaluation.metrics
     model = load_bundle(bundle).model_name
     print(f"{model}: image AUROC {m['image_auroc']:.3f}, pixel AUROC {m['pixel_auroc']:.3f}")
-    # The papers' image scores (GANomaly's latent distance, Skip-GANomaly's whole-image errors) hardly rise above
-    # chance here (measured 0.57-0.68; the issue's 0.75 is not reached on this budget: see benchmarks/README.md),
-    # so only their range is checked; the anomaly map does localise the object.
-    assert 0.0 <= m["image_auroc"] <= 1.0
-    assert m["pixel_auroc"] >= 0.8  # measured 0.99 (GANomaly, 30 epochs); fewer steps drop it far lower
+    # The papers' image scores (GANomaly's latent distance, Skip-GANomaly's 0.9/0.1 whole-image errors);
+    # measured 0.79 (GANomaly) and 0.88 (Skip-GANomaly), pixel AUROC 0.999 / 0.995.
+    assert m["image_auroc"] >= 0.75
+    assert m["pixel_auroc"] >= 0.8
     report = json.loads((bundle / "report.json").read_text())
     assert report["metrics"]["image_auroc"] == pytest.approx(m["image_auroc"], abs=1e-6)
-    assert report["fit"]["selection_rule"] == "val_loss" and len(report["fit"]["history"]) == 30
+    fit = report["fit"]
+    assert fit["selection_rule"] == "val_auroc" and len(fit["history"]) == 30
+    assert all(h["val_auroc"] is not None for h in fit["history"])
 
 
 def test_scores_are_scaled_by_calibration_data_not_the_test_set(bundle: Path) -> None:
