@@ -71,7 +71,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), help="inference backend")
     p.add_argument("--max-frames", type=positive_int, metavar="N",
                    help="stop after N processed frames per camera, close open events, flush, exit")
-    p.add_argument("--state-dir", metavar="DIR", help="where the event sequence counter is kept")
+    p.add_argument("--state-dir", metavar="DIR", help="where the event spool (and the event seq) is kept")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level")
     return p
 
@@ -110,7 +110,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from edge.config import load_station_config
     from edge.mqtt import StationPublisher, parse_mqtt_url
     from edge.pipeline import Station
-    from edge.state import SeqCounter
+    from edge.spool import open_spool
 
     cfg = load_station_config(args.config)
     if args.station:
@@ -147,9 +147,12 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     threshold = cfg.engine.threshold if cfg.engine.threshold is not None else bundle.threshold
     backend = create_backend(cfg.engine.backend, bundle, max_batch=cfg.engine.max_batch,
                              intra_op_threads=cfg.engine.intra_op_threads)
-    seq = SeqCounter(cfg.state_dir, cfg.station)
-    publisher = StationPublisher(cfg.mqtt, cfg.station)
-    station = Station(cfg, bundle, backend, publisher, seq, threshold, max_frames=args.max_frames)
+    spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
+    publisher = StationPublisher(cfg.mqtt, cfg.station, spool)
+    station = Station(cfg, bundle, backend, publisher, spool, threshold, max_frames=args.max_frames)
+    if spool.depth:
+        log.info("spool: %d message(s) from earlier runs not yet acknowledged; they are sent first", spool.depth)
+    station.end_events_left_open()
     station.open_cameras(strict=len(cfg.cameras) == 1)
     log.info("station '%s': %d camera(s), model %s %s, backend %s, threshold %.6g%s, mqtt %s",
              cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name, threshold,
@@ -179,11 +182,12 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         publisher.stop()
         station.backend.close()
-        station.seq.close()
+        station.spool.close()
     log.info("stopped after %d frames, %d events", result.frames, result.events)
     if result.undelivered:
-        print(f"edge-run: {result.undelivered} of {result.events} events not delivered to (acknowledged by) "
-              f"{publisher.url} within {cfg.mqtt.flush_timeout_s:g} s; they are lost", file=sys.stderr)
+        print(f"edge-run: {result.undelivered} message(s) not acknowledged by {publisher.url} within "
+              f"{cfg.mqtt.flush_timeout_s:g} s; kept in the spool ({station.spool.path}), the next run sends "
+              "them first", file=sys.stderr)
         return EXIT_UNDELIVERED
     return 0
 

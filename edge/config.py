@@ -85,6 +85,7 @@ class EventsConfig:
     hysteresis: float = 0.9
     update_interval_s: float = 5.0
     cooldown_s: float = 2.0
+    max_duration_s: Optional[float] = None
 
     def validate(self) -> None:
         """The event rule itself checks the values, so the config and the state machine never disagree."""
@@ -116,7 +117,11 @@ class MqttConfig:
     password_env: Optional[str] = None
     keepalive_s: int = 30
     reconnect_min_s: int = 1
-    reconnect_max_s: int = 30
+    reconnect_max_s: int = 4
+    refused_retry_s: int = 60
+    session_expiry_s: int = 86400
+    status_lease_s: int = 45
+    max_inflight: int = 20
     tls: TlsConfig = field(default_factory=TlsConfig)
     snapshots: bool = False
     stats_interval_s: float = 10.0
@@ -131,6 +136,30 @@ class MqttConfig:
             raise ValueError("mqtt.reconnect_min_s must be >= 1 and reconnect_max_s >= reconnect_min_s")
         if self.stats_interval_s <= 0 or self.flush_timeout_s < 0:
             raise ValueError("mqtt.stats_interval_s must be > 0 and mqtt.flush_timeout_s >= 0")
+        if self.refused_retry_s < self.reconnect_min_s or self.session_expiry_s < 0:
+            raise ValueError("mqtt.refused_retry_s must be >= reconnect_min_s and session_expiry_s >= 0")
+        if self.status_lease_s < 3 or self.max_inflight < 1:
+            raise ValueError("mqtt.status_lease_s must be at least 3 and max_inflight at least 1")
+
+
+@dataclass
+class SpoolConfig:
+    """Bounds of the durable event spool in state_dir (oldest unsent messages are dropped first, counted)."""
+
+    max_mb: float = 256.0
+    max_age_days: float = 30.0
+
+    def validate(self) -> None:
+        if self.max_mb <= 0 or self.max_age_days <= 0:
+            raise ValueError("spool.max_mb and spool.max_age_days must be greater than 0")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+    @property
+    def max_age_s(self) -> float:
+        return self.max_age_days * 86400.0
 
 
 @dataclass
@@ -154,6 +183,7 @@ class StationConfig:
     cameras: List[CameraConfig] = field(default_factory=list)
     events: EventsConfig = field(default_factory=EventsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:

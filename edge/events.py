@@ -7,17 +7,25 @@ threshold does not flap). The close level is ``baseline + hysteresis × (thresho
 baseline is the typical score of a good part from the bundle's calibration: raw anomaly scores do not start
 at zero (a good part may score 20 against a threshold of 24), so "10 % below the threshold" must be measured
 from where good parts are, or an event would never close. While open an ``update`` goes out at most every
-``update_interval_s``; after the end no event opens for ``cooldown_s``.
+``update_interval_s``; after the end no event opens for ``cooldown_s``. An event open for ``max_duration_s``
+(when set) ends with reason ``max_duration``, so a camera staring at a stuck defect still reports it in bounded
+pieces rather than one event that never ends.
+
+Every ``end`` says why it ended (END_REASONS): ``cleared`` (the scores fell), ``shutdown`` (the station stopped),
+``restart`` (the station died with the event open and ended it when it came back), ``max_duration``, or
+``model_swap`` (a new bundle took over, with another threshold).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-EVENT_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION = 2  # 2: `reason` on every end
+END_REASONS = ("cleared", "shutdown", "restart", "max_duration", "model_swap")
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class EventRule:
     update_interval_s: float = 5.0
     cooldown_s: float = 2.0
     baseline: float = 0.0  # typical score of a good part; the hysteresis band is measured from here
+    max_duration_s: Optional[float] = None  # an event open this long (frame time) ends with reason max_duration
 
     @property
     def close_level(self) -> float:
@@ -45,6 +54,8 @@ class EventRule:
             raise ValueError("hysteresis must be in (0, 1]")
         if self.update_interval_s <= 0 or self.cooldown_s < 0:
             raise ValueError("update_interval_s must be > 0 and cooldown_s >= 0")
+        if self.max_duration_s is not None and self.max_duration_s <= 0:
+            raise ValueError("max_duration_s must be > 0 (or null: no limit)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class Transition:
     score: float
     peak_score: float
     peak_frame: int
+    reason: Optional[str] = None  # an end's reason (END_REASONS)
 
 
 class EventDetector:
@@ -72,6 +84,7 @@ class EventDetector:
         self.peak_frame = -1
         self._below = 0
         self._last_msg_ts = 0.0
+        self._start_ts = 0.0
         self._cooldown_until: Optional[float] = None
         self._last: Optional[tuple[int, float, float]] = None  # (frame, ts, score) of the last frame fed
 
@@ -95,7 +108,7 @@ class EventDetector:
             best = max((s, f) for f, s, h in self._window if h)
             self.peak_score, self.peak_frame = best[0], best[1]
             self._below = 0
-            self._last_msg_ts = ts
+            self._last_msg_ts = self._start_ts = ts
             return [self._transition("start", frame, ts, score)]
         if score > self.peak_score:
             self.peak_score, self.peak_frame = score, frame
@@ -104,21 +117,26 @@ class EventDetector:
         else:
             self._below = 0
         if self._below >= r.close_after:
-            return [self._end(frame, ts, score)]
+            return [self._end(frame, ts, score, "cleared")]
+        if r.max_duration_s is not None and ts - self._start_ts >= r.max_duration_s:
+            return [self._end(frame, ts, score, "max_duration")]
         if ts - self._last_msg_ts >= r.update_interval_s:
             self._last_msg_ts = ts
             return [self._transition("update", frame, ts, score)]
         return []
 
-    def finish(self) -> list[Transition]:
-        """The stream ended: close an open event at the last frame seen."""
+    def finish(self, reason: str = "shutdown") -> list[Transition]:
+        """The stream ended or the station stops (or swaps its model): close an open event at the last frame
+        seen, saying why."""
         if self.event_id is None or self._last is None:
             return []
         frame, ts, score = self._last
-        return [self._end(frame, ts, score)]
+        return [self._end(frame, ts, score, reason)]
 
-    def _end(self, frame: int, ts: float, score: float) -> Transition:
-        t = self._transition("end", frame, ts, score)
+    def _end(self, frame: int, ts: float, score: float, reason: str) -> Transition:
+        if reason not in END_REASONS:
+            raise ValueError(f"unknown end reason {reason!r}")
+        t = dataclasses.replace(self._transition("end", frame, ts, score), reason=reason)
         self.event_id = None
         self._window.clear()
         self._below = 0
@@ -134,7 +152,7 @@ class EventDetector:
 def event_payload(t: Transition, *, seq: int, station: str, camera: str, ts_iso: str, threshold: float,
                   model: str, model_version: str, backend: str) -> dict[str, Any]:
     """The event message exactly as DESIGN.md's MQTT contract (and config/schemas/event.schema.json) say."""
-    return {
+    payload: dict[str, Any] = {
         "schema": EVENT_SCHEMA_VERSION,
         "event_id": t.event_id,
         "type": t.type,
@@ -150,3 +168,6 @@ def event_payload(t: Transition, *, seq: int, station: str, camera: str, ts_iso:
         "model_version": model_version,
         "backend": backend,
     }
+    if t.type == "end":
+        payload["reason"] = t.reason
+    return payload

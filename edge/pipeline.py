@@ -1,7 +1,8 @@
-"""The station loop: capture threads → batcher → backend → per-camera events → MQTT, plus stats.
+"""The station loop: capture threads → batcher → backend → per-camera events → spool → MQTT, plus stats.
 
 Inference and event logic run on the calling (main) thread; each camera captures on its own thread;
-paho runs its network thread. ``max_frames`` counts processed frames PER CAMERA.
+the spool's sender and paho run their own threads. ``max_frames`` counts processed frames PER CAMERA.
+Every event is committed to the durable spool (with its seq) before anything is published.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from edge.errors import UserError
 from edge.events import EventDetector, EventRule, Transition, event_payload
 from edge.mqtt import StationPublisher
 from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure, iso_utc
-from edge.state import SeqCounter
+from edge.spool import Spool
 from edge.stats import CameraStats, StationStats
 
 log = logging.getLogger("edge.pipeline")
@@ -71,12 +72,12 @@ class Station:
     """One station run; build it, ``open_cameras()``, then ``run()``."""
 
     def __init__(self, cfg: StationConfig, bundle: Bundle, backend: Backend, publisher: StationPublisher,
-                 seq: SeqCounter, threshold: float, max_frames: Optional[int] = None) -> None:
+                 spool: Spool, threshold: float, max_frames: Optional[int] = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
         self.backend = backend
         self.publisher = publisher
-        self.seq = seq
+        self.spool = spool
         self.threshold = threshold
         self.max_frames = max_frames
         self.stop_event = threading.Event()
@@ -113,6 +114,20 @@ class Station:
                 raise UserError(describe_open_failure(src.cam))
             log.warning("%s; retrying in the background", describe_open_failure(src.cam))
 
+    def end_events_left_open(self) -> int:
+        """Events the previous run had open when it died: end them now (reason ``restart``), so SCADA never
+        holds a start without an end. Frame, ts and scores are the last the event reported."""
+        left = self.spool.open_events()
+        for camera, last in left:
+            def make(seq: int, last: dict = last) -> dict:
+                return {**last, "type": "end", "seq": seq, "reason": "restart"}
+            payload = self.spool.add_event(f"{self.publisher.base}/{camera}/event", camera, make)
+            log.info("event end (restart) camera '%s' seq %d: event %s was open when the last run stopped",
+                     camera, payload["seq"], payload["event_id"])
+        if left:
+            self.publisher.wake()
+        return len(left)
+
     def request_stop(self) -> None:
         self.stop_event.set()
 
@@ -139,7 +154,7 @@ class Station:
         if self.stop_event.is_set():
             log.info("stop requested: closing open events and flushing")
         for cam_id, cam in self.cameras.items():
-            for t in cam.detector.finish():
+            for t in cam.detector.finish("shutdown"):
                 self._emit(cam_id, cam, t)
         for cam in self.cameras.values():
             cam.source.join(2.0)
@@ -193,10 +208,13 @@ class Station:
                 return
 
     def _emit(self, cam_id: str, cam: _Camera, t: Transition) -> None:
-        payload = event_payload(t, seq=self.seq.next(), station=self.cfg.station, camera=cam_id,
-                                ts_iso=iso_utc(t.ts), threshold=self.threshold, model=self.bundle.model_name,
-                                model_version=self.bundle.version, backend=self.backend.name)
-        self.publisher.publish_event(cam_id, json.dumps(payload).encode())
+        def make(seq: int) -> dict:
+            return event_payload(t, seq=seq, station=self.cfg.station, camera=cam_id, ts_iso=iso_utc(t.ts),
+                                 threshold=self.threshold, model=self.bundle.model_name,
+                                 model_version=self.bundle.version, backend=self.backend.name)
+
+        payload = self.spool.add_event(f"{self.publisher.base}/{cam_id}/event", cam_id, make)
+        self.publisher.wake()
         self.events += 1
         self.stats.events_published += 1
         log.info("event %s camera '%s' seq %d frame %d score %.4f peak %.4f", t.type, cam_id, payload["seq"],
@@ -206,11 +224,13 @@ class Station:
                 _, image, amap = cam.peak
                 jpeg = render_snapshot(image, amap)
                 if jpeg:
-                    self.publisher.publish_snapshot(cam_id, jpeg)
+                    self.spool.add(f"{self.publisher.base}/{cam_id}/snapshot", jpeg)
+                    self.publisher.wake()
             cam.peak = None
 
     def _publish_stats(self) -> None:
-        payload = self.stats.as_dict(iso_utc(time.time()), self.publisher.pending, self.publisher.connected)
+        payload = self.stats.as_dict(iso_utc(time.time()), self.spool.depth, self.spool.dropped_total,
+                                     self.publisher.connected, self.publisher.reconnects)
         self.publisher.publish_stats(json.dumps(payload).encode())
 
     def _watchdog(self, now: float) -> None:

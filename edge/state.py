@@ -1,18 +1,15 @@
-"""Small durable station state: the event sequence number, monotonic across restarts.
+"""The station's state folder: one process per station at a time, and the seq of earlier versions.
 
-The counter is written (atomically: write then rename, fsync) before the event carrying it is
-published, so a crash can skip numbers but never repeat one. A lock file keeps two processes of the
-same station from handing out the same numbers.
+The state itself (event spool, seq, open events) is in edge/spool.py. A lock file keeps two processes
+of the same station from sharing one spool and handing out the same seq numbers.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import IO, Optional
 
-from edge.bundle import atomic_write_text
 from edge.errors import UserError
 
 try:
@@ -21,8 +18,8 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 
-class SeqCounter:
-    """``next()`` returns 1, 2, 3, ... per station, continuing where the last run stopped."""
+class StationLock:
+    """Creates ``state_dir`` and holds ``.<station>.lock`` for the life of the run."""
 
     def __init__(self, state_dir: str | Path, station: str) -> None:
         self.dir = Path(state_dir)
@@ -31,16 +28,14 @@ class SeqCounter:
         except OSError as exc:
             raise UserError(f"state_dir {self.dir}: cannot create it ({exc.strerror}); "
                             "set state_dir to a writable folder") from None
-        self.path = self.dir / f"{station}.seq.json"
-        self._lock = threading.Lock()
         self._lockfile: Optional[IO[str]] = None
-        self._acquire_process_lock(station)
-        self.value = self._read()
-
-    def _acquire_process_lock(self, station: str) -> None:
         if fcntl is None:
             return
-        fh = open(self.dir / f".{station}.lock", "a+", encoding="utf-8")  # noqa: SIM115 (held for the run)
+        try:
+            fh = open(self.dir / f".{station}.lock", "a+", encoding="utf-8")  # noqa: SIM115 (held for the run)
+        except OSError as exc:
+            raise UserError(f"state_dir {self.dir}: not writable ({exc.strerror}); "
+                            "set state_dir to a writable folder") from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -49,26 +44,19 @@ class SeqCounter:
                             "stop it or give this one another station id / state_dir") from None
         self._lockfile = fh
 
-    def _read(self) -> int:
-        if not self.path.exists():
-            return 0
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            value = int(data["seq"])
-            if value < 0:
-                raise ValueError(value)
-            return value
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{self.path}: unreadable event counter ({type(exc).__name__}); fix it to "
-                            '{"seq": <last seq sent>} (deleting it restarts seq at 1)') from None
-
-    def next(self) -> int:
-        with self._lock:
-            self.value += 1
-            atomic_write_text(self.path, json.dumps({"seq": self.value}) + "\n")
-            return self.value
-
     def close(self) -> None:
         if self._lockfile is not None:
             self._lockfile.close()
             self._lockfile = None
+
+
+def legacy_seq(state_dir: str | Path, station: str) -> int:
+    """The last seq in ``<station>.seq.json``, the counter of versions before the spool (0 when absent)."""
+    path = Path(state_dir) / f"{station}.seq.json"
+    if not path.exists():
+        return 0
+    try:
+        value = int(json.loads(path.read_text(encoding="utf-8"))["seq"])
+        return max(value, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # the spool's own counter (or the clock floor) keeps seq monotonic from here on

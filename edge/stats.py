@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-STATS_SCHEMA_VERSION = 1
+STATS_SCHEMA_VERSION = 2  # 2: spool_dropped, mqtt_reconnects
 
 
 class Reservoir:
@@ -102,7 +102,8 @@ class StationStats:
         self.batch_sizes.add(size)
         self.inference_ms.add(inference_ms)
 
-    def as_dict(self, ts_iso: str, spool_depth: int, mqtt_connected: bool) -> dict[str, Any]:
+    def as_dict(self, ts_iso: str, spool_depth: int, spool_dropped: int, mqtt_connected: bool,
+                mqtt_reconnects: int) -> dict[str, Any]:
         inf50, inf99 = self.inference_ms.percentiles(50, 99)
         lat50, lat99 = self.latency_ms.percentiles(50, 99)
         (batch50,) = self.batch_sizes.percentiles(50)
@@ -118,7 +119,9 @@ class StationStats:
             "inference_ms": {"p50": inf50, "p99": inf99},
             "latency_ms": {"p50": lat50, "p99": lat99},
             "spool_depth": int(spool_depth),
+            "spool_dropped": int(spool_dropped),
             "events_published": self.events_published,
             "mqtt_connected": bool(mqtt_connected),
+            "mqtt_reconnects": int(mqtt_reconnects),
             "cameras": {cid: c.as_dict() for cid, c in self.cameras.items()},
         }

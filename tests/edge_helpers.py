@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -112,31 +113,53 @@ def mosquitto_binary() -> Optional[str]:
 
 
 class Mosquitto:
-    """A Mosquitto process on a loopback port (anonymous, no persistence), ready when constructed."""
+    """A Mosquitto process on a loopback port, ready when constructed; can be killed and started again on the
+    same port. ``persistent``: retained messages and sessions are saved (every second and on exit) and
+    reloaded on restart, as on a production broker. ``conf`` adds lines to its config (TLS, passwords)."""
 
-    def __init__(self, workdir: Path, port: int, binary: str) -> None:
+    def __init__(self, workdir: Path, port: int, binary: str, persistent: bool = False, conf: str = "",
+                 anonymous: bool = True, host: str = "127.0.0.1", scheme: str = "mqtt") -> None:
         self.port = port
-        self.url = f"mqtt://127.0.0.1:{port}"
+        self.binary = binary
+        self.url = f"{scheme}://{host}:{port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        conf = workdir / f"mosquitto-{port}.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n", encoding="utf-8")
+        self.conf = workdir / f"mosquitto-{port}.conf"
+        lines = [f"listener {port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}"]
+        if persistent:
+            import getpass
+            lines += ["persistence true", f"persistence_location {workdir}/", "autosave_interval 1",
+                      f"user {getpass.getuser()}"]  # as root, mosquitto would drop to a user that cannot write here
+        else:
+            lines += ["persistence false"]
+        self.conf.write_text("\n".join(lines) + "\n" + conf, encoding="utf-8")
         self.log_path = workdir / f"mosquitto-{port}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc: subprocess.Popen = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
+            if proc.poll() is not None:
+                self._log.close()
+                raise RuntimeError(f"mosquitto exited with {proc.returncode}: "
                                    f"{self.log_path.read_text(errors='replace')}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return proc
             except OSError:
                 if time.monotonic() > deadline:
-                    self.stop()
+                    proc.kill()
                     raise RuntimeError("mosquitto did not accept connections within 10 s") from None
                 time.sleep(0.05)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the broker abruptly (SIGKILL: a crash) or with ``sig``; ``start`` brings it back."""
+        self.proc.send_signal(sig)
+        self.proc.wait(10)
+
+    def start(self) -> None:
+        self.proc = self._spawn()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -178,13 +201,17 @@ class Message:
 class Collector:
     """Subscribes (paho, QoS 1) and keeps every message; used as a context manager."""
 
-    def __init__(self, url: str, topics: Sequence[str]) -> None:
+    def __init__(self, url: str, topics: Sequence[str], session: Optional[str] = None) -> None:
+        """``session``: a client id under which the broker keeps a persistent session, so messages published
+        while this subscriber is reconnecting (after a broker restart) are queued for it, not lost."""
         u = parse_mqtt_url(url)
         self.messages: list[Message] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-collector-{os.getpid()}-{id(self)}")
+                                  client_id=session or f"test-collector-{os.getpid()}-{id(self)}",
+                                  clean_session=session is None)
+        self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message

@@ -5,8 +5,10 @@ Every payload seen (events, stats, status) is validated against the shipped JSON
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -122,11 +124,14 @@ def test_seq_continues_across_restarts_and_updates_are_rate_limited(tmp_path: Pa
         assert len({e["event_id"] for e in events}) == 1
     assert [e["seq"] for e in first] == list(range(1, len(first) + 1))
     assert [e["seq"] for e in second] == list(range(len(first) + 1, len(first) + len(second) + 1))
-    assert json.loads((tmp_path / "state" / "st-seq.seq.json").read_text())["seq"] == len(first) + len(second)
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "st-seq.spool.sqlite")) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0] == len(first) + len(second)
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0  # every message acknowledged
+        assert db.execute("SELECT COUNT(*) FROM open_events").fetchone()[0] == 0
 
 
-def test_unreachable_broker_keeps_processing_and_reports_undelivered(tmp_path: Path, unused_port: int,
-                                                                     toy_bundle: Path) -> None:
+def test_unreachable_broker_keeps_processing_and_the_next_run_sends_what_it_spooled(
+        tmp_path: Path, unused_port: int, mosquitto: str, toy_bundle: Path) -> None:
     defects = [(10, 30)]
     video = write_video(tmp_path / "v.avi", defects, 50, fps=FPS)
     cfg = station_yaml(tmp_path, "st-down")
@@ -136,10 +141,20 @@ def test_unreachable_broker_keeps_processing_and_reports_undelivered(tmp_path: P
     err = proc.stderr
     assert proc.returncode == 3, err
     assert "Traceback" not in err
-    assert "held in memory" in err and "will be lost if the process stops" in err
+    assert "is unreachable" in err and "kept in the spool" in err
     assert "event start" in err and "stopped after 50 frames" in err  # it kept processing
-    lines = [ln for ln in err.splitlines() if "not delivered" in ln]
-    assert len(lines) == 1 and lines[0].startswith("edge-run: 2 of 2 events not delivered"), err
+    lines = [ln for ln in err.splitlines() if "not acknowledged" in ln]
+    assert len(lines) == 1 and lines[0].startswith("edge-run: 2 message(s) not acknowledged"), err
+    # The next run, with the broker there, sends the two spooled events first, then its own.
+    with Collector(mosquitto, ["anomaly/st-down/#"]) as col:
+        proc = run_cli("edge-run", ["--config", cfg, "--camera", video, "--engine", toy_bundle,
+                                    "--mqtt", mosquitto], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "2 message(s) from earlier runs" in proc.stderr
+        wait_stopped(col)
+        events = check_payloads(col)["event"]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4]
+    assert [(e["type"], e.get("reason")) for e in events] == [("start", None), ("end", "cleared")] * 2
 
 
 def test_multi_camera_station_yaml_and_max_frames_per_camera(tmp_path: Path, mosquitto: str,
@@ -241,7 +256,7 @@ def test_events_held_while_the_broker_is_down_are_delivered_when_it_comes_up(
             rest = proc.stderr.read()
             proc.wait(60)
             assert proc.returncode == 0, rest
-            assert "re-sending 2 held events" in rest
+            assert "sending 2 spooled messages" in rest
             wait_stopped(col)
             assert col.wait_for(lambda ms: sum(m.topic.endswith("/event") for m in ms) >= 2)
             events = check_payloads(col)["event"]
