@@ -186,7 +186,11 @@ def resolve_bundle_dir(ref: str | Path, engines_root: Path | None = None) -> Pat
         return path
     current = path / CURRENT
     if current.is_file():
-        version = current.read_text(encoding="utf-8").strip()
+        try:
+            version = current.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{current}: unreadable ({type(exc).__name__}); it must hold one version folder "
+                              "name; re-promote a version") from None
         if not _VERSION_RE.match(version) or not (path / version).is_dir():
             raise BundleError(f"{current}: names version '{version}', which is not a folder here; "
                               "re-promote a version or retrain")
@@ -210,9 +214,18 @@ def load_bundle(ref: str | Path, engines_root: Path | None = None, verify: bool 
     if fmt != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: bundle format version {fmt!r}, this runtime reads "
                           f"{FORMAT_VERSION}; re-export the bundle with a matching trainer")
-    for key in ("model", "input", "outputs", "calibration", "files"):
-        if key not in manifest:
-            raise BundleError(f"{manifest_path}: missing '{key}'; the bundle is incomplete, retrain it")
+    for key, kind in (("model", dict), ("input", dict), ("outputs", list), ("calibration", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{manifest_path}: '{key}' missing or not a JSON {kind.__name__.replace('dict', 'object')}"
+                              "; the bundle is incomplete or corrupt, retrain it")
+    files = manifest["files"]
+    if not all(isinstance(k, str) and isinstance(v, str) and ".." not in Path(k).parts and not Path(k).is_absolute()
+               for k, v in files.items()):
+        raise BundleError(f"{manifest_path}: 'files' must map paths inside the bundle to sha256 strings; "
+                          "the manifest is corrupt, retrain the bundle")
+    if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in manifest["outputs"]) or \
+            not all(isinstance(manifest["model"].get(k), str) for k in ("name", "version")):
+        raise BundleError(f"{manifest_path}: 'model' or 'outputs' malformed; the manifest is corrupt, retrain it")
     try:
         float(manifest["calibration"]["threshold"])
         int(manifest["input"]["height"]), int(manifest["input"]["width"])

@@ -43,6 +43,35 @@ def test_wrong_bundle_format_version(tmp_path: Path, video: Path) -> None:
     assert_one_line_error(proc, "edge-run", "format version 99")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("current, expected", [
+    (b"\xff\xfe\x00garbage", "unreadable"),  # non-UTF-8 bytes
+    (b"../../etc\n", "not a folder here"),
+])
+def test_garbage_in_current_is_one_line(tmp_path: Path, video: Path, current: bytes, expected: str) -> None:
+    engines = tmp_path / "engines"
+    make_toy_bundle(engines)
+    (engines / "toy" / "current").write_bytes(current)
+    proc = _run(tmp_path, "--camera", video, "--engine", engines / "toy")
+    assert_one_line_error(proc, "edge-run", "current", expected)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("files", ["model.onnx"], "'files' missing or not a JSON object"),
+    ("files", {"../model.onnx": "0" * 64}, "paths inside the bundle"),
+    ("outputs", {"score": 1}, "'outputs' missing or not a JSON list"),
+    ("model", "toy", "'model' missing or not a JSON object"),
+    ("calibration", {"threshold": "high"}, "threshold"),
+])
+def test_garbage_in_a_manifest_is_one_line(tmp_path: Path, video: Path, field: str, value: object,
+                                           expected: str) -> None:
+    bundle = make_toy_bundle(tmp_path / "engines", promote_it=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest[field] = value
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    proc = _run(tmp_path, "--camera", video, "--engine", bundle)
+    assert_one_line_error(proc, "edge-run", expected)  # type: ignore[arg-type]
+
+
 def test_no_model_given(tmp_path: Path, video: Path) -> None:
     proc = _run(tmp_path, "--camera", video)
     assert_one_line_error(proc, "edge-run", "no model")  # type: ignore[arg-type]
