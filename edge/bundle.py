@@ -216,8 +216,9 @@ def load_bundle(ref: str | Path, engines_root: Path | None = None, verify: bool 
                           f"{FORMAT_VERSION}; re-export the bundle with a matching trainer")
     for key, kind in (("model", dict), ("input", dict), ("outputs", list), ("calibration", dict), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
-            raise BundleError(f"{manifest_path}: '{key}' missing or not a JSON {kind.__name__.replace('dict', 'object')}"
-                              "; the bundle is incomplete or corrupt, retrain it")
+            json_kind = "object" if kind is dict else "list"
+            raise BundleError(f"{manifest_path}: '{key}' missing or not a JSON {json_kind}; the bundle is "
+                              "incomplete or corrupt, retrain it")
     files = manifest["files"]
     if not all(isinstance(k, str) and isinstance(v, str) and ".." not in Path(k).parts and not Path(k).is_absolute()
                for k, v in files.items()):

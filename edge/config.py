@@ -16,6 +16,16 @@ from typing import List, Optional
 from edge.configfile import load_config
 from edge.events import EventRule
 
+# Credentials inside a source or URL: scheme://user:password@host, and rtspsrc's user-pw=... property.
+_URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_PROPERTY_SECRET_RE = re.compile(r"\b(user-pw|password|passwd|pwd)=(\"[^\"]*\"|\S+)", re.IGNORECASE)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with credentials replaced by ``***``: camera and broker URLs reach logs and MQTT only so."""
+    return _PROPERTY_SECRET_RE.sub(r"\1=***", _URL_CREDENTIALS_RE.sub(r"\1***@", text))
+
+
 # An MQTT topic level: no wildcards, no separators, nothing invisible.
 _TOPIC_LEVEL_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -63,6 +73,11 @@ class CameraConfig:
     stale_timeout_s: float = 5.0
     reopen_initial_s: float = 0.5
     reopen_max_s: float = 30.0
+
+    @property
+    def shown_source(self) -> str:
+        """The source as logs and messages show it: credentials redacted."""
+        return redact_secrets(self.source)
 
     def validate(self) -> None:
         check_topic_level("camera id", self.id)

@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.config import MqttConfig, TlsConfig
+from edge.config import MqttConfig, TlsConfig, redact_secrets
 from edge.errors import UserError
 from edge.spool import Spool
 
@@ -59,16 +59,18 @@ class MqttUrl:
 
 
 def parse_mqtt_url(url: str) -> MqttUrl:
-    """``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...``; anything else is a one-line UserError."""
+    """``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...``; anything else is a one-line UserError
+    (which never repeats the password)."""
+    shown = redact_secrets(url)
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise UserError(f"bad MQTT URL {url!r} ({exc}); expected mqtt://host:port or mqtts://host:port") from None
+        raise UserError(f"bad MQTT URL {shown!r} ({exc}); expected mqtt://host:port or mqtts://host:port") from None
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise UserError(f"bad MQTT URL {url!r}; expected mqtt://host:port or mqtts://host:port")
+        raise UserError(f"bad MQTT URL {shown!r}; expected mqtt://host:port or mqtts://host:port")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise UserError(f"bad MQTT URL {url!r}: no path or query allowed; the topic prefix is mqtt.prefix")
+        raise UserError(f"bad MQTT URL {shown!r}: no path or query allowed; the topic prefix is mqtt.prefix")
     return MqttUrl(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme],
                    unquote(parts.username) if parts.username else None,
                    unquote(parts.password) if parts.password else None)
@@ -117,7 +119,10 @@ def describe_tls_failure(url: MqttUrl, ctx: ssl.SSLContext, timeout: float = 5.0
     try:
         with socket.create_connection((url.host, url.port), timeout=timeout) as sock, \
                 ctx.wrap_socket(sock, server_hostname=url.host) as tls:
-            tls.recv(0)  # a server that rejects our certificate says so after the handshake
+            # TLS 1.3: a server that rejects our certificate says so after the handshake, on the first read;
+            # one that accepts it waits for our CONNECT, and the read times out.
+            tls.settimeout(1.0)
+            tls.recv(1)
     except ssl.SSLCertVerificationError as exc:
         code = getattr(exc, "verify_code", 0)
         message = getattr(exc, "verify_message", "") or str(exc)
@@ -143,7 +148,9 @@ def describe_tls_failure(url: MqttUrl, ctx: ssl.SSLContext, timeout: float = 5.0
 
 _REFUSAL_HINTS = {
     "Bad user name or password": "check mqtt.username and the password (mqtt.password_env or the URL)",
-    "Not authorized": "the broker's ACL does not let this user connect; check its password file / ACL",
+    # Mosquitto 2 answers a wrong password with "Not authorized" too
+    "Not authorized": "check mqtt.username and the password (mqtt.password_env or the URL), and that the "
+                      "broker's password file / ACL lets this user connect",
     "Client identifier not valid": "set mqtt.client_id to one the broker accepts",
     "Banned": "the broker banned this client; ask its administrator",
 }
@@ -315,8 +322,12 @@ class StationPublisher:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
+        had_session = self._connected.is_set()
         self._connected.clear()
         if reason_code == 0 or self._stopping.is_set():  # our own disconnect()
+            return
+        if not had_session and self.url.tls:  # dropped before any CONNACK: how TLS 1.3 rejects a client cert
+            self._on_connect_fail(client, userdata)
             return
         with self._lock:
             self._report_outage(f"disconnected ({reason_code})")

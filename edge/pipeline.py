@@ -108,7 +108,8 @@ class Station:
         for cam in self.cameras.values():
             src = cam.source
             if src.open():
-                log.info("camera '%s': opened %s (%s)", src.cam.id, src.cam.source, "live" if src.live else "file")
+                log.info("camera '%s': opened %s (%s)", src.cam.id, src.cam.shown_source,
+                         "live" if src.live else "file")
                 continue
             if strict or not src.live:
                 raise UserError(describe_open_failure(src.cam))

@@ -89,7 +89,7 @@ def open_capture(source: str, timeout_s: float = 10.0) -> cv2.VideoCapture:
 def describe_open_failure(cam: CameraConfig) -> str:
     kind = source_kind(cam.source)
     if kind == "file" and not Path(cam.source).exists():
-        return f"camera '{cam.id}': video file {cam.source} not found"
+        return f"camera '{cam.id}': video file {cam.shown_source} not found"
     hint = {
         "index": "is a camera plugged in at that index and not used by another process?",
         "device": "does the device exist and may this user read it?",
@@ -97,7 +97,7 @@ def describe_open_failure(cam: CameraConfig) -> str:
         "url": "is the stream reachable and the URL right?",
         "file": "is it a video file OpenCV can decode?",
     }[kind]
-    return f"camera '{cam.id}': cannot open {cam.source} ({hint})"
+    return f"camera '{cam.id}': cannot open {cam.shown_source} ({hint})"
 
 
 def _scale(image: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -295,12 +295,12 @@ class CameraSource:
                 self._deliver(image, now)
                 continue
             if not self.live:
-                log.info("camera '%s': end of %s after %d frames", self.cam.id, self.cam.source, self.captured)
+                log.info("camera '%s': end of %s after %d frames", self.cam.id, self.cam.shown_source, self.captured)
                 return
             # A live camera that fails a read or goes stale: reopen with exponential back-off.
             stale = now - last_frame
             log.warning("camera '%s': no frame (read failed, %.1f s since the last); reopening %s",
-                        self.cam.id, stale, self.cam.source)
+                        self.cam.id, stale, self.cam.shown_source)
             self.connected = False
             self.reconnects += 1
             if not self._reopen_wait(backoff):
@@ -314,9 +314,9 @@ class CameraSource:
             if self._stop.wait(delay):
                 return False
             if self.open():
-                log.info("camera '%s': %s %s", self.cam.id, "opened" if first else "reopened", self.cam.source)
+                log.info("camera '%s': %s %s", self.cam.id, "opened" if first else "reopened", self.cam.shown_source)
                 return True
-            log.warning("camera '%s': cannot open %s; retrying in %.1f s", self.cam.id, self.cam.source,
+            log.warning("camera '%s': cannot open %s; retrying in %.1f s", self.cam.id, self.cam.shown_source,
                         min(delay * 2, self.cam.reopen_max_s))
             delay = min(delay * 2, self.cam.reopen_max_s)
         return False

@@ -3,6 +3,7 @@ MQTT subscriber, and the real CLIs run as subprocesses."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -124,13 +125,13 @@ class Mosquitto:
         self.url = f"{scheme}://{host}:{port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / f"mosquitto-{port}.conf"
-        lines = [f"listener {port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}"]
+        # as root, mosquitto drops to user 'mosquitto', who could not read our keys or write our folder
+        lines = [f"user {getpass.getuser()}", f"allow_anonymous {'true' if anonymous else 'false'}"]
         if persistent:
-            import getpass
-            lines += ["persistence true", f"persistence_location {workdir}/", "autosave_interval 1",
-                      f"user {getpass.getuser()}"]  # as root, mosquitto would drop to a user that cannot write here
+            lines += ["persistence true", f"persistence_location {workdir}/", "autosave_interval 1"]
         else:
             lines += ["persistence false"]
+        lines += [f"listener {port} 127.0.0.1"]  # listener options in ``conf`` (TLS) apply to this one
         self.conf.write_text("\n".join(lines) + "\n" + conf, encoding="utf-8")
         self.log_path = workdir / f"mosquitto-{port}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
@@ -201,7 +202,8 @@ class Message:
 class Collector:
     """Subscribes (paho, QoS 1) and keeps every message; used as a context manager."""
 
-    def __init__(self, url: str, topics: Sequence[str], session: Optional[str] = None) -> None:
+    def __init__(self, url: str, topics: Sequence[str], session: Optional[str] = None,
+                 auth: Optional[tuple[str, str]] = None) -> None:
         """``session``: a client id under which the broker keeps a persistent session, so messages published
         while this subscriber is reconnecting (after a broker restart) are queued for it, not lost."""
         u = parse_mqtt_url(url)
@@ -211,7 +213,9 @@ class Collector:
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                   client_id=session or f"test-collector-{os.getpid()}-{id(self)}",
                                   clean_session=session is None)
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.reconnect_delay_set(1, 1)
+        if auth:
+            self.client.username_pw_set(*auth)
         self.client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
