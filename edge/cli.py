@@ -153,7 +153,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     if spool.depth:
         log.info("spool: %d message(s) from earlier runs not yet acknowledged; they are sent first", spool.depth)
     station.end_events_left_open()
-    station.open_cameras(strict=len(cfg.cameras) == 1)
+    station.open_cameras()
     log.info("station '%s': %d camera(s), model %s %s, backend %s, threshold %.6g%s, mqtt %s",
              cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name, threshold,
              " (config override)" if cfg.engine.threshold is not None else "", publisher.url)

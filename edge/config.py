@@ -73,6 +73,7 @@ class CameraConfig:
     stale_timeout_s: float = 5.0
     reopen_initial_s: float = 0.5
     reopen_max_s: float = 30.0
+    wait_at_start: bool = True
 
     @property
     def shown_source(self) -> str:

@@ -44,8 +44,6 @@ class _Camera:
     peak: Optional[tuple[int, np.ndarray, Optional[np.ndarray]]] = None
     done: bool = False
     bad_scores: int = 0
-    stale_reported: bool = False
-    last_processed: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -94,7 +92,8 @@ class Station:
             stats = CameraStats(cam_cfg.id, captured=partial(getattr, src, "captured"),
                                 dropped=partial(getattr, queue, "dropped"),
                                 reconnects=partial(getattr, src, "reconnects"),
-                                connected=partial(getattr, src, "connected"))
+                                connected=partial(getattr, src, "connected"),
+                                stalled=partial(getattr, src, "stalled"))
             self.stats.cameras[cam_cfg.id] = stats
             self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), stats)
         self.batcher = Batcher([c.source.queue for c in self.cameras.values()], backend.max_batch,
@@ -102,18 +101,19 @@ class Station:
         self.frames = 0
         self.events = 0
 
-    def open_cameras(self, strict: bool) -> None:
-        """Open every camera now; a failure is fatal when ``strict`` (single camera) or for a video file,
-        otherwise the camera keeps retrying with back-off in its thread."""
+    def open_cameras(self) -> None:
+        """Open every camera now. A video file that does not open is fatal (a typo); a live camera that is down
+        is waited for with back-off in its thread, or fatal when its ``wait_at_start`` is false."""
         for cam in self.cameras.values():
             src = cam.source
             if src.open():
                 log.info("camera '%s': opened %s (%s)", src.cam.id, src.cam.shown_source,
                          "live" if src.live else "file")
                 continue
-            if strict or not src.live:
-                raise UserError(describe_open_failure(src.cam))
-            log.warning("%s; retrying in the background", describe_open_failure(src.cam))
+            if not src.live or not src.cam.wait_at_start:
+                raise UserError(describe_open_failure(src.cam) + ("" if not src.live else
+                                "; cameras[].wait_at_start is false"))
+            log.warning("%s; waiting for it (retrying with back-off)", describe_open_failure(src.cam))
 
     def end_events_left_open(self) -> int:
         """Events the previous run had open when it died: end them now (reason ``restart``), so SCADA never
@@ -146,8 +146,7 @@ class Station:
                 if now >= next_stats:
                     self._publish_stats()
                     next_stats = now + self.cfg.mqtt.stats_interval_s
-                self._watchdog(now)
-                if all(c.done or c.source.queue.finished for c in self.cameras.values()):
+                if self._all_finished(now):
                     break
         finally:
             for cam in self.cameras.values():
@@ -176,7 +175,6 @@ class Station:
             if cam.done:
                 continue
             cam.stats.processed += 1
-            cam.last_processed = time.monotonic()
             self.frames += 1
             score = float(scores[i])
             if not math.isfinite(score):
@@ -234,15 +232,19 @@ class Station:
                                      self.publisher.connected, self.publisher.reconnects)
         self.publisher.publish_stats(json.dumps(payload).encode())
 
-    def _watchdog(self, now: float) -> None:
-        """Say when a live camera has delivered nothing for its stale timeout (its thread reopens it)."""
-        for cam_id, cam in self.cameras.items():
-            src = cam.source
-            if not src.live or cam.done:
-                continue
-            silent = now - max(cam.last_processed, src.last_frame)
-            if silent > src.cam.stale_timeout_s and not cam.stale_reported:
-                cam.stale_reported = True
-                log.warning("camera '%s': no frame for %.0f s", cam_id, silent)
-            elif silent <= src.cam.stale_timeout_s:
-                cam.stale_reported = False
+    def _all_finished(self, now: float) -> bool:
+        """Every camera reached --max-frames or its file's end, or, once one has, is not delivering (down for
+        longer than its stale timeout): one dead camera never keeps the others' run from finishing."""
+        running = [c for c in self.cameras.values() if not (c.done or c.source.queue.finished)]
+        if not running:
+            return True
+        if len(running) == len(self.cameras):
+            return False
+        for c in running:
+            down = c.source.down_since
+            if down is None or now - down <= c.source.cam.stale_timeout_s:
+                return False
+        for c in running:
+            log.warning("camera '%s': not delivering while the others have finished; ending the run without it "
+                        "(%d frames processed)", c.source.cam.id, c.stats.processed)
+        return True

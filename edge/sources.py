@@ -208,8 +208,40 @@ class FrameQueue:
         return self.closed and not self._items
 
 
+class _Attempt:
+    """One capture being opened or read on a thread of its own, so the supervisor can walk away from it when
+    OpenCV blocks (a FIFO with no writer, a hung GStreamer pipeline, a silent stream). An abandoned attempt
+    releases its capture itself if its call ever returns; nothing else touches that capture again (releasing
+    a capture another thread is blocked in can crash OpenCV)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.cap: Optional[cv2.VideoCapture] = None
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned = True
+
+    def keep(self, cap: cv2.VideoCapture) -> bool:
+        """Store the opened capture; False (and released) when the supervisor has already left."""
+        with self.lock:
+            if self.abandoned:
+                cap.release()
+                return False
+            self.cap = cap
+            return True
+
+
 class CameraSource:
-    """A capture thread for one camera, with reopen + exponential back-off for live sources."""
+    """One camera: a supervisor thread that opens the source and runs a reader thread per opened capture.
+
+    Live sources are watched: no frame for ``stale_timeout_s`` (a failed read, or a read or open that blocks)
+    and the capture is abandoned and the source reopened with exponential back-off. ``connected`` is true
+    only while the source delivers; ``stalled`` while it is being recovered.
+    """
+
+    _POLL_S = 0.1
 
     def __init__(self, cam: CameraConfig, input_hw: tuple[int, int], queue: FrameQueue,
                  max_frames: Optional[int] = None, keep_original: bool = False,
@@ -226,8 +258,11 @@ class CameraSource:
         self.captured = 0
         self.reconnects = 0
         self.connected = False
+        self.stalled = False
+        self.abandoned_threads = 0  # reads/opens left blocked in OpenCV (each holds one thread)
         self.last_frame = time.monotonic()  # when the last frame was read (for the stale watchdog)
-        self._cap: Optional[cv2.VideoCapture] = None
+        self.down_since: Optional[float] = time.monotonic()  # not delivering since (None while delivering)
+        self._cap: Optional[cv2.VideoCapture] = None  # opened by open(), handed to the first reader
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"capture-{cam.id}", daemon=True)
         self._fps = FILE_FPS_FALLBACK
@@ -236,22 +271,38 @@ class CameraSource:
 
     # -- opening -------------------------------------------------------------------------------
     def open(self) -> bool:
-        """Try once to open the source; True when it delivers frames."""
-        if self._cap is not None:
-            self._cap.release()
-        cap = open_capture(self.cam.source, self.cam.stale_timeout_s)
-        if not cap.isOpened():
-            cap.release()
-            self._cap = None
-            self.connected = False
+        """Try once to open the source, waiting at most ``stale_timeout_s``; True when it opened."""
+        cap = self._open_bounded()
+        if cap is None:
             return False
         self._cap = cap
-        self.connected = True
-        if not self.live:
+        return True
+
+    def _open_bounded(self) -> Optional[cv2.VideoCapture]:
+        attempt = _Attempt()
+
+        def target() -> None:
+            cap = open_capture(self.cam.source, self.cam.stale_timeout_s)
+            if not cap.isOpened():
+                cap.release()
+                return
+            attempt.keep(cap)
+
+        thread = threading.Thread(target=target, name=f"open-{self.cam.id}", daemon=True)
+        thread.start()
+        thread.join(self.cam.stale_timeout_s)
+        if thread.is_alive():
+            attempt.abandon()
+            self.abandoned_threads += 1
+            log.warning("camera '%s': opening %s did not return within %.1f s; abandoned it",
+                        self.cam.id, self.cam.shown_source, self.cam.stale_timeout_s)
+            return None
+        cap = attempt.cap
+        if cap is not None and not self.live:
             fps = cap.get(cv2.CAP_PROP_FPS)
             self._fps = fps if fps and 0 < fps < 1000 else FILE_FPS_FALLBACK
             self._t0 = time.time()
-        return True
+        return cap
 
     def open_or_raise(self) -> None:
         if not self.open():
@@ -266,64 +317,116 @@ class CameraSource:
     def join(self, timeout: float = 5.0) -> None:
         self._thread.join(timeout)
 
-    # -- the capture loop ----------------------------------------------------------------------
+    # -- the supervisor --------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._loop()
+            self._supervise()
         except Exception:  # a capture thread must never die silently
             log.exception("camera '%s': capture thread failed", self.cam.id)
         finally:
-            if self._cap is not None:
-                self._cap.release()
-            self.connected = False
+            self._set_down()
             self.queue.close()
 
-    def _loop(self) -> None:
+    def _set_down(self) -> None:
+        self.connected = False
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+
+    def _supervise(self) -> None:
         backoff = self.cam.reopen_initial_s
-        if self._cap is None and not self._reopen_wait(backoff, first=True):
-            return
-        last_frame = time.monotonic()
+        first = True
         while not self._stop.is_set():
-            if self.max_frames is not None and self.captured >= self.max_frames:
-                return
-            assert self._cap is not None
-            ok, image = self._cap.read()
-            now = time.monotonic()
-            if ok and image is not None:
-                last_frame = now
+            cap, self._cap = self._cap, None
+            if cap is None:
+                cap = self._open_bounded() if not first or self.live else None
+                if cap is None:
+                    if not self.live:
+                        log.error("%s", describe_open_failure(self.cam))
+                        return
+                    log.warning("camera '%s': cannot open %s; retrying in %.1f s", self.cam.id,
+                                self.cam.shown_source, backoff)
+                    if self._stop.wait(backoff):
+                        return
+                    backoff = min(backoff * 2, self.cam.reopen_max_s)
+                    first = False
+                    continue
+                log.info("camera '%s': %s %s", self.cam.id, "opened" if first else "reopened", self.cam.shown_source)
+            first = False
+            outcome = self._read_until_it_stops(cap)
+            if outcome == "delivered":
                 backoff = self.cam.reopen_initial_s
-                self._deliver(image, now)
-                continue
-            if not self.live:
-                log.info("camera '%s': end of %s after %d frames", self.cam.id, self.cam.shown_source, self.captured)
+            if outcome in ("end", "stopped"):
                 return
-            # A live camera that fails a read or goes stale: reopen with exponential back-off.
-            stale = now - last_frame
-            log.warning("camera '%s': no frame (read failed, %.1f s since the last); reopening %s",
-                        self.cam.id, stale, self.cam.shown_source)
-            self.connected = False
             self.reconnects += 1
-            if not self._reopen_wait(backoff):
+            if self._stop.wait(backoff):
                 return
             backoff = min(backoff * 2, self.cam.reopen_max_s)
-            last_frame = time.monotonic()
 
-    def _reopen_wait(self, delay: float, first: bool = False) -> bool:
-        """Reopen until it works or we are stopped; doubles the delay each failure."""
-        while not self._stop.is_set():
-            if self._stop.wait(delay):
-                return False
-            if self.open():
-                log.info("camera '%s': %s %s", self.cam.id, "opened" if first else "reopened", self.cam.shown_source)
-                return True
-            log.warning("camera '%s': cannot open %s; retrying in %.1f s", self.cam.id, self.cam.shown_source,
-                        min(delay * 2, self.cam.reopen_max_s))
-            delay = min(delay * 2, self.cam.reopen_max_s)
-        return False
+    def _read_until_it_stops(self, cap: cv2.VideoCapture) -> str:
+        """Run a reader on ``cap`` until it ends ('end': a file's end or max_frames), fails or stalls (then
+        'failed' / 'delivered' when it had delivered frames first), or we are stopped ('stopped')."""
+        attempt = _Attempt()
+        attempt.cap = cap
+        outcome: dict[str, str] = {}
+        delivered_before = self.captured
+        reader = threading.Thread(target=self._read_loop, args=(attempt, outcome), name=f"read-{self.cam.id}",
+                                  daemon=True)
+        self.last_frame = time.monotonic()
+        self.stalled = False
+        reader.start()
+        while True:
+            reader.join(self._POLL_S)
+            if not reader.is_alive():
+                break
+            if self._stop.is_set() and self.live:
+                attempt.abandon()  # a blocked read must not hold up the stop
+                return "stopped"
+            silent = time.monotonic() - self.last_frame
+            if self.live and silent > self.cam.stale_timeout_s:
+                attempt.abandon()
+                self.abandoned_threads += 1
+                self.stalled = True
+                self._set_down()
+                log.warning("camera '%s': no frame for %.1f s (the read is blocked); abandoning it and reopening %s",
+                            self.cam.id, silent, self.cam.shown_source)
+                return "delivered" if self.captured > delivered_before else "failed"
+        self._set_down()
+        if self._stop.is_set():
+            return "stopped"
+        if outcome.get("how") == "end" or not self.live:
+            if outcome.get("how") != "max_frames":
+                log.info("camera '%s': end of %s after %d frames", self.cam.id, self.cam.shown_source, self.captured)
+            return "end"
+        self.stalled = True
+        log.warning("camera '%s': no frame (read failed, %.1f s since the last); reopening %s", self.cam.id,
+                    time.monotonic() - self.last_frame, self.cam.shown_source)
+        return "delivered" if self.captured > delivered_before else "failed"
+
+    def _read_loop(self, attempt: _Attempt, outcome: dict[str, str]) -> None:
+        """The reader thread: the only thread that uses (and finally releases) this capture."""
+        cap = attempt.cap
+        assert cap is not None
+        try:
+            while not self._stop.is_set():
+                if self.max_frames is not None and self.captured >= self.max_frames:
+                    outcome["how"] = "max_frames"
+                    return
+                ok, image = cap.read()
+                if attempt.abandoned:
+                    return  # the supervisor has moved on: this frame is stale, and no longer ours to deliver
+                if not ok or image is None:
+                    outcome["how"] = "end" if not self.live else "failed"
+                    return
+                self._deliver(image, time.monotonic())
+        finally:
+            cap.release()
 
     def _deliver(self, image: np.ndarray, t_capture: float) -> None:
         index = self.captured
         self.last_frame = t_capture
+        self.connected = True
+        self.stalled = False
+        self.down_since = None
         ts = self._t0 + index / self._fps if not self.live else time.time()
         frame = Frame(camera=self.cam.id, index=index, ts=ts, image=resize_frame(image, self.input_hw, self.resize),
                       original=image if self.keep_original else None, t_capture=t_capture)

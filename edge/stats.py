@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-STATS_SCHEMA_VERSION = 2  # 2: spool_dropped, mqtt_reconnects
+STATS_SCHEMA_VERSION = 2  # 2: spool_dropped, mqtt_reconnects, cameras.*.stalled
 
 
 class Reservoir:
@@ -58,19 +58,21 @@ class CameraStats:
     """Counters of one camera; capture counters are read from its source."""
 
     def __init__(self, camera: str, captured: Callable[[], int], dropped: Callable[[], int],
-                 reconnects: Callable[[], int], connected: Callable[[], bool]) -> None:
+                 reconnects: Callable[[], int], connected: Callable[[], bool], stalled: Callable[[], bool]) -> None:
         self.camera = camera
         self.processed = 0
         self.captured = captured
         self.dropped = dropped
         self.reconnects = reconnects
         self.connected = connected
+        self.stalled = stalled
         self._capture_rate = Rate(captured)
         self._processed_rate = Rate(lambda: self.processed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "connected": bool(self.connected()),
+            "stalled": bool(self.stalled()),
             "capture_fps": self._capture_rate.snapshot(),
             "processed_fps": self._processed_rate.snapshot(),
             "frames_captured": int(self.captured()),

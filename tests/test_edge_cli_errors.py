@@ -82,9 +82,12 @@ def test_camera_file_that_does_not_exist(tmp_path: Path, toy_bundle: Path) -> No
     assert_one_line_error(proc, "edge-run", "camera 'cam0'", "not found")  # type: ignore[arg-type]
 
 
-def test_camera_index_that_will_not_open(tmp_path: Path, toy_bundle: Path) -> None:
-    proc = _run(tmp_path, "--camera", "97", "--engine", toy_bundle)
-    line = assert_one_line_error(proc, "edge-run", "camera 'cam0'", "cannot open 97")  # type: ignore[arg-type]
+def test_camera_index_that_will_not_open_with_fail_fast(tmp_path: Path, toy_bundle: Path) -> None:
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text("cameras:\n  - id: cam0\n    source: '97'\n    wait_at_start: false\n    stale_timeout_s: 2\n")
+    proc = _run(tmp_path, "--config", cfg, "--engine", toy_bundle)
+    line = assert_one_line_error(proc, "edge-run", "camera 'cam0'", "cannot open 97",  # type: ignore[arg-type]
+                                 "wait_at_start is false")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # type: ignore[attr-defined]
     assert line
 

@@ -151,9 +151,11 @@ def test_wrong_credentials_are_named_once_and_never_logged(tmp_path: Path, passw
 
 
 def test_camera_credentials_never_reach_the_log(tmp_path: Path, toy_bundle: Path) -> None:
-    proc = run_cli("edge-run", ["--camera", "rtsp://admin:cam-secret@127.0.0.1:1/stream", "--engine", toy_bundle,
-                                "--state-dir", tmp_path / "state", "--mqtt", "mqtt://127.0.0.1:1"],
-                   cwd=tmp_path, timeout=60)
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text("cameras:\n  - id: cam0\n    source: rtsp://admin:cam-secret@127.0.0.1:1/stream\n"
+                   "    wait_at_start: false\n")
+    proc = run_cli("edge-run", ["--config", cfg, "--engine", toy_bundle, "--state-dir", tmp_path / "state",
+                                "--mqtt", "mqtt://127.0.0.1:1"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and "cam-secret" not in proc.stderr
     assert "rtsp://***@127.0.0.1:1/stream" in proc.stderr
 

@@ -1,0 +1,166 @@
+"""Cameras that misbehave, through the real edge-run: a read that blocks for ever (a FIFO whose writer goes
+silent) is abandoned and the camera reopened; a dead camera does not keep --max-frames from finishing; a live
+camera that is down at start is waited for. Stats say what is true (connected / stalled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from edge_helpers import Collector, check_payloads, cli_command, make_frame, run_cli, write_video
+
+FPS = 10.0
+
+
+def camera_stats(col: Collector, camera: str = "cam0") -> list[dict]:
+    return [json.loads(m.payload)["cameras"][camera] for m in col.on("/stats")]
+
+
+class FifoCamera:
+    """Writes JPEG frames into a FIFO like a camera driver; ``stall()`` keeps the pipe open and silent, so the
+    reader's read blocks (no EOF, no error), as a hung driver or pipeline does; ``resume()`` streams again."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        rng = np.random.default_rng(0)
+        self.frames = [cv2.imencode(".jpg", make_frame(rng, (64, 64), False))[1].tobytes() for _ in range(10)]
+        self.stalled = threading.Event()
+        self.stopped = threading.Event()
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                with open(self.path, "wb") as fh:  # blocks until the station opens the FIFO
+                    while not self.stopped.is_set():
+                        if self.stalled.is_set():
+                            time.sleep(0.05)
+                            continue
+                        fh.write(self.frames[self.written % len(self.frames)])
+                        fh.flush()
+                        self.written += 1
+                        time.sleep(0.03)
+            except (BrokenPipeError, OSError):
+                time.sleep(0.05)  # the reader went away (an abandoned capture released it): open again
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.stalled.clear()
+        try:  # unblock a writer waiting in open() for a reader
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_a_blocked_read_is_abandoned_and_the_camera_reopened(tmp_path: Path, mosquitto: str,
+                                                             toy_bundle: Path) -> None:
+    cam = FifoCamera(tmp_path / "cam0.mjpeg")
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"""station: st-fifo
+state_dir: {tmp_path / 'state'}
+cameras:
+  - id: cam0
+    source: {cam.path}
+    live: true
+    stale_timeout_s: 1.0
+    reopen_initial_s: 0.1
+    reopen_max_s: 0.2
+mqtt: {{stats_interval_s: 0.2}}
+""", encoding="utf-8")
+    # FFmpeg probes a pipe for seconds before it opens by default; a camera FIFO is set up like this.
+    env = {**os.environ, "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;4096|analyzeduration;0"}
+    with Collector(mosquitto, ["anomaly/st-fifo/#"]) as col:
+        proc = subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", toy_bundle,
+                                 "--mqtt", mosquitto], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert col.wait_for(lambda ms: any(s["frames_processed"] >= 20 and s["connected"]
+                                               for s in camera_stats(col)), timeout=30), "no frames from the FIFO"
+            cam.stalled.set()  # the writer goes silent: the station's read blocks for ever
+            assert col.wait_for(lambda ms: any(s["stalled"] and not s["connected"] for s in camera_stats(col)),
+                                timeout=15), "stats never said stalled"
+            before = max(s["frames_processed"] for s in camera_stats(col))
+            time.sleep(1.5)  # stay silent through another reopen or two
+            cam.stalled.clear()
+            assert col.wait_for(lambda ms: any(s["frames_processed"] >= before + 20 and s["connected"]
+                                               and not s["stalled"] for s in camera_stats(col)),
+                                timeout=30), "the camera did not resume after the stall"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            cam.stop()
+            if proc.poll() is None:
+                proc.kill()
+        check_payloads(col)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "the read is blocked); abandoning it and reopening" in err, err
+    assert camera_stats(col)[-1]["reconnects"] >= 1
+
+
+def test_a_dead_camera_does_not_keep_max_frames_from_finishing(tmp_path: Path, mosquitto: str,
+                                                               toy_bundle: Path) -> None:
+    video = write_video(tmp_path / "a.avi", [(5, 15)], 40, fps=FPS)
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"""station: st-dead
+state_dir: {tmp_path / 'state'}
+cameras:
+  - id: good
+    source: {video}
+  - id: dead
+    source: rtsp://127.0.0.1:1/nothing-listens-here
+    stale_timeout_s: 1.0
+    reopen_initial_s: 0.2
+    reopen_max_s: 0.5
+""", encoding="utf-8")
+    with Collector(mosquitto, ["anomaly/st-dead/#"]) as col:
+        proc = run_cli("edge-run", ["--config", cfg, "--engine", toy_bundle, "--mqtt", mosquitto,
+                                    "--max-frames", "30"], cwd=tmp_path, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert col.wait_for(lambda ms: any(m.payload == b"stopped" for m in ms), timeout=10)
+        got = check_payloads(col)
+    assert "camera 'dead': not delivering while the others have finished" in proc.stderr
+    final = got["stats"][-1]["cameras"]
+    assert final["good"]["frames_processed"] == 30
+    assert final["dead"]["frames_processed"] == 0 and not final["dead"]["connected"]
+
+
+def test_a_live_camera_down_at_start_is_waited_for(tmp_path: Path, mosquitto: str, toy_bundle: Path) -> None:
+    late = tmp_path / "appears-later.avi"
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"""station: st-late
+state_dir: {tmp_path / 'state'}
+cameras:
+  - id: cam0
+    source: {late}
+    live: true
+    reopen_initial_s: 0.2
+    reopen_max_s: 0.4
+mqtt: {{stats_interval_s: 0.2}}
+""", encoding="utf-8")
+    with Collector(mosquitto, ["anomaly/st-late/#"]) as col:
+        proc = subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", toy_bundle,
+                                 "--mqtt", mosquitto], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        try:
+            assert col.wait_for(lambda ms: bool(col.on("/stats")), timeout=20), "the station did not run"
+            assert proc.poll() is None  # still running, waiting for its camera
+            assert not camera_stats(col)[-1]["connected"]
+            write_video(tmp_path / "tmp.avi", [], 20, fps=FPS).rename(late)  # the camera comes up
+            assert col.wait_for(lambda ms: any(s["frames_processed"] > 0 for s in camera_stats(col)), timeout=20)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert "waiting for it" in err and "Traceback" not in err
