@@ -111,6 +111,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from edge.mqtt import StationPublisher, parse_mqtt_url
     from edge.pipeline import Station
     from edge.spool import open_spool
+    from edge.swap import BundleWatcher
 
     cfg = load_station_config(args.config)
     if args.station:
@@ -145,11 +146,19 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
                     cfg.engine.max_batch, bundle.max_batch, bundle.max_batch)
         cfg.engine.max_batch = bundle.max_batch
     threshold = cfg.engine.threshold if cfg.engine.threshold is not None else bundle.threshold
-    backend = create_backend(cfg.engine.backend, bundle, max_batch=cfg.engine.max_batch,
-                             intra_op_threads=cfg.engine.intra_op_threads)
+
+    def make_backend(b: Any) -> Any:
+        return create_backend(cfg.engine.backend, b, max_batch=min(cfg.engine.max_batch, b.max_batch or 1 << 30),
+                              intra_op_threads=cfg.engine.intra_op_threads)
+
+    backend = make_backend(bundle)
     spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
     publisher = StationPublisher(cfg.mqtt, cfg.station, spool)
     station = Station(cfg, bundle, backend, publisher, spool, threshold, max_frames=args.max_frames)
+    if Path(ref).resolve() != bundle.path.resolve():  # a model folder or name: follow its `current`
+        watcher = BundleWatcher(bundle.path.parent, bundle.version, make_backend, cfg.engine.watch_interval_s)
+        station.watcher = watcher
+        publisher.commands["reload"] = lambda payload: watcher.request_reload()
     if spool.depth:
         log.info("spool: %d message(s) from earlier runs not yet acknowledged; they are sent first", spool.depth)
     station.end_events_left_open()
@@ -177,9 +186,13 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
     publisher.start()
     publisher.wait_first_attempt(5.0)  # so 'online' normally precedes the first event; never fatal
+    if station.watcher is not None:
+        station.watcher.start()
     try:
         result = station.run()
     finally:
+        if station.watcher is not None:
+            station.watcher.stop()
         publisher.stop()
         station.backend.close()
         station.spool.close()

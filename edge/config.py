@@ -50,6 +50,7 @@ class EngineConfig:
     max_batch: int = 8
     max_wait_ms: float = 20.0
     intra_op_threads: int = 0
+    watch_interval_s: float = 2.0
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -60,6 +61,8 @@ class EngineConfig:
             raise ValueError("engine.max_wait_ms must not be negative")
         if self.intra_op_threads < 0:
             raise ValueError("engine.intra_op_threads must not be negative (0 = automatic)")
+        if self.watch_interval_s < 0:
+            raise ValueError("engine.watch_interval_s must not be negative (0 = only on cmd/reload)")
 
 
 @dataclass

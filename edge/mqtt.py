@@ -17,6 +17,7 @@ retried every ``refused_retry_s`` rather than every second.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -146,6 +147,13 @@ def describe_tls_failure(url: MqttUrl, ctx: ssl.SSLContext, timeout: float = 5.0
     return None
 
 
+def _is_json_object(payload: bytes) -> bool:
+    try:
+        return isinstance(json.loads(payload), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 _REFUSAL_HINTS = {
     "Bad user name or password": "check mqtt.username and the password (mqtt.password_env or the URL)",
     # Mosquitto 2 answers a wrong password with "Not authorized" too
@@ -177,6 +185,9 @@ class StationPublisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.commands: dict[str, Callable[[bytes], None]] = {}  # cmd/<name> -> handler (network thread)
+        self.commands_ignored = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inflight: dict[int, int] = {}  # paho mid -> spool id
@@ -302,6 +313,7 @@ class StationPublisher:
             self._refused(str(reason_code))
             return
         self._publish_online()
+        client.subscribe(f"{self.base}/cmd/#", qos=1)
         if self._last_stats is not None:
             client.publish(f"{self.base}/stats", self._last_stats, qos=0, retain=True)
         client.reconnect_delay_set(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
@@ -356,6 +368,21 @@ class StationPublisher:
         text = f"MQTT broker {self.url} refused the connection: {cause}; {hint}" if hint else \
             f"MQTT broker {self.url}: {cause}"
         log.error("%s; retrying every %d s; events are kept in the spool", text, self.cfg.refused_retry_s)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """``{base}/cmd/<name>``: known commands with a valid payload (empty or a JSON object) run; anything
+        else is ignored and counted."""
+        name = msg.topic[len(self.base) + len("/cmd/"):] if msg.topic.startswith(f"{self.base}/cmd/") else ""
+        handler = self.commands.get(name)
+        payload = bytes(msg.payload)
+        valid = handler is not None and (not payload.strip() or _is_json_object(payload))
+        if not valid or handler is None:
+            self.commands_ignored += 1
+            log.warning("MQTT: ignored command on %s (%s)", msg.topic,
+                        "unknown command" if handler is None else "payload is not empty or a JSON object")
+            return
+        log.info("MQTT: command %s received", name)
+        handler(payload)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:

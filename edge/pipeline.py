@@ -28,9 +28,10 @@ from edge.config import StationConfig
 from edge.errors import UserError
 from edge.events import EventDetector, EventRule, Transition, event_payload
 from edge.mqtt import StationPublisher
-from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure, iso_utc
+from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure, iso_utc, resize_frame
 from edge.spool import Spool
 from edge.stats import CameraStats, StationStats
+from edge.swap import BundleWatcher
 
 log = logging.getLogger("edge.pipeline")
 
@@ -98,6 +99,7 @@ class Station:
             self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), stats)
         self.batcher = Batcher([c.source.queue for c in self.cameras.values()], backend.max_batch,
                                cfg.engine.max_wait_ms)
+        self.watcher: Optional[BundleWatcher] = None  # set when the station follows a model's `current`
         self.frames = 0
         self.events = 0
 
@@ -142,6 +144,9 @@ class Station:
                 batch = self.batcher.next_batch(self.stop_event)
                 if batch:
                     self._process(batch)
+                ready = self.watcher.take_ready() if self.watcher is not None else None
+                if ready is not None:
+                    self._swap(*ready)
                 now = time.monotonic()
                 if now >= next_stats:
                     self._publish_stats()
@@ -163,8 +168,31 @@ class Station:
         self._publish_stats()
         return RunResult(frames=self.frames, events=self.events, undelivered=undelivered)
 
+    def _swap(self, bundle: Bundle, backend: Backend) -> None:
+        """Between two batches: end open events (reason model_swap: the threshold changes), then score with the
+        new bundle. Frames already captured at the old input size are refitted, never dropped."""
+        old = self.bundle
+        for cam_id, cam in self.cameras.items():
+            for t in cam.detector.finish("model_swap"):
+                self._emit(cam_id, cam, t)
+        self.backend.close()
+        self.bundle, self.backend = bundle, backend
+        self.threshold = self.cfg.engine.threshold if self.cfg.engine.threshold is not None else bundle.threshold
+        self.rule = EventRule(threshold=self.threshold, baseline=bundle.score_baseline,
+                              **dataclasses.asdict(self.cfg.events))
+        self.batcher.max_batch = backend.max_batch
+        for cam in self.cameras.values():
+            cam.detector = EventDetector(self.rule)
+            cam.source.input_hw, cam.source.resize = bundle.input_hw, bundle.input_resize
+        self.stats.model, self.stats.model_version, self.stats.max_batch = \
+            bundle.model_name, bundle.version, backend.max_batch
+        log.info("model swapped: %s %s -> %s %s, threshold %.6g%s", old.model_name, old.version, bundle.model_name,
+                 bundle.version, self.threshold, " (config override)" if self.cfg.engine.threshold is not None else "")
+
     def _process(self, batch: list[Frame]) -> None:
-        frames = np.stack([f.image for f in batch])
+        hw = self.bundle.input_hw
+        frames = np.stack([f.image if f.image.shape[:2] == hw else resize_frame(f.image, hw, self.bundle.input_resize)
+                           for f in batch])
         t0 = time.perf_counter()
         out = self.backend.infer(frames)
         self.stats.add_batch(len(batch), (time.perf_counter() - t0) * 1000.0)
