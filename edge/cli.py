@@ -108,6 +108,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from edge.backends import create_backend
     from edge.bundle import load_bundle
     from edge.config import load_station_config
+    from edge.health import Metrics, StationGauges
     from edge.mqtt import StationPublisher, parse_mqtt_url
     from edge.pipeline import Station
     from edge.spool import open_spool
@@ -155,6 +156,11 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
     publisher = StationPublisher(cfg.mqtt, cfg.station, spool)
     station = Station(cfg, bundle, backend, publisher, spool, threshold, max_frames=args.max_frames)
+    if cfg.health.prometheus_port:
+        station.metrics = Metrics(station.stats, StationGauges(
+            spool_depth=lambda: spool.depth, spool_dropped=lambda: spool.dropped_total,
+            mqtt_connected=lambda: publisher.connected, mqtt_reconnects=lambda: publisher.reconnects))
+        station.metrics.serve(cfg.health.prometheus_bind, cfg.health.prometheus_port)
     if Path(ref).resolve() != bundle.path.resolve():  # a model folder or name: follow its `current`
         watcher = BundleWatcher(bundle.path.parent, bundle.version, make_backend, cfg.engine.watch_interval_s)
         station.watcher = watcher
@@ -188,9 +194,12 @@ def _run(args: argparse.Namespace) -> int:
     publisher.wait_first_attempt(5.0)  # so 'online' normally precedes the first event; never fatal
     if station.watcher is not None:
         station.watcher.start()
+    station.notifier.ready(f"station {cfg.station}: {len(cfg.cameras)} camera(s), model "
+                           f"{station.bundle.model_name} {station.bundle.version}")
     try:
         result = station.run()
     finally:
+        station.notifier.stopping()
         if station.watcher is not None:
             station.watcher.stop()
         publisher.stop()

@@ -182,6 +182,18 @@ class SpoolConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Operator-facing health besides the stats topic: a Prometheus endpoint (off when the port is 0)."""
+
+    prometheus_port: int = 0
+    prometheus_bind: str = "127.0.0.1"
+
+    def validate(self) -> None:
+        if not 0 <= self.prometheus_port <= 65535:
+            raise ValueError("health.prometheus_port must be 0 (off) or a TCP port (1-65535)")
+
+
+@dataclass
 class LoggingConfig:
     """Log level of the station process (logs go to stderr)."""
 
@@ -203,6 +215,7 @@ class StationConfig:
     events: EventsConfig = field(default_factory=EventsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:

@@ -27,6 +27,7 @@ from edge.bundle import Bundle
 from edge.config import StationConfig
 from edge.errors import UserError
 from edge.events import EventDetector, EventRule, Transition, event_payload
+from edge.health import Metrics, SystemdNotifier
 from edge.mqtt import StationPublisher
 from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure, iso_utc, resize_frame
 from edge.spool import Spool
@@ -100,6 +101,8 @@ class Station:
         self.batcher = Batcher([c.source.queue for c in self.cameras.values()], backend.max_batch,
                                cfg.engine.max_wait_ms)
         self.watcher: Optional[BundleWatcher] = None  # set when the station follows a model's `current`
+        self.metrics: Optional[Metrics] = None  # set when the Prometheus endpoint is on
+        self.notifier = SystemdNotifier()
         self.frames = 0
         self.events = 0
 
@@ -147,6 +150,7 @@ class Station:
                 ready = self.watcher.take_ready() if self.watcher is not None else None
                 if ready is not None:
                     self._swap(*ready)
+                self.notifier.tick(self.frames)
                 now = time.monotonic()
                 if now >= next_stats:
                     self._publish_stats()
@@ -195,7 +199,10 @@ class Station:
                            for f in batch])
         t0 = time.perf_counter()
         out = self.backend.infer(frames)
-        self.stats.add_batch(len(batch), (time.perf_counter() - t0) * 1000.0)
+        elapsed = time.perf_counter() - t0
+        self.stats.add_batch(len(batch), elapsed * 1000.0)
+        if self.metrics is not None:
+            self.metrics.inference_seconds.observe(elapsed)
         scores = out["score"]
         maps = out.get("anomaly_map")
         for i, f in enumerate(batch):
@@ -220,7 +227,10 @@ class Station:
                     self._track_peak(cam, was_open)
                 for t in transitions:
                     self._emit(f.camera, cam, t)
-            self.stats.latency_ms.add((time.monotonic() - f.t_capture) * 1000.0)
+            latency = time.monotonic() - f.t_capture
+            self.stats.latency_ms.add(latency * 1000.0)
+            if self.metrics is not None:
+                self.metrics.latency_seconds.observe(latency)
             if self.max_frames is not None and cam.stats.processed >= self.max_frames:
                 cam.done = True
                 cam.source.stop()
@@ -242,6 +252,8 @@ class Station:
 
         payload = self.spool.add_event(f"{self.publisher.base}/{cam_id}/event", cam_id, make)
         self.publisher.wake()
+        if self.metrics is not None:
+            self.metrics.events.labels(cam_id, t.type).inc()
         self.events += 1
         self.stats.events_published += 1
         log.info("event %s camera '%s' seq %d frame %d score %.4f peak %.4f", t.type, cam_id, payload["seq"],

@@ -102,6 +102,47 @@ def write_video(path: Path, defects: Sequence[tuple[int, int]], n_frames: int, s
     return path
 
 
+# -- a camera whose driver hangs ------------------------------------------------------------------
+class FifoCamera:
+    """Writes JPEG frames into a FIFO like a camera driver; ``stall()`` keeps the pipe open and silent, so the
+    reader's read blocks (no EOF, no error), as a hung driver or pipeline does; ``resume()`` streams again."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        rng = np.random.default_rng(0)
+        self.frames = [cv2.imencode(".jpg", make_frame(rng, (64, 64), False))[1].tobytes() for _ in range(10)]
+        self.stalled = threading.Event()
+        self.stopped = threading.Event()
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                with open(self.path, "wb") as fh:  # blocks until the station opens the FIFO
+                    while not self.stopped.is_set():
+                        if self.stalled.is_set():
+                            time.sleep(0.05)
+                            continue
+                        fh.write(self.frames[self.written % len(self.frames)])
+                        fh.flush()
+                        self.written += 1
+                        time.sleep(0.03)
+            except (BrokenPipeError, OSError):
+                time.sleep(0.05)  # the reader went away (an abandoned capture released it): open again
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.stalled.clear()
+        try:  # unblock a writer waiting in open() for a reader
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            os.close(fd)
+        except OSError:
+            pass
+
+
 # -- a real broker ---------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -8,59 +8,16 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-from edge_helpers import Collector, check_payloads, cli_command, make_frame, run_cli, write_video
+from edge_helpers import Collector, FifoCamera, check_payloads, cli_command, run_cli, write_video
 
 FPS = 10.0
 
 
 def camera_stats(col: Collector, camera: str = "cam0") -> list[dict]:
     return [json.loads(m.payload)["cameras"][camera] for m in col.on("/stats")]
-
-
-class FifoCamera:
-    """Writes JPEG frames into a FIFO like a camera driver; ``stall()`` keeps the pipe open and silent, so the
-    reader's read blocks (no EOF, no error), as a hung driver or pipeline does; ``resume()`` streams again."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        self.path = path
-        rng = np.random.default_rng(0)
-        self.frames = [cv2.imencode(".jpg", make_frame(rng, (64, 64), False))[1].tobytes() for _ in range(10)]
-        self.stalled = threading.Event()
-        self.stopped = threading.Event()
-        self.written = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                with open(self.path, "wb") as fh:  # blocks until the station opens the FIFO
-                    while not self.stopped.is_set():
-                        if self.stalled.is_set():
-                            time.sleep(0.05)
-                            continue
-                        fh.write(self.frames[self.written % len(self.frames)])
-                        fh.flush()
-                        self.written += 1
-                        time.sleep(0.03)
-            except (BrokenPipeError, OSError):
-                time.sleep(0.05)  # the reader went away (an abandoned capture released it): open again
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.stalled.clear()
-        try:  # unblock a writer waiting in open() for a reader
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def test_a_blocked_read_is_abandoned_and_the_camera_reopened(tmp_path: Path, mosquitto: str,
