@@ -229,7 +229,8 @@ def run_main(argv: Optional[Sequence[str]] = None) -> int:
 
 # -- edge-events ------------------------------------------------------------------------------------
 def events_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="edge-events", description="Print a station's anomaly events as JSON lines.")
+    p = OneLineArgumentParser(prog="edge-events", description="Print a station's anomaly events as JSON lines, "
+                              "each checked against the event schema (a failing one is reported on stderr).")
     p.add_argument("--mqtt", metavar="URL", help="broker (default: the config's mqtt.url, else mqtt://localhost:1883)")
     p.add_argument("--station", metavar="ID", help="only this station (default: all)")
     p.add_argument("--prefix", metavar="P", help="topic prefix (default: the config's mqtt.prefix, else 'anomaly')")
@@ -243,6 +244,7 @@ def events_parser() -> argparse.ArgumentParser:
 def _events(args: argparse.Namespace) -> int:
     from edge.config import check_topic_level, load_station_config
     from edge.mqtt import new_client, parse_mqtt_url
+    from edge.payloads import payload_problem
 
     cfg = load_station_config(args.config).mqtt
     url = parse_mqtt_url(args.mqtt or cfg.url)
@@ -256,7 +258,7 @@ def _events(args: argparse.Namespace) -> int:
     client = new_client(f"edge-events-{os.getpid()}", url, cfg)
     done = threading.Event()
     lock = threading.Lock()
-    seen = 0
+    seen = invalid = 0
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
@@ -268,14 +270,21 @@ def _events(args: argparse.Namespace) -> int:
         print(f"edge-events: subscribed to {topic} on {url}", file=sys.stderr, flush=True)
 
     def on_message(c: Any, userdata: Any, msg: Any) -> None:
-        nonlocal seen
+        nonlocal seen, invalid
         with lock:
             if done.is_set():
                 return
             try:
-                line = json.dumps(json.loads(msg.payload), separators=(",", ":"))
+                payload = json.loads(msg.payload)
+                problem = payload_problem("event", payload)
+                line = json.dumps(payload, separators=(",", ":"))
             except (ValueError, UnicodeDecodeError):
-                line = json.dumps({"topic": msg.topic, "invalid_payload": msg.payload.decode("utf-8", "replace")})
+                payload, problem = None, "not JSON"
+            if problem is not None:  # shown, never dropped silently: a SCADA integrator needs to see it
+                invalid += 1
+                print(f"edge-events: invalid event on {msg.topic}: {problem}", file=sys.stderr, flush=True)
+                line = json.dumps({"topic": msg.topic, "invalid_payload": msg.payload.decode("utf-8", "replace"),
+                                   "error": problem})
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
             seen += 1
@@ -302,6 +311,8 @@ def _events(args: argparse.Namespace) -> int:
     finally:
         client.disconnect()
         client.loop_stop()
+    if invalid:
+        print(f"edge-events: {invalid} of {seen} events did not match the event schema", file=sys.stderr)
     if args.count is not None and seen < args.count and deadline is not None and time.monotonic() >= deadline:
         print(f"edge-events: timeout after {args.timeout:g} s with {seen} of {args.count} events", file=sys.stderr)
         return 1

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import cv2
-import jsonschema
 import numpy as np
 import onnx
 import paho.mqtt.client as mqtt
@@ -27,9 +26,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.bundle import new_version_dir, promote, write_manifest
 from edge.mqtt import parse_mqtt_url
+from edge.payloads import validator
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = REPO / "config" / "schemas"
+SCHEMAS = REPO / "edge" / "schemas"
 BRIGHT = 200  # the toy model calls a pixel channel "bright" above this
 TOY_THRESHOLD = 0.1
 
@@ -219,16 +219,9 @@ def load_schema(name: str) -> dict[str, Any]:
     return json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
 
 
-_VALIDATORS: dict[str, jsonschema.Draft202012Validator] = {}
-
-
 def validate(name: str, payload: Any) -> None:
     """Validate against a shipped schema, format checks included (uuid, date-time)."""
-    if name not in _VALIDATORS:
-        schema = load_schema(name)
-        jsonschema.Draft202012Validator.check_schema(schema)
-        _VALIDATORS[name] = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
-    _VALIDATORS[name].validate(payload)
+    validator(name).validate(payload)
 
 
 # -- a real subscriber ------------------------------------------------------------------------------

@@ -266,3 +266,32 @@ def test_events_held_while_the_broker_is_down_are_delivered_when_it_comes_up(
             proc.kill()
         if broker is not None:
             broker.stop()
+
+
+def test_edge_events_names_what_is_wrong_with_a_payload_that_fails_the_schema(mosquitto: str) -> None:
+    import paho.mqtt.publish as mqtt_publish
+
+    from edge.mqtt import parse_mqtt_url
+
+    url = parse_mqtt_url(mosquitto)
+    sub = subprocess.Popen([*cli_command("edge-events"), "--mqtt", mosquitto, "--station", "st-bad-payload",
+                            "--count", "2", "--timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        assert sub.stderr is not None and "subscribed" in sub.stderr.readline()
+        topic = "anomaly/st-bad-payload/cam0/event"
+        bad = {"schema": 2, "event_id": "6f1c0000-0000-4000-8000-000000000000", "type": "end",
+               "station": "st-bad-payload", "camera": "cam0", "seq": 0, "ts": "2026-11-26T07:12:03.400Z",
+               "frame": 1, "score": 0.5, "peak_score": 0.9, "threshold": 0.1, "model": "toy",
+               "model_version": "v1", "backend": "onnxruntime", "reason": "cleared"}
+        mqtt_publish.single(topic, json.dumps(bad), qos=1, hostname=url.host, port=url.port)
+        mqtt_publish.single(topic, b"\xff not json", qos=1, hostname=url.host, port=url.port)
+        out, err = sub.communicate(timeout=30)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+    assert sub.returncode == 0, err
+    assert f"invalid event on {topic}: seq: 0 is less than the minimum of 1" in err
+    assert f"invalid event on {topic}: not JSON" in err and "2 of 2 events did not match" in err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["error"] for line in lines] == ["seq: 0 is less than the minimum of 1", "not JSON"]

@@ -1,0 +1,229 @@
+"""Soak test of a station under faults: the broker restarted and edge-run SIGKILLed and restarted, at random.
+
+    python benchmarks/soak.py --minutes 30 [--seed 0] [--json soak.json]
+
+A real Mosquitto (persistence on, restarted with SIGTERM: a broker that crashes with SIGKILL may lose what
+it had acknowledged but not yet saved, which is the broker's durability, not the station's), a real edge-run
+scoring a paced 10 fps camera (a FIFO fed JPEG frames, a defect every 10 s) with the toy bundle of the tests,
+and a SCADA subscriber with a persistent session. At the end the station is stopped cleanly and the broker
+left up until everything is delivered. Expected events are every seq the station's spool handed out (seq is
+assigned in the same transaction that stores the event, so 1..last is exactly what was produced); delivered
+is what the subscriber received, de-duplicated on (event_id, type, seq). Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from edge_helpers import Collector, Mosquitto, free_port, make_toy_bundle, mosquitto_binary  # noqa: E402
+
+STATION = "soak"
+
+
+class PacedCamera:
+    """A camera at ``fps`` behind a FIFO: dark noise, and a bright defect for 2 s out of every 10 s."""
+
+    def __init__(self, path: Path, fps: float = 10.0) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self.fps = fps
+        rng = np.random.default_rng(0)
+        good = rng.integers(30, 120, size=(64, 64, 3), dtype=np.uint8)
+        bad = good.copy()
+        bad[16:48, 16:48] = 255
+        self.jpegs = [cv2.imencode(".jpg", img)[1].tobytes() for img in (good, bad)]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                with open(self.path, "wb") as fh:  # waits for a reader (a restarted station)
+                    while not self.stop.is_set():
+                        defect = (n % int(10 * self.fps)) >= int(8 * self.fps)
+                        fh.write(self.jpegs[defect])
+                        fh.flush()
+                        n += 1
+                        time.sleep(1.0 / self.fps)
+            except OSError:
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(OSError):
+            os.close(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))
+
+
+def rss_mb(pid: int) -> Optional[float]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def spool_depth(path: Path) -> int:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
+            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def last_seq(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+        return int(row[0]) if row else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    binary = mosquitto_binary()
+    if not binary:
+        print("soak: error: mosquitto not found (make broker)", file=sys.stderr)
+        return 2
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="edge-soak-"))
+    bundle = make_toy_bundle(work / "engines")
+    camera = PacedCamera(work / "cam0.mjpeg")
+    broker = Mosquitto(work / "broker", free_port(), binary, persistent=True)
+    cfg = work / "station.yaml"
+    cfg.write_text(f"""station: {STATION}
+state_dir: {work / 'state'}
+cameras:
+  - {{id: cam0, source: {camera.path}, live: true, stale_timeout_s: 3, reopen_initial_s: 0.2, reopen_max_s: 1}}
+events: {{k: 3, n: 5, close_after: 5, update_interval_s: 0.5, cooldown_s: 0.5}}
+mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
+""", encoding="utf-8")
+    env = {**os.environ, "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;4096|analyzeduration;0",
+           "PYTHONPATH": str(ROOT)}
+    spool = work / "state" / f"{STATION}.spool.sqlite"
+    counts = {"broker_restarts": 0, "station_kills": 0, "station_starts": 0}
+    rss: list[tuple[float, float]] = []  # (seconds into the station process, MB)
+    high_water = 0
+
+    def start_station() -> subprocess.Popen:
+        counts["station_starts"] += 1
+        log = open(work / f"station-{counts['station_starts']}.log", "w")  # noqa: SIM115 (kept by the child)
+        return subprocess.Popen([sys.executable, "-m", "edge.cli", "--config", str(cfg), "--engine", str(bundle),
+                                 "--mqtt", broker.url], cwd=work, stderr=log, env=env)
+
+    def sample(seconds: float) -> None:
+        """Sleep ``seconds`` while recording the spool's depth and the station's memory."""
+        nonlocal high_water
+        end = time.monotonic() + seconds
+        while True:
+            high_water = max(high_water, spool_depth(spool))
+            mb = rss_mb(station.pid)
+            if mb is not None:
+                rss.append((time.monotonic() - station_t0, mb))
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.5, left))
+
+    t_end = time.monotonic() + args.minutes * 60
+    with Collector(broker.url, [f"anomaly/{STATION}/+/event"], session="soak-scada") as col:
+        time.sleep(1.5)  # the broker has saved the subscriber's session
+        station = start_station()
+        station_t0 = time.monotonic()
+        next_broker = time.monotonic() + rng.uniform(30, 120)
+        next_kill = time.monotonic() + rng.uniform(60, 240)
+        while time.monotonic() < t_end:
+            sample(1.0)
+            now = time.monotonic()
+            if now >= next_broker:
+                broker.kill(signal.SIGTERM)
+                counts["broker_restarts"] += 1
+                sample(rng.uniform(2, 25))
+                if rng.random() < 0.5 and now < t_end - 60:  # sometimes the station dies during the outage
+                    station.kill()
+                    station.wait()
+                    counts["station_kills"] += 1
+                    station = start_station()
+                    station_t0 = time.monotonic()
+                broker.start()
+                next_broker = time.monotonic() + rng.uniform(30, 120)
+            elif now >= next_kill:
+                station.kill()
+                station.wait()
+                counts["station_kills"] += 1
+                sample(rng.uniform(0.5, 5))
+                station = start_station()
+                station_t0 = time.monotonic()
+                next_kill = time.monotonic() + rng.uniform(60, 240)
+        station.send_signal(signal.SIGTERM)
+        station.wait(60)
+        expected = last_seq(spool)
+        col.wait_for(lambda ms: len({json.loads(m.payload)["seq"] for m in ms}) >= expected, timeout=60)
+        received = [json.loads(m.payload) for m in col.messages]
+    camera.close()
+    broker.stop()
+    keys = {(e["event_id"], e["type"], e["seq"]) for e in received}
+    seqs = {e["seq"] for e in received}
+    by_id: dict[str, set[str]] = {}
+    for e in received:
+        by_id.setdefault(e["event_id"], set()).add(e["type"])
+    unended = sum(1 for types in by_id.values() if "start" in types and "end" not in types)
+    in_order = [e["seq"] for e in received]
+    first_seen = []
+    seen: set[int] = set()
+    for s in in_order:
+        if s not in seen:
+            seen.add(s)
+            first_seen.append(s)
+    # memory: growth between 60 s into a station process and its end, worst over processes
+    growth = 0.0
+    if rss:
+        late = [mb for t, mb in rss if t >= 60]
+        early = [mb for t, mb in rss if 55 <= t <= 65]
+        if late and early:
+            growth = max(late) - min(early)
+    result: dict[str, Any] = {
+        "minutes": args.minutes, "seed": args.seed, **counts,
+        "events_expected": expected, "events_delivered": len(seqs & set(range(1, expected + 1))),
+        "events_lost": len(set(range(1, expected + 1)) - seqs), "duplicates_received": len(received) - len(keys),
+        "events_started_never_ended": unended,
+        "delivered_in_seq_order": first_seen == sorted(first_seen),
+        "spool_high_water": high_water, "rss_mb_max": round(max((mb for _, mb in rss), default=0.0), 1),
+        "rss_growth_mb_after_60s": round(growth, 1), "workdir": str(work),
+    }
+    width = max(len(k) for k in result)
+    print(f"soak: {args.minutes:g} min, seed {args.seed}, work dir {work}")
+    for k, v in result.items():
+        print(f"  {k:<{width}}  {v}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["events_lost"] == 0 and unended == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
