@@ -134,6 +134,7 @@ class MqttConfig:
     client_id: str = ""
     username: Optional[str] = None
     password_env: Optional[str] = None
+    password_file: Optional[str] = None
     keepalive_s: int = 30
     reconnect_min_s: int = 1
     reconnect_max_s: int = 4

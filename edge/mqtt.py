@@ -77,6 +77,19 @@ def parse_mqtt_url(url: str) -> MqttUrl:
                    unquote(parts.password) if parts.password else None)
 
 
+def read_secret_file(path: str, key: str) -> str:
+    """A secret from a file only its owner may read (like ssh's keys): refused when group or others can."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise UserError(f"{key}: {path} is readable by group or others (mode {st.st_mode & 0o777:o}); "
+                            f"chmod 600 it (owner: the service user)")
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise UserError(f"{key}: cannot read {path} ({exc.strerror})") from None
+
+
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     """The TLS context the station connects with (and probes with when a handshake fails)."""
     key_password = os.environ.get(tls.keyfile_password_env) if tls.keyfile_password_env else None
@@ -106,6 +119,8 @@ def new_client(client_id: str, url: MqttUrl, cfg: MqttConfig, will_topic: Option
         password = os.environ.get(cfg.password_env)
         if password is None:
             raise UserError(f"mqtt.password_env names {cfg.password_env}, which is not set in the environment")
+    if password is None and cfg.password_file:
+        password = read_secret_file(cfg.password_file, "mqtt.password_file")
     if username:
         client.username_pw_set(username, password)
     if url.tls:

@@ -108,10 +108,18 @@ class Station:
 
     def open_cameras(self) -> None:
         """Open every camera now. A video file that does not open is fatal (a typo); a live camera that is down
-        is waited for with back-off in its thread, or fatal when its ``wait_at_start`` is false."""
+        is waited for with back-off in its thread, or fatal when its ``wait_at_start`` is false. All are opened
+        at once, so a camera that hangs in its open costs its own stale_timeout_s, not the others' start."""
+        opened: dict[str, bool] = {}
+        threads = [threading.Thread(target=lambda c=cam: opened.__setitem__(c.source.cam.id, c.source.open()),
+                                    daemon=True) for cam in self.cameras.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         for cam in self.cameras.values():
             src = cam.source
-            if src.open():
+            if opened.get(src.cam.id):
                 log.info("camera '%s': opened %s (%s)", src.cam.id, src.cam.shown_source,
                          "live" if src.live else "file")
                 continue

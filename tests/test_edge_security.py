@@ -195,3 +195,18 @@ def test_the_shipped_acl_lets_a_station_write_only_its_own_topics(tmp_path: Path
         b.stop()
     assert "anomaly/st-acl/cam0/event" in topics and "anomaly/st-acl/status" in topics
     assert not any(t.startswith("anomaly/st-other/") for t in topics), topics
+
+
+def test_password_from_a_file_only_the_owner_can_read(tmp_path: Path, password_broker: Mosquitto, video: Path,
+                                                      toy_bundle: Path) -> None:
+    secret = tmp_path / "mqtt.password"
+    secret.write_text("s3cret-pw\n")
+    secret.chmod(0o644)
+    cfg = station(tmp_path, "st-pwfile", f"  username: station\n  password_file: {secret}\n")
+    args = ["--config", cfg, "--camera", video, "--engine", toy_bundle, "--mqtt", password_broker.url]
+    proc = run_cli("edge-run", args, cwd=tmp_path)
+    assert proc.returncode == 2 and "is readable by group or others (mode 644); chmod 600 it" in proc.stderr
+    secret.chmod(0o600)
+    proc = run_cli("edge-run", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "s3cret-pw" not in proc.stderr

@@ -121,3 +121,55 @@ mqtt: {{stats_interval_s: 0.2}}
                 proc.kill()
     assert proc.returncode == 0, err
     assert "waiting for it" in err and "Traceback" not in err
+
+
+def test_a_silent_stream_server_costs_only_its_own_camera(tmp_path: Path, mosquitto: str, toy_bundle: Path) -> None:
+    """An RTSP server that accepts the connection and never answers: its camera is abandoned and retried on
+    its own threads; the other camera's file is scored to the end and the run finishes."""
+    import socket
+    import threading
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    video = write_video(tmp_path / "a.avi", [(5, 15)], 200, fps=FPS)
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"""station: st-silent
+state_dir: {tmp_path / 'state'}
+cameras:
+  - id: good
+    source: {video}
+  - id: silent
+    source: rtsp://127.0.0.1:{port}/stream
+    stale_timeout_s: 1.0
+    reopen_initial_s: 0.2
+    reopen_max_s: 0.5
+""", encoding="utf-8")
+    try:
+        t0 = time.monotonic()
+        proc = run_cli("edge-run", ["--config", cfg, "--engine", toy_bundle, "--mqtt", mosquitto,
+                                    "--max-frames", "200"], cwd=tmp_path, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        server.close()
+        for conn in held:
+            conn.close()
+    assert proc.returncode == 0, proc.stderr
+    assert held, "the station never connected to the silent server"
+    assert "camera 'silent': not delivering while the others have finished" in proc.stderr
+    assert "stopped after 200 frames" in proc.stderr
+    assert took < 30, f"the silent camera held the run for {took:.0f} s"
