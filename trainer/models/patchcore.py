@@ -77,7 +77,9 @@ class BankDistance(nn.Module):
 
     ``min_m ||a - b_m||^2 = ||a||^2 + min_m (||b_m||^2 - 2 a.b_m)``: one matmul and one reduction per
     chunk of the bank; features are centred on the bank mean first so the squared norms stay small
-    (less cancellation, FP16-friendlier).
+    (less cancellation, FP16-friendlier). The ``||b_m||^2`` term rides in the matmul (a column of ones on
+    the queries, a row of squared norms under the bank): adding it separately was a second pass over the
+    [N, P, chunk] product, 17 % of a frame's time at 160 px.
     """
 
     mu: torch.Tensor
@@ -90,15 +92,16 @@ class BankDistance(nn.Module):
         self.n_chunks = 0
         for i, start in enumerate(range(0, len(bank), chunk)):
             part = centred[start:start + chunk]
-            self.register_buffer(f"neg2_bank_t{i}", (-2.0 * part.t()).contiguous())
-            self.register_buffer(f"bank_sq{i}", (part * part).sum(1).contiguous())
+            augmented = torch.cat([-2.0 * part.t(), (part * part).sum(1)[None]], 0)  # [C+1, chunk]
+            self.register_buffer(f"bank_aug_t{i}", augmented.contiguous())
             self.n_chunks += 1
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         q = q - self.mu
+        q_aug = torch.cat([q, torch.ones_like(q[..., :1])], -1)  # [..., C+1]
         best: Optional[torch.Tensor] = None
         for i in range(self.n_chunks):
-            part = (torch.matmul(q, getattr(self, f"neg2_bank_t{i}")) + getattr(self, f"bank_sq{i}")).amin(-1)
+            part = torch.matmul(q_aug, getattr(self, f"bank_aug_t{i}")).amin(-1)
             best = part if best is None else torch.minimum(best, part)
         assert best is not None
         return ((q * q).sum(-1) + best).clamp_min(0.0).sqrt()
