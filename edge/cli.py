@@ -106,6 +106,7 @@ def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
 def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """Config + overrides → (config, bundle, publisher, station); every failure is a UserError."""
     from edge.backends import create_backend
+    from edge.batchsize import fastest_batch
     from edge.bundle import load_bundle
     from edge.config import load_station_config
     from edge.health import Metrics, StationGauges
@@ -169,6 +170,10 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         log.info("spool: %d message(s) from earlier runs not yet acknowledged; they are sent first", spool.depth)
     station.end_events_left_open()
     station.open_cameras()
+    if cfg.engine.auto_batch and backend.max_batch > 1:  # after the cheap checks: bad input fails at once
+        chosen = fastest_batch(backend, bundle.input_hw, backend.max_batch)
+        backend.max_batch = station.batcher.max_batch = station.stats.max_batch = chosen
+        cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
     log.info("station '%s': %d camera(s), model %s %s, backend %s, threshold %.6g%s, mqtt %s",
              cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name, threshold,
              " (config override)" if cfg.engine.threshold is not None else "", publisher.url)

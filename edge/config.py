@@ -48,6 +48,7 @@ class EngineConfig:
     backend: str = "auto"
     threshold: Optional[float] = None
     max_batch: int = 8
+    auto_batch: bool = True
     max_wait_ms: float = 20.0
     intra_op_threads: int = 0
     watch_interval_s: float = 2.0

@@ -37,28 +37,34 @@ mqtt: {{stats_interval_s: 0.2}}
 """, encoding="utf-8")
     # FFmpeg probes a pipe for seconds before it opens by default; a camera FIFO is set up like this.
     env = {**os.environ, "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;4096|analyzeduration;0"}
-    with Collector(mosquitto, ["anomaly/st-fifo/#"]) as col:
+    log = tmp_path / "edge-run.log"
+    with Collector(mosquitto, ["anomaly/st-fifo/#"]) as col, open(log, "w") as log_fh:
         proc = subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", toy_bundle,
-                                 "--mqtt", mosquitto], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+                                 "--mqtt", mosquitto], cwd=tmp_path, stderr=log_fh, text=True, env=env)
+
+        def why(what: str) -> str:
+            return f"{what}; stats {camera_stats(col)[-3:]}; log:\n{log.read_text()[-3000:]}"
+
         try:
             assert col.wait_for(lambda ms: any(s["frames_processed"] >= 20 and s["connected"]
-                                               for s in camera_stats(col)), timeout=30), "no frames from the FIFO"
+                                               for s in camera_stats(col)), timeout=30), why("no frames")
             cam.stalled.set()  # the writer goes silent: the station's read blocks for ever
             assert col.wait_for(lambda ms: any(s["stalled"] and not s["connected"] for s in camera_stats(col)),
-                                timeout=15), "stats never said stalled"
+                                timeout=15), why("stats never said stalled")
             before = max(s["frames_processed"] for s in camera_stats(col))
             time.sleep(1.5)  # stay silent through another reopen or two
             cam.stalled.clear()
             assert col.wait_for(lambda ms: any(s["frames_processed"] >= before + 20 and s["connected"]
                                                and not s["stalled"] for s in camera_stats(col)),
-                                timeout=30), "the camera did not resume after the stall"
+                                timeout=30), why("the camera did not resume after the stall")
             proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
+            proc.wait(timeout=30)
         finally:
             cam.stop()
             if proc.poll() is None:
                 proc.kill()
         check_payloads(col)
+    err = log.read_text()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "the read is blocked); abandoning it and reopening" in err, err

@@ -1,0 +1,54 @@
+"""Pick the batch size that is fastest for the backend the station actually runs on.
+
+Per-frame cost depends on the backend, the graph and the machine (on a 2-core CPU a PatchCore graph was
+slower per frame at batch 8 than at 1; a GPU wants large batches), so a fixed number is wrong somewhere.
+At start the backend scores blank frames at each power of two up to the configured maximum; the batch with
+the most frames per second wins, and a smaller one within ``tolerance`` of it is preferred (lower latency).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from edge.backends.base import Backend
+
+log = logging.getLogger("edge.batchsize")
+
+
+def candidate_sizes(max_batch: int) -> list[int]:
+    sizes = [1]
+    while sizes[-1] * 2 <= max_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+def measure(backend: Backend, input_hw: tuple[int, int], sizes: list[int], seconds_each: float) -> dict[int, float]:
+    """Frames per second at each batch size (median of repeated calls on blank frames, after one warm-up)."""
+    rates: dict[int, float] = {}
+    for n in sizes:
+        frames = np.zeros((n, *input_hw, 3), np.uint8)
+        backend.infer(frames)  # warm-up: allocations for this shape
+        times: list[float] = []
+        deadline = time.perf_counter() + seconds_each
+        while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+            t0 = time.perf_counter()
+            backend.infer(frames)
+            times.append(time.perf_counter() - t0)
+        rates[n] = n / float(np.median(times))
+    return rates
+
+
+def fastest_batch(backend: Backend, input_hw: tuple[int, int], max_batch: int, seconds_each: float = 0.3,
+                  tolerance: float = 0.05) -> int:
+    """The batch size to run with; logs what it measured."""
+    rates = measure(backend, input_hw, candidate_sizes(max_batch), seconds_each)
+    best = max(rates.values())
+    chosen = min(n for n, r in rates.items() if r >= best * (1.0 - tolerance))
+    table = ", ".join(f"{n}: {r:.0f}" for n, r in rates.items())
+    log.info("batch size %d: fastest on %s here (frames/s by batch size: %s)", chosen, backend.name, table)
+    return chosen

@@ -1,0 +1,60 @@
+"""The station runs at the batch size that is fastest for its backend, measured at start."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from edge_helpers import run_cli, write_video
+
+from edge.backends.onnxruntime import OrtBackend
+from edge.batchsize import candidate_sizes, fastest_batch
+from edge.bundle import load_bundle
+
+
+class CostPerCall:
+    """A backend whose call costs ``fixed`` s plus ``per_frame(n)`` s a frame: the shapes batch sizes take on
+    CPUs (per-frame cost growing with the batch) and GPUs (a large fixed launch cost)."""
+
+    name = "timed"
+
+    def __init__(self, fixed: float, per_frame: dict[int, float], max_batch: int = 8) -> None:
+        self.fixed, self.per_frame, self.max_batch = fixed, per_frame, max_batch
+
+    def infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(frames)
+        time.sleep(self.fixed + n * self.per_frame[n])
+        return {"score": np.zeros(n, np.float32)}
+
+    def close(self) -> None:
+        pass
+
+
+def test_candidate_sizes() -> None:
+    assert candidate_sizes(1) == [1]
+    assert candidate_sizes(8) == [1, 2, 4, 8]
+    assert candidate_sizes(6) == [1, 2, 4, 6]
+
+
+def test_per_frame_cost_growing_with_the_batch_picks_a_small_batch() -> None:
+    cpu_like = CostPerCall(0.0, {1: 0.004, 2: 0.0041, 4: 0.006, 8: 0.009})
+    assert fastest_batch(cpu_like, (8, 8), 8, seconds_each=0.05) in (1, 2)
+
+
+def test_a_large_fixed_cost_picks_the_largest_batch() -> None:
+    gpu_like = CostPerCall(0.01, {1: 0.0005, 2: 0.0005, 4: 0.0005, 8: 0.0005})
+    assert fastest_batch(gpu_like, (8, 8), 8, seconds_each=0.05) == 8
+
+
+def test_a_real_onnxruntime_backend_gets_a_size_within_its_bound(toy_bundle: Path) -> None:
+    backend = OrtBackend(load_bundle(toy_bundle), max_batch=4)
+    assert fastest_batch(backend, (32, 32), 4, seconds_each=0.05) in (1, 2, 4)
+
+
+def test_edge_run_says_which_batch_size_it_chose(tmp_path: Path, mosquitto: str, toy_bundle: Path) -> None:
+    video = write_video(tmp_path / "v.avi", [], 20)
+    proc = run_cli("edge-run", ["--camera", video, "--engine", toy_bundle, "--mqtt", mosquitto,
+                                "--state-dir", tmp_path / "state"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "fastest on onnxruntime here (frames/s by batch size: 1: " in proc.stderr
