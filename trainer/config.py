@@ -72,7 +72,7 @@ class PatchCoreConfig:
 
     neighbourhood: int = 3
     projection_dim: int = 0
-    coreset_ratio: float = 0.1
+    coreset_ratio: float = 0.025
     coreset_projection_dim: int = 128
     max_bank_size: int = 20000
     blur_sigma: float = 4.0

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from edge.errors import UserError
 from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
@@ -153,15 +154,25 @@ def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int, generato
     min_d = x_sq - 2.0 * (x @ x[start]) + x_sq[start]
     dist = torch.empty_like(min_d)
     t0 = time.monotonic()
-    for i in range(1, n):
-        idx = int(torch.argmax(min_d))
-        chosen[i] = idx
-        torch.mv(x, x[idx], out=dist)  # one mat-vec per pick instead of materialising (x - x[idx])
-        dist.mul_(-2.0).add_(x_sq).add_(x_sq[idx])
-        torch.minimum(min_d, dist, out=min_d)
-        if time.monotonic() - t0 > 10:
-            log(f"coreset: {i}/{n} selected")
-            t0 = time.monotonic()
+    # Each pick is one memory-bound O(N*d) pass: a second thread buys nothing, and under contention (a busy
+    # station PC, a nightly job beside others) two threads made each pick 3-4x slower than one.
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tqdm(total=n, initial=1, desc="coreset", unit="pick", disable=None, mininterval=1.0,
+                  leave=False) as bar:
+            for i in range(1, n):
+                idx = int(torch.argmax(min_d))
+                chosen[i] = idx
+                torch.mv(x, x[idx], out=dist)  # one mat-vec per pick instead of materialising (x - x[idx])
+                dist.mul_(-2.0).add_(x_sq).add_(x_sq[idx])
+                torch.minimum(min_d, dist, out=min_d)
+                bar.update(1)
+                if bar.disable and time.monotonic() - t0 > 10:  # no terminal: a log line now and then instead
+                    log(f"coreset: {i}/{n} selected")
+                    t0 = time.monotonic()
+    finally:
+        torch.set_num_threads(previous_threads)
     return chosen
 
 
