@@ -216,6 +216,7 @@ class StationPublisher:
         self._refusal: Optional[str] = None  # the last refusal/TLS cause reported (each is said once)
         self._last_stats: Optional[bytes] = None
         self.reconnects = 0
+        self.publish_seconds = 0.0  # time in client.publish on the sender thread (benchmarks/pipeline.py)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool-sender", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -302,7 +303,9 @@ class StationPublisher:
                 after = self._handed
             batch = self.spool.pending(after, room) if self.connected and room > 0 else []
             for msg in batch:
+                t0 = time.perf_counter()
                 info = self.client.publish(msg.topic, msg.payload, qos=1, retain=False)
+                self.publish_seconds += time.perf_counter() - t0
                 if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                     log.error("MQTT: message on %s not queued (%s); kept in the spool", msg.topic,
                               mqtt.error_string(info.rc))

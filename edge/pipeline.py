@@ -31,7 +31,7 @@ from edge.health import Metrics, SystemdNotifier
 from edge.mqtt import StationPublisher
 from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure, iso_utc, resize_frame
 from edge.spool import Spool
-from edge.stats import CameraStats, StationStats
+from edge.stats import CameraStats, StageClock, StationStats
 from edge.swap import BundleWatcher
 
 log = logging.getLogger("edge.pipeline")
@@ -82,13 +82,14 @@ class Station:
         self.max_frames = max_frames
         self.stop_event = threading.Event()
         self.stats = StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, backend.max_batch)
+        self.clock = StageClock()
         self.rule = EventRule(threshold=threshold, baseline=bundle.score_baseline, **dataclasses.asdict(cfg.events))
         cond = threading.Condition()
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:
             queue = FrameQueue(cam_cfg.queue_size, cond)
             src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=cfg.mqtt.snapshots,
-                               resize=bundle.input_resize)
+                               resize=bundle.input_resize, clock=self.clock)
             if not src.live:
                 src.max_frames = max_frames  # a file reads exactly what will be processed
             stats = CameraStats(cam_cfg.id, captured=partial(getattr, src, "captured"),
@@ -152,7 +153,9 @@ class Station:
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         try:
             while not self.stop_event.is_set():
+                t0 = time.perf_counter()
                 batch = self.batcher.next_batch(self.stop_event)
+                self.clock.add("queue_wait", time.perf_counter() - t0)
                 if batch:
                     self._process(batch)
                 ready = self.watcher.take_ready() if self.watcher is not None else None
@@ -208,6 +211,8 @@ class Station:
         t0 = time.perf_counter()
         out = self.backend.infer(frames)
         elapsed = time.perf_counter() - t0
+        self.clock.add("inference", elapsed)
+        t_events = time.perf_counter()
         self.stats.add_batch(len(batch), elapsed * 1000.0)
         if self.metrics is not None:
             self.metrics.inference_seconds.observe(elapsed)
@@ -242,6 +247,7 @@ class Station:
             if self.max_frames is not None and cam.stats.processed >= self.max_frames:
                 cam.done = True
                 cam.source.stop()
+        self.clock.add("events", time.perf_counter() - t_events)  # event logic, spool writes included
 
     def _track_peak(self, cam: _Camera, was_open: bool) -> None:
         peak_frame = cam.detector.peak_frame
@@ -258,7 +264,9 @@ class Station:
                                  threshold=self.threshold, model=self.bundle.model_name,
                                  model_version=self.bundle.version, backend=self.backend.name)
 
+        t0 = time.perf_counter()
         payload = self.spool.add_event(f"{self.publisher.base}/{cam_id}/event", cam_id, make)
+        self.clock.add("spool", time.perf_counter() - t0)
         self.publisher.wake()
         if self.metrics is not None:
             self.metrics.events.labels(cam_id, t.type).inc()

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from edge.bundle import DEFAULT_RESIZE, RESIZE_MODES  # noqa: E402
 from edge.config import CameraConfig  # noqa: E402
 from edge.errors import UserError  # noqa: E402
+from edge.stats import StageClock  # noqa: E402
 
 with contextlib.suppress(AttributeError):  # cv2 may have been imported before our env default applied
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -245,7 +246,8 @@ class CameraSource:
 
     def __init__(self, cam: CameraConfig, input_hw: tuple[int, int], queue: FrameQueue,
                  max_frames: Optional[int] = None, keep_original: bool = False,
-                 on_frame: Optional[Callable[[], None]] = None, resize: str = DEFAULT_RESIZE) -> None:
+                 on_frame: Optional[Callable[[], None]] = None, resize: str = DEFAULT_RESIZE,
+                 clock: Optional[StageClock] = None) -> None:
         if resize not in RESIZE_MODES:  # here, not in the capture thread where it could only be logged
             raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
         self.cam = cam
@@ -268,6 +270,7 @@ class CameraSource:
         self._fps = FILE_FPS_FALLBACK
         self._t0 = time.time()
         self._on_frame = on_frame
+        self.clock = clock or StageClock()
 
     # -- opening -------------------------------------------------------------------------------
     def open(self) -> bool:
@@ -411,7 +414,9 @@ class CameraSource:
                 if self.max_frames is not None and self.captured >= self.max_frames:
                     outcome["how"] = "max_frames"
                     return
+                t0 = time.perf_counter()
                 ok, image = cap.read()
+                self.clock.add("decode", time.perf_counter() - t0)
                 if attempt.abandoned:
                     return  # the supervisor has moved on: this frame is stale, and no longer ours to deliver
                 if not ok or image is None:
@@ -428,7 +433,10 @@ class CameraSource:
         self.stalled = False
         self.down_since = None
         ts = self._t0 + index / self._fps if not self.live else time.time()
-        frame = Frame(camera=self.cam.id, index=index, ts=ts, image=resize_frame(image, self.input_hw, self.resize),
+        t0 = time.perf_counter()
+        fitted = resize_frame(image, self.input_hw, self.resize)
+        self.clock.add("resize", time.perf_counter() - t0)
+        frame = Frame(camera=self.cam.id, index=index, ts=ts, image=fitted,
                       original=image if self.keep_original else None, t_capture=t_capture)
         self.captured += 1
         if self._on_frame is not None:

@@ -38,6 +38,23 @@ class Reservoir:
         return len(self._values)
 
 
+class StageClock:
+    """Seconds spent per pipeline stage (decode, resize, queue wait, inference, events, spool, publish), summed
+    over the run; read by benchmarks/pipeline.py to show where a frame's time goes and what overlaps."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
+
+
 class Rate:
     """Events per second between two ``snapshot`` calls (the stats interval)."""
 

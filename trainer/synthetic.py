@@ -248,17 +248,18 @@ def make_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 10, n_t
 
 
 def write_clip(path: str | Path, size: Size, n_frames: int, defects: Sequence[tuple[int, int]],
-               fps: float = 10.0, seed: int = 0, kinds: Sequence[str] = DEFECT_KINDS) -> Path:
+               fps: float = 10.0, seed: int = 0, kinds: Sequence[str] = DEFECT_KINDS, codec: str = "FFV1") -> Path:
     """A video of parts passing the camera; frames in any [start, stop) of ``defects`` carry a defect.
 
-    Lossless (FFV1): the model learns from PNG images, and a lossy codec alone shifts the scores of good
-    parts. On a station, train on frames captured through the station's own camera and codec.
+    Lossless (FFV1) by default: the model learns from PNG images, and a lossy codec alone shifts the scores of
+    good parts. On a station, train on frames captured through the station's own camera and codec.
+    ``codec="MJPG"`` gives what most USB cameras send (for speed measurements: FFV1 decodes far slower).
     """
     path = Path(path)
     h, w = _hw(size)
-    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter.fourcc(*"FFV1"), fps, (w, h))
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter.fourcc(*codec), fps, (w, h))
     if not writer.isOpened():
-        raise RuntimeError(f"{path}: OpenCV cannot write FFV1 video here (no FFmpeg backend)")
+        raise RuntimeError(f"{path}: OpenCV cannot write {codec} video here (no FFmpeg backend)")
     rng = np.random.default_rng(seed)
     try:
         for i in range(n_frames):
