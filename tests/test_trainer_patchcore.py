@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -128,3 +129,17 @@ def test_greedy_coreset_is_farthest_point() -> None:
         min_d = torch.minimum(min_d, ((x - x[j]) ** 2).sum(1))
     assert got == expected
     assert len(set(got)) == 50
+
+
+def test_coreset_candidates_bound_the_selection(tmp_path: Path) -> None:
+    """Greedy selection costs picks x candidates: with a cap, only a seeded random subset of the patches is
+    searched, and the bank comes from it (fit time stays bounded as the data grows)."""
+    root = make_dataset(tmp_path / "ds", n_train=6, n_test_good=0, n_test_defect=0, size=64, seed=3)
+    cfg = _config()
+    cfg.input.height = cfg.input.width = 64
+    cfg.patchcore.coreset_ratio = 0.5
+    cfg.patchcore.coreset_candidates = 300
+    model = create_model("patchcore", cfg)
+    info = model.fit(TrainingData(fit_paths=train_paths(root), holdout_paths=[], hw=(64, 64)))
+    assert info["n_patches"] > 300 and info["coreset_candidates"] == 300
+    assert info["bank_size"] == 300  # ratio x all patches, but never more than the candidates

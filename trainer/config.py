@@ -75,6 +75,7 @@ class PatchCoreConfig:
     coreset_ratio: float = 0.025
     coreset_projection_dim: int = 128
     max_bank_size: int = 20000
+    coreset_candidates: int = 200000
     blur_sigma: float = 4.0
 
     def validate(self) -> None:
@@ -84,6 +85,8 @@ class PatchCoreConfig:
             raise ValueError("patchcore.coreset_ratio must be in (0, 1]")
         if self.projection_dim < 0 or self.coreset_projection_dim < 0:
             raise ValueError("patchcore projection dims must be >= 0 (0 = off)")
+        if self.coreset_candidates < 0:
+            raise ValueError("patchcore.coreset_candidates must be >= 0 (0 = every patch)")
         if self.max_bank_size < 1 or self.blur_sigma < 0:
             raise ValueError("patchcore.max_bank_size must be >= 1 and blur_sigma >= 0")
 
