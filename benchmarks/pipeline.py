@@ -102,14 +102,17 @@ def naive(clip: Path, module: Any, hw: tuple[int, int], limit: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads: int) -> dict[str, Any]:
-    """The station exactly as edge-run builds it (edge.cli), run in this process so its clocks can be read."""
+def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads: int,
+             cameras: int = 1) -> dict[str, Any]:
+    """The station exactly as edge-run builds it (edge.cli), run in this process so its clocks can be read;
+    ``cameras`` copies of the clip, one camera each."""
     from edge.cli import _build, run_parser
 
-    cfg_path = work / "station.yaml"
-    cfg_path.write_text(f"station: bench\nstate_dir: {work / 'state'}\nmqtt: {{stats_interval_s: 1}}\n"
+    cfg_path = work / f"station-{cameras}.yaml"
+    cfg_path.write_text(f"station: bench{cameras}\nstate_dir: {work / 'state'}\nmqtt: {{stats_interval_s: 1}}\n"
                         f"engine: {{intra_op_threads: {threads}}}\n")
-    args = run_parser().parse_args(["--config", str(cfg_path), "--camera", str(clip), "--engine", str(bundle_dir),
+    camera_args = [a for i in range(cameras) for a in ("--camera", f"cam{i}={clip}")]
+    args = run_parser().parse_args(["--config", str(cfg_path), *camera_args, "--engine", str(bundle_dir),
                                     "--mqtt", broker_url, "--log-level", "WARNING"])
     t_start = time.perf_counter()
     cfg, bundle, publisher, station = _build(args)
@@ -140,6 +143,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per raw batch size (default 3)")
     ap.add_argument("--codec", default="MJPG", help="clip codec: MJPG (what USB cameras send, default) or FFV1")
     ap.add_argument("--threads", type=int, default=0, help="edge-run's engine.intra_op_threads (0 = its default)")
+    ap.add_argument("--cameras", default="1", help="comma-separated camera counts for a scaling table (e.g. 1,2,4)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -168,6 +172,8 @@ def main() -> int:
         raw = raw_backend(bundle_dir, frames, [1, 2, 4, 8], args.seconds)
         station = edge_run(clip, bundle_dir, work, broker.url, args.threads)
         base = naive(clip, module, bundle.input_hw, args.frames)
+        counts = [int(c) for c in args.cameras.split(",") if int(c) > 1]
+        scaling = {c: edge_run(clip, bundle_dir, work, broker.url, args.threads, cameras=c) for c in counts}
     finally:
         broker.stop()
     best = max(raw.values())
@@ -178,7 +184,10 @@ def main() -> int:
                            if k != "stages_s"},
               "stages_s": {k: round(v, 3) for k, v in station["stages_s"].items()},
               "efficiency": round(station["fps"] / best, 3), "naive_fps": round(base, 1),
-              "vs_naive": round(station["fps"] / base, 2)}
+              "vs_naive": round(station["fps"] / base, 2),
+              "cameras": {str(c): {"fps_total": round(r["fps"], 1), "batch": r["batch"],
+                                   "latency_p50_ms": r["latency_p50_ms"], "latency_p99_ms": r["latency_p99_ms"]}
+                          for c, r in [(1, station), *scaling.items()]}}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -195,6 +204,10 @@ def main() -> int:
     print("seconds per stage over the run (" + f"{e['seconds']:.2f} s wall; stages on other threads overlap):")
     for k, v in result["stages_s"].items():
         print(f"  {k:<12}{v:8.3f}")
+    if scaling:
+        print("cameras (each the clip, read as fast as it decodes): frames/s in all, batch, latency p50 / p99 ms")
+        for c, r in result["cameras"].items():
+            print(f"  {c:>3}  {r['fps_total']:8.1f}  {r['batch']:>3}  {r['latency_p50_ms']} / {r['latency_p99_ms']}")
     return 0
 
 
