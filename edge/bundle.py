@@ -174,6 +174,16 @@ def promote(bundle_dir: Path) -> None:
     atomic_write_text(bundle_dir.parent / CURRENT, bundle_dir.name + "\n")
 
 
+def read_current(model_dir: Path) -> str:
+    """The version name in ``model_dir/current``; one BundleError line when it cannot be read."""
+    current = model_dir / CURRENT
+    try:
+        return current.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{current}: unreadable ({type(exc).__name__}); it must hold one version folder "
+                          "name; re-promote a version") from None
+
+
 def resolve_bundle_dir(ref: str | Path, engines_root: Path | None = None) -> Path:
     """A bundle folder, a model folder (its ``current``), or a model name under ``engines_root``."""
     path = Path(ref)
@@ -186,11 +196,7 @@ def resolve_bundle_dir(ref: str | Path, engines_root: Path | None = None) -> Pat
         return path
     current = path / CURRENT
     if current.is_file():
-        try:
-            version = current.read_bytes().decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{current}: unreadable ({type(exc).__name__}); it must hold one version folder "
-                              "name; re-promote a version") from None
+        version = read_current(path)
         if not _VERSION_RE.match(version) or not (path / version).is_dir():
             raise BundleError(f"{current}: names version '{version}', which is not a folder here; "
                               "re-promote a version or retrain")

@@ -109,8 +109,10 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def new_client(client_id: str, url: MqttUrl, cfg: MqttConfig, will_topic: Optional[str] = None) -> mqtt.Client:
-    """A paho v2 MQTT 5 client with credentials and TLS from URL + config (password possibly from the env)."""
+def new_client(client_id: str, url: MqttUrl, cfg: MqttConfig, will_topic: Optional[str] = None,
+               context: Optional[ssl.SSLContext] = None) -> mqtt.Client:
+    """A paho v2 MQTT 5 client with credentials and TLS from URL + config (password possibly from the env);
+    ``context``: the TLS context to use (built from ``cfg.tls`` when not given)."""
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5)
     username = url.username or cfg.username
@@ -124,7 +126,7 @@ def new_client(client_id: str, url: MqttUrl, cfg: MqttConfig, will_topic: Option
     if username:
         client.username_pw_set(username, password)
     if url.tls:
-        client.tls_set_context(tls_context(cfg.tls))
+        client.tls_set_context(context or tls_context(cfg.tls))
     if will_topic:
         client.will_set(will_topic, "offline", qos=1, retain=True)
     return client
@@ -193,7 +195,10 @@ class StationPublisher:
         self.url = parse_mqtt_url(url or cfg.url)
         self.base = f"{cfg.prefix}/{station}"
         self.status_topic = f"{self.base}/status"
-        self.client = new_client(cfg.client_id or f"edge-{station}", self.url, cfg, will_topic=self.status_topic)
+        # built once: the connection and the probe that explains a failed handshake use the same one
+        self._tls = tls_context(cfg.tls) if self.url.tls else None
+        self.client = new_client(cfg.client_id or f"edge-{station}", self.url, cfg, will_topic=self.status_topic,
+                                 context=self._tls)
         self.client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self.client.max_inflight_messages_set(cfg.max_inflight)
         self.client.on_connect = self._on_connect
@@ -245,6 +250,10 @@ class StationPublisher:
     def pending(self) -> int:
         """Messages in the spool, not yet acknowledged by the broker (the stats' spool_depth)."""
         return self.spool.depth
+
+    def topic(self, camera: str, kind: str) -> str:
+        """``{prefix}/{station}/{camera}/{kind}`` (kind: event or snapshot)."""
+        return f"{self.base}/{camera}/{kind}"
 
     def wake(self) -> None:
         """Something new is in the spool."""
@@ -363,9 +372,7 @@ class StationPublisher:
             self._report_outage(f"disconnected ({reason_code})")
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        why = None
-        if self.url.tls:
-            why = describe_tls_failure(self.url, tls_context(self.cfg.tls))
+        why = describe_tls_failure(self.url, self._tls) if self._tls is not None else None
         if why:
             self._refused(why)
         else:

@@ -136,7 +136,7 @@ class Station:
         for camera, last in left:
             def make(seq: int, last: dict = last) -> dict:
                 return {**last, "type": "end", "seq": seq, "reason": "restart"}
-            payload = self.spool.add_event(f"{self.publisher.base}/{camera}/event", camera, make)
+            payload = self.spool.add_event(self.publisher.topic(camera, "event"), camera, make)
             log.info("event end (restart) camera '%s' seq %d: event %s was open when the last run stopped",
                      camera, payload["seq"], payload["event_id"])
         if left:
@@ -265,7 +265,7 @@ class Station:
                                  model_version=self.bundle.version, backend=self.backend.name)
 
         t0 = time.perf_counter()
-        payload = self.spool.add_event(f"{self.publisher.base}/{cam_id}/event", cam_id, make)
+        payload = self.spool.add_event(self.publisher.topic(cam_id, "event"), cam_id, make)
         self.clock.add("spool", time.perf_counter() - t0)
         self.publisher.wake()
         if self.metrics is not None:
@@ -279,7 +279,7 @@ class Station:
                 _, image, amap = cam.peak
                 jpeg = render_snapshot(image, amap)
                 if jpeg:
-                    self.spool.add(f"{self.publisher.base}/{cam_id}/snapshot", jpeg)
+                    self.spool.add(self.publisher.topic(cam_id, "snapshot"), jpeg)
                     self.publisher.wake()
             cam.peak = None
 

@@ -27,7 +27,6 @@ import numpy as np  # noqa: E402
 
 from edge.bundle import DEFAULT_RESIZE, RESIZE_MODES  # noqa: E402
 from edge.config import CameraConfig  # noqa: E402
-from edge.errors import UserError  # noqa: E402
 from edge.stats import StageClock  # noqa: E402
 
 with contextlib.suppress(AttributeError):  # cv2 may have been imported before our env default applied
@@ -306,10 +305,6 @@ class CameraSource:
             self._fps = fps if fps and 0 < fps < 1000 else FILE_FPS_FALLBACK
             self._t0 = time.time()
         return cap
-
-    def open_or_raise(self) -> None:
-        if not self.open():
-            raise UserError(describe_open_failure(self.cam))
 
     def start(self) -> None:
         self._thread.start()

@@ -15,18 +15,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from edge.backends.base import Backend
-from edge.bundle import CURRENT, Bundle, load_bundle
-from edge.errors import UserError
+from edge.bundle import Bundle, load_bundle, read_current
+from edge.errors import BundleError, UserError
 
 log = logging.getLogger("edge.swap")
-
-
-def read_current(model_dir: Path) -> Optional[str]:
-    """The version ``current`` names, or None when it cannot be read (the loader then says why)."""
-    try:
-        return (model_dir / CURRENT).read_bytes().decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
 
 
 class BundleWatcher:
@@ -78,7 +70,10 @@ class BundleWatcher:
                 return
             with self._lock:
                 forced, self._forced = self._forced, False
-            version = read_current(self.model_dir)
+            try:
+                version: Optional[str] = read_current(self.model_dir)
+            except BundleError:
+                version = None  # the loader says why when asked to load it
             if version is None and not forced:
                 continue
             if version == self._known and not forced:
