@@ -78,6 +78,8 @@ class CameraConfig:
     reopen_initial_s: float = 0.5
     reopen_max_s: float = 30.0
     wait_at_start: bool = True
+    reduced_decode: bool = True
+    max_fps: Optional[float] = None
 
     @property
     def shown_source(self) -> str:
@@ -93,6 +95,8 @@ class CameraConfig:
         if self.stale_timeout_s <= 0 or self.reopen_initial_s <= 0 or self.reopen_max_s < self.reopen_initial_s:
             raise ValueError(f"camera {self.id!r}: stale_timeout_s and reopen_initial_s must be > 0 and "
                              "reopen_max_s >= reopen_initial_s")
+        if self.max_fps is not None and self.max_fps <= 0:
+            raise ValueError(f"camera {self.id!r}: max_fps must be greater than 0 (or null: every frame)")
 
 
 @dataclass

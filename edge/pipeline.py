@@ -42,8 +42,8 @@ class _Camera:
     source: CameraSource
     detector: EventDetector
     stats: CameraStats
-    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # (index, image, map) for snapshots
-    peak: Optional[tuple[int, np.ndarray, Optional[np.ndarray]]] = None
+    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # (index, frame, map) for snapshots
+    peak: Optional[tuple[int, Frame, Optional[np.ndarray]]] = None
     done: bool = False
     bad_scores: int = 0
 
@@ -232,8 +232,7 @@ class Station:
                                 "are skipped", f.camera, f.index)
             else:
                 if self.cfg.mqtt.snapshots:
-                    image = f.original if f.original is not None else f.image
-                    cam.recent.append((f.index, image, None if maps is None else maps[i]))
+                    cam.recent.append((f.index, f, None if maps is None else maps[i]))
                 was_open = cam.detector.is_open
                 transitions = cam.detector.feed(f.index, f.ts, score)
                 if self.cfg.mqtt.snapshots and cam.detector.is_open:
@@ -276,8 +275,8 @@ class Station:
                  t.frame, t.score, t.peak_score)
         if t.type == "end" and self.cfg.mqtt.snapshots:
             if cam.peak is not None:
-                _, image, amap = cam.peak
-                jpeg = render_snapshot(image, amap)
+                _, frame, amap = cam.peak
+                jpeg = render_snapshot(frame.snapshot_image(), amap)
                 if jpeg:
                     self.spool.add(self.publisher.topic(cam_id, "snapshot"), jpeg)
                     self.publisher.wake()

@@ -40,7 +40,7 @@ FILE_FPS_FALLBACK = 25.0
 
 @dataclass
 class Frame:
-    """One captured frame: the resized model input, and the original kept for snapshots."""
+    """One captured frame: the resized model input, and what a snapshot needs (the original, or its JPEG)."""
 
     camera: str
     index: int
@@ -48,6 +48,15 @@ class Frame:
     image: np.ndarray  # uint8 BGR [H, W, 3] at the model's input size
     original: Optional[np.ndarray] = None
     t_capture: float = field(default_factory=time.monotonic)  # for end-to-end latency
+    packet: Optional[np.ndarray] = None  # the compressed JPEG, when capture decoded it at reduced scale
+
+    def snapshot_image(self) -> np.ndarray:
+        """The frame at camera resolution: decoded from its JPEG only now (a snapshot is rare, frames are not)."""
+        if self.packet is not None:
+            full = cv2.imdecode(self.packet, cv2.IMREAD_COLOR)
+            if full is not None:
+                return full
+        return self.original if self.original is not None else self.image
 
 
 def source_kind(source: str) -> str:
@@ -100,6 +109,32 @@ def describe_open_failure(cam: CameraConfig) -> str:
     return f"camera '{cam.id}': cannot open {cam.shown_source} ({hint})"
 
 
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def reduced_decode_flag(frame_hw: tuple[int, int], input_hw: tuple[int, int]) -> int:
+    """The cv2.imdecode flag that decodes a JPEG at the smallest DCT scale (1/8, 1/4, 1/2) that still covers the
+    model input in both dimensions, so resizing from it never enlarges; IMREAD_COLOR (full size) otherwise."""
+    for factor, flag in _REDUCED_FLAGS:
+        if frame_hw[0] // factor >= input_hw[0] and frame_hw[1] // factor >= input_hw[1]:
+            return flag
+    return cv2.IMREAD_COLOR
+
+
+def compressed_packets(cap: cv2.VideoCapture) -> bool:
+    """Switch an FFmpeg capture of an MJPEG stream to its compressed packets (each one a JPEG); False, and the
+    capture unchanged, for anything else (other codecs, backends that cannot hand out packets)."""
+    try:
+        if cap.getBackendName() != "FFMPEG":
+            return False
+        fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("latin-1")
+        if fourcc.upper() not in ("MJPG", "MJPEG", "JPEG"):
+            return False
+        return bool(cap.set(cv2.CAP_PROP_FORMAT, -1)) and cap.get(cv2.CAP_PROP_FORMAT) == -1
+    except (cv2.error, OverflowError):
+        return False
+
+
 def _scale(image: np.ndarray, h: int, w: int) -> np.ndarray:
     """cv2.resize to h×w: area interpolation when shrinking (no aliasing), linear otherwise."""
     if image.shape[0] == h and image.shape[1] == w:
@@ -150,6 +185,41 @@ def iso_utc(ts: float) -> str:
     """ISO-8601 UTC with milliseconds and a 'Z', as every payload carries it."""
     t = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+class FramePace:
+    """``max_fps`` for one reader: a live source is read at its own rate and frames in between are skipped
+    (``skip``); a video file is read at the rate instead (``wait``), as a camera would deliver it."""
+
+    _STEP_S = 0.5  # a long wait is taken in steps, each reported as "still here" to the stall watchdog
+
+    def __init__(self, max_fps: Optional[float], skip: bool) -> None:
+        self.interval = 1.0 / max_fps if max_fps else 0.0
+        self.skip = skip
+        self.next_due = time.monotonic()
+
+    def wait(self, stop: threading.Event, still_here: Callable[[], None]) -> bool:
+        """Before a read: sleep until the next frame is due (files only); False when stopped meanwhile."""
+        if not self.interval or self.skip:
+            return True
+        while True:
+            delay = self.next_due - time.monotonic()
+            if delay <= 0:
+                return True
+            if stop.wait(min(delay, self._STEP_S)):
+                return False
+            still_here()
+
+    def take(self) -> bool:
+        """After a read: True when this frame is to be delivered (and the next one is scheduled)."""
+        if not self.interval:
+            return True
+        now = time.monotonic()
+        if self.skip and now < self.next_due:
+            return False
+        # The next slot one interval on; after a long gap restart from now instead of bursting to catch up.
+        self.next_due = self.next_due + self.interval if now - self.next_due < self.interval else now + self.interval
+        return True
 
 
 class FrameQueue:
@@ -270,6 +340,7 @@ class CameraSource:
         self._t0 = time.time()
         self._on_frame = on_frame
         self.clock = clock or StageClock()
+        self._undecodable = 0
 
     # -- opening -------------------------------------------------------------------------------
     def open(self) -> bool:
@@ -404,24 +475,53 @@ class CameraSource:
         """The reader thread: the only thread that uses (and finally releases) this capture."""
         cap = attempt.cap
         assert cap is not None
+        packets = self.cam.reduced_decode and compressed_packets(cap)
+        full_hw: Optional[tuple[int, int]] = None  # a packet stream's frame size, learnt from its first frame
+        pace = FramePace(self.cam.max_fps, skip=source_kind(self.cam.source) != "file")
         try:
             while not self._stop.is_set():
                 if self.max_frames is not None and self.captured >= self.max_frames:
                     outcome["how"] = "max_frames"
                     return
+                if not pace.wait(self._stop, self._still_here):
+                    return
                 t0 = time.perf_counter()
-                ok, image = cap.read()
-                self.clock.add("decode", time.perf_counter() - t0)
+                ok, data = cap.read()
                 if attempt.abandoned:
                     return  # the supervisor has moved on: this frame is stale, and no longer ours to deliver
-                if not ok or image is None:
+                if not ok or data is None:
+                    self.clock.add("decode", time.perf_counter() - t0)
                     outcome["how"] = "end" if not self.live else "failed"
                     return
-                self._deliver(image, time.monotonic())
+                self.last_frame = time.monotonic()  # the source delivers, whether or not this frame is skipped
+                if not pace.take():
+                    continue
+                packet = None
+                if packets:
+                    packet = data.reshape(-1)
+                    flag = cv2.IMREAD_COLOR if full_hw is None else reduced_decode_flag(full_hw, self.input_hw)
+                    image = cv2.imdecode(packet, flag)
+                    if image is None:
+                        self.clock.add("decode", time.perf_counter() - t0)
+                        self._undecodable += 1
+                        if self._undecodable == 1:
+                            log.warning("camera '%s': a frame's JPEG could not be decoded; such frames are skipped",
+                                        self.cam.id)
+                        continue
+                    if full_hw is None:
+                        full_hw = (int(image.shape[0]), int(image.shape[1]))
+                else:
+                    image = data
+                self.clock.add("decode", time.perf_counter() - t0)
+                self._deliver(image, time.monotonic(), packet)
         finally:
             cap.release()
 
-    def _deliver(self, image: np.ndarray, t_capture: float) -> None:
+    def _still_here(self) -> None:
+        """Called while a paced reader waits on purpose: a wait is not a stall."""
+        self.last_frame = time.monotonic()
+
+    def _deliver(self, image: np.ndarray, t_capture: float, packet: Optional[np.ndarray] = None) -> None:
         index = self.captured
         self.last_frame = t_capture
         self.connected = True
@@ -431,8 +531,10 @@ class CameraSource:
         t0 = time.perf_counter()
         fitted = resize_frame(image, self.input_hw, self.resize)
         self.clock.add("resize", time.perf_counter() - t0)
+        keep_packet = self.keep_original and packet is not None
         frame = Frame(camera=self.cam.id, index=index, ts=ts, image=fitted,
-                      original=image if self.keep_original else None, t_capture=t_capture)
+                      original=image if self.keep_original and not keep_packet else None, t_capture=t_capture,
+                      packet=packet.copy() if keep_packet and packet is not None else None)
         self.captured += 1
         if self._on_frame is not None:
             self._on_frame()
