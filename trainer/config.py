@@ -120,7 +120,7 @@ class ExportConfig:
 
     opset: int = 17
     max_batch: int = 16
-    max_distance_elements: int = 33554432
+    max_distance_elements: int = 2097152
     fp16: bool = True
 
     def validate(self) -> None:
