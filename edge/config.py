@@ -51,6 +51,7 @@ class EngineConfig:
     auto_batch: bool = True
     max_wait_ms: float = 20.0
     intra_op_threads: int = 0
+    intra_op_spinning: bool = False
     watch_interval_s: float = 2.0
 
     def validate(self) -> None:

@@ -61,3 +61,13 @@ def test_edge_never_imports_torch(tmp_path: Path) -> None:
             "bad = [m for m in ('torch', 'trainer', 'tensorrt', 'pycuda') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_ort_workers_sleep_between_batches_unless_asked_to_spin(toy_bundle: Path) -> None:
+    def spinning(backend: Backend) -> str:
+        assert isinstance(backend, OrtBackend)
+        return str(backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+
+    bundle = load_bundle(toy_bundle)
+    assert spinning(create_backend("onnxruntime", bundle)) == "0"  # the capture threads keep their core
+    assert spinning(create_backend("onnxruntime", bundle, spinning=True)) == "1"

@@ -45,7 +45,8 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
-def create_backend(name: str, bundle: Bundle, max_batch: int = 8, intra_op_threads: int = 0) -> Backend:
+def create_backend(name: str, bundle: Bundle, max_batch: int = 8, intra_op_threads: int = 0,
+                   spinning: bool = False) -> Backend:
     """Build the named backend ('auto', 'onnxruntime', 'tensorrt') for ``bundle``."""
     chosen = resolve_backend_name(name)
     if chosen == "tensorrt":
@@ -53,4 +54,4 @@ def create_backend(name: str, bundle: Bundle, max_batch: int = 8, intra_op_threa
         return module.TensorRTBackend(bundle, max_batch=max_batch)  # type: ignore[no-any-return]
     from edge.backends.onnxruntime import OrtBackend
 
-    return OrtBackend(bundle, max_batch=max_batch, intra_op_threads=intra_op_threads)
+    return OrtBackend(bundle, max_batch=max_batch, intra_op_threads=intra_op_threads, spinning=spinning)

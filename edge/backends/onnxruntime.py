@@ -36,7 +36,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, model: Bundle | str | Path, max_batch: int = 8, intra_op_threads: int = 0,
-                 providers: Optional[Sequence[str]] = None, warmup: bool = True) -> None:
+                 providers: Optional[Sequence[str]] = None, warmup: bool = True, spinning: bool = False) -> None:
         import onnxruntime as ort
 
         if isinstance(model, Bundle):
@@ -52,6 +52,10 @@ class OrtBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads or default_threads()
         opts.inter_op_num_threads = 1
+        # ONNX Runtime's workers busy-wait between operators by default. A station's CPU also decodes and resizes
+        # frames: a spinning worker takes that core between batches (one 30 fps camera cost 120 % CPU), so they
+        # sleep unless asked to spin (engine.intra_op_spinning).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: warnings would drown the station's own log
