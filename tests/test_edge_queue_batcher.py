@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -99,3 +100,23 @@ def test_source_kinds_and_helpers() -> None:
     out = resize_frame(np.full((48, 64), 7, np.uint8), (12, 16))
     assert out.shape == (12, 16, 3) and out.dtype == np.uint8
     assert iso_utc(0.0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_a_batch_waits_only_for_cameras_not_yet_in_it() -> None:
+    # One camera: its next frame is a frame interval away, so a batch goes out at once, however long max_wait.
+    q = FrameQueue(10)
+    q.put(frame("c", 0))
+    t0 = time.monotonic()
+    assert [f.index for f in Batcher([q], max_batch=8, max_wait_ms=5000).next_batch()] == [0]
+    assert time.monotonic() - t0 < 2.0
+    # Two cameras: the batch waits for the second one's frame (within max_wait), then goes out without more.
+    cond = threading.Condition()
+    qa, qb = FrameQueue(10, cond), FrameQueue(10, cond)
+    qa.put(frame("a", 0))
+    later = threading.Timer(0.1, lambda: qb.put(frame("b", 0)))
+    later.start()
+    t0 = time.monotonic()
+    batch = Batcher([qa, qb], max_batch=8, max_wait_ms=5000).next_batch()
+    later.join()
+    assert sorted(f.camera for f in batch) == ["a", "b"]
+    assert time.monotonic() - t0 < 2.0
