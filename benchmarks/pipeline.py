@@ -1,18 +1,23 @@
 """edge-run's pipeline on generated video against its own backend's ceiling and a hand-written loop, one run.
 
-    python benchmarks/pipeline.py [--frames 600] [--size 640x480] [--json]
+    python benchmarks/pipeline.py [--models patchcore] [--rounds 3] [--frames 600] [--cameras 1,2,4,8]
+                                  [--batches 1,4,8,16] [--stream-seconds 10] [--json]
 
-In one process, on one generated clip (640x480 parts with planted defects, MJPG like a USB camera):
-- **raw**: the station's backend (ONNX Runtime) on the same frames already decoded and resized, in memory,
-  at batch 1, 2, 4, 8: the ceiling;
-- **edge-run**: the station's pipeline (capture thread, resize, batcher, backend, events, spool, MQTT to a real
-  Mosquitto started here), built as `edge-run --camera CLIP` builds it; frames/s, efficiency (÷ best raw),
-  capture-to-decision latency p50/p99, CPU use and peak resident memory, and the seconds each stage took
-  (decode and resize run on the capture thread, queue wait / inference / events on the main thread, publish
-  on the sender thread: stages on different threads overlap);
-- **naive**: a loop a user would write: read a frame with OpenCV, resize it, to a torch tensor, run the
-  PatchCore torch module eagerly, one frame at a time.
-The model is PatchCore with the defaults of config/train.yaml, fitted here on generated parts.
+In one process, per model (fitted here on generated parts with the defaults of config/train.yaml), on one
+generated 640x480 clip (parts with planted defects, MJPG like a USB camera), a real Mosquitto started here:
+- **raw**: the station's backend on the same frames already decoded and resized, in memory, at batch 1, 2, 4,
+  8, 16: the ceiling;
+- **edge-run**: the station's pipeline (capture thread, decode, resize, batcher, backend, events, spool, MQTT),
+  built exactly as `edge-run --camera CLIP` builds it, reading the file as fast as it decodes: frames/s,
+  efficiency (÷ the best raw of the same round), capture-to-decision latency, CPU, peak resident memory,
+  start-up to the first scored frame, and seconds per stage (decode and resize run on the capture thread,
+  queue wait / inference / events / spool on the main thread, publish on the sender thread);
+- **naive**: a loop a user would write: read a frame with OpenCV, resize it, to a torch tensor, run the torch
+  module eagerly, one frame at a time.
+The three are measured in alternating rounds (raw, edge-run, naive, raw, ...): machines here are noisy, so
+each ratio comes from one round and the table shows every round and the median.
+Then, so a user can size a station: edge-run on 1, 2, 4, 8 cameras that each deliver 30 frames/s (the clip
+replayed live, `max_fps: 30`), and at fixed batch sizes (`auto_batch: false`).
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import cv2
 import numpy as np
@@ -36,42 +43,40 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from edge_helpers import Mosquitto, free_port, mosquitto_binary  # noqa: E402
 
-from edge.backends.onnxruntime import OrtBackend  # noqa: E402
+from edge.backends import create_backend  # noqa: E402
 from edge.bundle import load_bundle  # noqa: E402
 from edge.sources import resize_frame  # noqa: E402
 
+CAMERA_FPS = 30.0
 
-def fit(work: Path) -> tuple[Path, Any]:
-    """A PatchCore bundle (what the station runs) and its torch export module (what the naive loop runs)."""
+
+def fit(work: Path, model_name: str, epochs: Optional[int]) -> tuple[Path, Any]:
+    """A bundle of ``model_name`` (what the station runs) and the torch module it was exported from (what the
+    naive loop runs): the same weights."""
     import torch
 
     from trainer.config import load_train_config
-    from trainer.data import train_paths
-    from trainer.frames import TrainingData
-    from trainer.models import RunOptions
-    from trainer.models.patchcore import PatchCore
     from trainer.pipeline import fit_bundle
     from trainer.synthetic import make_dataset
 
-    data = make_dataset(work / "data", n_train=50, n_test_good=0, n_test_defect=0, size=160, seed=0)
+    data = make_dataset(work / f"data-{model_name}", n_train=50, n_test_good=0, n_test_defect=0, size=160, seed=0)
     cfg = load_train_config(None)
-    bundle = fit_bundle(cfg, data, work / "engines", log=lambda _m: None)
-    cfg = load_train_config(None)
-    cfg.resolve(PatchCore.defaults, all_gray=False)
-    model = PatchCore(cfg)
-    paths = train_paths(data)
-    model.fit(TrainingData(fit_paths=paths, holdout_paths=[], hw=cfg.input.hw, resize=cfg.input.resize, val=None,
-                           workers=0, seed=0), lambda _m: None, RunOptions())
-    module = model.export_module().eval()
+    cfg.model = model_name
+    if epochs is not None:
+        cfg.epochs = epochs
+    modules: list[Any] = []
+    bundle = fit_bundle(cfg, data, work / "engines", log=lambda _m: None, on_export=modules.append)
     torch.set_num_threads(2)
-    return bundle, module
+    return bundle, modules[0].eval()
 
 
-def raw_backend(bundle_dir: Path, frames: np.ndarray, batches: list[int], seconds: float) -> dict[int, float]:
+def raw_backend(bundle_dir: Path, frames: np.ndarray, batches: list[int], seconds: float, threads: int,
+                spinning: bool) -> dict[int, float]:
+    """Frames/s of the station's backend at each batch size on frames already in memory (the ceiling)."""
     bundle = load_bundle(bundle_dir)
     out = {}
     for b in batches:
-        backend = OrtBackend(bundle, max_batch=b)
+        backend = create_backend("onnxruntime", bundle, max_batch=b, intra_op_threads=threads, spinning=spinning)
         n = done = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -102,23 +107,31 @@ def naive(clip: Path, module: Any, hw: tuple[int, int], limit: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads: int,
-             cameras: int = 1) -> dict[str, Any]:
-    """The station exactly as edge-run builds it (edge.cli), run in this process so its clocks can be read;
-    ``cameras`` copies of the clip, one camera each."""
+def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads: int, spinning: bool,
+             cameras: int = 1,
+             live_fps: Optional[float] = None, max_frames: Optional[int] = None,
+             batch: Optional[int] = None) -> dict[str, Any]:
+    """The station exactly as edge-run builds it (edge.cli), run in this process so its clocks can be read.
+    ``cameras`` copies of the clip, one camera each; ``live_fps``: each replayed live at that rate (a camera);
+    ``batch``: a fixed batch size instead of the automatic choice."""
     from edge.cli import _build, run_parser
 
-    cfg_path = work / f"station-{cameras}.yaml"
-    cfg_path.write_text(f"station: bench{cameras}\nstate_dir: {work / 'state'}\nmqtt: {{stats_interval_s: 1}}\n"
-                        f"engine: {{intra_op_threads: {threads}}}\n")
-    camera_args = [a for i in range(cameras) for a in ("--camera", f"cam{i}={clip}")]
-    args = run_parser().parse_args(["--config", str(cfg_path), *camera_args, "--engine", str(bundle_dir),
-                                    "--mqtt", broker_url, "--log-level", "WARNING"])
-    t_start = time.perf_counter()
-    cfg, bundle, publisher, station = _build(args)
+    name = f"bench{cameras}{'live' if live_fps else ''}{batch or ''}"
+    cams = "".join(f"  - {{id: cam{i}, source: '{clip}'" + (f", live: true, max_fps: {live_fps}" if live_fps else "")
+                   + "}\n" for i in range(cameras))
+    engine = f"intra_op_threads: {threads}, intra_op_spinning: {str(spinning).lower()}"
+    if batch:
+        engine += f", auto_batch: false, max_batch: {batch}"
+    cfg_path = work / f"{name}.yaml"
+    cfg_path.write_text(f"station: {name}\nstate_dir: {work / 'state'}\nmqtt: {{stats_interval_s: 1}}\n"
+                        f"engine: {{{engine}}}\ncameras:\n{cams}")
+    argv = ["--config", str(cfg_path), "--engine", str(bundle_dir), "--mqtt", broker_url, "--log-level", "WARNING"]
+    if max_frames:
+        argv += ["--max-frames", str(max_frames)]
+    t_start = time.monotonic()
+    cfg, bundle, publisher, station = _build(run_parser().parse_args(argv))
     publisher.start()
     publisher.wait_first_attempt(5.0)
-    startup = time.perf_counter() - t_start
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = station.run()
@@ -130,35 +143,24 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
     lat50, lat99 = station.stats.latency_ms.percentiles(50, 99)
     stages = station.clock.snapshot()
     stages["publish"] = publisher.publish_seconds
+    first = station.first_scored_at
     return {"frames": result.frames, "seconds": wall, "fps": result.frames / wall, "batch": station.backend.max_batch,
-            "startup_s": startup, "latency_p50_ms": lat50, "latency_p99_ms": lat99,
+            "startup_to_first_score_s": None if first is None else first - t_start,
+            "latency_p50_ms": lat50, "latency_p99_ms": lat99,
+            "dropped": sum(c.source.queue.dropped for c in station.cameras.values()),
             "cpu_percent": 100.0 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall,
             "max_rss_mb": ru1.ru_maxrss / 1024.0, "stages_s": stages, "events": result.events}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames", type=int, default=600)
-    ap.add_argument("--size", default="640x480", help="clip frame size WxH (default 640x480)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="per raw batch size (default 3)")
-    ap.add_argument("--codec", default="MJPG", help="clip codec: MJPG (what USB cameras send, default) or FFV1")
-    ap.add_argument("--threads", type=int, default=0, help="edge-run's engine.intra_op_threads (0 = its default)")
-    ap.add_argument("--cameras", default="1", help="comma-separated camera counts for a scaling table (e.g. 1,2,4)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    binary = mosquitto_binary()
-    if not binary:
-        print("pipeline: error: mosquitto not found (make broker)", file=sys.stderr)
-        return 2
+def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_url: str) -> dict[str, Any]:
+    """Every table for one model; see the module docstring."""
+    bundle_dir, module = fit(work, model_name, args.epochs)
+    bundle = load_bundle(bundle_dir)
+    w, h = (int(v) for v in args.size.split("x"))
     from trainer.synthetic import write_clip
 
-    w, h = (int(v) for v in args.size.split("x"))
-    work = Path(tempfile.mkdtemp(prefix="edge-pipeline-"))
-    bundle_dir, module = fit(work)
-    bundle = load_bundle(bundle_dir)
-    clip = write_clip(work / "line.avi", (h, w), args.frames, [(args.frames // 5, args.frames // 5 + 30)], seed=3,
-                      codec=args.codec)
+    clip = write_clip(work / f"line-{model_name}.avi", (h, w), args.frames,
+                      [(args.frames // 5, args.frames // 5 + 30)], fps=CAMERA_FPS, seed=3, codec=args.codec)
     cap = cv2.VideoCapture(str(clip))
     decoded = []
     while True:
@@ -166,48 +168,119 @@ def main() -> int:
         if not ok:
             break
         decoded.append(resize_frame(img, bundle.input_hw, bundle.input_resize))
+    cap.release()
     frames = np.stack(decoded)
+    batches = [b for b in args.batches_raw if b <= (bundle.max_batch or 1 << 30)]
+    rounds = []
+    for _ in range(args.rounds):
+        raw = raw_backend(bundle_dir, frames, batches, args.seconds, args.threads, args.spinning)
+        station = edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning)
+        base = naive(clip, module, bundle.input_hw, min(args.frames, 300))
+        best = max(raw.values())
+        rounds.append({"raw_fps_by_batch": raw, "raw_best_fps": best, "edge_run": station,
+                       "efficiency": station["fps"] / best, "naive_fps": base,
+                       "vs_naive": station["fps"] / base,
+                       "batch8_vs_batch1_cost": raw[1] / raw[8] if 1 in raw and 8 in raw else None})
+    stream = {c: edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, cameras=c,
+                          live_fps=CAMERA_FPS, max_frames=int(args.stream_seconds * CAMERA_FPS)) for c in args.cameras}
+    fixed = {b: edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, batch=b)
+             for b in args.batches if b <= (bundle.max_batch or 1 << 30)}
+
+    def med(key: str) -> Optional[float]:
+        values = [r[key] for r in rounds if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    return {"model": f"{bundle.model_name} {bundle.input_hw[0]}x{bundle.input_hw[1]}", "clip": f"{w}x{h} {args.codec}",
+            "frames": len(frames), "rounds": rounds, "median_efficiency": med("efficiency"),
+            "median_vs_naive": med("vs_naive"), "median_batch8_vs_batch1_cost": med("batch8_vs_batch1_cost"),
+            "cameras_30fps": stream, "fixed_batch": fixed}
+
+
+def rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {str(k): rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    print(f"\n== {result['model']} on a {result['clip']} clip of {result['frames']} frames, "
+          f"{result['machine_cores']} cores ==")
+    batches = list(result["rounds"][0]["raw_fps_by_batch"])
+    print("round  " + "".join(f"raw b{b:<5}" for b in batches) + "edge-run  batch  efficiency  naive  vs naive  "
+          "p50 ms  p99 ms  CPU %  RSS MB  start s")
+    for i, r in enumerate(result["rounds"]):
+        e = r["edge_run"]
+        naive_fps = "n/a" if r["naive_fps"] is None else f"{r['naive_fps']:.1f}"
+        vs = "n/a" if r["vs_naive"] is None else f"{r['vs_naive']:.2f}x"
+        print(f"{i:<7}" + "".join(f"{r['raw_fps_by_batch'][b]:<9.1f}" for b in batches)
+              + f"{e['fps']:<10.1f}{e['batch']:<7}{r['efficiency']:<12.2f}{naive_fps:<7}{vs:<10}"
+              f"{e['latency_p50_ms']:<8}{e['latency_p99_ms']:<8}{e['cpu_percent']:<7.0f}{e['max_rss_mb']:<8.0f}"
+              f"{e['startup_to_first_score_s']:.2f}")
+    b8 = result["median_batch8_vs_batch1_cost"]
+    print(f"median over rounds: efficiency {result['median_efficiency']:.2f} of the best raw batch size, "
+          + ("" if result["median_vs_naive"] is None else f"{result['median_vs_naive']:.2f}x naive, ")
+          + ("" if b8 is None else f"per-frame cost at batch 8 = {b8:.2f}x batch 1's"))
+    last = result["rounds"][-1]["edge_run"]
+    print(f"seconds per stage, last round ({last['seconds']:.2f} s wall; stages on other threads overlap): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in last["stages_s"].items()))
+    print(f"cameras at {CAMERA_FPS:.0f} frames/s each (the clip replayed live): cameras, frames/s in all, dropped, "
+          "batch, latency p50 / p99 ms, CPU %")
+    for c, r in result["cameras_30fps"].items():
+        print(f"  {c:>3}  {r['fps']:8.1f}  {r['dropped']:>6}  {r['batch']:>3}  {r['latency_p50_ms']} / "
+              f"{r['latency_p99_ms']}  {r['cpu_percent']:.0f}")
+    print("fixed batch size (auto_batch: false; the clip read as fast as it decodes): batch, frames/s, "
+          "latency p50 / p99 ms")
+    for b, r in result["fixed_batch"].items():
+        print(f"  {b:>3}  {r['fps']:8.1f}  {r['latency_p50_ms']} / {r['latency_p99_ms']}")
+
+
+def counts(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="patchcore", help="comma-separated registered models (default patchcore)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs for models trained by epochs (speed does not "
+                                                             "depend on it; default: the model's)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating raw / edge-run / naive rounds (default 3)")
+    ap.add_argument("--frames", type=int, default=600)
+    ap.add_argument("--size", default="640x480", help="clip frame size WxH (default 640x480)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="per raw batch size and round (default 2)")
+    ap.add_argument("--codec", default="MJPG", help="clip codec: MJPG (what USB cameras send, default) or FFV1")
+    ap.add_argument("--threads", type=int, default=0, help="engine.intra_op_threads (0 = the station's default)")
+    ap.add_argument("--cameras", default="1,2,4,8", help="camera counts at 30 frames/s each (default 1,2,4,8)")
+    ap.add_argument("--stream-seconds", type=float, default=10.0, help="seconds per camera-count row (default 10)")
+    ap.add_argument("--batches", default="1,4,8,16", help="fixed batch sizes for edge-run (default 1,4,8,16)")
+    ap.add_argument("--spinning", action="store_true", help="engine.intra_op_spinning: true (default false), "
+                                                            "raw backend included")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    args = ap.parse_args()
+    args.cameras, args.batches = counts(args.cameras), counts(args.batches)
+    args.batches_raw = sorted({1, 2, 4, 8, 16} | set(args.batches))
+    logging.basicConfig(level=logging.WARNING)
+    binary = mosquitto_binary()
+    if not binary:
+        print("pipeline: error: mosquitto not found (make broker)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="edge-pipeline-"))
     broker = Mosquitto(work / "broker", free_port(), binary)
+    results = []
     try:
-        raw = raw_backend(bundle_dir, frames, [1, 2, 4, 8], args.seconds)
-        station = edge_run(clip, bundle_dir, work, broker.url, args.threads)
-        base = naive(clip, module, bundle.input_hw, args.frames)
-        counts = [int(c) for c in args.cameras.split(",") if int(c) > 1]
-        scaling = {c: edge_run(clip, bundle_dir, work, broker.url, args.threads, cameras=c) for c in counts}
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            result = measure_model(name, args, work, broker.url)
+            result["machine_cores"] = len(os.sched_getaffinity(0))
+            results.append(result)
+            if not args.json:
+                print_tables(result)
     finally:
         broker.stop()
-    best = max(raw.values())
-    result = {"machine_cores": len(__import__("os").sched_getaffinity(0)), "clip": f"{w}x{h}", "frames": len(frames),
-              "model": f"{bundle.model_name} {bundle.input_hw[0]}x{bundle.input_hw[1]}",
-              "raw_fps_by_batch": {str(k): round(v, 1) for k, v in raw.items()}, "raw_best_fps": round(best, 1),
-              "edge_run": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in station.items()
-                           if k != "stages_s"},
-              "stages_s": {k: round(v, 3) for k, v in station["stages_s"].items()},
-              "efficiency": round(station["fps"] / best, 3), "naive_fps": round(base, 1),
-              "vs_naive": round(station["fps"] / base, 2),
-              "cameras": {str(c): {"fps_total": round(r["fps"], 1), "batch": r["batch"],
-                                   "latency_p50_ms": r["latency_p50_ms"], "latency_p99_ms": r["latency_p99_ms"]}
-                          for c, r in [(1, station), *scaling.items()]}}
     if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"{result['model']} on a {result['clip']} clip of {result['frames']} frames, {result['machine_cores']} cores")
-    print(f"{'path':<28}{'frames/s':>10}")
-    for b, fps in raw.items():
-        print(f"{'raw backend, batch ' + str(b):<28}{fps:>10.1f}")
-    e = station
-    print(f"{'edge-run (batch ' + str(e['batch']) + ')':<28}{e['fps']:>10.1f}   efficiency {result['efficiency']:.2f} "
-          f"of the best raw, {result['vs_naive']:.2f}x naive")
-    print(f"{'naive loop (torch, eager)':<28}{base:>10.1f}")
-    print(f"latency capture->decision p50 {e['latency_p50_ms']} ms, p99 {e['latency_p99_ms']} ms; CPU "
-          f"{e['cpu_percent']:.0f} %; peak RSS {e['max_rss_mb']:.0f} MB; start-up {e['startup_s']:.2f} s")
-    print("seconds per stage over the run (" + f"{e['seconds']:.2f} s wall; stages on other threads overlap):")
-    for k, v in result["stages_s"].items():
-        print(f"  {k:<12}{v:8.3f}")
-    if scaling:
-        print("cameras (each the clip, read as fast as it decodes): frames/s in all, batch, latency p50 / p99 ms")
-        for c, r in result["cameras"].items():
-            print(f"  {c:>3}  {r['fps_total']:8.1f}  {r['batch']:>3}  {r['latency_p50_ms']} / {r['latency_p99_ms']}")
+        print(json.dumps(rounded({"results": results, "argv": sys.argv[1:]})))
     return 0
 
 

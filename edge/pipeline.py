@@ -106,6 +106,7 @@ class Station:
         self.notifier = SystemdNotifier()
         self.frames = 0
         self.events = 0
+        self.first_scored_at: Optional[float] = None  # time.monotonic() of the first scored frame (start-up time)
 
     def open_cameras(self) -> None:
         """Open every camera now. A video file that does not open is fatal (a typo); a live camera that is down
@@ -218,6 +219,8 @@ class Station:
             self.metrics.inference_seconds.observe(elapsed)
         scores = out["score"]
         maps = out.get("anomaly_map")
+        if self.first_scored_at is None:
+            self.first_scored_at = time.monotonic()
         for i, f in enumerate(batch):
             cam = self.cameras[f.camera]
             if cam.done:

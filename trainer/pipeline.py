@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+from torch import nn
 
 from edge.bundle import ONNX_FP16, ONNX_FP32, new_version_dir, promote, write_manifest
 from trainer import calibrate as cal
@@ -39,11 +40,13 @@ def _round(x: Any) -> Any:
 
 def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
                log: Callable[[str], None] = _stderr, resume: bool = False,
-               stop_after_epoch: Optional[int] = None) -> Path:
+               stop_after_epoch: Optional[int] = None,
+               on_export: Optional[Callable[[nn.Module], None]] = None) -> Path:
     """Train ``cfg.model`` on DIR/train/good, write and promote a bundle under ``engines_root``; returns its path.
 
     Checkpoints of models trained by epochs go to ``engines_root/<model>/checkpoints/``; ``resume`` continues
-    the run found there.
+    the run found there. ``on_export`` receives the torch module the ONNX graph was exported from (benchmarks
+    compare the two on the same weights).
     """
     t_start = time.monotonic()
     data_dir, engines_root = Path(data_dir), Path(engines_root)
@@ -102,6 +105,8 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         module = model.export_module()
         fp32 = bundle_dir / ONNX_FP32
         ex.export_onnx(module, fp32, hw, cfg.export.opset)
+        if on_export is not None:
+            on_export(module)
         fp16: Optional[Path] = None
         fp16_info: dict[str, Any] = {}
         if cfg.export.fp16:
