@@ -24,6 +24,7 @@ CURRENT = "current"
 PLANS_DIR = "plans"  # TensorRT engines built on the device; not part of the checksummed bundle
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
+ONNX_SCORE = "model.score.onnx"  # optional: the FP32 graph with the score output only (no anomaly map computed)
 # How a frame of any size is fitted to the model's H×W (manifest key input.resize; absent = "stretch"):
 # stretch to H×W; letterbox = fit inside keeping the aspect ratio, centred, black bars; crop = cover H×W
 # keeping the aspect ratio, centre crop. Training and the station fit frames the same way (edge.sources).
@@ -107,6 +108,11 @@ class Bundle:
     def onnx_fp16_path(self) -> Path | None:
         p = self.path / ONNX_FP16
         return p if p.exists() else None
+
+    @property
+    def onnx_score_path(self) -> Path | None:
+        """The score-only graph, for stations that never read the map; None in bundles made without one."""
+        return self.path / ONNX_SCORE if ONNX_SCORE in self.manifest["files"] else None
 
     @property
     def plans_dir(self) -> Path:

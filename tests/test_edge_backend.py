@@ -71,3 +71,10 @@ def test_ort_workers_sleep_between_batches_unless_asked_to_spin(toy_bundle: Path
     bundle = load_bundle(toy_bundle)
     assert spinning(create_backend("onnxruntime", bundle)) == "0"  # the capture threads keep their core
     assert spinning(create_backend("onnxruntime", bundle, spinning=True)) == "1"
+
+
+def test_a_bundle_without_a_score_only_graph_runs_its_full_graph(toy_bundle: Path) -> None:
+    bundle = load_bundle(toy_bundle)
+    assert bundle.onnx_score_path is None  # made before score-only graphs (or with export.score_only: false)
+    backend = create_backend("onnxruntime", bundle, need_map=False)
+    assert isinstance(backend, OrtBackend) and backend.path == bundle.onnx_path

@@ -11,10 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
+import onnx
 import pytest
 from edge_helpers import Collector, assert_seq_monotonic, check_events, check_payloads, run_cli, wait_stopped
 
+from edge.backends import create_backend
 from edge.bundle import load_bundle
+from edge.sources import resize_frame
 from trainer.synthetic import make_dataset, write_clip
 
 SIZE = (240, 320)  # camera-like frames, resized on the host to the model input, as in training
@@ -75,3 +80,27 @@ def test_threshold_override_in_station_yaml_changes_what_fires(
         assert "engine.max_batch 64 is above the 16 frames this bundle was exported for" in proc.stderr
         wait_stopped(col)
         assert col.on("/event") == []
+
+
+def test_a_station_without_snapshots_runs_the_score_only_graph(tmp_path: Path, trained_bundle: Path) -> None:
+    bundle = load_bundle(trained_bundle)
+    assert bundle.onnx_score_path is not None and bundle.onnx_score_path.is_file()
+    full = onnx.load(str(bundle.onnx_path))
+    pruned = onnx.load(str(bundle.onnx_score_path))
+    assert [o.name for o in pruned.graph.output] == ["score"]
+    assert len(pruned.graph.node) < len(full.graph.node)  # the map's upsampling and blur are gone
+    cap = cv2.VideoCapture(str(write_line_clip(tmp_path / "line.avi")))
+    frames = []
+    while len(frames) < 60:
+        ok, image = cap.read()
+        assert ok
+        frames.append(resize_frame(image, bundle.input_hw, bundle.input_resize))
+    cap.release()
+    batch = np.stack(frames[30:60])  # good frames and the first defect stretch
+    with_map = create_backend("onnxruntime", bundle)
+    score_only = create_backend("onnxruntime", bundle, need_map=False)
+    assert with_map.output_names == ["score", "anomaly_map"] and score_only.output_names == ["score"]
+    a, b = with_map.infer(batch)["score"], score_only.infer(batch)["score"]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # the same score, without computing the map
+    parity = bundle.manifest["parity"]["onnx_score_only"]
+    assert parity["score_max_rel_diff"] < 1e-4 and "map_max_rel_diff" not in parity

@@ -122,6 +122,7 @@ class ExportConfig:
     max_batch: int = 16
     max_distance_elements: int = 2097152
     fp16: bool = True
+    score_only: bool = True
 
     def validate(self) -> None:
         if self.opset < 17:

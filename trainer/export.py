@@ -26,7 +26,20 @@ OUTPUT_NAMES = ("score", "anomaly_map")
 FP32_SCOPES = ("/distance/",)
 
 
-def export_onnx(module: nn.Module, path: Path, hw: tuple[int, int], opset: int = 17) -> None:
+class ScoreOnly(nn.Module):
+    """An export module's score alone. Traced, the map's operators (upsampling, blur) are pruned from the graph:
+    a station that publishes no snapshots never reads the map, so it need not compute one."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.module(frames)[0]  # type: ignore[no-any-return]
+
+
+def export_onnx(module: nn.Module, path: Path, hw: tuple[int, int], opset: int = 17,
+                outputs: tuple[str, ...] = OUTPUT_NAMES) -> None:
     """Trace ``module`` to ``path`` with a dynamic batch axis and check the result."""
     h, w = hw
     example = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8))
@@ -34,20 +47,20 @@ def export_onnx(module: nn.Module, path: Path, hw: tuple[int, int], opset: int =
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
         torch.onnx.export(
             module.eval(), (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAMES[0]: {0: "N"}, OUTPUT_NAMES[1]: {0: "N"}},
+            input_names=[INPUT_NAME], output_names=list(outputs),
+            dynamic_axes={INPUT_NAME: {0: "N"}, **{name: {0: "N"} for name in outputs}},
             do_constant_folding=True)
-    check_onnx(path)
+    check_onnx(path, outputs)
 
 
-def check_onnx(path: Path) -> None:
+def check_onnx(path: Path, expected_outputs: tuple[str, ...] = OUTPUT_NAMES) -> None:
     """onnx.checker (with shape inference) and the I/O contract of the bundle."""
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
-        raise RuntimeError(f"{path}: I/O names {inputs} -> {outputs}, expected {INPUT_NAME} -> {OUTPUT_NAMES}")
+    if inputs != [INPUT_NAME] or outputs != list(expected_outputs):
+        raise RuntimeError(f"{path}: I/O names {inputs} -> {outputs}, expected {INPUT_NAME} -> {expected_outputs}")
     elem = model.graph.input[0].type.tensor_type.elem_type
     if elem != onnx.TensorProto.UINT8:
         raise RuntimeError(f"{path}: input type {onnx.TensorProto.DataType.Name(elem)}, expected UINT8")
@@ -114,14 +127,18 @@ def max_rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def parity(module: nn.Module, fp32_path: Path, fp16_path: Optional[Path], frames: np.ndarray,
-           batch: int = 16) -> dict[str, Any]:
-    """Score the same frames with torch, ONNX FP32 and ONNX FP16; max relative differences vs torch."""
+           batch: int = 16, score_path: Optional[Path] = None) -> dict[str, Any]:
+    """Score the same frames with torch, ONNX FP32, ONNX FP16 and the score-only graph; max relative differences
+    vs torch (maps where the graph has them)."""
     ref_s, ref_m = torch_scores(module, frames, batch)
     out: dict[str, Any] = {"frames": len(frames)}
-    for label, path in (("onnx_fp32", fp32_path), ("onnx_fp16", fp16_path)):
+    for label, path in (("onnx_fp32", fp32_path), ("onnx_fp16", fp16_path), ("onnx_score_only", score_path)):
         if path is None:
             continue
-        s, m = run_onnx(onnx_scorer(path, batch), frames)
-        out[label] = {"score_max_rel_diff": max_rel_diff(s, ref_s), "map_max_rel_diff": max_rel_diff(m, ref_m),
+        result = onnx_scorer(path, batch).infer(frames)
+        s = result["score"]
+        out[label] = {"score_max_rel_diff": max_rel_diff(s, ref_s),
                       "rank_agreement": float(np.mean(np.argsort(s) == np.argsort(ref_s)))}
+        if "anomaly_map" in result:
+            out[label]["map_max_rel_diff"] = max_rel_diff(result["anomaly_map"], ref_m)
     return out

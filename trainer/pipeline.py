@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from torch import nn
 
-from edge.bundle import ONNX_FP16, ONNX_FP32, new_version_dir, promote, write_manifest
+from edge.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, new_version_dir, promote, write_manifest
 from trainer import calibrate as cal
 from trainer import export as ex
 from trainer import report as rep
@@ -112,7 +112,12 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         if cfg.export.fp16:
             fp16 = bundle_dir / ONNX_FP16
             fp16_info = ex.convert_fp16(fp32, fp16, model.fp32_scopes)
-        log(f"exported {fp32.name} ({fp32.stat().st_size / 1e6:.1f} MB)" + (f" and {fp16.name}" if fp16 else ""))
+        score_only: Optional[Path] = None
+        if cfg.export.score_only:
+            score_only = bundle_dir / ONNX_SCORE
+            ex.export_onnx(ex.ScoreOnly(module), score_only, hw, cfg.export.opset, outputs=("score",))
+        log(f"exported {fp32.name} ({fp32.stat().st_size / 1e6:.1f} MB)" + (f", {fp16.name}" if fp16 else "")
+            + (f", {score_only.name}" if score_only else ""))
 
         scorer = ex.onnx_scorer(fp32, batch)
         hold_scores = _stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch)
@@ -127,7 +132,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         if test is not None:
             extra = max(0, cfg.report.parity_frames - len(parity_frames))
             parity_frames = np.concatenate([parity_frames, test.images[np.argsort(-test.labels)][:extra]])
-        parity = ex.parity(module, fp32, fp16, parity_frames, batch)
+        parity = ex.parity(module, fp32, fp16, parity_frames, batch, score_path=score_only)
         log("parity vs torch: max rel diff of scores " + ", ".join(
             f"{k} {v['score_max_rel_diff']:.2e}" for k, v in parity.items() if isinstance(v, dict)))
 
@@ -152,7 +157,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
             notes.append(f"no {data_dir / 'test'} folder: no test metrics")
             log(notes[-1])
 
-        sizes = {p.name: p.stat().st_size for p in (fp32, fp16) if p is not None}
+        sizes = {p.name: p.stat().st_size for p in (fp32, fp16, score_only) if p is not None}
         report = {
             "model": cfg.model, "data": str(data_dir), "config": _config_dict(cfg), "fit": fit_info,
             "score_scaling": scaling or None,

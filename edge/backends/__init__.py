@@ -46,12 +46,14 @@ def resolve_backend_name(name: str) -> str:
 
 
 def create_backend(name: str, bundle: Bundle, max_batch: int = 8, intra_op_threads: int = 0,
-                   spinning: bool = False) -> Backend:
-    """Build the named backend ('auto', 'onnxruntime', 'tensorrt') for ``bundle``."""
+                   spinning: bool = False, need_map: bool = True) -> Backend:
+    """Build the named backend ('auto', 'onnxruntime', 'tensorrt') for ``bundle``; ``need_map=False`` lets it run
+    the bundle's score-only graph."""
     chosen = resolve_backend_name(name)
     if chosen == "tensorrt":
         module = importlib.import_module("edge.backends.tensorrt")
         return module.TensorRTBackend(bundle, max_batch=max_batch)  # type: ignore[no-any-return]
     from edge.backends.onnxruntime import OrtBackend
 
-    return OrtBackend(bundle, max_batch=max_batch, intra_op_threads=intra_op_threads, spinning=spinning)
+    return OrtBackend(bundle, max_batch=max_batch, intra_op_threads=intra_op_threads, spinning=spinning,
+                      need_map=need_map)

@@ -36,11 +36,14 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, model: Bundle | str | Path, max_batch: int = 8, intra_op_threads: int = 0,
-                 providers: Optional[Sequence[str]] = None, warmup: bool = True, spinning: bool = False) -> None:
+                 providers: Optional[Sequence[str]] = None, warmup: bool = True, spinning: bool = False,
+                 need_map: bool = True) -> None:
         import onnxruntime as ort
 
         if isinstance(model, Bundle):
-            path = model.onnx_path
+            # Without a map to read (no snapshots), the bundle's score-only graph skips the map's operators.
+            score_only = None if need_map else model.onnx_score_path
+            path = score_only or model.onnx_path
             self.input_hw: Optional[tuple[int, int]] = model.input_hw
             plans = model.plans_dir
         else:
@@ -90,7 +93,8 @@ class OrtBackend:
         if self.input_hw is None and len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[2], int):
             self.input_hw = (shape[1], shape[2])
         self.providers = self.session.get_providers()
-        log.debug("onnxruntime session on %s with %s", path, self.providers)
+        log.info("onnxruntime: %s on %s", path.name,
+                 ", ".join(p.replace("ExecutionProvider", "") for p in self.providers))
         if warmup and self.input_hw is not None:
             self.infer(np.zeros((1, *self.input_hw, 3), np.uint8))  # first run allocates; not on a live frame
 
