@@ -4,7 +4,9 @@
     python benchmarks/openvino_vs_ort.py BUNDLE [--rounds 10] [--threads 2]
 
 Prints the score parity of OpenVINO against ONNX Runtime FP32 and ms per frame at batch 1 and 8 for ONNX
-Runtime and OpenVINO with its LATENCY and THROUGHPUT hints (medians over interleaved rounds).
+Runtime (the station's own backend and session options) and OpenVINO with its LATENCY and THROUGHPUT hints
+(medians over interleaved rounds). A bundle folder is measured on the graph a station without snapshots runs
+(model.score.onnx, else model.onnx).
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.backends.onnxruntime import OrtBackend  # noqa: E402
+from edge.bundle import ONNX_FP32, ONNX_SCORE  # noqa: E402
 
 
 def main() -> int:
@@ -31,11 +38,14 @@ def main() -> int:
     except ImportError:
         print("openvino_vs_ort: error: openvino is not installed (pip install openvino)", file=sys.stderr)
         return 2
-    path = str(args.bundle / "model.onnx" if args.bundle.is_dir() else args.bundle)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    if args.bundle.is_dir():  # the graph a station without snapshots runs, else the full one
+        score_only = args.bundle / ONNX_SCORE
+        path = str(score_only if score_only.exists() else args.bundle / ONNX_FP32)
+    else:
+        path = str(args.bundle)
+    print(f"graph: {path}")
+    backend = OrtBackend(path, max_batch=8, intra_op_threads=args.threads)  # the station's own session options
+    sess = backend.session
     h, w = (int(v) for v in sess.get_inputs()[0].shape[1:3])
     core = ov.Core()
     model = core.read_model(path)
