@@ -230,9 +230,25 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def trainer_config(model: str, size: int) -> dict[str, Any]:
-    """The config the runs use: input size, CONFIG_BASE, and the model's MODEL_OVERRIDES entry."""
-    return _merge(_merge({"input": {"height": size, "width": size}}, CONFIG_BASE), MODEL_OVERRIDES.get(model, {}))
+def trainer_config(model: str, size: int, overrides: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """The config the runs use: input size, CONFIG_BASE, the model's MODEL_OVERRIDES entry, then ``--set`` keys."""
+    cfg = _merge(_merge({"input": {"height": size, "width": size}}, CONFIG_BASE), MODEL_OVERRIDES.get(model, {}))
+    for key, value in overrides:
+        *parents, leaf = key.split(".")
+        nested: dict[str, Any] = {leaf: value}
+        for part in reversed(parents):
+            nested = {part: nested}
+        cfg = _merge(cfg, nested)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``--set a.b=VALUE`` (VALUE read as YAML: 0.1, true, [4, 10]); the trainer checks the key itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with a dotted config key, "
+                                         "e.g. patchcore.coreset_ratio=0.1")
+    return key.strip(), yaml.safe_load(value)
 
 
 def _flat(cfg: dict[str, Any], prefix: str = "") -> list[str]:
@@ -328,6 +344,7 @@ class Settings:
     json_path: Optional[Path]
     keep: Optional[Path]
     verbose: bool
+    overrides: tuple[tuple[str, Any], ...] = ()
 
 
 def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, chosen: int, seed: int,
@@ -371,7 +388,8 @@ def run_protocol(settings: Settings, train: LabelledImages, test: LabelledImages
                  workroot: Path, progress: Callable[[Cell], None] = lambda _c: None) -> list[Cell]:
     """Every (class, seed) cell, seeds outermost; each cell's folder is removed after it unless ``--keep``."""
     config_path = workroot / "train.yaml"
-    config_path.write_text(yaml.safe_dump(trainer_config(settings.model, settings.size), sort_keys=False))
+    config = trainer_config(settings.model, settings.size, settings.overrides)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     cells: list[Cell] = []
     for seed in range(settings.seeds):
         for chosen in classes:
@@ -458,7 +476,7 @@ def header_lines(settings: Settings, cells: Sequence[Cell], train: LabelledImage
     kind = "grey" if train.images.ndim == 3 else "BGR"
     devices = sorted({c.device for c in cells if c.device})
     device = settings.device or (f"not passed (bundle report: {', '.join(devices)})" if devices else "not passed")
-    cfg = trainer_config(settings.model, settings.size)
+    cfg = trainer_config(settings.model, settings.size, settings.overrides)
     lines = [
         f"{title}, {what}; image AUROC (%) by {'normal' if settings.protocol == 'one-normal' else 'abnormal'} class",
         data,
@@ -534,6 +552,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
                     help=f"model input px, a multiple of 16, >= 32 (default {DEFAULT_SIZE}: GANomaly's)")
     ap.add_argument("--json", type=Path, dest="json_path", help="also write every cell and the settings here")
     ap.add_argument("--keep", type=Path, help="keep the laid-out folders and bundles in this new or empty folder")
+    ap.add_argument("--set", type=parse_override, action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="a trainer config key for every run, e.g. patchcore.coreset_ratio=0.1 (repeatable)")
     ap.add_argument("-v", "--verbose", action="store_true", help="stream the trainer's log to stderr")
     a = ap.parse_args(argv)
     if a.size < 32 or a.size % 16:
@@ -544,7 +564,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
         ap.error(f"--json {a.json_path}: folder {a.json_path.parent} does not exist")
     return Settings(dataset=a.dataset, protocol=a.protocol, model=a.model, classes=a.classes, seeds=a.seeds,
                     epochs=a.epochs, train_limit=a.train_limit, test_limit=a.test_limit, device=a.device,
-                    data=a.data, size=a.size, json_path=a.json_path, keep=a.keep, verbose=a.verbose)
+                    data=a.data, size=a.size, json_path=a.json_path, keep=a.keep, verbose=a.verbose,
+                    overrides=tuple(a.overrides))
 
 
 def load_splits(settings: Settings) -> tuple[LabelledImages, LabelledImages, list[int]]:
@@ -573,7 +594,8 @@ def report_document(settings: Settings, command: Sequence[str], started: datetim
     return {"command": list(command), "command_line": shlex.join(command),
             "started_utc": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-            "trainer_config": trainer_config(settings.model, settings.size), "classes": list(classes),
+            "trainer_config": trainer_config(settings.model, settings.size, settings.overrides),
+            "classes": list(classes),
             "class_names": list(class_names), "header": list(header),
             "references": [{"label": r.label, "same_method": r.same_method, **asdict(r.ref)} for r in refs],
             "cells": [asdict(c) for c in cells], "rows": summary["rows"], "mean_row": summary["mean_row"],

@@ -7,6 +7,7 @@ Fashion-MNIST run at the benchmark's 64 px.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 import json
@@ -405,3 +406,12 @@ def test_fashion_mnist_one_class_normal_64px(tmp_path: Path) -> None:
           f"({cell['seconds']:.1f} s)")
     assert cell["n_train"] == 200 and cell["n_test"] == 300
     assert cell["image_auroc"] > 0.8
+
+
+def test_set_overrides_one_trainer_key_for_every_run() -> None:
+    key, value = pr.parse_override("patchcore.coreset_ratio=0.1")
+    cfg = pr.trainer_config("patchcore", 64, [(key, value)])
+    assert cfg["patchcore"]["coreset_ratio"] == 0.1
+    assert cfg["backbone"]["layers"] == [4, 10]  # the model's own overrides stay
+    with pytest.raises(argparse.ArgumentTypeError):
+        pr.parse_override("coreset_ratio")
