@@ -5,8 +5,8 @@
 
 In one process, per model (fitted here on generated parts with the defaults of config/train.yaml), on one
 generated 640x480 clip (parts with planted defects, MJPG like a USB camera), a real Mosquitto started here:
-- **raw**: the station's backend on the same frames already decoded and resized, in memory, at batch 1, 2, 4,
-  8, 16: the ceiling;
+- **raw**: the station's backend on the same graph (the score-only one: snapshots are off) and the same frames
+  already decoded and resized, in memory, at batch 1, 2, 4, 8, 16: the ceiling;
 - **edge-run**: the station's pipeline (capture thread, decode, resize, batcher, backend, events, spool, MQTT),
   built exactly as `edge-run --camera CLIP` builds it, reading the file as fast as it decodes: frames/s,
   efficiency (÷ the best raw of the same round), capture-to-decision latency, CPU, peak resident memory,
@@ -76,7 +76,9 @@ def raw_backend(bundle_dir: Path, frames: np.ndarray, batches: list[int], second
     bundle = load_bundle(bundle_dir)
     out = {}
     for b in batches:
-        backend = create_backend("onnxruntime", bundle, max_batch=b, intra_op_threads=threads, spinning=spinning)
+        # the graph edge-run runs without snapshots (the score-only one), with its session options
+        backend = create_backend("onnxruntime", bundle, max_batch=b, intra_op_threads=threads, spinning=spinning,
+                                 need_map=False)
         n = done = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
