@@ -81,6 +81,7 @@ class CameraConfig:
     wait_at_start: bool = True
     reduced_decode: bool = True
     max_fps: Optional[float] = None
+    nice: int = 5
 
     @property
     def shown_source(self) -> str:
@@ -96,6 +97,9 @@ class CameraConfig:
         if self.stale_timeout_s <= 0 or self.reopen_initial_s <= 0 or self.reopen_max_s < self.reopen_initial_s:
             raise ValueError(f"camera {self.id!r}: stale_timeout_s and reopen_initial_s must be > 0 and "
                              "reopen_max_s >= reopen_initial_s")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"camera {self.id!r}: nice must be 0..19 (how much lower than inference its capture "
+                             "threads run)")
         if self.max_fps is not None and self.max_fps <= 0:
             raise ValueError(f"camera {self.id!r}: max_fps must be greater than 0 (or null: every frame)")
 

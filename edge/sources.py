@@ -187,6 +187,21 @@ def iso_utc(ts: float) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
+def lower_thread_priority(nice: int) -> Optional[int]:
+    """Run the calling thread ``nice`` steps below the process (Linux: per-thread nice); its nice value after,
+    or None where threads have no priority of their own. Lowering needs no privilege."""
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return None
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > 0:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError:
+        return None
+
+
 class FramePace:
     """``max_fps`` for one reader: a live source is read at its own rate and frames in between are skipped
     (``skip``); a video file is read at the rate instead (``wait``), as a camera would deliver it."""
@@ -341,6 +356,7 @@ class CameraSource:
         self._on_frame = on_frame
         self.clock = clock or StageClock()
         self._undecodable = 0
+        self.reader_nice: Optional[int] = None  # the reader thread's nice value, once it runs
 
     # -- opening -------------------------------------------------------------------------------
     def open(self) -> bool:
@@ -475,6 +491,7 @@ class CameraSource:
         """The reader thread: the only thread that uses (and finally releases) this capture."""
         cap = attempt.cap
         assert cap is not None
+        self.reader_nice = lower_thread_priority(self.cam.nice)
         packets = self.cam.reduced_decode and compressed_packets(cap)
         full_hw: Optional[tuple[int, int]] = None  # a packet stream's frame size, learnt from its first frame
         pace = FramePace(self.cam.max_fps, skip=source_kind(self.cam.source) != "file")

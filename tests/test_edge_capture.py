@@ -114,3 +114,12 @@ def test_max_fps_skips_a_live_sources_extra_frames_without_a_stall(tmp_path: Pat
     assert written >= 20, written  # the driver kept delivering...
     assert 2 <= taken <= 3.0 * 4 + 2, (taken, written)  # ...but at most ~4 a second were taken
     assert src.reconnects == 0  # skipping is not silence: the watchdog never fired
+
+
+def test_capture_threads_run_below_inference(mjpg_clip: Path) -> None:
+    import os
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    _, src = read_all(CameraConfig(id="cam0", source=str(mjpg_clip), nice=5), (64, 64))
+    assert src.reader_nice == min(19, base + 5)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling (inference) thread keeps its priority
