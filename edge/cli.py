@@ -151,7 +151,8 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
 
     def make_backend(b: Any) -> Any:
         return create_backend(cfg.engine.backend, b, max_batch=min(cfg.engine.max_batch, b.max_batch or 1 << 30),
-                              intra_op_threads=cfg.engine.intra_op_threads)
+                              intra_op_threads=cfg.engine.intra_op_threads,
+                              precision=cfg.engine.tensorrt_precision, dla_core=cfg.engine.dla_core)
 
     backend = make_backend(bundle)
     spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
