@@ -127,8 +127,12 @@ def fp32_kept_prefixes(bundle: Bundle) -> tuple[str, ...]:
     return tuple(str(s) for s in scopes if isinstance(s, str) and s)
 
 
+def _log_line(message: str) -> None:
+    (log.warning if message.startswith("warning: ") else log.info)(message)
+
+
 def build_plan(bundle: Bundle, gpu: cudart.Gpu, options: BuildOptions,
-               say: Callable[[str], None] = log.info) -> tuple[Path, float]:
+               say: Callable[[str], None] = _log_line) -> tuple[Path, float]:
     """Build this device's plan for ``bundle`` into ``plans/`` (with the timing cache); returns (path, seconds)."""
     import tensorrt as trt
 
@@ -280,8 +284,8 @@ class TensorRTBackend:
         self.upload = cudart.Stream(self.rt)
         self.execute = cudart.Stream(self.rt)
         out_specs = {}
+        self.context.set_input_shape(INPUT_NAME, (self.capacity, h, w, 3))  # outputs sized for the largest batch
         for n in self.output_names:
-            self.context.set_input_shape(INPUT_NAME, (self.capacity, h, w, 3))
             dims = self.context.get_tensor_shape(n)
             shape = tuple(int(dims[i]) for i in range(len(dims)))
             out_specs[n] = (shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))))
