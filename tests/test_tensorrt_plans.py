@@ -126,6 +126,20 @@ def test_auto_falls_back_to_onnxruntime_and_says_why(toy_bundle: Path, caplog: p
     backend.close()
 
 
+def test_auto_falls_back_when_the_tensorrt_backend_fails_for_the_bundle(toy_bundle: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """'auto' told that TensorRT can run goes for it; TensorRTBackend then really fails here (no library), and
+    the station runs ONNX Runtime with the reason in a warning; '--backend tensorrt' fails in one line instead."""
+    bundle = load_bundle(toy_bundle)
+    with caplog.at_level(logging.INFO, logger="edge.backends"):
+        backend = create_backend("auto", bundle, max_batch=2, tensorrt_reason=lambda: None)
+    assert isinstance(backend, OrtBackend)
+    assert "backend tensorrt (auto:" in caplog.text and "TensorRT failed for toy" in caplog.text
+    assert "falling back to onnxruntime" in caplog.text
+    with pytest.raises(BackendUnavailable, match="TensorRT backend: "):
+        create_backend("tensorrt", bundle, tensorrt_reason=lambda: None)
+
+
 def test_backend_choice_rules() -> None:
     assert choose_backend("auto", lambda: None)[0] == "tensorrt"
     name, why = choose_backend("auto", lambda: "no CUDA GPU visible")

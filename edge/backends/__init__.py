@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from edge.backends.base import Backend, BackendUnavailable, check_frames
 from edge.bundle import Bundle
+from edge.errors import UserError
 
 __all__ = ["Backend", "BackendUnavailable", "check_frames", "create_backend", "tensorrt_unavailable_reason",
            "resolve_backend_name", "choose_backend"]
@@ -62,17 +63,27 @@ def resolve_backend_name(name: str) -> str:
 
 
 def create_backend(name: str, bundle: Bundle, max_batch: int = 8, intra_op_threads: int = 0,
-                   precision: str = "fp16", dla_core: Optional[int] = None) -> Backend:
+                   precision: str = "fp16", dla_core: Optional[int] = None,
+                   tensorrt_reason: Callable[[], Optional[str]] = tensorrt_unavailable_reason) -> Backend:
     """Build the named backend ('auto', 'onnxruntime', 'tensorrt') for ``bundle``; logs which and why.
 
     ``precision`` and ``dla_core`` are TensorRT's (the plan built or loaded); ONNX Runtime ignores them.
+    Under 'auto' a TensorRT backend that cannot be made for this bundle (the parser refuses the graph, the build
+    or a CUDA call fails) falls back to ONNX Runtime with a warning; '--backend tensorrt' fails instead.
     """
-    chosen, why = choose_backend(name)
+    chosen, why = choose_backend(name, tensorrt_reason)
     log.info("backend %s (%s)", chosen, why)
     if chosen == "tensorrt":
+        from edge.backends.cudart import CudaError
         from edge.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(bundle, max_batch=max_batch, precision=precision, dla_core=dla_core)
+        try:
+            return TensorRTBackend(bundle, max_batch=max_batch, precision=precision, dla_core=dla_core)
+        except (UserError, CudaError) as exc:
+            if name != "auto":
+                raise
+            log.warning("backend auto: TensorRT failed for %s %s (%s); falling back to onnxruntime",
+                        bundle.model_name, bundle.version, exc)
     from edge.backends.onnxruntime import OrtBackend
 
     return OrtBackend(bundle, max_batch=max_batch, intra_op_threads=intra_op_threads)

@@ -59,7 +59,7 @@ def device_count(rt: Any) -> int:
     """Visible CUDA devices; 0 when there is no GPU or no driver (the error is the answer, not a failure)."""
     try:
         return int(call(rt, "cudaGetDeviceCount"))
-    except CudaError:
+    except Exception:  # CudaError, or the bindings failing to load the CUDA runtime/driver library at all
         return 0
 
 
