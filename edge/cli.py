@@ -175,8 +175,10 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         chosen = fastest_batch(backend, bundle.input_hw, backend.max_batch)
         backend.max_batch = station.batcher.max_batch = station.stats.max_batch = chosen
         cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
-    log.info("station '%s': %d camera(s), model %s %s, backend %s, threshold %.6g%s, mqtt %s",
-             cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name, threshold,
+    selection = getattr(backend, "selection", "")
+    log.info("station '%s': %d camera(s), model %s %s, backend %s%s, threshold %.6g%s, mqtt %s",
+             cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name,
+             f" ({selection})" if selection else "", threshold,
              " (config override)" if cfg.engine.threshold is not None else "", publisher.url)
     return cfg, bundle, publisher, station
 

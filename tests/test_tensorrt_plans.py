@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from edge_helpers import run_cli, write_video
 
 from edge import plans
 from edge.backends import BackendUnavailable, choose_backend, create_backend, tensorrt_unavailable_reason
@@ -116,14 +117,18 @@ def test_tensorrt_major_and_build_options() -> None:
             bad.validate()
 
 
-def test_auto_falls_back_to_onnxruntime_and_says_why(toy_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_falls_back_to_onnxruntime_and_says_why(toy_bundle: Path, tmp_path: Path, mosquitto: str) -> None:
     reason = tensorrt_unavailable_reason()  # the real check on this machine: no TensorRT library here
     assert reason is not None and "cannot import tensorrt" in reason
-    with caplog.at_level(logging.INFO, logger="edge.backends"):
-        backend = create_backend("auto", load_bundle(toy_bundle), max_batch=2)
-    assert isinstance(backend, OrtBackend)
-    assert f"backend onnxruntime (auto: TensorRT not usable here ({reason}))" in caplog.text
+    backend = create_backend("auto", load_bundle(toy_bundle), max_batch=2)
+    assert isinstance(backend, OrtBackend) and backend.selection == f"auto: TensorRT not usable here ({reason})"
     backend.close()
+    # edge-run says it in its startup line
+    video = write_video(tmp_path / "v.avi", [], 3)
+    proc = run_cli("edge-run", ["--camera", video, "--engine", toy_bundle, "--state-dir", tmp_path / "state",
+                                "--mqtt", mosquitto, "--max-frames", "1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"backend onnxruntime (auto: TensorRT not usable here ({reason}))" in proc.stderr, proc.stderr
 
 
 def test_auto_falls_back_when_the_tensorrt_backend_fails_for_the_bundle(toy_bundle: Path,
@@ -133,9 +138,8 @@ def test_auto_falls_back_when_the_tensorrt_backend_fails_for_the_bundle(toy_bund
     bundle = load_bundle(toy_bundle)
     with caplog.at_level(logging.INFO, logger="edge.backends"):
         backend = create_backend("auto", bundle, max_batch=2, tensorrt_reason=lambda: None)
-    assert isinstance(backend, OrtBackend)
-    assert "backend tensorrt (auto:" in caplog.text and "TensorRT failed for toy" in caplog.text
-    assert "falling back to onnxruntime" in caplog.text
+    assert isinstance(backend, OrtBackend) and backend.selection.startswith("auto: TensorRT failed for this bundle")
+    assert "TensorRT failed for toy" in caplog.text and "falling back to onnxruntime" in caplog.text
     with pytest.raises(BackendUnavailable, match="TensorRT backend: "):
         create_backend("tensorrt", bundle, tensorrt_reason=lambda: None)
 

@@ -65,25 +65,33 @@ def resolve_backend_name(name: str) -> str:
 def create_backend(name: str, bundle: Bundle, max_batch: int = 8, intra_op_threads: int = 0,
                    precision: str = "fp16", dla_core: Optional[int] = None,
                    tensorrt_reason: Callable[[], Optional[str]] = tensorrt_unavailable_reason) -> Backend:
-    """Build the named backend ('auto', 'onnxruntime', 'tensorrt') for ``bundle``; logs which and why.
+    """Build the named backend ('auto', 'onnxruntime', 'tensorrt') for ``bundle``; ``backend.selection`` says why.
+
+    edge-run puts ``selection`` in its startup line (a separate line before it would break the one-line error
+    of a start that fails later, e.g. on a camera).
 
     ``precision`` and ``dla_core`` are TensorRT's (the plan built or loaded); ONNX Runtime ignores them.
     Under 'auto' a TensorRT backend that cannot be made for this bundle (the parser refuses the graph, the build
     or a CUDA call fails) falls back to ONNX Runtime with a warning; '--backend tensorrt' fails instead.
     """
     chosen, why = choose_backend(name, tensorrt_reason)
-    log.info("backend %s (%s)", chosen, why)
+    log.debug("backend %s (%s)", chosen, why)
     if chosen == "tensorrt":
         from edge.backends.cudart import CudaError
         from edge.backends.tensorrt import TensorRTBackend
 
         try:
-            return TensorRTBackend(bundle, max_batch=max_batch, precision=precision, dla_core=dla_core)
+            trt_backend = TensorRTBackend(bundle, max_batch=max_batch, precision=precision, dla_core=dla_core)
+            trt_backend.selection = why
+            return trt_backend
         except (UserError, CudaError) as exc:
             if name != "auto":
                 raise
+            why = f"auto: TensorRT failed for this bundle ({exc})"
             log.warning("backend auto: TensorRT failed for %s %s (%s); falling back to onnxruntime",
                         bundle.model_name, bundle.version, exc)
     from edge.backends.onnxruntime import OrtBackend
 
-    return OrtBackend(bundle, max_batch=max_batch, intra_op_threads=intra_op_threads)
+    ort_backend = OrtBackend(bundle, max_batch=max_batch, intra_op_threads=intra_op_threads)
+    ort_backend.selection = why
+    return ort_backend

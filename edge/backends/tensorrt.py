@@ -225,6 +225,7 @@ class TensorRTBackend:
     """A TensorRT engine for this device over a bundle (built on first start, cached in ``plans/``)."""
 
     name = "tensorrt"
+    selection = ""  # why this backend was chosen (edge.backends.create_backend)
 
     def __init__(self, bundle: Bundle, max_batch: int = 8, precision: str = "fp16",
                  dla_core: Optional[int] = None, rebuild: bool = False) -> None:
