@@ -39,8 +39,9 @@ def export_onnx(module: nn.Module, path: Path, hw: tuple[int, int], opset: int =
             dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAMES[0]: {0: "N"}, OUTPUT_NAMES[1]: {0: "N"}},
             do_constant_folding=True)
         with torch.no_grad():
-            shapes = [tuple(t.shape) for t in module(example)]
-    _fix_output_dims(path, shapes)
+            result = module(example)
+    outs = (result,) if isinstance(result, torch.Tensor) else tuple(result)  # one output or several
+    _fix_output_dims(path, [tuple(t.shape) for t in outs])
     check_onnx(path)
 
 
