@@ -12,6 +12,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[train,dev]'
 	# tensorrt-stubs declares tensorrt itself as a dependency, which cannot install without NVIDIA's index
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps tensorrt-stubs
+	# ...and ships no py.typed and five invalid signatures: without this mypy treats every TensorRT name as Any
+	$(BIN)/python scripts/patch_tensorrt_stubs.py
 	touch $@
 
 venv: $(STAMP)

@@ -152,7 +152,8 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     def make_backend(b: Any) -> Any:
         return create_backend(cfg.engine.backend, b, max_batch=min(cfg.engine.max_batch, b.max_batch or 1 << 30),
                               intra_op_threads=cfg.engine.intra_op_threads, spinning=cfg.engine.intra_op_spinning,
-                              need_map=cfg.mqtt.snapshots)
+                              need_map=cfg.mqtt.snapshots, precision=cfg.engine.tensorrt_precision,
+                              dla_core=cfg.engine.dla_core)
 
     backend = make_backend(bundle)
     spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
@@ -175,8 +176,10 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         chosen = fastest_batch(backend, bundle.input_hw, backend.max_batch)
         backend.max_batch = station.batcher.max_batch = station.stats.max_batch = chosen
         cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
-    log.info("station '%s': %d camera(s), model %s %s, backend %s, threshold %.6g%s, mqtt %s",
-             cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name, threshold,
+    selection = getattr(backend, "selection", "")
+    log.info("station '%s': %d camera(s), model %s %s, backend %s%s, threshold %.6g%s, mqtt %s",
+             cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name,
+             f" ({selection})" if selection else "", threshold,
              " (config override)" if cfg.engine.threshold is not None else "", publisher.url)
     return cfg, bundle, publisher, station
 

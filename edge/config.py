@@ -53,10 +53,17 @@ class EngineConfig:
     intra_op_threads: int = 0
     intra_op_spinning: bool = False
     watch_interval_s: float = 2.0
+    tensorrt_precision: str = "fp16"
+    dla_core: Optional[int] = None
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"engine.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.tensorrt_precision not in ("fp16", "fp32"):
+            raise ValueError(f"engine.tensorrt_precision must be fp16 or fp32, got {self.tensorrt_precision!r}")
+        if self.dla_core is not None and (self.dla_core < 0 or self.tensorrt_precision != "fp16"):
+            raise ValueError("engine.dla_core must be a DLA core index >= 0 (Jetson Orin: 0 or 1), with "
+                             "engine.tensorrt_precision fp16")
         if self.max_batch < 1:
             raise ValueError("engine.max_batch must be at least 1")
         if self.max_wait_ms < 0:

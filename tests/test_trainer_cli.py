@@ -67,6 +67,8 @@ def test_fit_prints_bundle_path_last_and_promotes(fitted) -> None:
     for key in METRIC_KEYS:
         assert key in m["metrics"]
     assert bundle.onnx_fp16_path is not None
+    fp16 = m["fp16"]  # what the FP16 graph keeps in FP32, for readers and for TensorRT 8.6's FP16-flag build
+    assert fp16["fp32_scopes"] == ["/distance/"] and "MatMul" in fp16["fp32_ops"] and fp16["fp32_nodes"]
     for name in ("report.json", "roc.png", "score_histogram.png", "overlay_0.png"):
         assert name in m["files"], name
     report = json.loads((bundle.path / "report.json").read_text())
@@ -74,6 +76,15 @@ def test_fit_prints_bundle_path_last_and_promotes(fitted) -> None:
     assert any("epochs" in note for note in report["notes"])
     assert "epochs=5 ignored" in proc.stderr
     assert not list(bundle.path.rglob("*.pkl")) and not list(bundle.path.rglob("*.pt"))
+
+
+def test_check_engine_on_the_fitted_bundle(fitted, dataset) -> None:
+    """TensorRT readiness of a bundle as fit wrote it, at its max batch, with FP16 parity on DIR/test."""
+    proc, engines = fitted
+    check = edge_train("check-engine", engines / "patchcore", "--data", dataset)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "model.onnx: ready" in check.stdout and "model.fp16.onnx: ready" in check.stdout
+    assert check.stdout.strip().splitlines()[-1] == "TensorRT readiness at batch 8: ready"
 
 
 def test_eval_json(fitted, dataset) -> None:

@@ -26,6 +26,10 @@ class AdversarialModel(EpochModel):
     """Generator + discriminator; ``config.<key>`` holds lr, beta1 and map_sigma (see trainer/config.py)."""
 
     scales_scores = True
+    # The export modules' min-max score scaling (their ``scale`` attribute, ScoreScale): it multiplies by
+    # 1 / (high - low), which can exceed FP16's largest value (65504) and magnifies the raw score's FP16
+    # rounding; in FP16 a briefly trained GANomaly's scores moved by 0.87 of their scale, with it FP32 by 0.005.
+    fp32_scopes = ("/scale/",)
     generator: nn.Module
     discriminator: nn.Module
 

@@ -3,6 +3,9 @@
   edge-train fit --data DIR [--model NAME] [--out engines/] [--config config/train.yaml] [--epochs N]
                  [--batch-size B] [--device auto|cpu|cuda] [--seed S] [--resume]
   edge-train eval BUNDLE --data DIR [--json]
+  edge-train check-engine BUNDLE [--max-batch N] [--data DIR] [--json]
+  edge-train build-engine BUNDLE [--precision fp16|fp32] [--max-batch N] [--opt-batch N] [--workspace-mb M]
+                          [--dla-core K] [--force]
 
 Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any problem the user
 can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The
@@ -19,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from edge.cli import OneLineArgumentParser
+from edge.cli import OneLineArgumentParser, positive_int
 from edge.errors import UserError
 
 
@@ -41,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     ev.add_argument("--data", required=True, type=Path, help="dataset folder with test/ (and ground_truth/)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ce = sub.add_parser("check-engine", help="TensorRT readiness of a bundle's ONNX graphs (no TensorRT needed)")
+    ce.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
+    ce.add_argument("--max-batch", type=positive_int, help="batch to check at (default: the bundle's max_batch)")
+    ce.add_argument("--data", type=Path, help="dataset folder with test/: compare FP16 and FP32 scores and AUROC")
+    ce.add_argument("--json", action="store_true", help="print one JSON object")
+    be = sub.add_parser("build-engine", help="build this device's TensorRT plan into the bundle's plans/")
+    be.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
+    be.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="engine precision (default fp16)")
+    be.add_argument("--max-batch", type=positive_int, help="largest batch of the profile (default: the bundle's)")
+    be.add_argument("--opt-batch", type=positive_int, help="batch TensorRT tunes for (default: --max-batch)")
+    be.add_argument("--workspace-mb", type=int, default=0, help="builder workspace limit in MB (0 = TensorRT's)")
+    be.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core (GPU fallback allowed)")
+    be.add_argument("--force", action="store_true", help="rebuild even when a matching plan is cached")
     return parser
 
 
@@ -94,6 +110,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "check-engine":
+            from trainer.engine_commands import check_engine
+
+            return check_engine(args.bundle, args.max_batch, args.data, args.json)
+        if args.command == "build-engine":
+            from trainer.engine_commands import build_engine
+
+            return build_engine(args.bundle, args.precision, args.max_batch, args.opt_batch, args.workspace_mb,
+                                args.dla_core, args.force)
         return _fit(args) if args.command == "fit" else _eval(args)
     except UserError as exc:
         kind = "interrupted" if exc.exit_code == 130 else "error"  # Ctrl-C in training: not the user's error

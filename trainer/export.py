@@ -10,6 +10,7 @@ cancellation would cost precision) stays FP32.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,7 +51,26 @@ def export_onnx(module: nn.Module, path: Path, hw: tuple[int, int], opset: int =
             input_names=[INPUT_NAME], output_names=list(outputs),
             dynamic_axes={INPUT_NAME: {0: "N"}, **{name: {0: "N"} for name in outputs}},
             do_constant_folding=True)
+        with torch.no_grad():
+            result = module(example)
+    outs = (result,) if isinstance(result, torch.Tensor) else tuple(result)  # one output or several
+    _fix_output_dims(path, [tuple(t.shape) for t in outs])
     check_onnx(path, outputs)
+
+
+def _fix_output_dims(path: Path, shapes: list[tuple[int, ...]]) -> None:
+    """Declare the outputs' fixed sizes: the tracer names some of them symbolically (``anomaly_map`` after a
+    Squeeze came out as [N, dim_1, dim_2]), and only the batch may be dynamic (TensorRT readiness)."""
+    model = onnx.load(str(path))
+    changed = False
+    for out, shape in zip(model.graph.output, shapes, strict=True):
+        for d, size in zip(list(out.type.tensor_type.shape.dim)[1:], shape[1:], strict=True):
+            if not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = int(size)
+                changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def check_onnx(path: Path, expected_outputs: tuple[str, ...] = OUTPUT_NAMES) -> None:
@@ -79,9 +99,13 @@ def convert_fp16(src: Path, dst: Path, fp32_scopes: tuple[str, ...] = FP32_SCOPE
         warnings.simplefilter("ignore")  # "values truncated to fp16" notices
         fp16 = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
     _fix_casts_to_fp16(fp16)
+    _restore_float_outputs(model, fp16)
+    round_trips = _drop_fp16_round_trips(fp16)
     onnx.save(fp16, str(dst))
     check_onnx(dst)
-    return {"fp32_nodes": len(keep), "nodes": len(fp16.graph.node)}
+    return {"fp32_scopes": list(fp32_scopes), "fp32_nodes": keep,
+            "fp32_ops": dict(sorted(Counter(n.op_type for n in model.graph.node if n.name in set(keep)).items())),
+            "fp16_round_trips_removed": round_trips, "nodes": len(fp16.graph.node)}
 
 
 def _fix_casts_to_fp16(model: onnx.ModelProto) -> None:
@@ -96,6 +120,63 @@ def _fix_casts_to_fp16(model: onnx.ModelProto) -> None:
             for attr in node.attribute:
                 if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
                     attr.i = onnx.TensorProto.FLOAT16
+
+
+def _restore_float_outputs(original: onnx.ModelProto, fp16: onnx.ModelProto) -> None:
+    """keep_io_types, also when an output's last node is FP32-kept: the converter then ends it with a Cast to
+    FP16 and declares the output FP16 (seen with GANomaly's score scaling kept in FP32)."""
+    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    producer = {o: n for n in fp16.graph.node for o in n.output}
+    for out in fp16.graph.output:
+        if wanted.get(out.name) != onnx.TensorProto.FLOAT or out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            continue
+        node = producer.get(out.name)
+        to = next((a for a in node.attribute if a.name == "to"), None) if node is not None else None
+        if node is None or node.op_type != "Cast" or to is None:
+            raise RuntimeError(f"FP16 conversion left output {out.name} in FP16 and no Cast to fix it")
+        to.i = onnx.TensorProto.FLOAT
+        out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
+def _drop_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """Remove FP32 → FP16 → FP32 cast pairs; returns how many consumers were rewired.
+
+    The converter casts every blocked (FP32-kept) node's output to FP16 and every blocked consumer casts it
+    back, so consecutive FP32-kept nodes (PatchCore's centring Sub → MatMul) exchanged their values through
+    FP16 and the block lost the precision it is kept for. A consumer of such a pair now reads the FP32 value.
+    """
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.value_info, *model.graph.input]}
+    elem.update({t.name: t.data_type for t in model.graph.initializer})
+
+    def cast_to(node: onnx.NodeProto) -> Optional[int]:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    rename: dict[str, str] = {}
+    drop: set[str] = set()
+    for node in nodes:
+        if cast_to(node) != onnx.TensorProto.FLOAT or node.output[0] in graph_outputs:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or cast_to(first) != onnx.TensorProto.FLOAT16:
+            continue
+        source = first.input[0]
+        if elem.get(source, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            continue  # the round trip starts from FP16 data: nothing to recover
+        rename[node.output[0]] = source
+        drop.add(node.name)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    keep = [n for n in nodes if n.name not in drop]
+    used = {x for n in keep for x in n.input} | graph_outputs
+    keep = [n for n in keep if cast_to(n) != onnx.TensorProto.FLOAT16 or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(rename)
 
 
 def onnx_scorer(path: Path, batch: int = 16) -> OrtBackend:

@@ -175,7 +175,8 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
             calibration=calibration,
             training_data=training_data,
             metrics=metrics,
-            extra={"parity": {k: v for k, v in parity.items() if isinstance(v, dict)}},
+            extra={"parity": {k: v for k, v in parity.items() if isinstance(v, dict)},
+                   **({"fp16": _fp16_manifest(fp16_info)} if fp16 is not None else {})},
         )
         promote(bundle_dir)
     except BaseException:
@@ -183,6 +184,13 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         raise
     log(f"bundle {bundle_dir} promoted ({time.monotonic() - t_start:.1f}s)")
     return bundle_dir
+
+
+def _fp16_manifest(info: dict[str, Any]) -> dict[str, Any]:
+    """What model.fp16.onnx keeps in FP32 (the scopes, their op types and nodes): TensorRT's FP16-flag build
+    (8.6) pins the same layers to FP32, and a reader sees where the FP16 graph is not FP16."""
+    return {"file": ONNX_FP16, "fp32_scopes": info["fp32_scopes"], "fp32_ops": info["fp32_ops"],
+            "fp32_nodes": info["fp32_nodes"]}
 
 
 def _stream_scores(score: Callable[[np.ndarray], np.ndarray], data: TrainingData, paths: list[Path],

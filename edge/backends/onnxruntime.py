@@ -34,6 +34,7 @@ class OrtBackend:
     """An onnxruntime InferenceSession over a bundle's model.onnx (or any frames→score ONNX file)."""
 
     name = "onnxruntime"
+    selection = ""  # why this backend was chosen (edge.backends.create_backend)
 
     def __init__(self, model: Bundle | str | Path, max_batch: int = 8, intra_op_threads: int = 0,
                  providers: Optional[Sequence[str]] = None, warmup: bool = True, spinning: bool = False,
