@@ -17,6 +17,7 @@ from torch import nn
 
 from trainer.ingraph import FrameInput, ReconstructionMap, ScoreScale
 from trainer.loop import EpochModel, LossParts, Update
+from trainer.models import FOREIGN_OBJECTS
 from trainer.networks import check_power_of_two, init_dcgan_weights
 
 COLLAPSED_DISCRIMINATOR_LOSS = 1e-5
@@ -26,6 +27,7 @@ class AdversarialModel(EpochModel):
     """Generator + discriminator; ``config.<key>`` holds lr, beta1 and map_sigma (see trainer/config.py)."""
 
     scales_scores = True
+    catches = FOREIGN_OBJECTS  # whole-image scores: what departs from a good part as a whole
     generator: nn.Module
     discriminator: nn.Module
 
