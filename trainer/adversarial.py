@@ -17,6 +17,7 @@ from torch import nn
 
 from trainer.ingraph import FrameInput, ReconstructionMap, ScoreScale
 from trainer.loop import EpochModel, LossParts, Update
+from trainer.models import FOREIGN_OBJECTS
 from trainer.networks import check_power_of_two, init_dcgan_weights
 
 COLLAPSED_DISCRIMINATOR_LOSS = 1e-5
@@ -26,6 +27,7 @@ class AdversarialModel(EpochModel):
     """Generator + discriminator; ``config.<key>`` holds lr, beta1 and map_sigma (see trainer/config.py)."""
 
     scales_scores = True
+    catches = FOREIGN_OBJECTS  # whole-image scores: what departs from a good part as a whole
     # The export modules' min-max score scaling (their ``scale`` attribute, ScoreScale): it multiplies by
     # 1 / (high - low), which can exceed FP16's largest value (65504) and magnifies the raw score's FP16
     # rounding; in FP16 a briefly trained GANomaly's scores moved by 0.87 of their scale, with it FP32 by 0.005.

@@ -25,8 +25,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (repeats, kernel, stride, expand ratio, out channels) per stage; stem 32 ch stride 2.
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
           (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-# Feature taps by block index: channels and stride of that block's output.
-FEATURE_INFO = {0: (16, 2), 2: (24, 4), 4: (40, 8), 7: (80, 16), 10: (112, 16), 14: (192, 32), 15: (320, 32)}
+# Feature taps by block index: channels and stride of that block's output (the last block of each stage).
+# Two more taps for the image-level models: STEM (the stem convolution) and HEAD (the 1x1 head convolution that
+# feeds ImageNet's pooled classifier features): the nine "levels" Mahalanobis AD fits a Gaussian to.
+STEM, HEAD = -1, 16
+FEATURE_INFO = {STEM: (32, 2), 0: (16, 2), 2: (24, 4), 4: (40, 8), 7: (80, 16), 10: (112, 16), 14: (192, 32),
+                15: (320, 32), HEAD: (1280, 32)}
 
 
 class _Conv(nn.Conv2d):
@@ -94,21 +98,25 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
 
     def features(self, x: torch.Tensor, taps: tuple[int, ...]) -> list[torch.Tensor]:
-        """Outputs of the blocks listed in ``taps`` (normalised RGB float input); stops at the last tap."""
+        """Outputs of the blocks listed in ``taps`` (normalised RGB float input), in ascending tap order;
+        stops at the last tap. ``STEM`` and ``HEAD`` tap the stem and the head convolution."""
         out = []
         x = F.relu6(self._bn0(self._conv_stem(x)))
+        if STEM in taps:
+            out.append(x)
         last = max(taps)
         for i, block in enumerate(self._blocks):
+            if i > last:
+                break
             x = block(x)
             if i in taps:
                 out.append(x)
-            if i == last:
-                break
+        if HEAD in taps:
+            out.append(F.relu6(self._bn1(self._conv_head(x))))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x, (len(self._blocks) - 1,))[0]
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = self.features(x, (HEAD,))[0]
         return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 

@@ -7,8 +7,9 @@
   edge-train build-engine BUNDLE [--precision fp16|fp32] [--max-batch N] [--opt-batch N] [--workspace-mb M]
                           [--dla-core K] [--force]
 
-Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any problem the user
-can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The
+``edge-train fit --help`` also lists the registered models by what they catch (surface defects or wrong and
+foreign objects). Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any
+problem the user can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The
 arguments, the config, the model name and the data folder are checked before torch is imported, so a typo
 answers in a second. Ctrl-C during training stops after the current step and keeps the last checkpoint
 (exit status 130); ``--resume`` continues from it.
@@ -26,12 +27,39 @@ from edge.cli import OneLineArgumentParser, positive_int
 from edge.errors import UserError
 
 
+class _FitHelp(argparse.Action):
+    """``fit --help``: the usual help, then the registered models grouped by what they catch.
+
+    Only this help imports the models (and torch), so every other argument check stays fast.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: Optional[str] = None) -> None:  # noqa: A002 - argparse's name
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: Optional[str] = None) -> None:
+        from trainer.models import model_catalogue
+
+        kinds: dict[str, list[str]] = {}
+        for name, catches in model_catalogue():
+            kinds.setdefault(catches or "not stated", []).append(name)
+        parser.epilog = "models (--model), by what they catch:\n" + "\n".join(
+            f"  {kind}:\n    {', '.join(names)}" for kind, names in sorted(kinds.items()))
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.print_help()
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="edge-train", description="Train and evaluate anomaly-detection bundles.")
     sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="train on DIR/train/good, calibrate, export, write and promote a bundle")
+    fit = sub.add_parser("fit", help="train on DIR/train/good, calibrate, export, write and promote a bundle",
+                         add_help=False)
+    fit.add_argument("-h", "--help", action=_FitHelp, help="show this help and the models with what they catch")
     fit.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec AD layout)")
-    fit.add_argument("--model", help="registered model name (default: the config's 'model')")
+    fit.add_argument("--model", help="registered model name (default: the config's 'model'); the models and "
+                     "what each catches are listed below")
     fit.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
     fit.add_argument("--config", type=Path, help="train config YAML (default: config/train.yaml)")
     fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (PatchCore ignores it)")

@@ -15,6 +15,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "train.yaml
 
 
 RESIZE_MODES = ("stretch", "letterbox", "crop")  # mirrors edge.bundle.RESIZE_MODES (checked by a test)
+# Lite0 feature taps: -1 = stem, 0..15 = the last block of each stage, 16 = head (mirrors
+# trainer.backbones.FEATURE_INFO, checked by a test).
+BACKBONE_TAPS = (-1, 0, 2, 4, 7, 10, 14, 15, 16)
+
+
+def _check_taps(taps: List[int], key: str, at_least: int = 1) -> None:
+    if len(taps) < at_least or sorted(set(taps)) != taps or any(t not in BACKBONE_TAPS for t in taps):
+        raise ValueError(f"{key} must be {at_least} or more increasing taps from {list(BACKBONE_TAPS)} "
+                         "(-1 = stem, 16 = head)")
 
 
 @dataclass
@@ -89,6 +98,55 @@ class PatchCoreConfig:
             raise ValueError("patchcore.coreset_candidates must be >= 0 (0 = every patch)")
         if self.max_bank_size < 1 or self.blur_sigma < 0:
             raise ValueError("patchcore.max_bank_size must be >= 1 and blur_sigma >= 0")
+
+
+@dataclass
+class PadimConfig:
+    """PaDiM (Defard et al. 2021): a Gaussian per feature-map position."""
+
+    layers: List[int] = field(default_factory=lambda: [2, 4, 7])
+    channels: int = 100
+    covariance_eps: float = 0.01
+    blur_sigma: float = 4.0
+
+    def validate(self) -> None:
+        _check_taps(self.layers, "padim.layers")
+        if self.channels < 0:
+            raise ValueError("padim.channels must be >= 0 (0 = every concatenated channel)")
+        if self.covariance_eps <= 0 or self.blur_sigma < 0:
+            raise ValueError("padim.covariance_eps must be > 0 and blur_sigma >= 0")
+
+
+@dataclass
+class SpadeConfig:
+    """SPADE (Cohen & Hoshen 2020): kNN of pooled image features; the map by patch kNN among the neighbours."""
+
+    stages: List[int] = field(default_factory=lambda: [14, 15, 16])
+    k: int = 50
+    map_layers: List[int] = field(default_factory=lambda: [4, 7])
+    map_neighbours: int = 10
+    blur_sigma: float = 4.0
+
+    def validate(self) -> None:
+        _check_taps(self.stages, "spade.stages")
+        _check_taps(self.map_layers, "spade.map_layers")
+        if self.k < 1 or self.map_neighbours < 1:
+            raise ValueError("spade.k and spade.map_neighbours must be >= 1")
+        if self.blur_sigma < 0:
+            raise ValueError("spade.blur_sigma must be >= 0")
+
+
+@dataclass
+class MahalanobisConfig:
+    """Mahalanobis AD (Rippel et al. 2020): a Gaussian per backbone level of pooled features."""
+
+    stages: List[int] = field(default_factory=lambda: [-1, 0, 2, 4, 7, 10, 14, 15, 16])
+    blur_sigma: float = 4.0
+
+    def validate(self) -> None:
+        _check_taps(self.stages, "mahalanobis.stages")
+        if self.blur_sigma < 0:
+            raise ValueError("mahalanobis.blur_sigma must be >= 0")
 
 
 @dataclass
@@ -227,6 +285,9 @@ class TrainConfig:
     patchcore: PatchCoreConfig = field(default_factory=PatchCoreConfig)
     ganomaly: GanomalyConfig = field(default_factory=GanomalyConfig)
     skip_ganomaly: SkipGanomalyConfig = field(default_factory=SkipGanomalyConfig)
+    padim: PadimConfig = field(default_factory=PadimConfig)
+    spade: SpadeConfig = field(default_factory=SpadeConfig)
+    mahalanobis: MahalanobisConfig = field(default_factory=MahalanobisConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

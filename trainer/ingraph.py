@@ -36,6 +36,26 @@ class FrameInput(nn.Module):
         return x.flip(1) * self.weights - 1.0  # BGR -> RGB, then [0, 255] -> [-1, 1]
 
 
+class ImageNetInput(nn.Module):
+    """uint8 BGR frames [N,H,W,3] -> ImageNet-normalised RGB float [N,3,H,W], for the pretrained backbones.
+
+    ``(x/255 - mean)/std = x * scale - offset``: one multiply-add per pixel.
+    """
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        std_t = torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("offset", torch.tensor(mean).view(1, 3, 1, 1) / std_t)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.to(torch.float32).flip(-1)  # BGR -> RGB
+        return x.permute(0, 3, 1, 2) * self.scale - self.offset
+
+
 class ScoreScale(nn.Module):
     """(raw - low) / (high - low) with constants from calibration data, never from the test set."""
 

@@ -29,6 +29,10 @@ if TYPE_CHECKING:  # this package's __init__ stays torch-free, so a wrong --mode
 
     from trainer.frames import TrainingData
 
+# What a model catches (``AnomalyModel.catches``), listed by ``edge-train fit --help`` and the README.
+SURFACE_DEFECTS = "patch features: local surface defects (scratches, spots, cracks)"
+FOREIGN_OBJECTS = "image-level: wrong or foreign objects, whole-image departures"
+
 _REGISTRY: dict[str, type[AnomalyModel]] = {}
 _DISCOVERED = False
 M = TypeVar("M", bound="type[AnomalyModel]")
@@ -54,9 +58,11 @@ class AnomalyModel(ABC):
 
     ``defaults`` fills the config keys left at null (input size, batch size, epochs). ``scales_scores``: the
     export graph min-max scales its score with constants from calibration data (``set_score_range``).
+    ``catches``: the kind of anomaly the model is for (SURFACE_DEFECTS or FOREIGN_OBJECTS).
     """
 
     name: str = ""
+    catches: str = ""
     trains_with_epochs: bool = False
     defaults = ModelDefaults()
     scales_scores: bool = False
@@ -131,6 +137,11 @@ def list_models() -> list[str]:
     """Registered model names, sorted."""
     _discover()
     return sorted(_REGISTRY)
+
+
+def model_catalogue() -> list[tuple[str, str]]:
+    """(name, what it catches) of every registered model, sorted by name (imports the models, so torch)."""
+    return [(name, get_model_class(name).catches) for name in list_models()]
 
 
 def get_model_class(name: str) -> type[AnomalyModel]:

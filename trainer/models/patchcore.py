@@ -29,7 +29,7 @@ from edge.errors import UserError
 from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
 from trainer.config import ModelDefaults
 from trainer.ingraph import MapBlur
-from trainer.models import AnomalyModel, RunOptions, register_model
+from trainer.models import SURFACE_DEFECTS, AnomalyModel, RunOptions, register_model
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -182,6 +182,7 @@ def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int, generato
 class PatchCore(AnomalyModel):
     """PatchCore: memory bank of normal patch features; kNN distance as the anomaly score."""
 
+    catches = SURFACE_DEFECTS
     trains_with_epochs = False
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
     fp32_scopes = ("/distance/",)  # the nearest-neighbour matmul + min: FP16 cancellation would cost precision
