@@ -376,3 +376,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, prog: str, *needles
 def write_station_yaml(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def stream_clip(tmp_path: Path, mosquitto: str, bundle: Path, clip: Path, station: str) -> dict[str, list[Any]]:
+    """Run edge-run on ``clip`` with ``bundle`` to the end of the file; every payload it published, each checked
+    against the shipped schemas (what the model tests assert a station does with their bundles)."""
+    config = tmp_path / "station.yaml"
+    config.write_text(f"station: {station}\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  stats_interval_s: 0.5\n")
+    with Collector(mosquitto, [f"anomaly/{station}/#"]) as col:
+        proc = run_cli("edge-run", ["--config", config, "--camera", clip, "--engine", bundle, "--mqtt", mosquitto],
+                       timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        wait_stopped(col)
+        return check_payloads(col)

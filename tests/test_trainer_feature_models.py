@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edge_helpers import Collector, assert_seq_monotonic, check_events, check_payloads, run_cli, wait_stopped
+from edge_helpers import assert_seq_monotonic, check_events, stream_clip
 
 from edge.bundle import load_bundle
 from edge.errors import ConfigError, UserError
@@ -100,15 +100,7 @@ def test_a_station_streams_a_clip_with_the_bundle(bundle: Path, tmp_path: Path, 
     defects = [(20, 40)]
     clip = write_clip(tmp_path / "line.avi", SIZE, 60, defects, kinds=kinds, seed=2)
     station = f"feat-{loaded.model_name}"
-    config = tmp_path / "station.yaml"
-    config.write_text(f"station: {station}\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  stats_interval_s: 0.5\n")
-    with Collector(mosquitto, [f"anomaly/{station}/#"]) as col:
-        proc = run_cli("edge-run", ["--config", config, "--camera", clip, "--engine", bundle, "--mqtt", mosquitto],
-                       timeout=180)
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
-        wait_stopped(col)
-        got = check_payloads(col)  # every payload against the shipped schemas
+    got = stream_clip(tmp_path, mosquitto, bundle, clip, station)
     assert got["stats"][-1]["cameras"]["cam0"]["frames_processed"] == 60
     events = got["event"]
     assert_seq_monotonic(events)

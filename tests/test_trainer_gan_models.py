@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from edge_helpers import Collector, assert_seq_monotonic, check_payloads, run_cli, wait_stopped
+from edge_helpers import assert_seq_monotonic, stream_clip
 
 from edge.bundle import load_bundle
 from trainer.config import parse_train_config
@@ -99,15 +99,7 @@ def test_a_station_streams_a_clip_with_the_bundle(bundle: Path, tmp_path: Path, 
     clip = write_clip(tmp_path / "line.avi", (120, 160), frames, [(20, 40)], kinds=OBJECT_KINDS, seed=2)
     loaded = load_bundle(bundle)
     station = f"gan-{loaded.model_name}"
-    config = tmp_path / "station.yaml"
-    config.write_text(f"station: {station}\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  stats_interval_s: 0.5\n")
-    with Collector(mosquitto, [f"anomaly/{station}/#"]) as col:
-        proc = run_cli("edge-run", ["--config", config, "--camera", clip, "--engine", bundle, "--mqtt", mosquitto],
-                       timeout=180)
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
-        wait_stopped(col)
-        got = check_payloads(col)  # every payload against the shipped schemas
+    got = stream_clip(tmp_path, mosquitto, bundle, clip, station)
     assert got["stats"][-1]["cameras"]["cam0"]["frames_processed"] == frames
     assert got["stats"][-1]["model_version"] == loaded.version
     events = got["event"]
