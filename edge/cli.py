@@ -177,9 +177,10 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         backend.max_batch = station.batcher.max_batch = station.stats.max_batch = chosen
         cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
     selection = getattr(backend, "selection", "")
-    log.info("station '%s': %d camera(s), model %s %s, backend %s%s, threshold %.6g%s, mqtt %s",
+    graph = getattr(backend, "path", None)  # ONNX Runtime: the score-only graph or the full one
+    log.info("station '%s': %d camera(s), model %s %s, backend %s%s%s, threshold %.6g%s, mqtt %s",
              cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name,
-             f" ({selection})" if selection else "", threshold,
+             f" ({selection})" if selection else "", f" on {Path(graph).name}" if graph else "", threshold,
              " (config override)" if cfg.engine.threshold is not None else "", publisher.url)
     return cfg, bundle, publisher, station
 

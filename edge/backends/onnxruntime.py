@@ -94,7 +94,7 @@ class OrtBackend:
         if self.input_hw is None and len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[2], int):
             self.input_hw = (shape[1], shape[2])
         self.providers = self.session.get_providers()
-        log.info("onnxruntime: %s on %s", path.name,
+        log.debug("onnxruntime: %s on %s", path.name,
                  ", ".join(p.replace("ExecutionProvider", "") for p in self.providers))
         if warmup and self.input_hw is not None:
             self.infer(np.zeros((1, *self.input_hw, 3), np.uint8))  # first run allocates; not on a live frame
