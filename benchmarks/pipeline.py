@@ -216,15 +216,14 @@ def print_tables(result: dict[str, Any]) -> None:
           "p50 ms  p99 ms  CPU %  RSS MB  start s")
     for i, r in enumerate(result["rounds"]):
         e = r["edge_run"]
-        naive_fps = "n/a" if r["naive_fps"] is None else f"{r['naive_fps']:.1f}"
-        vs = "n/a" if r["vs_naive"] is None else f"{r['vs_naive']:.2f}x"
+        naive_fps, vs = f"{r['naive_fps']:.1f}", f"{r['vs_naive']:.2f}x"
         print(f"{i:<7}" + "".join(f"{r['raw_fps_by_batch'][b]:<9.1f}" for b in batches)
               + f"{e['fps']:<10.1f}{e['batch']:<7}{r['efficiency']:<12.2f}{naive_fps:<7}{vs:<10}"
               f"{e['latency_p50_ms']:<8}{e['latency_p99_ms']:<8}{e['cpu_percent']:<7.0f}{e['max_rss_mb']:<8.0f}"
               f"{e['startup_to_first_score_s']:.2f}")
     b8 = result["median_batch8_vs_batch1_cost"]
     print(f"median over rounds: efficiency {result['median_efficiency']:.2f} of the best raw batch size, "
-          + ("" if result["median_vs_naive"] is None else f"{result['median_vs_naive']:.2f}x naive, ")
+          + f"{result['median_vs_naive']:.2f}x naive, "
           + ("" if b8 is None else f"per-frame cost at batch 8 = {b8:.2f}x batch 1's"))
     last = result["rounds"][-1]["edge_run"]
     print(f"seconds per stage, last round ({last['seconds']:.2f} s wall; stages on other threads overlap): "
