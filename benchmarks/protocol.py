@@ -69,7 +69,9 @@ TEST_DRAW_KEY = 1_000_003  # seeds the test subsample, shared by every class of 
 
 # Written into every run's trainer config: the hold-out explicitly (what calibrates the threshold), and no
 # FP16 graph (only the FP32 graph is scored; converting costs time).
-CONFIG_BASE: dict[str, Any] = {"calibration": {"holdout_fraction": 0.2}, "export": {"fp16": False}}
+# codec_augment off: the papers' protocols train and test on the same lossless images (no station codec between).
+CONFIG_BASE: dict[str, Any] = {"calibration": {"holdout_fraction": 0.2}, "export": {"fp16": False},
+                               "codec_augment": {"enabled": False}}
 
 # Per-model overrides of the trainer's defaults for these datasets, merged over CONFIG_BASE.
 MODEL_OVERRIDES: dict[str, dict[str, Any]] = {

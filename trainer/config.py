@@ -173,6 +173,26 @@ class CalibrationConfig:
 
 
 @dataclass
+class CodecAugmentConfig:
+    """Codec-robust training (trainer/degrade.py): degraded copies of the still images of normal parts."""
+
+    enabled: Optional[bool] = None  # None = auto: on when any training image is a still
+    copies: int = 1
+    jpeg_quality: List[int] = field(default_factory=lambda: [50, 95])
+    brightness: float = 0.04
+    contrast: float = 0.05
+
+    def validate(self) -> None:
+        if not 1 <= self.copies <= 8:
+            raise ValueError("codec_augment.copies must be in 1..8")
+        q = self.jpeg_quality
+        if len(q) != 2 or not 1 <= q[0] <= q[1] <= 100:
+            raise ValueError("codec_augment.jpeg_quality must be [low, high] with 1 <= low <= high <= 100")
+        if not 0 <= self.brightness <= 0.5 or not 0 <= self.contrast <= 0.5:
+            raise ValueError("codec_augment.brightness and contrast must be in [0, 0.5] (fractions)")
+
+
+@dataclass
 class ExportConfig:
     """ONNX export and the bounds that keep the graph runnable on TensorRT / ONNX Runtime."""
 
@@ -289,6 +309,7 @@ class TrainConfig:
     spade: SpadeConfig = field(default_factory=SpadeConfig)
     mahalanobis: MahalanobisConfig = field(default_factory=MahalanobisConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    codec_augment: CodecAugmentConfig = field(default_factory=CodecAugmentConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 

@@ -48,12 +48,17 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def read_image(path: Path, hw: tuple[int, int], resize: str = "stretch") -> np.ndarray:
-    """One image as uint8 BGR [H,W,3] at ``hw`` fitted by ``resize``; an unreadable file is a UserError naming it."""
+def read_original(path: Path) -> np.ndarray:
+    """One image as uint8 BGR [H,W,3] at its own size; an unreadable file is a UserError naming it."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise UserError(f"{path}: cannot read this image (corrupt or not an image); fix or remove the file")
-    return resize_frame(img, hw, resize)
+    return img
+
+
+def read_image(path: Path, hw: tuple[int, int], resize: str = "stretch") -> np.ndarray:
+    """One image as uint8 BGR [H,W,3] at ``hw`` fitted by ``resize``; an unreadable file is a UserError naming it."""
+    return resize_frame(read_original(path), hw, resize)
 
 
 def read_mask(path: Path, hw: tuple[int, int], resize: str = "stretch") -> np.ndarray:

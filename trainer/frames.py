@@ -4,6 +4,7 @@ Nightly retraining sees tens of thousands of frames: each batch is read, fitted 
 station's own ``resize_frame`` and handed over as uint8 BGR [B,H,W,3], exactly what a station sends its
 engine. The order of every epoch is a pure function of (seed, epoch), so an interrupted run resumes with the
 same batches. Shaped for DistributedDataParallel: each rank reads its own shard of the same permutation.
+With codec-robust training on (trainer/degrade.py), a loader also yields degraded copies of each still.
 """
 
 from __future__ import annotations
@@ -17,29 +18,44 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.data import ImageSet, read_image
+from edge.sources import resize_frame
+from trainer.data import ImageSet, read_image, read_original
+from trainer.degrade import Degradation, expand
 
 # (frame uint8 [H,W,3] BGR, rng) -> frame of the same shape: a model's training-time augmentation.
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 class FrameDataset(Dataset):
-    """Image files -> uint8 BGR tensors [H,W,3] at the model input (read on demand, in the loader's workers)."""
+    """Image files -> uint8 BGR tensors [H,W,3] at the model input (read on demand, in the loader's workers).
 
-    def __init__(self, paths: Sequence[Path], hw: tuple[int, int], resize: str = "stretch",
-                 augment: Optional[Augment] = None, seed: int = 0) -> None:
-        self.paths = list(paths)
+    ``items`` are (path, copy): copy 0 is the image as it is, copy k > 0 a seeded draw of ``degradation``
+    applied at the image's own resolution before it is fitted to the model input (as a station decodes,
+    then resizes).
+    """
+
+    def __init__(self, items: Sequence[tuple[Path, int]], hw: tuple[int, int], resize: str = "stretch",
+                 augment: Optional[Augment] = None, seed: int = 0,
+                 degradation: Optional[Degradation] = None) -> None:
+        self.items = list(items)
         self.hw = hw
         self.resize = resize
         self.augment = augment
         self.seed = seed
+        self.degradation = degradation
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        frame = read_image(self.paths[index], self.hw, self.resize)
+        path, copy = self.items[index]
+        if copy and self.degradation is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index, copy])
+            image = self.degradation.apply(read_original(path), rng)
+            frame = resize_frame(image, self.hw, self.resize)
+        else:
+            frame = read_image(path, self.hw, self.resize)
         if self.augment is not None:
             frame = self.augment(frame, np.random.default_rng([self.seed, self.epoch, index]))
         return torch.from_numpy(np.ascontiguousarray(frame))
@@ -75,7 +91,9 @@ class TrainingData:
     """What a model is fitted on: normal images to learn from, held-out normals, optional labelled val data.
 
     ``holdout_paths`` never enter training: they choose the epoch (models trained by epochs) and set the
-    threshold. ``val`` is DIR/val (good + defect images) when the user supplied one.
+    threshold. ``val`` is DIR/val (good + defect images) when the user supplied one. ``degraded_copies`` > 0
+    (with ``degradation``): every loader also yields that many degraded copies of each still (the model's
+    memory and statistics, the loop's validation and the calibration hold-out all see the station's codec).
     """
 
     fit_paths: list[Path]
@@ -87,11 +105,15 @@ class TrainingData:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    degradation: Optional[Degradation] = None
+    degraded_copies: int = 0
 
     def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
                augment: Optional[Augment] = None, pin_memory: bool = False) -> DataLoader:
-        """Batches of uint8 [B,H,W,3] frames of ``paths``; call ``set_epoch(loader, e)`` before each epoch."""
-        dataset = FrameDataset(paths, self.hw, self.resize, augment, self.seed)
+        """Batches of uint8 [B,H,W,3] frames of ``paths`` (and their degraded copies, see the class);
+        call ``set_epoch(loader, e)`` before each epoch."""
+        copies = self.degraded_copies if self.degradation is not None else 0
+        dataset = FrameDataset(expand(paths, copies), self.hw, self.resize, augment, self.seed, self.degradation)
         sampler = EpochSampler(len(dataset), shuffle, self.seed, self.rank, self.world_size)
         workers = min(self.workers, max(0, len(dataset) // max(batch_size, 1)))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
@@ -99,7 +121,7 @@ class TrainingData:
                           pin_memory=pin_memory, persistent_workers=False)
 
     def read(self, paths: Sequence[Path]) -> np.ndarray:
-        """A few images as one uint8 array (parity frames, plots): not for whole training sets."""
+        """A few images as one uint8 array, as they are (parity frames, plots): not for whole training sets."""
         if not paths:
             return np.zeros((0, *self.hw, 3), np.uint8)
         return np.stack([read_image(p, self.hw, self.resize) for p in paths])

@@ -22,6 +22,7 @@ from trainer import report as rep
 from trainer.config import TrainConfig
 from trainer.data import fingerprint, load_test, load_val, train_paths
 from trainer.datacheck import grayscale_warning, holdout_warning, scan_images, size_warnings
+from trainer.degrade import Degradation, codec_plan
 from trainer.evaluate import evaluate_onnx
 from trainer.frames import TrainingData
 from trainer.loop import run_fingerprint
@@ -76,8 +77,14 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         note(small)
     val = load_val(data_dir, hw, resize)
     test = load_test(data_dir, hw, resize, warn=note)
+    ca = cfg.codec_augment
+    degradation, copies, codec_line = codec_plan(
+        ca.enabled, ca.copies, Degradation((ca.jpeg_quality[0], ca.jpeg_quality[1]), ca.brightness, ca.contrast),
+        paths)
+    log(codec_line)
     data = TrainingData(fit_paths=[paths[i] for i in fit_idx], holdout_paths=[paths[i] for i in hold_idx], hw=hw,
-                        resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed)
+                        resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed,
+                        degradation=degradation, degraded_copies=copies)
     training_data = fingerprint(paths, data_dir)
     log(f"fitting {cfg.model} on {len(fit_idx)} images; {len(hold_idx)} held out for calibration")
     model = model_cls(cfg)
@@ -160,6 +167,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
         sizes = {p.name: p.stat().st_size for p in (fp32, fp16, score_only) if p is not None}
         report = {
             "model": cfg.model, "data": str(data_dir), "config": _config_dict(cfg), "fit": fit_info,
+            "codec_augment": {"on": degradation is not None, "copies": copies, "plan": codec_line},
             "score_scaling": scaling or None,
             "export": {**bounds, "opset": cfg.export.opset, "file_bytes": sizes, "fp16": fp16_info},
             "calibration": calibration, "parity": parity, "metrics": metrics, "plots": plots, "notes": notes,
