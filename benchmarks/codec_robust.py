@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge.bundle import load_bundle  # noqa: E402
 from trainer.config import parse_train_config  # noqa: E402
-from trainer.data import IMAGE_EXTENSIONS  # noqa: E402
+from trainer.data import IMAGE_EXTENSIONS, read_original  # noqa: E402
 from trainer.evaluate import evaluate_bundle  # noqa: E402
 from trainer.pipeline import fit_bundle  # noqa: E402
 from trainer.synthetic import make_dataset  # noqa: E402
@@ -41,7 +41,7 @@ def reencode(src: Path, dst: Path, quality: int) -> Path:
             continue
         out = dst / image.relative_to(src).with_suffix(".jpg")
         out.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out), cv2.imread(str(image)), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        cv2.imwrite(str(out), read_original(image), [cv2.IMWRITE_JPEG_QUALITY, quality])
     for mask in sorted((src / "ground_truth").rglob("*_mask.png")):
         out = dst / mask.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
