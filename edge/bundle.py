@@ -21,6 +21,7 @@ from edge.errors import BundleError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "current"
+HISTORY = "history.jsonl"  # engines/<model>/history.jsonl: one line per promotion, oldest first (rollback reads it)
 PLANS_DIR = "plans"  # TensorRT engines built on the device; not part of the checksummed bundle
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
@@ -174,10 +175,62 @@ def write_manifest(bundle_dir: Path, *, model_name: str, input_spec: dict[str, A
     return manifest
 
 
-def promote(bundle_dir: Path) -> None:
-    """Mark ``bundle_dir`` as its model's current version (atomic; earlier versions stay for rollback)."""
+def promote(bundle_dir: Path, reason: str = "promoted") -> None:
+    """Mark ``bundle_dir`` as its model's current version (atomic; earlier versions stay for rollback) and
+    append the promotion to the model's history (what ``rollback`` walks back through)."""
     load_bundle(bundle_dir)  # never promote a bundle the edge would refuse
-    atomic_write_text(bundle_dir.parent / CURRENT, bundle_dir.name + "\n")
+    model_dir = bundle_dir.parent
+    line = json.dumps({"version": bundle_dir.name, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                       "reason": reason})
+    with open(model_dir / HISTORY, "a", encoding="utf-8") as fh:  # appends of one short line are atomic
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    atomic_write_text(model_dir / CURRENT, bundle_dir.name + "\n")
+
+
+def promotion_history(model_dir: Path) -> list[str]:
+    """The promotion stack, oldest first: each promotion pushes its version, each rollback pops the version it
+    rolled back from. Versions promoted before the history existed are not in it."""
+    path = model_dir / HISTORY
+    if not path.is_file():
+        return []
+    stack: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            version, reason = entry["version"], str(entry.get("reason", ""))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a torn last line (power cut mid-append) is skipped, not fatal
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            continue
+        if reason.startswith("rollback") and len(stack) >= 2 and stack[-2] == version:
+            stack.pop()
+        else:
+            stack.append(version)
+    return stack
+
+
+def previous_version(model_dir: Path) -> str:
+    """The version that was current before the current one was promoted (the history first, else the newest
+    older version folder). Rolling back twice goes two promotions back."""
+    current = read_current(model_dir)
+    stack = promotion_history(model_dir)
+    if stack and stack[-1] == current:
+        earlier = [v for v in stack[:-1] if v != current and (model_dir / v / MANIFEST).is_file()]
+        if earlier:
+            return earlier[-1]
+    older = sorted(d.name for d in model_dir.iterdir() if (d / MANIFEST).is_file() and d.name < current)
+    if not older or (stack and stack[-1] == current):
+        raise BundleError(f"{model_dir}: no version promoted before {current} to roll back to")
+    return older[-1]
+
+
+def rollback(model_dir: Path) -> Path:
+    """Make the previously promoted version current again (verified first); returns its folder."""
+    target = model_dir / previous_version(model_dir)
+    promote(target, reason=f"rollback from {read_current(model_dir)}")
+    return target
 
 
 def read_current(model_dir: Path) -> str:

@@ -6,6 +6,9 @@
   edge-train check-engine BUNDLE [--max-batch N] [--data DIR] [--json]
   edge-train build-engine BUNDLE [--precision fp16|fp32] [--max-batch N] [--opt-batch N] [--workspace-mb M]
                           [--dla-core K] [--force]
+  edge-train retrain --station-data DIR --current BUNDLE [--holdout DIR] [--out engines/] [--config FILE] [--json]
+  edge-train promote BUNDLE
+  edge-train rollback MODEL [--out engines/]
 
 ``edge-train fit --help`` also lists the registered models by what they catch (surface defects or wrong and
 foreign objects). Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any
@@ -85,6 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--workspace-mb", type=int, default=0, help="builder workspace limit in MB (0 = TensorRT's)")
     be.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core (GPU fallback allowed)")
     be.add_argument("--force", action="store_true", help="rebuild even when a matching plan is cached")
+    rt = sub.add_parser("retrain", help="fit a challenger on a station's collected frames; promote it only when it "
+                        "is at least as good as the current bundle on the same hold-out")
+    rt.add_argument("--station-data", required=True, type=Path, help="a station's collection folder (collect.dir)")
+    rt.add_argument("--current", required=True, help="the champion: a bundle folder or a model folder (its current)")
+    rt.add_argument("--holdout", type=Path, help="MVTec-style folder with test/good and test/<defect> to compare on "
+                    "(default: the newest collected normals, labelled events, planted defects)")
+    rt.add_argument("--out", type=Path, help="engines root for the challenger (default: the champion's)")
+    rt.add_argument("--config", type=Path, help="train config whose 'retrain' rule applies "
+                    "(default: config/train.yaml)")
+    rt.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    pr = sub.add_parser("promote", help="make a bundle its model's current version (stations pick it up)")
+    pr.add_argument("bundle", type=Path, help="bundle folder engines/<model>/<version>")
+    rb = sub.add_parser("rollback", help="make the version promoted before the current one current again")
+    rb.add_argument("model", help="model folder engines/<model>, or a model name under --out")
+    rb.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
     return parser
 
 
@@ -134,6 +152,46 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain(args: argparse.Namespace) -> int:
+    from trainer.config import load_train_config
+
+    rule = load_train_config(args.config).retrain
+    for flag, folder in (("--station-data", args.station_data), ("--holdout", args.holdout)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{flag} {folder}: no such folder")
+    from trainer.retrain import retrain
+
+    report = retrain(args.station_data, args.current, args.out, args.holdout, rule,
+                     lambda m: print(f"edge-train: {m}", file=sys.stderr, flush=True))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("scores", "labels")}) if args.json
+          else report["decision"], flush=True)
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from edge.bundle import load_bundle, promote
+
+    bundle = load_bundle(args.bundle)
+    if bundle.path.resolve() != args.bundle.resolve():
+        raise UserError(f"{args.bundle}: promote takes a version folder engines/<model>/<version>, not a model folder")
+    promote(bundle.path, reason="promoted by hand (edge-train promote)")
+    print(f"{bundle.model_name}: {bundle.version} is current", flush=True)
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from edge.bundle import CURRENT, rollback
+
+    model_dir = Path(args.model)
+    if not (model_dir / CURRENT).is_file() and (args.out / args.model / CURRENT).is_file():
+        model_dir = args.out / args.model
+    if not (model_dir / CURRENT).is_file():
+        raise UserError(f"{args.model}: not a model folder with a '{CURRENT}' file (here or under {args.out})")
+    target = rollback(model_dir)
+    print(f"{model_dir.name}: rolled back to {target.name}", flush=True)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -147,7 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return build_engine(args.bundle, args.precision, args.max_batch, args.opt_batch, args.workspace_mb,
                                 args.dla_core, args.force)
-        return _fit(args) if args.command == "fit" else _eval(args)
+        commands = {"fit": _fit, "eval": _eval, "retrain": _retrain, "promote": _promote, "rollback": _rollback}
+        return commands[args.command](args)
     except UserError as exc:
         kind = "interrupted" if exc.exit_code == 130 else "error"  # Ctrl-C in training: not the user's error
         print(f"edge-train: {kind}: {exc}", file=sys.stderr, flush=True)

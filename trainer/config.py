@@ -193,6 +193,27 @@ class CodecAugmentConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """``edge-train retrain``: what the challenger is compared on and the rule that promotes it."""
+
+    fresh_fraction: float = 0.25
+    duplicate_difference: float = 1.5
+    auroc_tolerance: float = 0.0
+    false_alarm_tolerance: float = 0.0
+    miss_tolerance: float = 0.0
+
+    def validate(self) -> None:
+        if not 0.0 < self.fresh_fraction < 1.0:
+            raise ValueError("retrain.fresh_fraction must be in (0, 1)")
+        if not 0.0 <= self.duplicate_difference <= 64.0:
+            raise ValueError("retrain.duplicate_difference must be in [0, 64] grey levels (0 = exact duplicates only)")
+        if not 0.0 <= self.auroc_tolerance <= 0.5:
+            raise ValueError("retrain.auroc_tolerance must be in [0, 0.5]")
+        if not 0.0 <= self.false_alarm_tolerance <= 1.0 or not 0.0 <= self.miss_tolerance <= 1.0:
+            raise ValueError("retrain.false_alarm_tolerance and miss_tolerance must be in [0, 1]")
+
+
+@dataclass
 class ExportConfig:
     """ONNX export and the bounds that keep the graph runnable on TensorRT / ONNX Runtime."""
 
@@ -310,6 +331,7 @@ class TrainConfig:
     mahalanobis: MahalanobisConfig = field(default_factory=MahalanobisConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     codec_augment: CodecAugmentConfig = field(default_factory=CodecAugmentConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 

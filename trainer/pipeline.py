@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from torch import nn
 
-from edge.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, new_version_dir, promote, write_manifest
+from edge.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle, new_version_dir, promote, write_manifest
 from trainer import calibrate as cal
 from trainer import export as ex
 from trainer import report as rep
@@ -42,9 +42,10 @@ def _round(x: Any) -> Any:
 def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
                log: Callable[[str], None] = _stderr, resume: bool = False,
                stop_after_epoch: Optional[int] = None,
-               on_export: Optional[Callable[[nn.Module], None]] = None) -> Path:
+               on_export: Optional[Callable[[nn.Module], None]] = None, promote_bundle: bool = True) -> Path:
     """Train ``cfg.model`` on DIR/train/good, write and promote a bundle under ``engines_root``; returns its path.
 
+    ``promote_bundle`` False: the bundle is written and verified but not made current (a retrain's challenger).
     Checkpoints of models trained by epochs go to ``engines_root/<model>/checkpoints/``; ``resume`` continues
     the run found there. ``on_export`` receives the torch module the ONNX graph was exported from (benchmarks
     compare the two on the same weights).
@@ -186,11 +187,15 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
             extra={"parity": {k: v for k, v in parity.items() if isinstance(v, dict)},
                    **({"fp16": _fp16_manifest(fp16_info)} if fp16 is not None else {})},
         )
-        promote(bundle_dir)
+        if promote_bundle:
+            promote(bundle_dir)
+        else:
+            load_bundle(bundle_dir)  # verified as a station would, even when not promoted
     except BaseException:
         shutil.rmtree(bundle_dir, ignore_errors=True)
         raise
-    log(f"bundle {bundle_dir} promoted ({time.monotonic() - t_start:.1f}s)")
+    log(f"bundle {bundle_dir} {'promoted' if promote_bundle else 'written (not promoted)'} "
+        f"({time.monotonic() - t_start:.1f}s)")
     return bundle_dir
 
 

@@ -1,0 +1,180 @@
+"""edge-train retrain / promote / rollback on a station's collected frames, through the real CLI.
+
+The champion is fitted on a dozen PNG stills with codec augmentation off, so a station's MJPEG frames of good
+parts cross its threshold; the station's collected frames (decoded from an MJPEG clip, written in the
+collection layout with sidecars) teach a challenger what the station sees. A challenger fitted on frames that
+carry defects is refused on a labelled hold-out; rollback walks back through the promotions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from edge_helpers import run_cli
+
+from edge.bundle import load_bundle, promotion_history, read_current
+from trainer.retrain import drop_near_duplicates, retrain_lock, thumbnail
+from trainer.synthetic import make_dataset, render_frame, write_clip
+
+SIZE = (240, 320)
+
+
+def _station_frames(folder: Path, clip: Path, station: str = "line1", still_every: int = 0) -> list[Path]:
+    """Frames of ``clip`` as a station's collection writes them: train/good/<time>_<camera>_<frame>.png + .json;
+    ``still_every`` k > 0: every k-th part stood still and was collected twice (the second time with the
+    sensor's own ±1 noise)."""
+    cap = cv2.VideoCapture(str(clip))
+    out: list[Path] = []
+    rng = np.random.default_rng(1)
+    i = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        name = f"20261201T1200{i // 10:02d}.{i % 10}0"
+        shots = [frame]
+        if still_every and i % still_every == 0:
+            shots.append(np.clip(frame.astype(int) + rng.integers(-1, 2, frame.shape), 0, 255).astype(np.uint8))
+        for k, shot in enumerate(shots):
+            path = folder / "train" / "good" / f"{name}{k}_cam0_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), shot)
+            path.with_suffix(".json").write_text(json.dumps({"station": station, "camera": "cam0", "frame": i,
+                                                             "kind": "normal", "score": 0.0}))
+            out.append(path)
+        i += 1
+    cap.release()
+    return out
+
+
+def _labelled_holdout(root: Path, clip: Path, defects: list[tuple[int, int]]) -> Path:
+    """A --holdout folder from an MJPEG clip with defect stretches: test/good and test/defect."""
+    cap = cv2.VideoCapture(str(clip))
+    i = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        label = "defect" if any(a <= i < b for a, b in defects) else "good"
+        (root / "test" / label).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "test" / label / f"{i:04d}.png"), frame)
+        i += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("retrain")
+    data = make_dataset(root / "stills", n_train=12, n_test_good=0, n_test_defect=0, size=SIZE, seed=21)
+    cfg = root / "train.yaml"
+    cfg.write_text("codec_augment:\n  enabled: false\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--data", str(data), "--config", str(cfg),
+                           "--out", str(root / "engines")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return root, Path(proc.stdout.strip().splitlines()[-1])
+
+
+def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rollback_walks_back(
+        champion: tuple[Path, Path], tmp_path: Path) -> None:
+    root, champ_dir = champion
+    model_dir = champ_dir.parent
+    good_clip = write_clip(tmp_path / "good.avi", SIZE, 48, [], fps=10.0, seed=31, codec="MJPG")
+    station = tmp_path / "station"
+    _station_frames(station, good_clip, still_every=4)
+
+    # 1. a challenger that learnt the station's frames: fewer false alarms on its fresh frames -> promoted
+    proc = run_cli("edge-train", ["retrain", "--station-data", station, "--current", model_dir, "--json"],
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first["promoted"], first["decision"]
+    assert first["champion"] == champ_dir.name and read_current(model_dir) == first["challenger"]
+    d = first["data"]
+    assert "planted" in first["holdout"]  # no labelled defects: synthetic ones in the fresh frames
+    assert (d["collected"], d["near_duplicates"], d["champion_images"]) == (60, 12, 12)  # 12 parts stood still
+    assert d["held_out"] == 12 and d["trained_on"] == 36  # the newest 25 % of the 48 distinct frames
+    comparison = json.loads((Path(first["folder"]) / "comparison.json").read_text())
+    champ, chall = comparison["scores"]["champion"], comparison["scores"]["challenger"]
+    assert chall["false_alarm_rate"] < champ["false_alarm_rate"]  # the stills-only champion fires on MJPEG parts
+    assert cv2.imread(str(Path(first["folder"]) / "comparison.png")) is not None
+    load_bundle(model_dir)  # what a station follows: current verifies
+
+    # 2. the same inputs again: nothing new, no third bundle
+    versions = sorted(d.name for d in model_dir.iterdir() if (d / "manifest.json").is_file())
+    again = run_cli("edge-train", ["retrain", "--station-data", station, "--current", model_dir], timeout=120)
+    assert again.returncode == 0 and "nothing new" in again.stderr, again.stderr
+    assert sorted(d.name for d in model_dir.iterdir() if (d / "manifest.json").is_file()) == versions
+
+    # 3. "normals" collected during a bad batch (every part defective), judged on a labelled hold-out: the
+    # challenger learnt defects as normal and misses them -> refused, current stays
+    bad_clip = write_clip(tmp_path / "bad.avi", SIZE, 40, [(0, 40)], fps=10.0, seed=41, codec="MJPG")
+    bad_station = tmp_path / "bad-station"
+    _station_frames(bad_station, bad_clip)
+    holdout = _labelled_holdout(tmp_path / "holdout", write_clip(tmp_path / "hold.avi", SIZE, 40, [(10, 30)],
+                                                                  fps=10.0, seed=51, codec="MJPG"), [(10, 30)])
+    current_before = read_current(model_dir)
+    proc = run_cli("edge-train", ["retrain", "--station-data", bad_station, "--current", model_dir,
+                                  "--holdout", holdout, "--json"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    refused = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not refused["promoted"] and refused["decision"].startswith("refused"), refused["decision"]
+    assert read_current(model_dir) == current_before
+    assert (model_dir / refused["challenger"] / "manifest.json").is_file()  # kept for inspection, not current
+
+    # 4. rollback: back to the stills-only champion; a second rollback has nowhere to go
+    proc = run_cli("edge-train", ["rollback", model_dir])
+    assert proc.returncode == 0, proc.stderr
+    assert read_current(model_dir) == champ_dir.name
+    assert promotion_history(model_dir) == [champ_dir.name]
+    proc = run_cli("edge-train", ["rollback", model_dir])
+    assert proc.returncode == 2 and "no version promoted before" in proc.stderr
+    proc = run_cli("edge-train", ["promote", model_dir / first["challenger"]])
+    assert proc.returncode == 0 and read_current(model_dir) == first["challenger"]
+
+
+def test_a_second_retrain_of_the_same_model_is_refused_while_one_runs(champion: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    _, champ_dir = champion
+    station = tmp_path / "station"
+    (station / "train" / "good").mkdir(parents=True)
+    with retrain_lock(champ_dir.parent):
+        proc = run_cli("edge-train", ["retrain", "--station-data", station, "--current", champ_dir])
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "another retrain of this model is running" in proc.stderr
+
+
+def test_a_failing_retrain_leaves_current_untouched(champion: tuple[Path, Path], tmp_path: Path) -> None:
+    _, champ_dir = champion
+    model_dir = champ_dir.parent
+    before = read_current(model_dir)
+    station = tmp_path / "station"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        path = station / "train" / "good" / f"20261201T1300{i:02d}.000_cam0_{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), render_frame(rng, SIZE, False))
+    (station / "train" / "good" / "20261201T130009.000_cam0_9.png").write_bytes(b"not a png")  # a torn write
+    proc = run_cli("edge-train", ["retrain", "--station-data", station, "--current", model_dir], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 or "error:" in proc.stderr.strip().splitlines()[-1]
+    assert "cannot read this image" in proc.stderr and "Traceback" not in proc.stderr
+    assert read_current(model_dir) == before
+
+
+def test_near_duplicates_are_dropped_and_distinct_frames_kept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    a, b = render_frame(rng, SIZE, False), render_frame(rng, SIZE, False)
+    noisy = np.clip(a.astype(int) + rng.integers(-2, 3, a.shape), 0, 255).astype(np.uint8)
+    paths = []
+    for name, img in (("a", a), ("a_again", noisy), ("b", b)):
+        paths.append(tmp_path / f"{name}.png")
+        cv2.imwrite(str(paths[-1]), img)
+    assert np.abs(thumbnail(a) - thumbnail(noisy)).mean() < 0.5 < np.abs(thumbnail(a) - thumbnail(b)).mean()
+    assert drop_near_duplicates(paths, 1.5) == [paths[0], paths[2]]
+    assert drop_near_duplicates(paths, 0.0) == paths  # 0: exact duplicates only

@@ -1,0 +1,318 @@
+"""``edge-train retrain``: champion / challenger on what a station collected; promote only what is as good.
+
+The challenger is the champion's own recipe (its report's config) fitted on the champion's training images
+plus the normal frames the station collected (``edge-run``'s collection folder: train/good with JSON
+sidecars), near-duplicates dropped. Both models are scored on the same hold-out, which neither trained on:
+``--holdout DIR`` (an MVTec-style test/ folder) when given, else the newest ``retrain.fresh_fraction`` of the
+collected normals plus the events an operator labelled (test/good = false alarms, test/<kind> = defects), and
+when there are no labelled defects, synthetic defects planted in those fresh normals. The rule of
+train.yaml's ``retrain`` section promotes the challenger only when its AUROC is at least the champion's
+(less ``auroc_tolerance``), and its false-alarm rate and its rate of missed defects, each at its own
+threshold, at most the champion's (plus ``false_alarm_tolerance`` / ``miss_tolerance``). A refused challenger
+stays on disk, not current.
+
+Nightly jobs need more than the decision: a lock per model so two runs never overlap, idempotence (the same
+inputs give "nothing new" without training again), and a failure that leaves ``current`` as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import cv2
+import numpy as np
+import yaml
+
+from edge.bundle import Bundle, atomic_write_text, load_bundle, promote
+from edge.errors import UserError
+from trainer.config import RetrainConfig, TrainConfig, parse_train_config
+from trainer.data import IMAGE_EXTENSIONS, list_images, read_original
+from trainer.synthetic import plant_on_frame
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+RETRAIN_DIR = "retrain"
+LAST = "last.json"
+Log = Callable[[str], None]
+
+
+@dataclass
+class ModelScores:
+    """One model on the hold-out: AUROC (None without defects), false-alarm and miss rates at its threshold."""
+
+    version: str
+    threshold: float
+    auroc: Optional[float]
+    false_alarm_rate: float
+    miss_rate: Optional[float]
+    scores: list[float]
+
+
+@contextmanager
+def retrain_lock(model_dir: Path) -> Iterator[None]:
+    """Hold ``model_dir/.retrain.lock`` (non-blocking): a second run is refused with one line."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / ".retrain.lock"
+    with open(path, "a+", encoding="utf-8") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(f"{path}: another retrain of this model is running; wait for it to finish") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """A frame as 32x32 grey floats (area-averaged): what two frames of the same still part share."""
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    return cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+
+
+def drop_near_duplicates(paths: list[Path], max_difference: float) -> list[Path]:
+    """``paths`` in order, without frames whose thumbnail differs from one already kept by at most
+    ``max_difference`` grey levels on average (a part standing still for a second is one frame, not thirty)."""
+    kept: list[Path] = []
+    thumbs = np.zeros((0, 32 * 32), np.float32)
+    for p in paths:
+        t = thumbnail(read_original(p))
+        if len(thumbs) and float(np.abs(thumbs - t).mean(axis=1).min()) <= max_difference:
+            continue
+        kept.append(p)
+        thumbs = np.vstack([thumbs, t])
+    return kept
+
+
+def champion_config(champion: Bundle) -> TrainConfig:
+    """The recipe the champion was fitted with (its report.json ``config``), as a TrainConfig."""
+    report_path = champion.path / "report.json"
+    try:
+        config = json.loads(report_path.read_text(encoding="utf-8"))["config"]
+        return parse_train_config(yaml.safe_dump(config), source=str(report_path))
+    except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+        raise UserError(f"{report_path}: cannot read the champion's training config ({exc}); "
+                        "retrain needs a bundle written by edge-train fit") from None
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``src`` (and its JSON sidecar) at ``dst`` as a hard link, a copy across file systems: the challenger's
+    training set outlives the station's rotation of its collection folder, without doubling the disk it uses."""
+    for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
+        if not a.is_file():
+            continue
+        b.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(a.resolve(), b)
+        except OSError:
+            shutil.copy2(a, b)
+
+
+def _labelled(folder: Path) -> dict[str, list[Path]]:
+    """test/<label>/ images of a station-data or hold-out folder, by label (good first)."""
+    test = folder / "test"
+    if not test.is_dir():
+        return {}
+    return {d.name: list_images(d) for d in sorted(test.iterdir(), key=lambda d: (d.name != "good", d.name))
+            if d.is_dir() and list_images(d)}
+
+
+def build_holdout(work: Path, fresh: list[Path], station_data: Path, holdout: Optional[Path], seed: int,
+                  log: Log) -> tuple[Path, str]:
+    """The comparison's MVTec-style folder ``work/holdout`` (test/good, test/<kind>) and how it was made."""
+    root = work / "holdout"
+    if holdout is not None:
+        groups = _labelled(holdout)
+        if "good" not in groups:
+            raise UserError(f"{holdout}/test/good: no good images; the hold-out needs good parts to measure "
+                            "false alarms (and test/<defect>/ for defects)")
+        how = f"--holdout {holdout}"
+    else:
+        groups = _labelled(station_data)
+        groups["good"] = fresh + groups.get("good", [])
+        how = f"the newest {len(fresh)} collected normals" + "".join(
+            f", {len(v)} labelled {k}" for k, v in groups.items() if k != "good")
+    for label, paths in groups.items():
+        for p in paths:
+            _link(p, root / "test" / label / p.name)
+    if len(groups) == 1:  # no defects anywhere: plant some in the fresh normals
+        rng = np.random.default_rng(seed)
+        out = root / "test" / "planted"
+        out.mkdir(parents=True, exist_ok=True)
+        for p in groups["good"]:
+            image, _mask = plant_on_frame(rng, read_original(p))
+            cv2.imwrite(str(out / f"{p.stem}.png"), image)
+        how += f", {len(groups['good'])} synthetic defects planted in them (no labelled defects)"
+    (root / "train" / "good").mkdir(parents=True, exist_ok=True)
+    log(f"hold-out: {how}")
+    return root, how
+
+
+def score_on(bundle: Bundle, holdout: Path) -> tuple[ModelScores, np.ndarray]:
+    """``bundle`` on ``holdout``/test through its ONNX graph: its scores and the labels."""
+    from trainer.evaluate import evaluate_bundle
+
+    ev = evaluate_bundle(bundle.path, holdout)
+    labels = ev.test.labels.astype(int)
+    good, bad = ev.scores[labels == 0], ev.scores[labels == 1]
+    auroc = ev.metrics.get("image_auroc")
+    return ModelScores(version=bundle.version, threshold=bundle.threshold,
+                       auroc=None if auroc is None else float(auroc),
+                       false_alarm_rate=float((good >= bundle.threshold).mean()) if len(good) else 0.0,
+                       miss_rate=float((bad < bundle.threshold).mean()) if len(bad) else None,
+                       scores=[float(s) for s in ev.scores]), labels
+
+
+def decide(champion: ModelScores, challenger: ModelScores, rule: RetrainConfig) -> tuple[bool, str]:
+    """The promotion rule of train.yaml's ``retrain`` section: (promote?, why, in one line)."""
+    reasons = []
+    ok = True
+    if champion.auroc is not None and challenger.auroc is not None:
+        good = challenger.auroc >= champion.auroc - rule.auroc_tolerance
+        ok &= good
+        reasons.append(f"AUROC {challenger.auroc:.4f} vs {champion.auroc:.4f}" + ("" if good else " (worse)"))
+    good = challenger.false_alarm_rate <= champion.false_alarm_rate + rule.false_alarm_tolerance
+    ok &= good
+    reasons.append(f"false alarms {challenger.false_alarm_rate:.1%} vs {champion.false_alarm_rate:.1%}"
+                   + ("" if good else " (more)"))
+    if champion.miss_rate is not None and challenger.miss_rate is not None:
+        good = challenger.miss_rate <= champion.miss_rate + rule.miss_tolerance
+        ok &= good
+        reasons.append(f"missed defects {challenger.miss_rate:.1%} vs {champion.miss_rate:.1%}"
+                       + ("" if good else " (more)"))
+    return ok, ("promoted: " if ok else "refused: ") + ", ".join(reasons) + " (challenger vs champion)"
+
+
+def plot_comparison(path: Path, champion: ModelScores, challenger: ModelScores, labels: np.ndarray) -> None:
+    """Both models' score distributions (as score / own threshold, so 1 is each one's threshold) and ROC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, (ax_h, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
+    for ms, colour in ((champion, "tab:blue"), (challenger, "tab:orange")):
+        rel = np.asarray(ms.scores) / max(ms.threshold, 1e-12)
+        name = f"{'champion' if ms is champion else 'challenger'} {ms.version}"
+        ax_h.hist(rel[labels == 0], bins=30, alpha=0.45, color=colour, label=f"{name}: good")
+        if (labels == 1).any():
+            ax_h.hist(rel[labels == 1], bins=30, alpha=0.45, color=colour, hatch="//", label=f"{name}: defect")
+            fpr, tpr, _ = roc_curve(labels, rel)
+            ax_r.plot(fpr, tpr, color=colour, label=f"{name} (AUROC {ms.auroc:.3f})")
+    ax_h.axvline(1.0, color="k", ls="--", lw=1, label="threshold")
+    ax_h.set_xlabel("score / the model's own threshold")
+    ax_h.set_ylabel("frames")
+    ax_h.legend(fontsize=7)
+    ax_h.set_title("hold-out scores")
+    ax_r.plot([0, 1], [0, 1], color="0.7", lw=1)
+    ax_r.set_xlabel("false-positive rate")
+    ax_r.set_ylabel("true-positive rate")
+    ax_r.set_title("ROC on the hold-out" if (labels == 1).any() else "ROC: no defects in the hold-out")
+    if (labels == 1).any():
+        ax_r.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _inputs_fingerprint(station_data: Path, holdout: Optional[Path], rule: RetrainConfig) -> str:
+    """What a nightly run depends on besides the champion: the collected files (names and sizes), the rule."""
+    digest = hashlib.sha256(json.dumps({"rule": asdict(rule)}, sort_keys=True).encode())
+    for folder in (station_data, holdout):
+        if folder is None:
+            continue
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                digest.update(f"{p.relative_to(folder)}\0{p.stat().st_size}\0".encode())
+    return digest.hexdigest()
+
+
+def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdout: Optional[Path],
+            rule: RetrainConfig, log: Log) -> dict[str, Any]:
+    """Fit a challenger, compare it with the champion, promote it when the rule says so; returns the report."""
+    from trainer.pipeline import fit_bundle
+
+    station_data = Path(station_data)
+    collected = station_data / "train" / "good"
+    if not collected.is_dir():
+        raise UserError(f"{collected}: no collected normal frames; point --station-data at a station's collection "
+                        "folder (collect.dir in station.yaml)")
+    champion = load_bundle(current)
+    engines_root = Path(out) if out is not None else champion.path.parent.parent
+    model_dir = engines_root / champion.model_name
+    with retrain_lock(model_dir):
+        runs = model_dir / RETRAIN_DIR
+        fingerprint = _inputs_fingerprint(station_data, holdout, rule)
+        last_path = runs / LAST
+        if last_path.is_file():  # the same frames and rule, and the champion is what that run left current
+            last = json.loads(last_path.read_text(encoding="utf-8"))
+            if last.get("inputs") == fingerprint and champion.version == (
+                    last.get("challenger") if last.get("promoted") else last.get("champion")):
+                log(f"nothing new since the retrain of {last.get('at')} (same collected frames, rule and "
+                    f"champion): {last.get('decision')}")
+                return {**last, "skipped": True}
+        cfg = champion_config(champion)
+        base_dir = Path(json.loads((champion.path / "report.json").read_text(encoding="utf-8"))["data"])
+        base = list_images(base_dir / "train" / "good") if (base_dir / "train" / "good").is_dir() else []
+        if not base:
+            log(f"warning: the champion's training images ({base_dir / 'train' / 'good'}) are gone; "
+                "the challenger learns from the collected frames alone")
+        # names begin with the UTC capture time: chronological. Frames the champion already learnt (a retrain's
+        # champion is often the previous challenger) are not added twice.
+        known = {p.name.removeprefix("station_") for p in base}
+        frames = [p for p in list_images(collected) if p.name not in known]
+        unique = drop_near_duplicates(frames, rule.duplicate_difference)
+        n_fresh = max(1, int(round(len(unique) * rule.fresh_fraction))) if holdout is None else 0
+        if len(unique) - n_fresh < 1:
+            raise UserError(f"{collected}: {len(unique)} distinct collected frames ({len(frames)} before "
+                            "near-duplicates were dropped) are too few to train on and hold out; collect more")
+        learn, fresh = unique[:len(unique) - n_fresh], unique[len(unique) - n_fresh:]
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        work = runs / stamp
+        if work.exists():
+            shutil.rmtree(work)
+        for p in base:  # names keep saying where an image came from, generation after generation
+            name = p.name if p.name.startswith(("base_", "station_")) else f"base_{p.name}"
+            _link(p, work / "data" / "train" / "good" / name)
+        for p in learn:
+            _link(p, work / "data" / "train" / "good" / f"station_{p.name}")
+        log(f"challenger data: {len(base)} of the champion's images + {len(learn)} collected frames "
+            f"({len(frames) - len(unique)} near-duplicates dropped, {len(fresh)} newest held out)")
+        holdout_dir, how = build_holdout(work, fresh, station_data, holdout, cfg.seed, log)
+        challenger_dir = fit_bundle(cfg, work / "data", engines_root, log=log, promote_bundle=False)
+        challenger = load_bundle(challenger_dir)
+        champ_scores, labels = score_on(champion, holdout_dir)
+        chall_scores, _ = score_on(challenger, holdout_dir)
+        promoted, decision = decide(champ_scores, chall_scores, rule)
+        plot_comparison(work / "comparison.png", champ_scores, chall_scores, labels)
+        report = {
+            "at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "model": champion.model_name,
+            "champion": champion.version, "challenger": challenger.version, "promoted": promoted,
+            "decision": decision, "rule": asdict(rule), "holdout": how, "inputs": fingerprint,
+            "data": {"champion_images": len(base), "collected": len(frames),
+                     "near_duplicates": len(frames) - len(unique), "trained_on": len(learn), "held_out": len(fresh)},
+            "labels": labels.tolist(),
+            "scores": {"champion": asdict(champ_scores), "challenger": asdict(chall_scores)},
+            "plots": ["comparison.png"], "folder": str(work),
+        }
+        atomic_write_text(work / "comparison.json", json.dumps(report, indent=2) + "\n")
+        if promoted:
+            promote(challenger_dir, reason=f"retrain: {decision}")
+        atomic_write_text(last_path, json.dumps({k: v for k, v in report.items() if k not in ("scores", "labels")},
+                                                indent=2) + "\n")
+        log(f"{decision}; report {work / 'comparison.json'}")
+        return report
