@@ -178,3 +178,26 @@ def test_near_duplicates_are_dropped_and_distinct_frames_kept(tmp_path: Path) ->
     assert np.abs(thumbnail(a) - thumbnail(noisy)).mean() < 0.5 < np.abs(thumbnail(a) - thumbnail(b)).mean()
     assert drop_near_duplicates(paths, 1.5) == [paths[0], paths[2]]
     assert drop_near_duplicates(paths, 0.0) == paths  # 0: exact duplicates only
+
+
+def test_the_nightly_units_run_a_retrain_command_the_cli_accepts() -> None:
+    import configparser
+    import shlex
+
+    from trainer.cli import _parser
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    units = {}
+    for name in ("edge-retrain.service", "edge-retrain.timer"):
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.optionxform = str  # type: ignore[assignment,method-assign]
+        unit.read(deploy / name)
+        units[name] = unit
+    service = units["edge-retrain.service"]["Service"]
+    assert service["Type"] == "oneshot"
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].endswith("/edge-train")
+    args = _parser().parse_args(argv[1:])  # the unit's command line is one this CLI takes
+    assert args.command == "retrain" and args.station_data and args.current
+    timer = units["edge-retrain.timer"]["Timer"]
+    assert timer["OnCalendar"] and timer["Persistent"] == "true"
