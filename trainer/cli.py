@@ -129,9 +129,12 @@ def _eval(args: argparse.Namespace) -> int:
     if args.cases < 0:
         raise UserError(f"--cases {args.cases}: must be >= 0 (0: no hardest-cases grid)")
     from edge.bundle import load_bundle
-    from trainer.evaluate import evaluate_bundle, report_dir, write_eval_report
+    from trainer.report import report_dir
 
-    out = report_dir(load_bundle(args.bundle), args.out)  # a wrong --out answers before the scoring
+    out = report_dir(load_bundle(args.bundle), args.out)  # a wrong --out answers before torch loads
+
+    from trainer.evaluate import evaluate_bundle, write_eval_report
+
     evaluation = evaluate_bundle(args.bundle, args.data)
     report = write_eval_report(evaluation, args.data, out, args.cases)
     if args.json:

@@ -23,7 +23,6 @@ from trainer.data import ImageSet, load_test
 from trainer.export import onnx_scorer, run_onnx
 
 METRIC_KEYS = ("image_auroc", "average_precision", "pixel_auroc", "f1", "threshold", "n_normal", "n_anomalous")
-EVALS = "evals"  # engines/<model>/evals/<version>-<UTC time>/: where `edge-train eval` reports by default
 
 
 @dataclass
@@ -78,31 +77,6 @@ def evaluate_bundle(ref: str | Path, data_dir: str | Path, batch: Optional[int] 
     evaluation = evaluate_onnx(bundle.onnx_path, test, bundle.threshold, batch or max_batch)
     evaluation.bundle = bundle
     return evaluation
-
-
-def report_dir(bundle: Bundle, out: Optional[Path]) -> Path:
-    """Where an evaluation report goes (checked, not yet created): ``out``, or a new
-    ``<model folder>/evals/<version>-<UTC time>``.
-
-    Never inside the bundle: its files are checksummed in the manifest, and a station refuses a bundle whose
-    files changed.
-    """
-    if out is not None:
-        target = Path(out)
-        resolved, inside = target.resolve(), bundle.path.resolve()
-        if resolved == inside or inside in resolved.parents:
-            raise UserError(f"--out {target}: inside the bundle {bundle.path}, whose files are checksummed and never "
-                            "change; pass a folder outside it")
-        if target.exists() and not target.is_dir():
-            raise UserError(f"--out {target}: exists and is not a folder; pass a folder")
-        return target
-    base = bundle.path.parent / EVALS
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    for n in range(1, 1000):
-        target = base / (f"{bundle.version}-{stamp}" + ("" if n == 1 else f"-{n}"))
-        if not target.exists():
-            return target
-    raise UserError(f"{base}: no free report folder name; pass --out DIR")
 
 
 def write_eval_report(evaluation: Evaluation, data_dir: Path, out_dir: Path, cases: int) -> Path:

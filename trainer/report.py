@@ -11,6 +11,7 @@ models (a retrain) draws both on one figure. matplotlib runs headless (Agg).
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,12 +19,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from edge.bundle import atomic_write_text
+from edge.bundle import Bundle, atomic_write_text
+from edge.errors import UserError
 from edge.events import EventRule
 from trainer.data import ImageSet
 
 CMAP = "turbo"
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+EVALS = "evals"  # engines/<model>/evals/<version>-<UTC time>/: where `edge-train eval` reports by default
 HEAT_HEADROOM = 1.5  # the colour bar runs from the typical good pixel to 1.5x the way to the threshold level
 
 
@@ -310,7 +313,9 @@ def plot_hardest_cases(path: Path, frames: np.ndarray, maps: Optional[np.ndarray
         mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(scale.low, scale.high), cmap=CMAP)
         bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), extend="max", shrink=0.9)
         bar.set_ticks([scale.low, scale.level, scale.high])
-        bar.set_ticklabels([f"{scale.low:.3g} typical good", f"threshold {scale.level:.3g}", f"{scale.high:.3g}"])
+        mark = f"threshold {scale.level:.3g}" if scale.in_score_units \
+            else f"threshold level\n{scale.level:.3g} (map units)"
+        bar.set_ticklabels([f"{scale.low:.3g} typical good", mark, f"{scale.high:.3g}"])
         bar.ax.axhline(scale.level, c="k", lw=2)
         bar.ax.tick_params(labelsize=7)
         caption = scale.basis
@@ -330,7 +335,6 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def map_in_score_units(model_name: str) -> bool:
     """Whether the registered model's anomaly map is in its score's units (False for an unknown model)."""
-    from edge.errors import UserError
     from trainer.models import get_model_class
 
     try:
@@ -384,6 +388,31 @@ def _relative(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def report_dir(bundle: Bundle, out: Optional[Path]) -> Path:
+    """Where an evaluation report goes (checked, not yet created): ``out``, or a new
+    ``<model folder>/evals/<version>-<UTC time>``.
+
+    Never inside the bundle: its files are checksummed in the manifest, and a station refuses a bundle whose
+    files changed.
+    """
+    if out is not None:
+        target = Path(out)
+        resolved, inside = target.resolve(), bundle.path.resolve()
+        if resolved == inside or inside in resolved.parents:
+            raise UserError(f"--out {target}: inside the bundle {bundle.path}, whose files are checksummed and never "
+                            "change; pass a folder outside it")
+        if target.exists() and not target.is_dir():
+            raise UserError(f"--out {target}: exists and is not a folder; pass a folder")
+        return target
+    base = bundle.path.parent / EVALS
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 1000):
+        target = base / (f"{bundle.version}-{stamp}" + ("" if n == 1 else f"-{n}"))
+        if not target.exists():
+            return target
+    raise UserError(f"{base}: no free report folder name; pass --out DIR")
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
