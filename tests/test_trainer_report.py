@@ -119,6 +119,8 @@ def test_fit_report_lists_the_hardest_cases(fitted, independent) -> None:
     assert scale["in_score_units"] and scale["level"] == pytest.approx(threshold)  # PatchCore: map in score units
     assert scale["low"] < scale["level"] < scale["high"]
     assert report["metrics"]["average_precision"] is not None and report["metrics"]["image_auroc"] >= 0.8
+    baseline = bundle.manifest["calibration"]["normal_median"]
+    assert report["close_level"] == pytest.approx(baseline + 0.9 * (threshold - baseline))
 
 
 def _mislabelled_copy(root: Path, scores: dict[str, float], dest: Path) -> tuple[str, str]:

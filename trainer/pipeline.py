@@ -138,7 +138,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
 
         metrics: dict[str, Any] = {"fit_seconds": round(fit_seconds, 3)}
         plots: list[str] = []
-        hardest: Optional[dict[str, Any]] = None
+        test_section: dict[str, Any] = {"close_level": None, "hardest_cases": None}
         if test is not None:
             evaluation = evaluate_onnx(fp32, test, calibration["threshold"], batch)
             metrics.update({k: _round(v) for k, v in evaluation.metrics.items()})
@@ -148,8 +148,9 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
                 bundle_dir, test, evaluation.scores, evaluation.maps, calibration["threshold"],
                 calibration["normal_median"], root=data_dir, cases=cfg.report.overlays,
                 in_score_units=model_cls.map_in_score_units)
-            plots, hardest = test_report["plots"], test_report["hardest_cases"]
-            notes += test_report["notes"]
+            plots = test_report.pop("plots")
+            notes.extend(test_report.pop("notes"))
+            test_section = test_report  # close_level, hardest_cases
         else:
             notes.append(f"no {data_dir / 'test'} folder: no test metrics")
             log(notes[-1])
@@ -160,7 +161,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
             "score_scaling": scaling or None,
             "export": {**bounds, "opset": cfg.export.opset, "file_bytes": sizes, "fp16": fp16_info},
             "calibration": calibration, "parity": parity, "metrics": metrics, "plots": plots,
-            "hardest_cases": hardest, "notes": notes,
+            **test_section, "notes": notes,
             "total_seconds": round(time.monotonic() - t_start, 3),
         }
         rep.write_report(bundle_dir, report)
