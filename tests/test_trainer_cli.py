@@ -69,7 +69,7 @@ def test_fit_prints_bundle_path_last_and_promotes(fitted) -> None:
     assert bundle.onnx_fp16_path is not None
     fp16 = m["fp16"]  # what the FP16 graph keeps in FP32, for readers and for TensorRT 8.6's FP16-flag build
     assert fp16["fp32_scopes"] == ["/distance/"] and "MatMul" in fp16["fp32_ops"] and fp16["fp32_nodes"]
-    for name in ("report.json", "roc.png", "score_histogram.png", "overlay_0.png"):
+    for name in ("report.json", "roc.png", "pr.png", "score_histogram.png", "hardest_cases.png"):
         assert name in m["files"], name
     report = json.loads((bundle.path / "report.json").read_text())
     assert report["parity"]["onnx_fp16"]["score_max_rel_diff"] < 1e-2

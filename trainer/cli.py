@@ -2,7 +2,7 @@
 
   edge-train fit --data DIR [--model NAME] [--out engines/] [--config config/train.yaml] [--epochs N]
                  [--batch-size B] [--device auto|cpu|cuda] [--seed S] [--resume]
-  edge-train eval BUNDLE --data DIR [--json]
+  edge-train eval BUNDLE --data DIR [--out DIR] [--cases N] [--json]
   edge-train check-engine BUNDLE [--max-batch N] [--data DIR] [--json]
   edge-train build-engine BUNDLE [--precision fp16|fp32] [--max-batch N] [--opt-batch N] [--workspace-mb M]
                           [--dla-core K] [--force]
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score DIR/test through a bundle's ONNX graph")
     ev.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     ev.add_argument("--data", required=True, type=Path, help="dataset folder with test/ (and ground_truth/)")
+    ev.add_argument("--out", type=Path, help="folder for report.json and the plots (default: a new "
+                    "<model folder>/evals/<version>-<UTC time>/; never inside the bundle)")
+    ev.add_argument("--cases", type=int, default=6, help="hardest cases per side in hardest_cases.png (default 6)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ce = sub.add_parser("check-engine", help="TensorRT readiness of a bundle's ONNX graphs (no TensorRT needed)")
     ce.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
@@ -141,14 +144,23 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate_bundle
+    if args.cases < 0:
+        raise UserError(f"--cases {args.cases}: must be >= 0 (0: no hardest-cases grid)")
+    from edge.bundle import load_bundle
+    from trainer.report import report_dir
+
+    out = report_dir(load_bundle(args.bundle), args.out)  # a wrong --out answers before torch loads
+
+    from trainer.evaluate import evaluate_bundle, write_eval_report
 
     evaluation = evaluate_bundle(args.bundle, args.data)
+    report = write_eval_report(evaluation, args.data, out, args.cases)
     if args.json:
-        print(json.dumps(evaluation.metrics), flush=True)
+        print(json.dumps({**evaluation.metrics, "report": str(report)}), flush=True)
     else:
         for key, value in evaluation.metrics.items():
-            print(f"{key:12s} {value:.4f}" if isinstance(value, float) else f"{key:12s} {value}")
+            print(f"{key:17s} {value:.4f}" if isinstance(value, float) else f"{key:17s} {value}")
+        print(f"{'report':17s} {report}", flush=True)
     return 0
 
 

@@ -307,7 +307,7 @@ def _check_gan(lr: float, beta1: float, map_sigma: float, key: str) -> None:
 class ReportConfig:
     """What goes into report.json and the PNG plots."""
 
-    overlays: int = 4
+    overlays: int = 6  # hardest cases per side in hardest_cases.png; 0: no grid
     parity_frames: int = 8
 
 

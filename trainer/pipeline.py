@@ -146,21 +146,19 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
 
         metrics: dict[str, Any] = {"fit_seconds": round(fit_seconds, 3)}
         plots: list[str] = []
+        test_section: dict[str, Any] = {"close_level": None, "hardest_cases": None}
         if test is not None:
             evaluation = evaluate_onnx(fp32, test, calibration["threshold"], batch)
             metrics.update({k: _round(v) for k, v in evaluation.metrics.items()})
             log("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in evaluation.metrics.items()))
-            if rep.plot_roc(bundle_dir / "roc.png", evaluation.scores, test.labels, evaluation.metrics["image_auroc"]):
-                plots.append("roc.png")
-            rep.plot_histogram(bundle_dir / "score_histogram.png", evaluation.scores, test.labels,
-                               calibration["threshold"])
-            plots.append("score_histogram.png")
-            if evaluation.maps is not None and cfg.report.overlays > 0:
-                names = [f"{p.parent.name}/{p.name}" for p in test.paths]
-                plots += rep.write_overlays(bundle_dir, test.images, evaluation.maps, evaluation.scores, names,
-                                            calibration["normal_median"], calibration["threshold"],
-                                            cfg.report.overlays)
+            test_report = rep.write_test_report(
+                bundle_dir, test, evaluation.scores, evaluation.maps, calibration["threshold"],
+                calibration["normal_median"], root=data_dir, cases=cfg.report.overlays,
+                in_score_units=model_cls.map_in_score_units)
+            plots = test_report.pop("plots")
+            notes.extend(test_report.pop("notes"))
+            test_section = test_report  # close_level, hardest_cases
         else:
             notes.append(f"no {data_dir / 'test'} folder: no test metrics")
             log(notes[-1])
@@ -171,7 +169,8 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
             "codec_augment": {"on": degradation is not None, "copies": copies, "plan": codec_line},
             "score_scaling": scaling or None,
             "export": {**bounds, "opset": cfg.export.opset, "file_bytes": sizes, "fp16": fp16_info},
-            "calibration": calibration, "parity": parity, "metrics": metrics, "plots": plots, "notes": notes,
+            "calibration": calibration, "parity": parity, "metrics": metrics, "plots": plots,
+            **test_section, "notes": notes,
             "total_seconds": round(time.monotonic() - t_start, 3),
         }
         rep.write_report(bundle_dir, report)

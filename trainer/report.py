@@ -1,19 +1,33 @@
-"""report.json and the PNG plots in a bundle: what the trainer measured, readable without any code.
+"""report.json and the PNG plots: what the trainer measured on DIR/test, drawn so an engineer can act on it.
 
-Plots: ROC curve, score histograms (normal vs anomalous, with the threshold), and heatmap overlays of
-the highest-scoring test images. matplotlib runs headless (Agg).
+Every fit writes them into its bundle (before the manifest checksums the bundle's files); ``edge-train eval``
+writes them into a folder of its own, since a bundle is immutable once written. The plots: ROC and PR curves
+with the operating point at the threshold; score histograms of good parts and defects with the threshold and
+the station's close level; a grid of the hardest cases (the highest-scoring good parts and the lowest-scoring
+defects, whichever side of the threshold they fall) with heat-map overlays on one fixed colour scale whose bar
+marks the threshold. The curve and histogram functions take several named score sets, so a comparison of two
+models (a retrain) draws both on one figure. matplotlib runs headless (Agg).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-import cv2
 import numpy as np
 
-from edge.bundle import atomic_write_text
+from edge.bundle import Bundle, atomic_write_text
+from edge.errors import UserError
+from edge.events import EventRule
+from trainer.data import ImageSet
+
+CMAP = "turbo"
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+EVALS = "evals"  # engines/<model>/evals/<version>-<UTC time>/: where `edge-train eval` reports by default
+HEAT_HEADROOM = 1.5  # the colour bar runs from the typical good pixel to 1.5x the way to the threshold level
 
 
 def _plt() -> Any:
@@ -25,70 +39,384 @@ def _plt() -> Any:
     return plt
 
 
-def plot_roc(path: Path, scores: np.ndarray, labels: np.ndarray, auroc: Optional[float]) -> bool:
-    """ROC curve PNG; False (nothing written) when the labels hold only one class."""
-    from sklearn.metrics import roc_curve
+@dataclass(frozen=True)
+class ScoreSet:
+    """One model's scores on one image set: labels (0 good, 1 defect) where known, its threshold and close level."""
 
-    if labels.min() == labels.max():
-        return False
-    fpr, tpr, _ = roc_curve(labels, scores)
+    name: str
+    scores: np.ndarray
+    labels: Optional[np.ndarray] = None
+    threshold: Optional[float] = None
+    close_level: Optional[float] = None
+
+    @property
+    def both_classes(self) -> bool:
+        return self.labels is not None and 0 < int(np.sum(self.labels)) < len(self.labels)
+
+
+def close_level(threshold: float, baseline: float) -> float:
+    """The score below which a station closes an event, at the station's default hysteresis (edge/events.py)."""
+    return EventRule(threshold=threshold, baseline=baseline).close_level
+
+
+def _legend_name(sets: Sequence[ScoreSet], s: ScoreSet, what: str) -> str:
+    return what if len(sets) == 1 else f"{s.name}: {what}"
+
+
+def plot_histogram(path: Path, sets: Sequence[ScoreSet], title: str = "Score distribution (test set, ONNX)") -> None:
+    """Histograms of good and defect scores of every set on shared bins, with each set's threshold and close level.
+
+    One set: good parts blue, defects red. Several: one colour a set, good parts filled, defects outlined.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.3f}" if auroc is not None else None)
+    values = [s.scores for s in sets] + [np.asarray([v], np.float64) for s in sets
+                                         for v in (s.threshold, s.close_level) if v is not None]
+    pooled = np.concatenate(values) if values else np.zeros(0)
+    bins = np.linspace(float(pooled.min()), float(pooled.max()), 41) if pooled.size and np.ptp(pooled) > 0 else 10
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for i, s in enumerate(sets):
+        colour = COLOURS[i % len(COLOURS)]
+        labels = s.labels if s.labels is not None else np.zeros(len(s.scores), int)
+        for lab, what in ((0, "good" if s.labels is not None else "images"), (1, "defect")):
+            sel = s.scores[labels == lab]
+            if not sel.size:
+                continue
+            name = _legend_name(sets, s, f"{what} ({sel.size})")
+            if len(sets) == 1:
+                ax.hist(sel, bins=bins, alpha=0.6, label=name, color="tab:blue" if lab == 0 else "tab:red")
+            elif lab == 0:
+                ax.hist(sel, bins=bins, alpha=0.35, label=name, color=colour)
+            else:
+                ax.hist(sel, bins=bins, histtype="step", lw=2, hatch="//", label=name, color=colour)
+        line = "k" if len(sets) == 1 else colour
+        if s.threshold is not None:
+            ax.axvline(s.threshold, c=line, ls="--", lw=1.2,
+                       label=_legend_name(sets, s, f"threshold {s.threshold:.4g}"))
+        if s.close_level is not None:
+            ax.axvline(s.close_level, c=line, ls=":", lw=1.2,
+                       label=_legend_name(sets, s, f"close level {s.close_level:.4g}"))
+    ax.set(xlabel="score", ylabel="images", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _operating_point(s: ScoreSet) -> Optional[tuple[float, float, float]]:
+    """(false positive rate, recall, precision) of ``score >= threshold``; None without a threshold."""
+    if s.threshold is None or s.labels is None:
+        return None
+    flagged = s.scores >= s.threshold
+    pos = s.labels == 1
+    tp = int(np.sum(flagged & pos))
+    fpr = float(np.sum(flagged & ~pos) / max(int(np.sum(~pos)), 1))
+    recall = tp / max(int(np.sum(pos)), 1)
+    precision = tp / int(np.sum(flagged)) if np.any(flagged) else 1.0
+    return fpr, recall, precision
+
+
+def plot_roc(path: Path, sets: Sequence[ScoreSet], title: str = "ROC (test set, ONNX)") -> bool:
+    """ROC curve of every set holding both classes, with its AUROC and the point its threshold operates at.
+
+    Returns False (nothing written) when no set holds both good parts and defects.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    drawn = [s for s in sets if s.both_classes]
+    if not drawn:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.4, 4.4), dpi=100)
+    for i, s in enumerate(drawn):
+        assert s.labels is not None
+        colour = COLOURS[i % len(COLOURS)]
+        fpr, tpr, _ = roc_curve(s.labels, s.scores)
+        ax.plot(fpr, tpr, lw=2, c=colour,
+                label=_legend_name(drawn, s, f"AUROC {roc_auc_score(s.labels, s.scores):.3f}"))
+        point = _operating_point(s)
+        if point is not None:
+            ax.plot(point[0], point[1], "o", c=colour, mec="k",
+                    label=_legend_name(drawn, s, f"at threshold: FPR {point[0]:.2f}, recall {point[1]:.2f}"))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test set, ONNX)")
-    ax.legend(loc="lower right")
+    ax.set(xlabel="false positive rate (good parts flagged)", ylabel="recall (defects flagged)", title=title)
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return True
 
 
-def plot_histogram(path: Path, scores: np.ndarray, labels: np.ndarray, threshold: float) -> None:
-    """Score histograms of normal and anomalous images with the threshold line."""
+def plot_pr(path: Path, sets: Sequence[ScoreSet], title: str = "Precision-recall (test set, ONNX)") -> bool:
+    """Precision-recall curve of every set holding both classes, with its average precision, the chance level
+    (the share of defects) and the point its threshold operates at. False (nothing written) without both classes."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    drawn = [s for s in sets if s.both_classes]
+    if not drawn:
+        return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    bins = np.linspace(float(scores.min()), float(scores.max()), 30) if scores.size else 10
-    for lab, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
-        sel = scores[labels == lab]
-        if sel.size:
-            ax.hist(sel, bins=bins, alpha=0.6, label=f"{name} ({sel.size})", color=colour)
-    ax.axvline(threshold, c="k", ls="--", lw=1, label=f"threshold {threshold:.3g}")
-    ax.set(xlabel="score", ylabel="images", title="Score distribution (test set, ONNX)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(4.4, 4.4), dpi=100)
+    for i, s in enumerate(drawn):
+        assert s.labels is not None
+        colour = COLOURS[i % len(COLOURS)]
+        precision, recall, _ = precision_recall_curve(s.labels, s.scores)
+        ap = average_precision_score(s.labels, s.scores)
+        ax.step(recall, precision, where="post", lw=2, c=colour, label=_legend_name(drawn, s, f"AP {ap:.3f}"))
+        ax.axhline(float(np.mean(s.labels)), c=colour, ls=":", lw=1,
+                   label=_legend_name(drawn, s, f"chance {np.mean(s.labels):.2f}"))
+        point = _operating_point(s)
+        if point is not None:
+            ax.plot(point[1], point[2], "o", c=colour, mec="k",
+                    label=_legend_name(drawn, s, f"at threshold: recall {point[1]:.2f}, precision {point[2]:.2f}"))
+    ax.set(xlabel="recall (defects flagged)", ylabel="precision (flagged that are defects)", title=title,
+           xlim=(0, 1.02), ylim=(0, 1.05))
+    ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+@dataclass(frozen=True)
+class Case:
+    """One test image in the hardest-cases grid; ``verdict`` is the threshold's decision against the label."""
+
+    index: int
+    file: str
+    label: int
+    kind: str
+    score: float
+    verdict: str  # false_positive, true_negative (good parts); false_negative, true_positive (defects)
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["index"]
+        return out
+
+
+def _verdict(label: int, flagged: bool) -> str:
+    if label == 0:
+        return "false_positive" if flagged else "true_negative"
+    return "true_positive" if flagged else "false_negative"
+
+
+def hardest_cases(scores: np.ndarray, labels: np.ndarray, files: Sequence[str], kinds: Sequence[str],
+                  threshold: float, count: int) -> tuple[list[Case], list[Case]]:
+    """The ``count`` highest-scoring good images (highest first) and the ``count`` lowest-scoring defects (lowest
+    first): where the threshold errs, or would err first if it moved. Ties break by file name."""
+    scores = np.asarray(scores, np.float64)
+    labels = np.asarray(labels).astype(int)
+
+    def pick(label: int, sign: float) -> list[Case]:
+        idx = [int(i) for i in np.flatnonzero(labels == label)]
+        order = np.asarray(idx, int)[np.lexsort((np.asarray([files[i] for i in idx]), sign * scores[idx]))][:count]
+        return [Case(index=i, file=files[i], label=label, kind=kinds[i], score=float(scores[i]),
+                     verdict=_verdict(label, bool(scores[i] >= threshold))) for i in map(int, order)]
+
+    return pick(0, -1.0), pick(1, 1.0)
+
+
+@dataclass(frozen=True)
+class MapScale:
+    """The one colour scale of every overlay: ``low`` (darkest) .. ``high`` (brightest, clipped above), with
+    ``level`` the map value the colour bar marks as the threshold; ``basis`` says how they were chosen."""
+
+    low: float
+    level: float
+    high: float
+    in_score_units: bool
+    basis: str
+
+
+def map_scale(maps: np.ndarray, labels: np.ndarray, scores: np.ndarray, threshold: float,
+              in_score_units: bool) -> MapScale:
+    """A fixed scale from the good parts' maps, with the threshold placed on it honestly for the model's map.
+
+    In score units (the score is the peak of the unsmoothed map: PatchCore, PaDiM) the threshold itself is the
+    level. Otherwise map values and scores are different quantities, and the level is the quantile of the good
+    parts' map peaks that matches the share of good parts scoring below the threshold: a map peak at the level
+    is as rare among good parts as a score at the threshold.
+    """
+    labels = np.asarray(labels).astype(int)
+    good = labels == 0
+    ref, whose = (maps[good], "good parts'") if good.any() else (maps, "test images' (no good parts in the test)")
+    low = float(np.median(ref))
+    if in_score_units:
+        level = float(threshold)
+        how = f"map in score units (score = peak of the unsmoothed map): bar tick = threshold {threshold:.4g}"
+    else:
+        passed = float(np.mean(scores[good] < threshold)) if good.any() else 0.5
+        level = float(np.quantile(ref.reshape(len(ref), -1).max(1), passed))
+        how = (f"map not in score units: bar tick = {passed:.0%} quantile of {whose} map peaks (the share of good "
+               f"parts below the threshold), {level:.4g}")
+    level = max(level, low + max(abs(low) * 1e-3, 1e-6))
+    high = low + HEAT_HEADROOM * (level - low)
+    basis = (f"one colour scale for every tile: {how}; darkest = median of {whose} map pixels {low:.4g}; "
+             f"brightest = {high:.4g} and above")
+    return MapScale(low=low, level=level, high=high, in_score_units=in_score_units, basis=basis)
+
+
+def overlay(frame_bgr: np.ndarray, amap: np.ndarray, scale: MapScale) -> np.ndarray:
+    """RGB float image: the map in CMAP over the frame on ``scale``; opacity grows with the map value."""
+    import cv2
+    import matplotlib
+
+    h, w = frame_bgr.shape[:2]
+    if amap.shape != (h, w):
+        amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+    norm = np.clip((amap - scale.low) / (scale.high - scale.low), 0, 1)
+    heat = matplotlib.colormaps[CMAP](norm)[..., :3]
+    alpha = (0.15 + 0.55 * norm)[..., None]
+    rgb = frame_bgr[..., ::-1].astype(np.float64) / 255.0
+    return rgb * (1 - alpha) + heat * alpha
+
+
+_VERDICT_TEXT = {"false_positive": ("FALSE POSITIVE", "tab:red"), "true_negative": ("good, passes", "tab:green"),
+                 "false_negative": ("MISSED DEFECT", "tab:red"), "true_positive": ("defect, caught", "tab:green")}
+
+
+def plot_hardest_cases(path: Path, frames: np.ndarray, maps: Optional[np.ndarray], good: Sequence[Case],
+                       defects: Sequence[Case], threshold: float, scale: Optional[MapScale]) -> None:
+    """The grid: a row of the highest-scoring good parts, a row of the lowest-scoring defects; each tile says its
+    verdict, label, score against the threshold and file; wrong decisions framed red; one colour bar for all."""
+    import matplotlib
+
+    plt = _plt()
+    rows = [(title, cases) for title, cases in (("good parts,\nhighest scores", good),
+                                                  ("defects,\nlowest scores", defects)) if cases]
+    cols = max(len(cases) for _t, cases in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols + 1.6, 2.7 * len(rows) + 0.8), dpi=100,
+                             squeeze=False, layout="constrained")
+    for r, (title, cases) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(cases):
+                ax.set_axis_off()
+                continue
+            case = cases[c]
+            frame = frames[case.index]
+            image = overlay(frame, maps[case.index], scale) if maps is not None and scale is not None \
+                else frame[..., ::-1]
+            ax.imshow(image)
+            text, colour = _VERDICT_TEXT[case.verdict]
+            name = case.file if len(case.file) <= 30 else "..." + case.file[-27:]
+            ax.set_title(f"{text}\n{case.kind}: score {case.score:.4g}\nthreshold {threshold:.4g}\n{name}",
+                         fontsize=7, color=colour if colour == "tab:red" else "k")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3 if colour == "tab:red" else 1)
+            if c == 0:
+                ax.set_ylabel(title, fontsize=8)
+    if maps is not None and scale is not None:
+        mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(scale.low, scale.high), cmap=CMAP)
+        bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), extend="max", shrink=0.9)
+        bar.set_ticks([scale.low, scale.level, scale.high])
+        mark = f"threshold {scale.level:.3g}" if scale.in_score_units \
+            else f"threshold level\n{scale.level:.3g} (map units)"
+        bar.set_ticklabels([f"{scale.low:.3g} typical good", mark, f"{scale.high:.3g}"])
+        bar.ax.axhline(scale.level, c="k", lw=2)
+        bar.ax.tick_params(labelsize=7)
+        caption = scale.basis
+    else:
+        caption = "this model gives no anomaly map: tiles show the frames only"
+    fig.suptitle("Hardest cases (test set, ONNX)", fontsize=10)
+    fig.supxlabel("\n".join(_wrap(caption, 40 * cols)), fontsize=7)
     fig.savefig(path)
     plt.close(fig)
 
 
-def overlay(frame_bgr: np.ndarray, amap: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Heatmap (JET) over a BGR frame; ``low``..``high`` is the map range shown (e.g. normal median..threshold)."""
-    h, w = frame_bgr.shape[:2]
-    if amap.shape != (h, w):
-        amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
-    norm = np.clip((amap - low) / max(high - low, 1e-6), 0, 1)
-    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    alpha = (0.15 + 0.5 * norm)[..., None]
-    return (frame_bgr * (1 - alpha) + heat * alpha).astype(np.uint8)
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, max(width, 60))
 
 
-def write_overlays(bundle_dir: Path, frames: np.ndarray, maps: np.ndarray, scores: np.ndarray,
-                   names: list[str], low: float, high: float, count: int) -> list[str]:
-    """Overlays of the ``count`` highest-scoring frames as overlay_<i>.png; returns the file names."""
-    written = []
-    for rank, i in enumerate(np.argsort(-scores)[:count]):
-        img = overlay(frames[i], maps[i], low, high)
-        img = cv2.resize(img, (img.shape[1] * 2, img.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-        cv2.putText(img, f"{names[i]} {scores[i]:.3g}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
-                    cv2.LINE_AA)
-        name = f"overlay_{rank}.png"
-        cv2.imwrite(str(bundle_dir / name), img)
-        written.append(name)
-    return written
+def map_in_score_units(model_name: str) -> bool:
+    """Whether the registered model's anomaly map is in its score's units (False for an unknown model)."""
+    from trainer.models import get_model_class
+
+    try:
+        return bool(get_model_class(model_name).map_in_score_units)
+    except UserError:
+        return False
 
 
-def write_report(bundle_dir: Path, report: dict[str, Any]) -> Path:
+def write_test_report(out_dir: Path, test: ImageSet, scores: np.ndarray, maps: Optional[np.ndarray],
+                      threshold: float, baseline: Optional[float], *, root: Path, cases: int,
+                      in_score_units: bool, name: str = "test") -> dict[str, Any]:
+    """Draw roc.png, pr.png, score_histogram.png and hardest_cases.png of ``test`` into ``out_dir``.
+
+    Returns report.json's part: ``plots`` (the files written), ``notes`` (what was not drawn and why),
+    ``close_level`` and ``hardest_cases`` (file relative to ``root``, label, kind, score, verdict; good parts
+    highest score first, defects lowest first) with the colour scale of their overlays.
+    """
+    labels = np.asarray(test.labels).astype(int)
+    close = close_level(threshold, baseline) if baseline is not None else None
+    sets = [ScoreSet(name, scores, labels, threshold, close)]
+    plots: list[str] = []
+    notes: list[str] = []
+    if plot_roc(out_dir / "roc.png", sets):
+        plots.append("roc.png")
+    if plot_pr(out_dir / "pr.png", sets):
+        plots.append("pr.png")
+    if not sets[0].both_classes:
+        has = "good parts" if labels.size and labels.max() == 0 else "defects"
+        notes.append(f"the test set holds only {has}: no ROC or PR curve, no AUROC (they need good parts and defects)")
+    plot_histogram(out_dir / "score_histogram.png", sets)
+    plots.append("score_histogram.png")
+    section: dict[str, Any] = {"plots": plots, "notes": notes, "close_level": close, "hardest_cases": None}
+    if cases <= 0:
+        return section
+    files = [_relative(p, root) for p in test.paths]
+    kinds = test.kinds or ["good" if lab == 0 else "defect" for lab in labels]
+    good, defects = hardest_cases(scores, labels, files, kinds, threshold, cases)
+    scale = map_scale(maps, labels, scores, threshold, in_score_units) if maps is not None else None
+    plot_hardest_cases(out_dir / "hardest_cases.png", test.images, maps, good, defects, threshold, scale)
+    plots.append("hardest_cases.png")
+    section["hardest_cases"] = {
+        "threshold": float(threshold), "per_side": cases,
+        "good": [c.as_json() for c in good], "defects": [c.as_json() for c in defects],
+        "map_scale": None if scale is None else asdict(scale),
+    }
+    return section
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def report_dir(bundle: Bundle, out: Optional[Path]) -> Path:
+    """Where an evaluation report goes (checked, not yet created): ``out``, or a new
+    ``<model folder>/evals/<version>-<UTC time>``.
+
+    Never inside the bundle: its files are checksummed in the manifest, and a station refuses a bundle whose
+    files changed.
+    """
+    if out is not None:
+        target = Path(out)
+        resolved, inside = target.resolve(), bundle.path.resolve()
+        if resolved == inside or inside in resolved.parents:
+            raise UserError(f"--out {target}: inside the bundle {bundle.path}, whose files are checksummed and never "
+                            "change; pass a folder outside it")
+        if target.exists() and not target.is_dir():
+            raise UserError(f"--out {target}: exists and is not a folder; pass a folder")
+        return target
+    base = bundle.path.parent / EVALS
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 1000):
+        target = base / (f"{bundle.version}-{stamp}" + ("" if n == 1 else f"-{n}"))
+        if not target.exists():
+            return target
+    raise UserError(f"{base}: no free report folder name; pass --out DIR")
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     """report.json (plain JSON; NaN-free)."""
-    path = bundle_dir / "report.json"
+    path = out_dir / "report.json"
     atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return path

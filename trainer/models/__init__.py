@@ -59,6 +59,8 @@ class AnomalyModel(ABC):
     ``defaults`` fills the config keys left at null (input size, batch size, epochs). ``scales_scores``: the
     export graph min-max scales its score with constants from calibration data (``set_score_range``).
     ``catches``: the kind of anomaly the model is for (SURFACE_DEFECTS or FOREIGN_OBJECTS).
+    ``map_in_score_units``: the anomaly map is in the score's units (the score is the peak of the unsmoothed map),
+    so the report's overlays can mark the threshold itself on their colour scale.
     """
 
     name: str = ""
@@ -66,6 +68,7 @@ class AnomalyModel(ABC):
     trains_with_epochs: bool = False
     defaults = ModelDefaults()
     scales_scores: bool = False
+    map_in_score_units: bool = False
     fp32_scopes: tuple[str, ...] = ()
 
     def __init__(self, config: Any) -> None:

@@ -83,6 +83,7 @@ class Padim(AnomalyModel):
     """PaDiM: a multivariate Gaussian of normal patch features at every position; Mahalanobis distance as score."""
 
     catches = SURFACE_DEFECTS
+    map_in_score_units = True  # score = max of the patch distances the map upsamples and smooths
     trains_with_epochs = False
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
     # The whole distance stays FP32 in model.fp16.onnx (so do its constants): with the FP16 matmul the scores

@@ -183,6 +183,7 @@ class PatchCore(AnomalyModel):
     """PatchCore: memory bank of normal patch features; kNN distance as the anomaly score."""
 
     catches = SURFACE_DEFECTS
+    map_in_score_units = True  # score = max of the patch distances the map upsamples and smooths
     trains_with_epochs = False
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
     fp32_scopes = ("/distance/",)  # the nearest-neighbour matmul + min: FP16 cancellation would cost precision
