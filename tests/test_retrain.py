@@ -102,7 +102,9 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rollback_w
     comparison = json.loads((Path(first["folder"]) / "comparison.json").read_text())
     champ, chall = comparison["scores"]["champion"], comparison["scores"]["challenger"]
     assert chall["false_alarm_rate"] < champ["false_alarm_rate"]  # the stills-only champion fires on MJPEG parts
-    assert cv2.imread(str(Path(first["folder"]) / "comparison.png")) is not None
+    assert comparison["plots"] == ["comparison_scores.png", "comparison_roc.png"]  # planted defects: a ROC too
+    for png in comparison["plots"]:
+        assert cv2.imread(str(Path(first["folder"]) / png)) is not None
     load_bundle(model_dir)  # what a station follows: current verifies
 
     # 2. the same inputs again: nothing new, no third bundle

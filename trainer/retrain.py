@@ -196,37 +196,19 @@ def decide(champion: ModelScores, challenger: ModelScores, rule: RetrainConfig) 
     return ok, ("promoted: " if ok else "refused: ") + ", ".join(reasons) + " (challenger vs champion)"
 
 
-def plot_comparison(path: Path, champion: ModelScores, challenger: ModelScores, labels: np.ndarray) -> None:
-    """Both models' score distributions (as score / own threshold, so 1 is each one's threshold) and ROC."""
-    import matplotlib
+def plot_comparison(folder: Path, champion: ModelScores, challenger: ModelScores, labels: np.ndarray) -> list[str]:
+    """Both models' hold-out scores on one histogram (each as score / its own threshold, so 1 is each one's
+    threshold) and both ROC curves where the hold-out has defects; returns the PNG names written."""
+    from trainer.report import ScoreSet, plot_histogram, plot_roc
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, (ax_h, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
-    for ms, colour in ((champion, "tab:blue"), (challenger, "tab:orange")):
-        rel = np.asarray(ms.scores) / max(ms.threshold, 1e-12)
-        name = f"{'champion' if ms is champion else 'challenger'} {ms.version}"
-        ax_h.hist(rel[labels == 0], bins=30, alpha=0.45, color=colour, label=f"{name}: good")
-        if (labels == 1).any():
-            ax_h.hist(rel[labels == 1], bins=30, alpha=0.45, color=colour, hatch="//", label=f"{name}: defect")
-            fpr, tpr, _ = roc_curve(labels, rel)
-            ax_r.plot(fpr, tpr, color=colour, label=f"{name} (AUROC {ms.auroc:.3f})")
-    ax_h.axvline(1.0, color="k", ls="--", lw=1, label="threshold")
-    ax_h.set_xlabel("score / the model's own threshold")
-    ax_h.set_ylabel("frames")
-    ax_h.legend(fontsize=7)
-    ax_h.set_title("hold-out scores")
-    ax_r.plot([0, 1], [0, 1], color="0.7", lw=1)
-    ax_r.set_xlabel("false-positive rate")
-    ax_r.set_ylabel("true-positive rate")
-    ax_r.set_title("ROC on the hold-out" if (labels == 1).any() else "ROC: no defects in the hold-out")
-    if (labels == 1).any():
-        ax_r.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    sets = [ScoreSet(f"{role} {ms.version}", np.asarray(ms.scores) / max(ms.threshold, 1e-12), labels, 1.0)
+            for role, ms in (("champion", champion), ("challenger", challenger))]
+    plot_histogram(folder / "comparison_scores.png", sets,
+                   title="Hold-out scores / each model's own threshold (1 = its threshold)")
+    written = ["comparison_scores.png"]
+    if plot_roc(folder / "comparison_roc.png", sets, title="ROC on the hold-out (ONNX)"):
+        written.append("comparison_roc.png")
+    return written
 
 
 def _inputs_fingerprint(station_data: Path, holdout: Optional[Path], rule: RetrainConfig) -> str:
@@ -298,7 +280,7 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
         champ_scores, labels = score_on(champion, holdout_dir)
         chall_scores, _ = score_on(challenger, holdout_dir)
         promoted, decision = decide(champ_scores, chall_scores, rule)
-        plot_comparison(work / "comparison.png", champ_scores, chall_scores, labels)
+        plots = plot_comparison(work, champ_scores, chall_scores, labels)
         report = {
             "at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "model": champion.model_name,
             "champion": champion.version, "challenger": challenger.version, "promoted": promoted,
@@ -307,7 +289,7 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
                      "near_duplicates": len(frames) - len(unique), "trained_on": len(learn), "held_out": len(fresh)},
             "labels": labels.tolist(),
             "scores": {"champion": asdict(champ_scores), "challenger": asdict(chall_scores)},
-            "plots": ["comparison.png"], "folder": str(work),
+            "plots": plots, "folder": str(work),
         }
         atomic_write_text(work / "comparison.json", json.dumps(report, indent=2) + "\n")
         if promoted:
