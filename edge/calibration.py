@@ -11,6 +11,7 @@ stays immutable; it records the bundle version it belongs to and applies to that
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -23,6 +24,8 @@ from edge.bundle import Bundle, atomic_write_text
 from edge.errors import UserError
 
 CALIBRATION_FORMAT = 1
+
+log = logging.getLogger("edge.calibration")
 
 
 def quantile_threshold(normal_scores: np.ndarray, quantile: float, margin: float, sigmas: float = 0.0) -> float:
@@ -159,6 +162,7 @@ def choose_threshold(bundle: Bundle, config_threshold: Optional[float],
     """station.yaml's ``engine.threshold`` wins; else the on-site calibration of this very bundle version; else the
     bundle's own. The baseline and spread come from the on-site calibration whenever it is for this version."""
     cal = stored if stored is not None and stored.applies_to(bundle) else None
+    sigma: Optional[float]
     if cal is not None:
         baseline, sigma = cal.baseline, cal.sigma
     else:
@@ -190,3 +194,71 @@ class Calibrator:
     def add(self, score: float) -> None:
         if not self.done:
             self.scores.append(float(score))
+
+
+class SiteThreshold:
+    """The station's threshold over its run: the choice at start, an on-site calibration in progress
+    (``--calibrate N``) and what a hot-swapped bundle does to it (its version's calibration no longer applies)."""
+
+    def __init__(self, path: Path, config_threshold: Optional[float], quantile: float, margin: float, sigmas: float,
+                 calibrate_frames: Optional[int] = None) -> None:
+        self.path = path
+        self.config_threshold = config_threshold
+        self.rule = (quantile, margin, sigmas)
+        self.calibrator = Calibrator(calibrate_frames) if calibrate_frames else None
+        try:
+            self.stored = load_site_calibration(path)
+        except UserError as exc:
+            if self.calibrator is None:
+                raise
+            log.warning("%s; --calibrate replaces it", exc)
+            self.stored = None
+
+    @property
+    def calibrating(self) -> bool:
+        return self.calibrator is not None and not self.calibrator.done
+
+    def choose(self, bundle: Bundle) -> ThresholdChoice:
+        return choose_threshold(bundle, self.config_threshold, self.stored)
+
+    def startup_text(self, choice: ThresholdChoice) -> str:
+        """The start-up line's ``threshold ...`` part: which threshold is in force and why."""
+        text = f"threshold {choice.threshold:.6g} ({choice.reason})"
+        if self.calibrating:
+            assert self.calibrator is not None
+            text += (f", on-site calibration on the first {self.calibrator.frames} frames (declared good: no events "
+                     "until it is done)")
+        return text
+
+    def add(self, score: float, bundle: Bundle) -> Optional[ThresholdChoice]:
+        """A score of a frame declared good; once the N-th arrives the calibration is stored and the new choice
+        returned (the config's engine.threshold still wins, and the log says so)."""
+        assert self.calibrator is not None
+        self.calibrator.add(score)
+        if not self.calibrator.done:
+            return None
+        quantile, margin, sigmas = self.rule
+        scores = np.asarray(self.calibrator.scores, np.float64)
+        cal = site_calibration(scores, bundle, quantile, margin, sigmas)
+        save_site_calibration(self.path, cal)
+        self.stored = cal
+        choice = self.choose(bundle)
+        log.info("on-site calibration of %s %s: %d good frames, median %.6g, σ %.4g, 0.99 quantile %.6g: threshold "
+                 "%.6g (the bundle's %.6g), stored in %s; %s", bundle.model_name, bundle.version, cal.frames,
+                 cal.baseline, cal.sigma, float(np.quantile(scores, 0.99)), cal.threshold, bundle.threshold,
+                 self.path, "in force from now" if choice.source == "on-site"
+                 else f"engine.threshold {choice.threshold:.6g} of the station config stays in force")
+        return choice
+
+    def swapped(self, bundle: Bundle) -> ThresholdChoice:
+        """A new bundle version runs: the old version's calibration is cleared (re-run --calibrate N for the new
+        one); a calibration in progress starts again on the new bundle's scores."""
+        if self.stored is not None and not self.stored.applies_to(bundle):
+            clear_site_calibration(self.path)
+            log.info("on-site calibration of %s %s cleared: it does not apply to %s %s (re-run --calibrate N on "
+                     "good parts to calibrate it)", self.stored.model, self.stored.model_version, bundle.model_name,
+                     bundle.version)
+            self.stored = None
+        if self.calibrator is not None and not self.calibrator.done:
+            self.calibrator = Calibrator(self.calibrator.frames)
+        return self.choose(bundle)

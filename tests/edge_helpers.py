@@ -293,7 +293,7 @@ class Collector:
 # -- checks shared by the end-to-end tests ------------------------------------------------------
 def check_payloads(col: Collector) -> dict[str, list[Any]]:
     """Validate every message against its schema; returns decoded payloads by kind."""
-    out: dict[str, list[Any]] = {"event": [], "stats": [], "status": [], "snapshot": []}
+    out: dict[str, list[Any]] = {"event": [], "stats": [], "status": [], "snapshot": [], "health": []}
     for m in col.messages:
         kind = m.topic.rsplit("/", 1)[1]
         if kind == "status":
@@ -309,6 +309,11 @@ def check_payloads(col: Collector) -> dict[str, list[Any]]:
             payload = json.loads(m.payload)
             validate("event", payload)
             out["event"].append(payload)
+        elif kind == "health":
+            assert m.retain or m.qos == 1
+            payload = json.loads(m.payload)
+            validate("health", payload)
+            out["health"].append(payload)
         elif kind == "snapshot":
             assert m.payload[:2] == b"\xff\xd8", "snapshot is not a JPEG"
             out["snapshot"].append(m.payload)
