@@ -168,8 +168,8 @@ def choose_threshold(bundle: Bundle, config_threshold: Optional[float],
     else:
         recorded = bundle.manifest["calibration"].get("normal_std")
         baseline, sigma = bundle.score_baseline, (float(recorded) if recorded is not None else None)
-    stale = (f"; the on-site calibration is for {stored.model} {stored.model_version}, not this bundle: re-run "
-             "--calibrate N" if stored is not None and cal is None else "")
+    stale = (f"; the on-site calibration of {stored.model} {stored.model_version} does not apply to this version "
+             "and was cleared: re-run --calibrate N on good parts" if stored is not None and cal is None else "")
     if config_threshold is not None:
         return ThresholdChoice(float(config_threshold), baseline, sigma, "config",
                                "engine.threshold in the station config" + stale, cal)
@@ -205,6 +205,9 @@ class SiteThreshold:
         self.path = path
         self.config_threshold = config_threshold
         self.rule = (quantile, margin, sigmas)
+        if calibrate_frames is not None and calibrate_frames < 2:
+            raise UserError(f"--calibrate {calibrate_frames}: calibration needs at least 2 frames (a few hundred "
+                            "show the tail of good parts' scores)")
         self.calibrator = Calibrator(calibrate_frames) if calibrate_frames else None
         try:
             self.stored = load_site_calibration(path)
@@ -219,7 +222,12 @@ class SiteThreshold:
         return self.calibrator is not None and not self.calibrator.done
 
     def choose(self, bundle: Bundle) -> ThresholdChoice:
-        return choose_threshold(bundle, self.config_threshold, self.stored)
+        """The threshold ``bundle`` runs at; a stored calibration of another version is cleared (its reason says so)."""
+        choice = choose_threshold(bundle, self.config_threshold, self.stored)
+        if self.stored is not None and not self.stored.applies_to(bundle):
+            clear_site_calibration(self.path)
+            self.stored = None
+        return choice
 
     def startup_text(self, choice: ThresholdChoice) -> str:
         """The start-up line's ``threshold ...`` part: which threshold is in force and why."""
@@ -253,12 +261,6 @@ class SiteThreshold:
     def swapped(self, bundle: Bundle) -> ThresholdChoice:
         """A new bundle version runs: the old version's calibration is cleared (re-run --calibrate N for the new
         one); a calibration in progress starts again on the new bundle's scores."""
-        if self.stored is not None and not self.stored.applies_to(bundle):
-            clear_site_calibration(self.path)
-            log.info("on-site calibration of %s %s cleared: it does not apply to %s %s (re-run --calibrate N on "
-                     "good parts to calibrate it)", self.stored.model, self.stored.model_version, bundle.model_name,
-                     bundle.version)
-            self.stored = None
         if self.calibrator is not None and not self.calibrator.done:
             self.calibrator = Calibrator(self.calibrator.frames)
         return self.choose(bundle)
