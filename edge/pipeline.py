@@ -167,11 +167,13 @@ class Station:
         self.stats.calibration = {**choice.stats(), "calibrating": self.site.calibrating}
         self.rule = EventRule(threshold=choice.threshold, baseline=choice.baseline,
                               **dataclasses.asdict(self.cfg.events))
+        had_alarm = any(cam.drift.alarm is not None for cam in self.cameras.values())
         for cam_id, cam in self.cameras.items():
             cam.detector = EventDetector(self.rule)
             cam.drift = self._drift_monitor(cam_id)
             cam.stats.scores = cam.drift.stats
-        self._publish_health()
+        if had_alarm:
+            self._publish_health()
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> RunResult:

@@ -102,8 +102,8 @@ def write_video(path: Path, defects: Sequence[tuple[int, int]], n_frames: int, s
     return path
 
 
-def write_lit_video(path: Path, n_frames: int, lit: Sequence[tuple[int, int, int]] = (), size: tuple[int, int] = (64, 64),
-                    fps: float = 10.0, seed: int = 0) -> Path:
+def write_lit_video(path: Path, n_frames: int, lit: Sequence[tuple[int, int, int]] = (),
+                    size: tuple[int, int] = (64, 64), fps: float = 10.0, seed: int = 0) -> Path:
     """MJPG .avi of good frames whose noise reaches the toy model's "bright" level, so good frames score about
     0.08 with some spread (the toy's scores on ``make_frame`` are all 0: nothing to calibrate on); frames in any
     [start, stop) of ``lit`` are brightened by its offset (the light of the line changed)."""
