@@ -235,3 +235,10 @@ def test_on_site_calibration_makes_a_stills_trained_bundle_work_on_an_mjpeg_stre
     check_events(after["event"], DEFECTS, "cam0")  # one event in each defect stretch, none in clean ones
     assert {e["threshold"] for e in after["event"]} == {stored.threshold}
     assert after["stats"][-1]["calibration"]["source"] == "on-site"
+    trained = load_bundle(stills_bundle).manifest["calibration"]
+    ends = [(e["frame"], e["reason"]) for e in before["event"] if e["type"] == "end"]
+    print(f"\nstills: threshold {trained['threshold']:.4g}, good median {trained['normal_median']:.4g}, "
+          f"σ {trained['normal_std']:.3g}; MJPEG good frames: median {stored.baseline:.4g} "
+          f"({(stored.baseline - trained['normal_median']) / trained['normal_std']:+.1f} σ), σ {stored.sigma:.3g}, "
+          f"on-site threshold {stored.threshold:.4g}; events without it: starts {[e['frame'] for e in starts]}, "
+          f"ends {ends}; with it: starts {[e['frame'] for e in after['event'] if e['type'] == 'start']}")
