@@ -212,8 +212,8 @@ def stills_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_on_site_calibration_makes_a_stills_trained_bundle_work_on_an_mjpeg_stream(
         tmp_path: Path, mosquitto: str, stills_bundle: Path) -> None:
     line = write_clip(tmp_path / "line.avi", SIZE, N_FRAMES, DEFECTS, seed=5, codec="MJPG")
-    good = write_clip(tmp_path / "good.avi", SIZE, 120, [], seed=21, codec="MJPG")  # the operator's good parts
-    cfg = station_yaml(tmp_path, "st-mjpeg")
+    good = write_clip(tmp_path / "good.avi", SIZE, 100, [], seed=21, codec="MJPG")  # the operator's good parts
+    cfg = station_yaml(tmp_path, "st-mjpeg", extra="engine:\n  auto_batch: false\n")  # no batch timing per run
     run = ["--config", cfg, "--engine", stills_bundle]
 
     proc, before = stream(mosquitto, "st-mjpeg", [*run, "--camera", line])  # the bundle's own threshold
@@ -224,7 +224,7 @@ def test_on_site_calibration_makes_a_stills_trained_bundle_work_on_an_mjpeg_stre
     with pytest.raises(AssertionError):
         check_events(before["event"], DEFECTS, "cam0")
 
-    proc, _ = stream(mosquitto, "st-mjpeg", [*run, "--camera", good, "--calibrate", "120"])
+    proc, _ = stream(mosquitto, "st-mjpeg", [*run, "--camera", good, "--calibrate", "100"])
     assert proc.returncode == 0, proc.stderr
     stored = load_site_calibration(calibration_path(tmp_path / "state", "st-mjpeg"))
     assert stored is not None and stored.model_version == stills_bundle.name
