@@ -49,8 +49,8 @@ DEFECTS = [(40, 70), (110, 140)]
 N_FRAMES = 170
 
 
-def station_yaml(tmp_path: Path, station: str, extra: str = "") -> Path:
-    path = tmp_path / f"{station}.yaml"
+def station_yaml(tmp_path: Path, station: str, extra: str = "", file_name: str = "") -> Path:
+    path = tmp_path / f"{file_name or station}.yaml"
     path.write_text(f"station: {station}\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  stats_interval_s: 0.2\n{extra}",
                     encoding="utf-8")
     return path
@@ -135,11 +135,19 @@ def test_calibrate_stores_the_stations_threshold_and_the_next_run_uses_it(tmp_pa
     assert f"threshold {stored.threshold:.6g} (on-site calibration of 40 frames" in startup_line(proc.stderr)
     assert got["stats"][-1]["calibration"]["source"] == "on-site"
 
-    high = station_yaml(tmp_path, "st-cal", extra="engine:\n  threshold: 0.9\n")  # station.yaml still wins
+    high = station_yaml(tmp_path, "st-cal", extra="engine:\n  threshold: 0.9\n", file_name="high")  # still wins
     proc, got = stream(mosquitto, "st-cal", ["--config", high, "--camera", clip, "--engine", toy_bundle])
     assert proc.returncode == 0, proc.stderr
     assert "threshold 0.9 (engine.threshold in the station config)" in startup_line(proc.stderr)
     assert got["stats"][-1]["calibration"]["baseline"] == round(stored.baseline, 6)
+
+    other = make_toy_bundle(tmp_path / "engines")  # another bundle version at start: the calibration is cleared
+    proc, got = stream(mosquitto, "st-cal", ["--config", cfg, "--camera", clip, "--engine", other])
+    assert proc.returncode == 0, proc.stderr
+    assert f"threshold 0.1 (the bundle's calibration; the on-site calibration of toy {toy_bundle.name} does not " \
+           "apply to this version and was cleared: re-run --calibrate N" in startup_line(proc.stderr)
+    assert not calibration_path(tmp_path / "state", "st-cal").exists()
+    assert got["stats"][-1]["calibration"]["source"] == "bundle"
 
 
 def test_calibration_errors_are_one_line(tmp_path: Path, toy_bundle: Path) -> None:
