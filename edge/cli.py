@@ -71,6 +71,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), help="inference backend")
     p.add_argument("--max-frames", type=positive_int, metavar="N",
                    help="stop after N processed frames per camera, close open events, flush, exit")
+    p.add_argument("--calibrate", type=positive_int, metavar="N",
+                   help="on-site calibration: the first N frames scored (all cameras) are good parts; they set "
+                        "this station's threshold for the running bundle version (kept in state_dir), no events "
+                        "until done")
     p.add_argument("--state-dir", metavar="DIR", help="where the event spool (and the event seq) is kept")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level")
     return p
@@ -108,6 +112,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from edge.backends import create_backend
     from edge.batchsize import fastest_batch
     from edge.bundle import load_bundle
+    from edge.calibration import SiteThreshold, calibration_path
     from edge.config import load_station_config
     from edge.health import Metrics, StationGauges
     from edge.mqtt import StationPublisher, parse_mqtt_url
@@ -147,7 +152,9 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         log.warning("engine.max_batch %d is above the %d frames this bundle was exported for; using %d",
                     cfg.engine.max_batch, bundle.max_batch, bundle.max_batch)
         cfg.engine.max_batch = bundle.max_batch
-    threshold = cfg.engine.threshold if cfg.engine.threshold is not None else bundle.threshold
+    c = cfg.calibration
+    site = SiteThreshold(calibration_path(cfg.state_dir, cfg.station), cfg.engine.threshold, c.quantile, c.margin,
+                         c.sigmas, calibrate_frames=args.calibrate)
 
     def make_backend(b: Any) -> Any:
         return create_backend(cfg.engine.backend, b, max_batch=min(cfg.engine.max_batch, b.max_batch or 1 << 30),
@@ -158,7 +165,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     backend = make_backend(bundle)
     spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
     publisher = StationPublisher(cfg.mqtt, cfg.station, spool)
-    station = Station(cfg, bundle, backend, publisher, spool, threshold, max_frames=args.max_frames)
+    station = Station(cfg, bundle, backend, publisher, spool, site, max_frames=args.max_frames)
     if cfg.health.prometheus_port:
         station.metrics = Metrics(station.stats, StationGauges(
             spool_depth=lambda: spool.depth, spool_dropped=lambda: spool.dropped_total,
@@ -178,10 +185,10 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
     selection = getattr(backend, "selection", "")
     graph = getattr(backend, "path", None)  # ONNX Runtime: the score-only graph or the full one
-    log.info("station '%s': %d camera(s), model %s %s, backend %s%s%s, threshold %.6g%s, mqtt %s",
+    log.info("station '%s': %d camera(s), model %s %s, backend %s%s%s, %s, mqtt %s",
              cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name,
-             f" ({selection})" if selection else "", f" on {Path(graph).name}" if graph else "", threshold,
-             " (config override)" if cfg.engine.threshold is not None else "", publisher.url)
+             f" ({selection})" if selection else "", f" on {Path(graph).name}" if graph else "",
+             site.startup_text(station.choice), publisher.url)
     return cfg, bundle, publisher, station
 
 
@@ -216,6 +223,12 @@ def _run(args: argparse.Namespace) -> int:
         station.backend.close()
         station.spool.close()
     log.info("stopped after %d frames, %d events", result.frames, result.events)
+    if station.site.calibrating:
+        cal = station.site.calibrator
+        print(f"edge-run: error: on-site calibration incomplete: {len(cal.scores)} of the {cal.frames} frames "
+              "asked for were scored before the run ended; nothing stored (give a longer stream or a smaller "
+              "--calibrate N)", file=sys.stderr)
+        return 2
     if result.undelivered:
         print(f"edge-run: {result.undelivered} message(s) not acknowledged by {publisher.url} within "
               f"{cfg.mqtt.flush_timeout_s:g} s; kept in the spool ({station.spool.path}), the next run sends "

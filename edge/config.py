@@ -132,6 +132,32 @@ class EventsConfig:
 
 
 @dataclass
+class SiteCalibrationConfig:
+    """The rule of ``edge-run --calibrate N`` (the trainer's: quantile + margin, at least mean + sigmas x std)."""
+
+    quantile: float = 0.99
+    margin: float = 0.5
+    sigmas: float = 3.0
+
+    def validate(self) -> None:
+        if not 0.5 <= self.quantile <= 1.0 or self.margin < 0 or self.sigmas < 0:
+            raise ValueError("calibration.quantile must be in [0.5, 1], calibration.margin and calibration.sigmas >= 0")
+
+
+@dataclass
+class DriftConfig:
+    """Drift alarm: the median of the last ``window`` scores outside events, ``sigmas`` σ off for ``sustain_s``."""
+
+    sigmas: float = 2.0
+    sustain_s: float = 60.0
+    window: int = 300
+
+    def validate(self) -> None:
+        if self.sigmas <= 0 or self.sustain_s < 0 or self.window < 1:
+            raise ValueError("drift.sigmas must be > 0, drift.sustain_s >= 0 and drift.window at least 1")
+
+
+@dataclass
 class TlsConfig:
     """TLS for mqtts:// URLs; the key password may come from an environment variable."""
 
@@ -234,6 +260,8 @@ class StationConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    calibration: SiteCalibrationConfig = field(default_factory=SiteCalibrationConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:

@@ -182,7 +182,7 @@ _REFUSAL_HINTS = {
 
 
 class StationPublisher:
-    """status / event / snapshot / stats topics of one station; events and snapshots go through the spool."""
+    """status / event / snapshot / stats / health topics of one station; events and snapshots go through the spool."""
 
     # An ack that beats client.publish() back to us arrives within microseconds; one older than this is a
     # status/stats publish's, and must not match a later message that reuses its mid after the wrap.
@@ -220,6 +220,7 @@ class StationPublisher:
         self._ever_connected = False
         self._refusal: Optional[str] = None  # the last refusal/TLS cause reported (each is said once)
         self._last_stats: Optional[bytes] = None
+        self._last_health: Optional[bytes] = None
         self.reconnects = 0
         self.publish_seconds = 0.0  # time in client.publish on the sender thread (benchmarks/pipeline.py)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool-sender", daemon=True)
@@ -289,6 +290,13 @@ class StationPublisher:
         if self.connected:
             self.client.publish(f"{self.base}/stats", payload, qos=0, retain=True)
 
+    def publish_health(self, payload: bytes) -> None:
+        """QoS 1 retained (edge.drift): an alarm stays visible until a later message clears it. Sent when it
+        changes, and the latest again as soon as a connection comes back."""
+        self._last_health = payload
+        if self.connected:
+            self.client.publish(f"{self.base}/health", payload, qos=1, retain=True)
+
     def _publish_online(self) -> None:
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = self.cfg.status_lease_s
@@ -343,6 +351,8 @@ class StationPublisher:
         client.subscribe(f"{self.base}/cmd/#", qos=1)
         if self._last_stats is not None:
             client.publish(f"{self.base}/stats", self._last_stats, qos=0, retain=True)
+        if self._last_health is not None:
+            client.publish(f"{self.base}/health", self._last_health, qos=1, retain=True)
         client.reconnect_delay_set(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         with self._lock:
             was_out = self._outage_reported

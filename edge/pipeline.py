@@ -24,7 +24,9 @@ import numpy as np
 from edge.backends.base import Backend
 from edge.batcher import Batcher
 from edge.bundle import Bundle
+from edge.calibration import SiteThreshold, ThresholdChoice
 from edge.config import StationConfig
+from edge.drift import DriftMonitor, health_payload
 from edge.errors import UserError
 from edge.events import EventDetector, EventRule, Transition, event_payload
 from edge.health import Metrics, SystemdNotifier
@@ -42,6 +44,7 @@ class _Camera:
     source: CameraSource
     detector: EventDetector
     stats: CameraStats
+    drift: DriftMonitor
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # (index, frame, map) for snapshots
     peak: Optional[tuple[int, Frame, Optional[np.ndarray]]] = None
     done: bool = False
@@ -72,18 +75,22 @@ class Station:
     """One station run; build it, ``open_cameras()``, then ``run()``."""
 
     def __init__(self, cfg: StationConfig, bundle: Bundle, backend: Backend, publisher: StationPublisher,
-                 spool: Spool, threshold: float, max_frames: Optional[int] = None) -> None:
+                 spool: Spool, site: SiteThreshold, max_frames: Optional[int] = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
         self.backend = backend
         self.publisher = publisher
         self.spool = spool
-        self.threshold = threshold
+        self.site = site
+        self.choice = site.choose(bundle)
+        self.threshold = self.choice.threshold
         self.max_frames = max_frames
         self.stop_event = threading.Event()
         self.stats = StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, backend.max_batch)
         self.clock = StageClock()
-        self.rule = EventRule(threshold=threshold, baseline=bundle.score_baseline, **dataclasses.asdict(cfg.events))
+        self.stats.calibration = {**self.choice.stats(), "calibrating": site.calibrating}
+        self.rule = EventRule(threshold=self.threshold, baseline=self.choice.baseline,
+                              **dataclasses.asdict(cfg.events))
         cond = threading.Condition()
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:
@@ -98,7 +105,9 @@ class Station:
                                 connected=partial(getattr, src, "connected"),
                                 stalled=partial(getattr, src, "stalled"))
             self.stats.cameras[cam_cfg.id] = stats
-            self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), stats)
+            drift = self._drift_monitor(cam_cfg.id)
+            stats.scores = drift.stats
+            self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), stats, drift)
         self.batcher = Batcher([c.source.queue for c in self.cameras.values()], backend.max_batch,
                                cfg.engine.max_wait_ms)
         self.watcher: Optional[BundleWatcher] = None  # set when the station follows a model's `current`
@@ -147,8 +156,28 @@ class Station:
     def request_stop(self) -> None:
         self.stop_event.set()
 
+    def _drift_monitor(self, camera: str) -> DriftMonitor:
+        d = self.cfg.drift
+        return DriftMonitor(camera, self.choice.baseline, self.choice.sigma, d.sigmas, d.sustain_s, d.window)
+
+    def _use(self, choice: ThresholdChoice) -> None:
+        """Score against ``choice`` from now on: a new event rule, and drift measured from its baseline (an alarm
+        raised against the old one is cleared). Open events must have been ended by the caller."""
+        self.choice, self.threshold = choice, choice.threshold
+        self.stats.calibration = {**choice.stats(), "calibrating": self.site.calibrating}
+        self.rule = EventRule(threshold=choice.threshold, baseline=choice.baseline,
+                              **dataclasses.asdict(self.cfg.events))
+        had_alarm = any(cam.drift.alarm is not None for cam in self.cameras.values())
+        for cam_id, cam in self.cameras.items():
+            cam.detector = EventDetector(self.rule)
+            cam.drift = self._drift_monitor(cam_id)
+            cam.stats.scores = cam.drift.stats
+        if had_alarm:
+            self._publish_health()
+
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> RunResult:
+        self._publish_health()  # replaces an earlier run's retained alarm: this run has not seen drift yet
         for cam in self.cameras.values():
             cam.source.start()
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
@@ -193,17 +222,14 @@ class Station:
                 self._emit(cam_id, cam, t)
         self.backend.close()
         self.bundle, self.backend = bundle, backend
-        self.threshold = self.cfg.engine.threshold if self.cfg.engine.threshold is not None else bundle.threshold
-        self.rule = EventRule(threshold=self.threshold, baseline=bundle.score_baseline,
-                              **dataclasses.asdict(self.cfg.events))
+        self._use(self.site.swapped(bundle))
         self.batcher.max_batch = backend.max_batch
         for cam in self.cameras.values():
-            cam.detector = EventDetector(self.rule)
             cam.source.input_hw, cam.source.resize = bundle.input_hw, bundle.input_resize
         self.stats.model, self.stats.model_version, self.stats.max_batch = \
             bundle.model_name, bundle.version, backend.max_batch
-        log.info("model swapped: %s %s -> %s %s, threshold %.6g%s", old.model_name, old.version, bundle.model_name,
-                 bundle.version, self.threshold, " (config override)" if self.cfg.engine.threshold is not None else "")
+        log.info("model swapped: %s %s -> %s %s, %s", old.model_name, old.version, bundle.model_name,
+                 bundle.version, self.site.startup_text(self.choice))
 
     def _process(self, batch: list[Frame]) -> None:
         hw = self.bundle.input_hw
@@ -233,6 +259,10 @@ class Station:
                 if cam.bad_scores == 1:
                     log.warning("camera '%s': the model returned a non-finite score at frame %d; such frames "
                                 "are skipped", f.camera, f.index)
+            elif self.site.calibrating:  # frames the operator declared good: they set the threshold, no events
+                choice = self.site.add(score, self.bundle)
+                if choice is not None:
+                    self._use(choice)
             else:
                 if self.cfg.mqtt.snapshots:
                     cam.recent.append((f.index, f, None if maps is None else maps[i]))
@@ -242,6 +272,8 @@ class Station:
                     self._track_peak(cam, was_open)
                 for t in transitions:
                     self._emit(f.camera, cam, t)
+                if not (was_open or cam.detector.is_open) and cam.drift.feed(f.ts, score):
+                    self._drift_changed(cam)
             latency = time.monotonic() - f.t_capture
             self.stats.latency_ms.add(latency * 1000.0)
             if self.metrics is not None:
@@ -284,6 +316,21 @@ class Station:
                     self.spool.add(self.publisher.topic(cam_id, "snapshot"), jpeg)
                     self.publisher.wake()
             cam.peak = None
+
+    def _drift_changed(self, cam: _Camera) -> None:
+        alarm = cam.drift.alarm
+        if alarm is not None:
+            log.warning("health: %s", alarm.payload(iso_utc(alarm.since))["message"])
+        else:
+            log.info("health: camera '%s': score drift cleared (median of recent good frames back within %g σ of "
+                     "the calibrated %.4g)", cam.drift.camera, cam.drift.sigmas, cam.drift.baseline)
+        self._publish_health()
+
+    def _publish_health(self) -> None:
+        alarms = [c.drift.alarm.payload(iso_utc(c.drift.alarm.since)) for c in self.cameras.values()
+                  if c.drift.alarm is not None]
+        payload = health_payload(self.cfg.station, iso_utc(time.time()), alarms)
+        self.publisher.publish_health(json.dumps(payload).encode())
 
     def _publish_stats(self) -> None:
         payload = self.stats.as_dict(iso_utc(time.time()), self.spool.depth, self.spool.dropped_total,

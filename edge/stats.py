@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-STATS_SCHEMA_VERSION = 2  # 2: spool_dropped, mqtt_reconnects, cameras.*.stalled
+STATS_SCHEMA_VERSION = 3  # 2: spool_dropped, mqtt_reconnects, cameras.*.stalled; 3: calibration, cameras.*.scores
 
 
 class Reservoir:
@@ -85,6 +85,8 @@ class CameraStats:
         self.stalled = stalled
         self._capture_rate = Rate(captured)
         self._processed_rate = Rate(lambda: self.processed)
+        # recent scores outside events and the drift alarm (edge.drift.DriftMonitor.stats, set by the station)
+        self.scores: Callable[[], dict[str, Any]] = lambda: {"p50": None, "p99": None, "frames": 0, "drift": False}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +98,7 @@ class CameraStats:
             "frames_processed": int(self.processed),
             "dropped": int(self.dropped()),
             "reconnects": int(self.reconnects()),
+            "scores": self.scores(),
         }
 
 
@@ -115,6 +118,7 @@ class StationStats:
         self.batch_sizes = Reservoir(512)
         self.batches = 0
         self.events_published = 0
+        self.calibration: dict[str, Any] = {}  # the threshold in force and why (edge.calibration.ThresholdChoice)
 
     def add_batch(self, size: int, inference_ms: float) -> None:
         self.batches += 1
@@ -142,5 +146,6 @@ class StationStats:
             "events_published": self.events_published,
             "mqtt_connected": bool(mqtt_connected),
             "mqtt_reconnects": int(mqtt_reconnects),
+            "calibration": self.calibration,
             "cameras": {cid: c.as_dict() for cid, c in self.cameras.items()},
         }

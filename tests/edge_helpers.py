@@ -102,6 +102,23 @@ def write_video(path: Path, defects: Sequence[tuple[int, int]], n_frames: int, s
     return path
 
 
+def write_lit_video(path: Path, n_frames: int, lit: Sequence[tuple[int, int, int]] = (),
+                    size: tuple[int, int] = (64, 64), fps: float = 10.0, seed: int = 0) -> Path:
+    """MJPG .avi of good frames whose noise reaches the toy model's "bright" level, so good frames score about
+    0.08 with some spread (the toy's scores on ``make_frame`` are all 0: nothing to calibrate on); frames in any
+    [start, stop) of ``lit`` are brightened by its offset (the light of the line changed)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (size[1], size[0]))
+    assert writer.isOpened(), f"cannot write {path}"
+    rng = np.random.default_rng(seed)
+    for i in range(n_frames):
+        offset = sum(o for a, b, o in lit if a <= i < b)
+        cells = rng.integers(30, 216, size=(size[0] // 8, size[1] // 8, 3)).astype(np.int16) + offset
+        img = np.repeat(np.repeat(cells, 8, axis=0), 8, axis=1)  # 8x8 cells: they survive JPEG and resizing
+        writer.write(np.clip(img, 0, 255).astype(np.uint8))
+    writer.release()
+    return path
+
+
 # -- a camera whose driver hangs ------------------------------------------------------------------
 class FifoCamera:
     """Writes JPEG frames into a FIFO like a camera driver; ``stall()`` keeps the pipe open and silent, so the
@@ -293,7 +310,7 @@ class Collector:
 # -- checks shared by the end-to-end tests ------------------------------------------------------
 def check_payloads(col: Collector) -> dict[str, list[Any]]:
     """Validate every message against its schema; returns decoded payloads by kind."""
-    out: dict[str, list[Any]] = {"event": [], "stats": [], "status": [], "snapshot": []}
+    out: dict[str, list[Any]] = {"event": [], "stats": [], "status": [], "snapshot": [], "health": []}
     for m in col.messages:
         kind = m.topic.rsplit("/", 1)[1]
         if kind == "status":
@@ -309,6 +326,11 @@ def check_payloads(col: Collector) -> dict[str, list[Any]]:
             payload = json.loads(m.payload)
             validate("event", payload)
             out["event"].append(payload)
+        elif kind == "health":
+            assert m.retain or m.qos == 1
+            payload = json.loads(m.payload)
+            validate("health", payload)
+            out["health"].append(payload)
         elif kind == "snapshot":
             assert m.payload[:2] == b"\xff\xd8", "snapshot is not a JPEG"
             out["snapshot"].append(m.payload)

@@ -15,6 +15,7 @@ def test_shipped_station_yaml_loads_with_documented_defaults() -> None:
     cfg = load_station_config(REPO / "config" / "station.yaml")
     defaults = StationConfig()
     assert cfg.engine == defaults.engine and cfg.events == defaults.events and cfg.mqtt == defaults.mqtt
+    assert cfg.calibration == defaults.calibration and cfg.drift == defaults.drift
     assert [c.id for c in cfg.cameras] == ["cam0"]
 
 
@@ -36,6 +37,9 @@ def test_every_key_in_station_yaml_is_commented() -> None:
     ("station: a/b\n", "station id 'a/b'"),
     ("events:\n  k: 6\n  n: 5\n", "need 1 <= k <= n"),
     ("engine:\n  backend: cuda\n", "engine.backend must be one of"),
+    ("drift:\n  window: 0\n", "drift.window at least 1"),
+    ("drift:\n  sigma: 2\n", "drift.sigma"),
+    ("calibration:\n  quantile: 2.0\n", "calibration.quantile must be in [0.5, 1]"),
     ("mqtt: [1, 2\n", "invalid YAML"),
 ])
 def test_config_mistakes_name_file_line_and_key(tmp_path: Path, text: str, needle: str) -> None:

@@ -1,0 +1,266 @@
+"""Score thresholds from good parts' scores, and the station's own (on-site) calibration.
+
+One rule for trainer and station alike (trainer/calibrate.py imports it from here): a high quantile of normal
+scores plus a margin, and at least their mean + k·σ. A bundle is calibrated on the trainer's held-out stills;
+a live stream (another codec, other light, a nudged camera) moves good parts' scores, so ``edge-run
+--calibrate N`` applies the same rule to N frames of the station's own stream that the operator declares good.
+That result is station state (``state_dir/<station>.calibration.json``), never written into the bundle, which
+stays immutable; it records the bundle version it belongs to and applies to that version only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from edge.bundle import Bundle, atomic_write_text
+from edge.errors import UserError
+
+CALIBRATION_FORMAT = 1
+
+log = logging.getLogger("edge.calibration")
+
+
+def quantile_threshold(normal_scores: np.ndarray, quantile: float, margin: float, sigmas: float = 0.0) -> float:
+    """``q``-quantile of normal scores raised by ``margin`` x (quantile - median), and at least mean + ``sigmas`` x std.
+
+    A few held-out images see little of the tail: their 0.99 quantile is about their maximum, and a camera
+    stream then crosses it every few dozen good frames. The mean + k·std floor estimates the tail from the
+    spread instead of from the one largest sample.
+    """
+    s = np.asarray(normal_scores, np.float64)
+    if s.size == 0:
+        raise ValueError("no normal scores to calibrate on")
+    q = float(np.quantile(s, quantile))
+    med = float(np.median(s))
+    return max(q + margin * max(q - med, 0.0), float(s.mean() + sigmas * s.std()))
+
+
+def normalisation(normal_scores: np.ndarray) -> dict[str, float]:
+    """Statistics of normal scores: for min-max or z scaling on the edge, the close level and drift alarms."""
+    s = np.asarray(normal_scores, np.float64)
+    return {"normal_mean": float(s.mean()), "normal_std": float(s.std()), "normal_min": float(s.min()),
+            "normal_max": float(s.max()), "normal_median": float(np.median(s))}
+
+
+def normal_calibration(normal_scores: np.ndarray, quantile: float, margin: float, sigmas: float) -> dict[str, Any]:
+    """The calibration dict of normal scores only (the manifest's, and the station's): threshold and statistics."""
+    s = np.asarray(normal_scores, np.float64)
+    out: dict[str, Any] = {"threshold": quantile_threshold(s, quantile, margin, sigmas), "method": "quantile",
+                           "quantile": quantile, "margin": margin, "sigmas": sigmas, "n_normal": int(s.size),
+                           "n_anomalous": 0}
+    out.update(normalisation(s))
+    return out
+
+
+@dataclass(frozen=True)
+class SiteCalibration:
+    """The station's threshold and good-part statistics, measured on its own stream, for one bundle version."""
+
+    model: str
+    model_version: str
+    threshold: float
+    baseline: float  # median score of the good frames: where the close level's band starts
+    sigma: float  # their standard deviation: the unit of the drift alarm
+    frames: int
+    quantile: float
+    margin: float
+    sigmas: float
+    created: str  # ISO-8601 UTC
+
+    def applies_to(self, bundle: Bundle) -> bool:
+        return (self.model, self.model_version) == (bundle.model_name, bundle.version)
+
+    def describe(self) -> str:
+        return f"on-site calibration of {self.frames} frames, {self.created}"
+
+
+def calibration_path(state_dir: str | Path, station: str) -> Path:
+    return Path(state_dir) / f"{station}.calibration.json"
+
+
+def site_calibration(scores: np.ndarray, bundle: Bundle, quantile: float, margin: float,
+                     sigmas: float) -> SiteCalibration:
+    """The station's calibration of ``bundle`` from scores of frames the operator declared good."""
+    cal = normal_calibration(scores, quantile, margin, sigmas)
+    return SiteCalibration(model=bundle.model_name, model_version=bundle.version, threshold=float(cal["threshold"]),
+                           baseline=cal["normal_median"], sigma=cal["normal_std"], frames=int(cal["n_normal"]),
+                           quantile=quantile, margin=margin, sigmas=sigmas,
+                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def save_site_calibration(path: Path, cal: SiteCalibration) -> None:
+    """Write then rename: a power cut leaves the old calibration or the new one, never half of either."""
+    atomic_write_text(path, json.dumps({"format": CALIBRATION_FORMAT, **asdict(cal)}, indent=2) + "\n")
+
+
+def clear_site_calibration(path: Path) -> bool:
+    """Remove the stored calibration (a new bundle was promoted: it no longer applies); True when one was there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def load_site_calibration(path: Path) -> Optional[SiteCalibration]:
+    """The stored calibration, None when there is none; a file that cannot be read as one is a UserError."""
+    fix = "delete it to run on the bundle's threshold, or re-run edge-run --calibrate N on good parts"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the on-site calibration ({exc}); {fix}") from None
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"not a calibration file of format {CALIBRATION_FORMAT}")
+        names = {f.name for f in fields(SiteCalibration)}
+        missing = sorted(names - data.keys())
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        cal = SiteCalibration(model=str(data["model"]), model_version=str(data["model_version"]),
+                              threshold=float(data["threshold"]), baseline=float(data["baseline"]),
+                              sigma=float(data["sigma"]), frames=int(data["frames"]), quantile=float(data["quantile"]),
+                              margin=float(data["margin"]), sigmas=float(data["sigmas"]), created=str(data["created"]))
+        if not all(math.isfinite(v) for v in (cal.threshold, cal.baseline, cal.sigma)) or cal.sigma < 0:
+            raise ValueError("threshold, baseline or sigma is not a finite number")
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path}: not a valid on-site calibration ({exc}); {fix}") from None
+    return cal
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The threshold in force, the good-part statistics that go with it, and why (for the log and the stats)."""
+
+    threshold: float
+    baseline: float
+    sigma: Optional[float]  # spread of good scores (drift alarm unit); None when nothing recorded it
+    source: str  # "config", "on-site" or "bundle"
+    reason: str
+    calibration: Optional[SiteCalibration]
+
+    def stats(self) -> dict[str, Any]:
+        """The stats topic's ``calibration`` object."""
+        cal = self.calibration
+        return {"source": self.source, "threshold": round(self.threshold, 6), "baseline": round(self.baseline, 6),
+                "sigma": None if self.sigma is None else round(self.sigma, 6),
+                "frames": cal.frames if cal else None, "created": cal.created if cal else None}
+
+
+def choose_threshold(bundle: Bundle, config_threshold: Optional[float],
+                     stored: Optional[SiteCalibration]) -> ThresholdChoice:
+    """station.yaml's ``engine.threshold`` wins; else the on-site calibration of this very bundle version; else the
+    bundle's own. The baseline and spread come from the on-site calibration whenever it is for this version."""
+    cal = stored if stored is not None and stored.applies_to(bundle) else None
+    sigma: Optional[float]
+    if cal is not None:
+        baseline, sigma = cal.baseline, cal.sigma
+    else:
+        recorded = bundle.manifest["calibration"].get("normal_std")
+        baseline, sigma = bundle.score_baseline, (float(recorded) if recorded is not None else None)
+    stale = (f"; the on-site calibration of {stored.model} {stored.model_version} does not apply to this version "
+             "and was cleared: re-run --calibrate N on good parts" if stored is not None and cal is None else "")
+    if config_threshold is not None:
+        return ThresholdChoice(float(config_threshold), baseline, sigma, "config",
+                               "engine.threshold in the station config" + stale, cal)
+    if cal is not None:
+        return ThresholdChoice(cal.threshold, baseline, sigma, "on-site", cal.describe(), cal)
+    return ThresholdChoice(bundle.threshold, baseline, sigma, "bundle", "the bundle's calibration" + stale, None)
+
+
+class Calibrator:
+    """Collects the scores of the first ``frames`` frames (the operator declares them good); then ``done``."""
+
+    def __init__(self, frames: int) -> None:
+        if frames < 2:
+            raise ValueError("calibration needs at least 2 frames")
+        self.frames = frames
+        self.scores: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self.scores) >= self.frames
+
+    def add(self, score: float) -> None:
+        if not self.done:
+            self.scores.append(float(score))
+
+
+class SiteThreshold:
+    """The station's threshold over its run: the choice at start, an on-site calibration in progress
+    (``--calibrate N``) and what a hot-swapped bundle does to it (its version's calibration no longer applies)."""
+
+    def __init__(self, path: Path, config_threshold: Optional[float], quantile: float, margin: float, sigmas: float,
+                 calibrate_frames: Optional[int] = None) -> None:
+        self.path = path
+        self.config_threshold = config_threshold
+        self.rule = (quantile, margin, sigmas)
+        if calibrate_frames is not None and calibrate_frames < 2:
+            raise UserError(f"--calibrate {calibrate_frames}: calibration needs at least 2 frames (a few hundred "
+                            "show the tail of good parts' scores)")
+        self.calibrator = Calibrator(calibrate_frames) if calibrate_frames else None
+        try:
+            self.stored = load_site_calibration(path)
+        except UserError as exc:
+            if self.calibrator is None:
+                raise
+            log.warning("%s; --calibrate replaces it", exc)
+            self.stored = None
+
+    @property
+    def calibrating(self) -> bool:
+        return self.calibrator is not None and not self.calibrator.done
+
+    def choose(self, bundle: Bundle) -> ThresholdChoice:
+        """The threshold ``bundle`` runs at; a stored calibration of another version is cleared (its reason says so)."""
+        choice = choose_threshold(bundle, self.config_threshold, self.stored)
+        if self.stored is not None and not self.stored.applies_to(bundle):
+            clear_site_calibration(self.path)
+            self.stored = None
+        return choice
+
+    def startup_text(self, choice: ThresholdChoice) -> str:
+        """The start-up line's ``threshold ...`` part: which threshold is in force and why."""
+        text = f"threshold {choice.threshold:.6g} ({choice.reason})"
+        if self.calibrating:
+            assert self.calibrator is not None
+            text += (f", on-site calibration on the first {self.calibrator.frames} frames (declared good: no events "
+                     "until it is done)")
+        return text
+
+    def add(self, score: float, bundle: Bundle) -> Optional[ThresholdChoice]:
+        """A score of a frame declared good; once the N-th arrives the calibration is stored and the new choice
+        returned (the config's engine.threshold still wins, and the log says so)."""
+        assert self.calibrator is not None
+        self.calibrator.add(score)
+        if not self.calibrator.done:
+            return None
+        quantile, margin, sigmas = self.rule
+        scores = np.asarray(self.calibrator.scores, np.float64)
+        cal = site_calibration(scores, bundle, quantile, margin, sigmas)
+        save_site_calibration(self.path, cal)
+        self.stored = cal
+        choice = self.choose(bundle)
+        log.info("on-site calibration of %s %s: %d good frames, median %.6g, σ %.4g, 0.99 quantile %.6g: threshold "
+                 "%.6g (the bundle's %.6g), stored in %s; %s", bundle.model_name, bundle.version, cal.frames,
+                 cal.baseline, cal.sigma, float(np.quantile(scores, 0.99)), cal.threshold, bundle.threshold,
+                 self.path, "in force from now" if choice.source == "on-site"
+                 else f"engine.threshold {choice.threshold:.6g} of the station config stays in force")
+        return choice
+
+    def swapped(self, bundle: Bundle) -> ThresholdChoice:
+        """A new bundle version runs: the old version's calibration is cleared (re-run --calibrate N for the new
+        one); a calibration in progress starts again on the new bundle's scores."""
+        if self.calibrator is not None and not self.calibrator.done:
+            self.calibrator = Calibrator(self.calibrator.frames)
+        return self.choose(bundle)

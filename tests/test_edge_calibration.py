@@ -1,0 +1,252 @@
+"""On-site calibration (``edge-run --calibrate N``): the station's own threshold from frames of its own stream.
+
+The headline test is the problem it solves: a bundle trained on lossless PNG stills, run on an MJPEG clip of the
+same kind of parts, fires in clean stretches with its own threshold; calibrated on a good MJPEG clip, the same
+station opens one event in each defect stretch and none elsewhere. The others pin the rules around it: the same
+threshold rule as the trainer, the state file (bundle version, atomic, one-line errors), which threshold wins,
+and a hot swap clearing a calibration that no longer applies.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edge_helpers import (
+    Collector,
+    assert_one_line_error,
+    check_events,
+    check_payloads,
+    cli_command,
+    make_toy_bundle,
+    run_cli,
+    wait_stopped,
+    write_lit_video,
+)
+
+from edge import calibration as edge_calibration
+from edge.bundle import load_bundle
+from edge.calibration import (
+    SiteCalibration,
+    calibration_path,
+    choose_threshold,
+    load_site_calibration,
+    save_site_calibration,
+    site_calibration,
+)
+from edge.errors import UserError
+from trainer import calibrate as trainer_calibrate
+from trainer.synthetic import make_dataset, write_clip
+
+SIZE = (240, 320)
+DEFECTS = [(40, 70), (110, 140)]
+N_FRAMES = 170
+
+
+def station_yaml(tmp_path: Path, station: str, extra: str = "", file_name: str = "") -> Path:
+    path = tmp_path / f"{file_name or station}.yaml"
+    path.write_text(f"station: {station}\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  stats_interval_s: 0.2\n{extra}",
+                    encoding="utf-8")
+    return path
+
+
+def stream(mosquitto: str, station: str, args: list) -> tuple[subprocess.CompletedProcess, dict]:
+    """edge-run to the end of its clip; its exit, stderr and every payload it published (schema-checked)."""
+    with Collector(mosquitto, [f"anomaly/{station}/#"]) as col:
+        proc = run_cli("edge-run", [*args, "--mqtt", mosquitto], timeout=240)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        if proc.returncode == 0:
+            wait_stopped(col)
+        return proc, check_payloads(col)
+
+
+def startup_line(stderr: str) -> str:
+    return next(ln for ln in stderr.splitlines() if "station '" in ln and "camera(s), model" in ln)
+
+
+# -- the rule and the state file ------------------------------------------------------------------------
+def test_station_and_trainer_share_one_threshold_rule() -> None:
+    assert trainer_calibrate.quantile_threshold is edge_calibration.quantile_threshold
+    scores = np.random.default_rng(3).normal(20.0, 1.5, 400)
+    assert trainer_calibrate.calibrate(scores, "quantile", 0.99, 0.5, 3.0) == \
+        edge_calibration.normal_calibration(scores, 0.99, 0.5, 3.0)
+
+
+def test_calibration_file_round_trip_and_corrupt_files(tmp_path: Path, toy_bundle: Path) -> None:
+    bundle = load_bundle(toy_bundle)
+    scores = np.random.default_rng(0).normal(5.0, 0.5, 200)
+    cal = site_calibration(scores, bundle, 0.99, 0.5, 3.0)
+    assert cal.model_version == bundle.version and cal.frames == 200
+    assert cal.threshold >= max(np.quantile(scores, 0.99), scores.mean() + 3 * scores.std())
+    path = tmp_path / "st.calibration.json"
+    save_site_calibration(path, cal)
+    assert load_site_calibration(path) == cal
+    assert load_site_calibration(tmp_path / "absent.json") is None
+    for text in ("{not json", json.dumps({"format": 1, "model": "toy"}), json.dumps({**json.loads(path.read_text()),
+                                                                                      "sigma": "NaN"}), "[]"):
+        path.write_text(text)
+        with pytest.raises(UserError) as err:
+            load_site_calibration(path)
+        assert str(path) in str(err.value) and "--calibrate" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_threshold_wins_then_this_versions_calibration_then_the_bundles(toy_bundle: Path) -> None:
+    bundle = load_bundle(toy_bundle)
+    mine = SiteCalibration("toy", bundle.version, 0.25, 0.07, 0.01, 100, 0.99, 0.5, 3.0, "2026-12-01T20:00:00Z")
+    other = SiteCalibration("toy", "19990101T000000Z", 0.3, 0.08, 0.01, 100, 0.99, 0.5, 3.0, "2026-12-01T20:00:00Z")
+    c = choose_threshold(bundle, 0.5, mine)
+    assert (c.source, c.threshold, c.baseline, c.sigma) == ("config", 0.5, 0.07, 0.01)  # baseline: still on-site
+    c = choose_threshold(bundle, None, mine)
+    assert (c.source, c.threshold, c.baseline) == ("on-site", 0.25, 0.07) and "100 frames" in c.reason
+    c = choose_threshold(bundle, None, other)
+    assert (c.source, c.threshold, c.calibration) == ("bundle", bundle.threshold, None)
+    assert "19990101T000000Z does not apply" in c.reason
+    assert choose_threshold(bundle, None, None).source == "bundle"
+
+
+# -- through the real edge-run -------------------------------------------------------------------------
+def test_calibrate_stores_the_stations_threshold_and_the_next_run_uses_it(tmp_path: Path, mosquitto: str,
+                                                                          toy_bundle: Path) -> None:
+    clip = write_lit_video(tmp_path / "good.avi", 60, seed=1)
+    cfg = station_yaml(tmp_path, "st-cal")
+    proc, got = stream(mosquitto, "st-cal", ["--config", cfg, "--camera", clip, "--engine", toy_bundle,
+                                             "--calibrate", "40"])
+    assert proc.returncode == 0, proc.stderr
+    line = startup_line(proc.stderr)
+    assert "threshold 0.1 (the bundle's calibration), on-site calibration on the first 40 frames" in line, line
+    assert "on-site calibration of toy" in proc.stderr and "in force from now" in proc.stderr
+    stored = load_site_calibration(calibration_path(tmp_path / "state", "st-cal"))
+    assert stored is not None and stored.model_version == toy_bundle.name and stored.frames == 40
+    assert got["event"] == []
+    last = got["stats"][-1]["calibration"]
+    assert last == {"source": "on-site", "threshold": round(stored.threshold, 6), "baseline": round(stored.baseline, 6),
+                    "sigma": round(stored.sigma, 6), "frames": 40, "created": stored.created, "calibrating": False}
+    scores = got["stats"][-1]["cameras"]["cam0"]["scores"]
+    assert scores["frames"] == 20 and abs(scores["p50"] - stored.baseline) < 3 * stored.sigma
+
+    proc, got = stream(mosquitto, "st-cal", ["--config", cfg, "--camera", clip, "--engine", toy_bundle])
+    assert proc.returncode == 0, proc.stderr
+    assert f"threshold {stored.threshold:.6g} (on-site calibration of 40 frames" in startup_line(proc.stderr)
+    assert got["stats"][-1]["calibration"]["source"] == "on-site"
+
+    high = station_yaml(tmp_path, "st-cal", extra="engine:\n  threshold: 0.9\n", file_name="high")  # still wins
+    proc, got = stream(mosquitto, "st-cal", ["--config", high, "--camera", clip, "--engine", toy_bundle])
+    assert proc.returncode == 0, proc.stderr
+    assert "threshold 0.9 (engine.threshold in the station config)" in startup_line(proc.stderr)
+    assert got["stats"][-1]["calibration"]["baseline"] == round(stored.baseline, 6)
+
+    other = make_toy_bundle(tmp_path / "engines")  # another bundle version at start: the calibration is cleared
+    proc, got = stream(mosquitto, "st-cal", ["--config", cfg, "--camera", clip, "--engine", other])
+    assert proc.returncode == 0, proc.stderr
+    assert f"threshold 0.1 (the bundle's calibration; the on-site calibration of toy {toy_bundle.name} does not " \
+           "apply to this version and was cleared: re-run --calibrate N" in startup_line(proc.stderr)
+    assert not calibration_path(tmp_path / "state", "st-cal").exists()
+    assert got["stats"][-1]["calibration"]["source"] == "bundle"
+
+
+def test_calibration_errors_are_one_line(tmp_path: Path, toy_bundle: Path) -> None:
+    clip = write_lit_video(tmp_path / "short.avi", 20)
+    state = tmp_path / "state"
+    cfg = station_yaml(tmp_path, "st-err", extra="  flush_timeout_s: 0.5\n")
+    args = ["--config", cfg, "--camera", clip, "--engine", toy_bundle, "--mqtt", "mqtt://127.0.0.1:1"]
+    proc = run_cli("edge-run", [*args, "--calibrate", "50"], timeout=60)
+    assert_one_line_error(proc, "edge-run", "calibration incomplete", "20 of the 50 frames")
+    assert not calibration_path(state, "st-err").exists()
+    calibration_path(state, "st-err").write_text("{\"format\": 1, \"threshold\": ")
+    proc = run_cli("edge-run", args, timeout=60)
+    assert_one_line_error(proc, "edge-run", "st-err.calibration.json", "not a valid on-site calibration",
+                          "--calibrate N")
+    proc = run_cli("edge-run", [*args, "--calibrate", "10"], timeout=60)  # re-running it replaces the bad file
+    assert proc.returncode in (0, 3), proc.stderr  # 3: events of the calibrated frames wait for a broker
+    assert load_site_calibration(calibration_path(state, "st-err")) is not None
+    proc = run_cli("edge-run", [*args, "--calibrate", "1"], timeout=60)
+    assert_one_line_error(proc, "edge-run", "calibration needs at least 2 frames")
+
+
+def test_a_promoted_bundle_clears_the_calibration_of_the_old_version(tmp_path: Path, mosquitto: str) -> None:
+    engines = tmp_path / "engines"
+    first = make_toy_bundle(engines)
+    clip = write_lit_video(tmp_path / "long.avi", 8000)  # long enough that the swap lands inside the stream
+    cfg = station_yaml(tmp_path, "st-cal-swap", extra=f"engine:\n  engines_dir: {engines}\n  max_batch: 1\n"
+                                                      "  watch_interval_s: 0.2\n")
+    stored_at = calibration_path(tmp_path / "state", "st-cal-swap")
+    with Collector(mosquitto, ["anomaly/st-cal-swap/#"]) as col:
+        proc = subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--camera", clip, "--engine", "toy",
+                                 "--mqtt", mosquitto, "--calibrate", "30"], stderr=subprocess.PIPE, text=True)
+        try:
+            assert col.wait_for(lambda ms: any(json.loads(m.payload)["calibration"]["source"] == "on-site"
+                                               for m in col.on("/stats")), timeout=60)
+            stored = load_site_calibration(stored_at)
+            assert stored is not None and stored.model_version == first.name
+            time.sleep(0.01)
+            second = make_toy_bundle(engines, threshold=0.2)
+            assert col.wait_for(lambda ms: any(json.loads(m.payload)["model_version"] == second.name
+                                               for m in col.on("/stats")), timeout=60)
+            proc.send_signal(signal.SIGTERM)  # swapped: the rest of the clip is not needed
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err
+        wait_stopped(col)
+        got = check_payloads(col)
+    swapped = next(ln for ln in err.splitlines() if "model swapped" in ln)
+    assert f"-> toy {second.name}, threshold 0.2 (the bundle's calibration; the on-site calibration of toy " \
+           f"{first.name} does not apply to this version and was cleared" in swapped, swapped
+    assert not stored_at.exists()
+    last = got["stats"][-1]
+    assert last["model_version"] == second.name and last["calibration"]["source"] == "bundle"
+    assert last["calibration"]["threshold"] == 0.2 and last["calibration"]["frames"] is None
+
+
+# -- the problem it solves: stills-trained bundle, MJPEG stream -------------------------------------------
+@pytest.fixture(scope="module")
+def stills_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PatchCore trained and calibrated on lossless PNG stills of generated parts (the trainer's defaults)."""
+    root = tmp_path_factory.mktemp("stills")
+    data = make_dataset(root / "data", n_train=40, n_test_good=8, n_test_defect=8, size=SIZE, seed=11)
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--data", str(data),
+                           "--out", str(root / "engines")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def test_on_site_calibration_makes_a_stills_trained_bundle_work_on_an_mjpeg_stream(
+        tmp_path: Path, mosquitto: str, stills_bundle: Path) -> None:
+    line = write_clip(tmp_path / "line.avi", SIZE, N_FRAMES, DEFECTS, seed=5, codec="MJPG")
+    good = write_clip(tmp_path / "good.avi", SIZE, 100, [], seed=21, codec="MJPG")  # the operator's good parts
+    cfg = station_yaml(tmp_path, "st-mjpeg", extra="engine:\n  auto_batch: false\n")  # no batch timing per run
+    run = ["--config", cfg, "--engine", stills_bundle]
+
+    proc, before = stream(mosquitto, "st-mjpeg", [*run, "--camera", line])  # the bundle's own threshold
+    assert proc.returncode == 0, proc.stderr
+    starts = [e for e in before["event"] if e["type"] == "start"]
+    false_alarms = [e for e in starts if not any(a <= e["frame"] < b for a, b in DEFECTS)]
+    assert false_alarms, f"the stills' threshold no longer fails on MJPEG; this test proves nothing: {starts}"
+    with pytest.raises(AssertionError):
+        check_events(before["event"], DEFECTS, "cam0")
+
+    proc, _ = stream(mosquitto, "st-mjpeg", [*run, "--camera", good, "--calibrate", "100"])
+    assert proc.returncode == 0, proc.stderr
+    stored = load_site_calibration(calibration_path(tmp_path / "state", "st-mjpeg"))
+    assert stored is not None and stored.model_version == stills_bundle.name
+    assert stored.threshold > load_bundle(stills_bundle).threshold  # MJPEG raised good parts' scores
+
+    proc, after = stream(mosquitto, "st-mjpeg", [*run, "--camera", line])
+    assert proc.returncode == 0, proc.stderr
+    check_events(after["event"], DEFECTS, "cam0")  # one event in each defect stretch, none in clean ones
+    assert {e["threshold"] for e in after["event"]} == {stored.threshold}
+    assert after["stats"][-1]["calibration"]["source"] == "on-site"
+    trained = load_bundle(stills_bundle).manifest["calibration"]
+    ends = [(e["frame"], e["reason"]) for e in before["event"] if e["type"] == "end"]
+    print(f"\nstills: threshold {trained['threshold']:.4g}, good median {trained['normal_median']:.4g}, "
+          f"σ {trained['normal_std']:.3g}; MJPEG good frames: median {stored.baseline:.4g} "
+          f"({(stored.baseline - trained['normal_median']) / trained['normal_std']:+.1f} σ), σ {stored.sigma:.3g}, "
+          f"on-site threshold {stored.threshold:.4g}; events without it: starts {[e['frame'] for e in starts]}, "
+          f"ends {ends}; with it: starts {[e['frame'] for e in after['event'] if e['type'] == 'start']}")
