@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import jsonschema
 
-KINDS = ("event", "stats", "status")
+KINDS = ("event", "stats", "status", "label")
 
 
 @cache
