@@ -57,7 +57,9 @@ def _positive_float(text: str) -> float:
 
 def run_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="edge-run", description="Run a camera station: capture, score with a "
-                              "bundle, publish anomaly events over MQTT.")
+                              "bundle, publish anomaly events over MQTT.",
+                              epilog="edge-run label EVENT_ID good|defect [--kind KIND] [--config FILE]: an "
+                              "operator's verdict on a collected event (see edge-run label --help).")
     p.add_argument("--camera", action="append", metavar="SOURCE",
                    help="camera index (0), video file, rtsp:// or http:// URL, or a GStreamer pipeline "
                         "(contains '!'); ID=SOURCE names the camera; repeat for several cameras; replaces the "
