@@ -448,22 +448,22 @@ class FrameWriter:
         """What an earlier run left: the size bound counts it; half-written temp files are removed."""
         self._normals.clear()
         self._events.clear()
-        for sub in ("train/good", "events", "test"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # folders are made when first needed: an empty test/ would stop `edge-train fit` ("no images")
         good = self.root / "train" / "good"
-        for p in sorted(good.iterdir()):
+        for p in sorted(good.iterdir()) if good.is_dir() else []:
             if p.name.startswith("."):
                 p.unlink(missing_ok=True)
             elif p.suffix == ".png":
                 meta = p.with_suffix(".json")
                 self._normals.append((p, p.stat().st_size + (meta.stat().st_size if meta.exists() else 0)))
-        events = [p for p in (self.root / "events").iterdir() if p.is_dir()]
+        events_dir = self.root / "events"
+        events = [p for p in events_dir.iterdir() if p.is_dir()] if events_dir.is_dir() else []
         for p in sorted(events, key=lambda d: d.stat().st_mtime):
             if p.name.startswith("."):
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 self._events[p.name] = _folder_bytes(p)
-        self._labelled_bytes = _folder_bytes(self.root / "test")
+        self._labelled_bytes = _folder_bytes(self.root / "test") if (self.root / "test").is_dir() else 0
         self.total_bytes = sum(b for _, b in self._normals) + sum(self._events.values()) + self._labelled_bytes
 
     def _make_room(self, need: int, for_event: bool) -> bool:
@@ -510,6 +510,7 @@ class FrameWriter:
             self.counts["skipped"] += 1
             return
         image = self.root / "train" / "good" / f"{name}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
         _write_bytes(image, png)
         atomic_write_text(image.with_suffix(".json"), text)
         self._normals.append((image, need))
