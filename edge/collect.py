@@ -374,6 +374,11 @@ class FrameWriter:
     def submit(self, job: Job) -> bool:
         frames = 1 if isinstance(job, NormalJob) else len(job.shots) if isinstance(job, EventJob) else 0
         with self._cond:
+            if self._stopping:
+                if isinstance(job, LabelJob):
+                    log.warning("collect: the station is stopping; label for event %s not applied (use edge-run "
+                                "label)", job.event_id)
+                return False
             if frames and time.monotonic() < self._paused_until:
                 self.counts["skipped"] += frames
                 return False
