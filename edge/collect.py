@@ -58,6 +58,7 @@ log = logging.getLogger("edge.collect")
 KIND_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 VERDICTS = ("good", "defect")
 WRITER_NICE = 10  # PNG encoding runs below inference and capture
+_TIME_SLACK_S = 1e-6  # frame times are float sums (t0 + index / fps): "0.1 s later" must not miss by 1e-17
 
 
 class LabelError(UserError):
@@ -171,10 +172,10 @@ class CameraSampler:
                 self._window.append(shot)
                 self._after_left -= 1
             return []
-        ts = shot.frame.ts
+        ts = shot.frame.ts + _TIME_SLACK_S
         if ts >= self._quiet_from and shot.score < shot.threshold and ts - self._last_sample_ts >= self.normal_every_s:
             self._pending.append(shot)
-            self._last_sample_ts = ts
+            self._last_sample_ts = shot.frame.ts
         ready = []
         while self._pending and self._pending[0].frame.ts + self.guard_s <= ts:
             ready.append(self._pending.popleft())

@@ -312,6 +312,29 @@ collect:
     assert test.labels.tolist().count(0) == 5 and test.labels.tolist().count(1) == 10
 
 
+def test_a_station_keeps_its_folder_within_max_mb_across_restarts(tmp_path: Path, toy_bundle: Path) -> None:
+    video = write_video(tmp_path / "v.avi", [], 40, fps=FPS)
+    root = tmp_path / "collected"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"station: st-cap\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  flush_timeout_s: 0\ncollect:\n"
+                   f"  enabled: true\n  dir: {root}\n  normal_every_s: 0.1\n  guard_s: 0\n  max_mb: 0.05\n"
+                   "  queue_frames: 100\n")
+    first: list[str] = []
+    for run in range(2):
+        proc = run_cli("edge-run", ["--config", cfg, "--camera", video, "--engine", toy_bundle,
+                                    "--mqtt", "mqtt://127.0.0.1:1"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        files = sorted((root / "train" / "good").iterdir())
+        assert sum(p.stat().st_size for p in files) <= 0.05 * 2**20
+        frames = sorted(s["frame"] for s in sidecars(root / "train" / "good"))
+        assert 2 <= len(frames) < 40 and frames == list(range(40 - len(frames), 40)), frames  # the newest kept
+        names = [p.name for p in files if p.suffix == ".png"]
+        if run == 0:
+            first = names
+        else:
+            assert not set(first) & set(names)  # the first run's frames were counted at start and rotated first
+
+
 def test_collect_dir_that_cannot_be_created_is_one_line(tmp_path: Path, toy_bundle: Path) -> None:
     video = write_video(tmp_path / "v.avi", [], 10)
     (tmp_path / "afile").write_text("x")
