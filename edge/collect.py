@@ -430,6 +430,8 @@ class FrameWriter:
                     self._do(job)
             except OSError as exc:
                 self._disk_error(exc, "writing")
+            except Exception as exc:  # e.g. a frame OpenCV cannot encode: the writer never dies of it
+                self._disk_error(exc, "writing")
             finally:
                 with self._cond:
                     self._queued_frames -= 1 if isinstance(job, NormalJob) else \
@@ -562,15 +564,16 @@ class FrameWriter:
         log.info("collect: event %s labelled %s: %d frame(s) moved to %s", job.event_id,
                  job.kind or job.verdict, result.frames, result.folder)
 
-    def _disk_error(self, exc: OSError, doing: str) -> None:
+    def _disk_error(self, exc: Exception, doing: str) -> None:
         """One line per cause; collection pauses for retry_s and is tried again."""
         self.counts["errors"] += 1
-        cause = exc.strerror or str(exc)
+        cause = (exc.strerror if isinstance(exc, OSError) else None) or f"{type(exc).__name__}: {exc}"
         with self._cond:
             self._paused_until = time.monotonic() + self.retry_s
         if cause != self._cause:
             self._cause = cause
-            where = f" ({exc.filename})" if exc.filename else ""
+            filename = getattr(exc, "filename", None)
+            where = f" ({filename})" if filename else ""
             log.error("collect: error %s %s%s: %s; collection paused for %g s (collect.retry_s), the station "
                       "keeps running; check the disk and collect.dir", doing, self.root, where, cause, self.retry_s)
 
