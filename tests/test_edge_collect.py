@@ -189,8 +189,8 @@ def test_a_label_on_an_open_event_waits_for_its_frames(tmp_path: Path, caplog: p
 # -- the real station ---------------------------------------------------------------------------------------
 def test_station_collects_normals_away_from_events_and_labels_move_events(tmp_path: Path, mosquitto: str,
                                                                            toy_bundle: Path) -> None:
-    defects = [(30, 50), (80, 100), (130, 150)]
-    video = write_video(tmp_path / "line.avi", defects, 180, fps=FPS)
+    defects = [(20, 40), (70, 90), (120, 140)]
+    video = write_video(tmp_path / "line.avi", defects, 200, fps=FPS)
     root = tmp_path / "collected"
     cfg = tmp_path / "st-col.yaml"
     cfg.write_text(f"""station: st-col
@@ -231,16 +231,26 @@ collect:
             def events() -> list[dict[str, Any]]:
                 return [json.loads(m.payload) for m in col.on("/event")]
 
+            def started(n: int) -> str:
+                assert col.wait_for(lambda ms: sum(e["type"] == "start" for e in events()) >= n, timeout=60)
+                return [e for e in events() if e["type"] == "start"][n - 1]["event_id"]
+
+            first = started(1)
             assert col.wait_for(lambda ms: any(e["type"] == "end" for e in events()), timeout=60)
-            first = events()[0]["event_id"]
-            send({"event_id": first, "verdict": "good"})  # an operator: a false alarm
+            assert wait_until(lambda: (root / "events" / first).is_dir())
+            # an operator at the station's shell while it runs: the first event is a scratch
+            during = run_cli("edge-run", ["label", "--config", cfg, first, "defect", "--kind", "scratch"],
+                             cwd=tmp_path)
+            assert during.returncode == 0, during.stderr
+            running_then = proc.poll() is None
             send(b"not json")
             send({"event_id": first, "verdict": "defect", "kind": "Bad Kind"})
             send({"event_id": "6f1c0000-0000-4000-8000-000000000000", "verdict": "good"})
-            assert col.wait_for(lambda ms: sum(e["type"] == "start" for e in events()) >= 2, timeout=60)
-            second = [e for e in events() if e["type"] == "start"][1]["event_id"]
-            send({"event_id": second, "verdict": "defect", "kind": "dent"})
-            send({"event_id": first, "verdict": "good"})  # twice
+            send({"event_id": first, "verdict": "good"})  # labelled already
+            second = started(2)
+            send({"event_id": second, "verdict": "defect", "kind": "dent"})  # while it is open: held
+            third = started(3)
+            send({"event_id": third, "verdict": "good"})  # a false alarm
             out, err = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
@@ -249,12 +259,13 @@ collect:
         assert "Traceback" not in err
         wait_stopped(col)
         got = check_payloads(col)  # the stats' collect object included
+    assert running_then, "the station had ended before edge-run label ran: the test proves nothing about a running one"
+    assert f"event {first} labelled scratch: 5 frame(s) moved to {root / 'test' / 'scratch'}" in during.stdout
     assert any("station 'st-col'" in line and f"collecting in {root}" in line for line in err.splitlines()), err
     evs = got["event"]
     starts = {e["event_id"]: e for e in evs if e["type"] == "start"}
     ends = {e["event_id"]: e for e in evs if e["type"] == "end"}
-    assert len(starts) == 3 and set(ends) == set(starts)
-    third = next(i for i in starts if i not in (first, second))
+    assert len(starts) == 3 and set(ends) == set(starts) == {first, second, third}
 
     # normal frames: below the threshold, never within guard_s (10 frames) of an event or a defect stretch
     normals = sidecars(root / "train" / "good")
@@ -270,38 +281,32 @@ collect:
         img = cv2.imread(str(p.with_suffix(".png")))
         assert img is not None and img.shape == (64, 64, 3)
 
-    # MQTT: the first event to test/good, the second (labelled while open) to test/dent; the bad ones ignored
-    good = sidecars(root / "test" / "good")
-    dent = sidecars(root / "test" / "dent")
-    for labelled, event_id, label in ((good, first, "good"), (dent, second, "dent")):
+    # the CLI moved the first event to test/scratch; cmd/label the second to test/dent (sent while it was open)
+    # and the third to test/good; the bad messages were ignored with one line each
+    for event_id, label in ((first, "scratch"), (second, "dent"), (third, "good")):
+        labelled = sidecars(root / "test" / label)
         assert len(labelled) == 5 and {s["event_id"] for s in labelled} == {event_id}
-        assert all(s["label"] == label and s["kind"] == "event" for s in labelled)
+        assert all(s["label"] == label and s["kind"] == "event" and s["labelled_at"].endswith("Z") for s in labelled)
         peaks = [s for s in labelled if s["peak"]]
         assert len(peaks) == 1 and peaks[0]["score"] == pytest.approx(ends[event_id]["peak_score"], abs=1e-6)
         p = peaks[0]["frame"]
         assert [s["frame"] for s in labelled] == [p - 2, p - 1, p, p + 1, p + 2]
+        assert all(cv2.imread(str(m.with_suffix(".png"))) is not None for m in (root / "test" / label).glob("*.json"))
+    assert not list((root / "events").iterdir())
     assert sum("ignored cmd/label" in line and "Bad Kind" in line for line in err.splitlines()) == 1, err
     assert "ignored command on anomaly/st-col/cmd/label (payload is not empty or a JSON object)" in err
     refused = [line for line in err.splitlines() if "cmd/label refused" in line]
-    assert len(refused) == 2 and "unknown event" in refused[0] and "already labelled 'good'" in refused[1], refused
+    assert len(refused) == 2 and "unknown event" in refused[0] and "already labelled 'scratch'" in refused[1], refused
     final = got["stats"][-1]["collect"]
     assert final["normal_frames"] == len(normals) and final["events"] == 3 and final["event_frames"] == 15
     assert final["labelled"] == 2 and final["labels_refused"] == 3 and final["dropped"] == 0
 
-    # the third event waits in events/ for an operator; the CLI labels it
-    waiting = sidecars(root / "events" / third)
-    assert len(waiting) == 5 and all("label" not in s and s["event_id"] == third for s in waiting)
-    ok = run_cli("edge-run", ["label", "--config", cfg, third, "defect", "--kind", "scratch"], cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
-    assert f"event {third} labelled scratch: 5 frame(s) moved to {root / 'test' / 'scratch'}" in ok.stdout
-    assert not (root / "events" / third).exists()
-    assert {s["label"] for s in sidecars(root / "test" / "scratch")} == {"scratch"}
-    again = run_cli("edge-run", ["label", "--config", cfg, third, "good"], cwd=tmp_path)
-    assert_one_line_error(again, "edge-run label", third, "already labelled 'scratch'")
+    again = run_cli("edge-run", ["label", "--config", cfg, first, "good"], cwd=tmp_path)
+    assert_one_line_error(again, "edge-run label", first, "already labelled 'scratch'")
     unknown = run_cli("edge-run", ["label", "--config", cfg, "6f1c0000-0000-4000-8000-000000000000", "good"],
                       cwd=tmp_path)
     assert_one_line_error(unknown, "edge-run label", "unknown event")
-    no_kind = run_cli("edge-run", ["label", "--config", cfg, third, "defect"], cwd=tmp_path)
+    no_kind = run_cli("edge-run", ["label", "--config", cfg, second, "defect"], cwd=tmp_path)
     assert_one_line_error(no_kind, "edge-run label", "needs a kind")
 
     # what the trainer reads: train/good, and test/good + test/<kind> as labelled test images
