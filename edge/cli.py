@@ -57,7 +57,9 @@ def _positive_float(text: str) -> float:
 
 def run_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="edge-run", description="Run a camera station: capture, score with a "
-                              "bundle, publish anomaly events over MQTT.")
+                              "bundle, publish anomaly events over MQTT.",
+                              epilog="edge-run label EVENT_ID good|defect [--kind KIND] [--config FILE]: an "
+                              "operator's verdict on a collected event (see edge-run label --help).")
     p.add_argument("--camera", action="append", metavar="SOURCE",
                    help="camera index (0), video file, rtsp:// or http:// URL, or a GStreamer pipeline "
                         "(contains '!'); ID=SOURCE names the camera; repeat for several cameras; replaces the "
@@ -113,6 +115,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from edge.batchsize import fastest_batch
     from edge.bundle import load_bundle
     from edge.calibration import SiteThreshold, calibration_path
+    from edge.collect import open_collection
     from edge.config import load_station_config
     from edge.health import Metrics, StationGauges
     from edge.mqtt import StationPublisher, parse_mqtt_url
@@ -166,6 +169,9 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
     publisher = StationPublisher(cfg.mqtt, cfg.station, spool)
     station = Station(cfg, bundle, backend, publisher, spool, site, max_frames=args.max_frames)
+    station.collection = collection = open_collection(cfg, cfg.events.n)
+    if collection is not None:
+        publisher.commands["label"] = collection.on_label_message
     if cfg.health.prometheus_port:
         station.metrics = Metrics(station.stats, StationGauges(
             spool_depth=lambda: spool.depth, spool_dropped=lambda: spool.dropped_total,
@@ -185,10 +191,11 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
     selection = getattr(backend, "selection", "")
     graph = getattr(backend, "path", None)  # ONNX Runtime: the score-only graph or the full one
-    log.info("station '%s': %d camera(s), model %s %s, backend %s%s%s, %s, mqtt %s",
+    log.info("station '%s': %d camera(s), model %s %s, backend %s%s%s, %s, mqtt %s%s",
              cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name,
              f" ({selection})" if selection else "", f" on {Path(graph).name}" if graph else "",
-             site.startup_text(station.choice), publisher.url)
+             site.startup_text(station.choice), publisher.url,
+             f", {collection.describe()}" if collection is not None else "")
     return cfg, bundle, publisher, station
 
 
@@ -237,8 +244,48 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def label_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog="edge-run label", description="An operator's verdict on an event the station "
+                              "collected: move its frames from <collect.dir>/events/<event_id> to test/good (a "
+                              "false alarm) or test/<kind> (a defect), recording the verdict in their sidecars.")
+    p.add_argument("event_id", metavar="EVENT_ID", help="the event_id of the station's event messages")
+    p.add_argument("verdict", choices=("good", "defect"), help="good: a false alarm; defect: a real defect")
+    p.add_argument("--kind", metavar="KIND", help="the defect kind (a-z, 0-9, _ and -), with verdict defect")
+    p.add_argument("--config", metavar="FILE", help="the station's config (collect.dir, state_dir, station)")
+    p.add_argument("--station", metavar="ID", help="station id (as edge-run --station)")
+    p.add_argument("--state-dir", metavar="DIR", help="as edge-run --state-dir")
+    return p
+
+
+def _label(args: argparse.Namespace) -> int:
+    from edge.collect import collect_root, label_event
+    from edge.config import load_station_config
+
+    cfg = load_station_config(args.config)
+    if args.station:
+        cfg.station = args.station
+    if args.state_dir:
+        cfg.state_dir = args.state_dir
+    root = collect_root(cfg)
+    if not root.is_dir():
+        raise UserError(f"no collected frames at {root} (collect.dir); check --config / --station / --state-dir, "
+                        "and that the station runs with collect.enabled true")
+    result = label_event(root, args.event_id, args.verdict, args.kind)
+    print(f"edge-run label: event {args.event_id} labelled {args.kind or args.verdict}: {result.frames} frame(s) "
+          f"moved to {result.folder}")
+    return 0
+
+
 def run_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console script ``edge-run``."""
+    """Console script ``edge-run`` (``edge-run label ...``: an operator's verdict on a collected event)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["label"]:
+        largs = label_parser().parse_args(argv[1:])
+        try:
+            return _label(largs)
+        except UserError as exc:
+            print(f"edge-run label: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     args = run_parser().parse_args(argv)
     try:
         return _run(args)

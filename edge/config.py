@@ -238,6 +238,28 @@ class HealthConfig:
 
 
 @dataclass
+class CollectConfig:
+    """Frames kept for retraining (edge/collect.py): sampled normals, each event's frames; off by default."""
+
+    enabled: bool = False
+    dir: str = ""  # empty: <state_dir>/collect/<station>
+    normal_every_s: float = 60.0
+    guard_s: float = 5.0
+    event_frames: int = 5
+    max_mb: float = 2048.0
+    queue_frames: int = 32
+    retry_s: float = 60.0
+
+    def validate(self) -> None:
+        if self.normal_every_s <= 0 or self.guard_s < 0:
+            raise ValueError("collect.normal_every_s must be > 0 and collect.guard_s >= 0")
+        if not 1 <= self.event_frames <= 51:
+            raise ValueError("collect.event_frames must be 1..51 (the peak and the frames around it)")
+        if self.max_mb <= 0 or self.queue_frames < 1 or self.retry_s <= 0:
+            raise ValueError("collect.max_mb and collect.retry_s must be > 0 and collect.queue_frames at least 1")
+
+
+@dataclass
 class LoggingConfig:
     """Log level of the station process (logs go to stderr)."""
 
@@ -262,6 +284,7 @@ class StationConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     calibration: SiteCalibrationConfig = field(default_factory=SiteCalibrationConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:

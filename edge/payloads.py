@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import jsonschema
 
-KINDS = ("event", "stats", "status", "health")
+KINDS = ("event", "stats", "status", "health", "label")
 
 
 @cache

@@ -25,6 +25,7 @@ from edge.backends.base import Backend
 from edge.batcher import Batcher
 from edge.bundle import Bundle
 from edge.calibration import SiteThreshold, ThresholdChoice
+from edge.collect import Collection
 from edge.config import StationConfig
 from edge.drift import DriftMonitor, health_payload
 from edge.errors import UserError
@@ -95,7 +96,8 @@ class Station:
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:
             queue = FrameQueue(cam_cfg.queue_size, cond)
-            src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=cfg.mqtt.snapshots,
+            keep = cfg.mqtt.snapshots or cfg.collect.enabled  # snapshots and collection save captured frames
+            src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=keep,
                                resize=bundle.input_resize, clock=self.clock)
             if not src.live:
                 src.max_frames = max_frames  # a file reads exactly what will be processed
@@ -112,6 +114,7 @@ class Station:
                                cfg.engine.max_wait_ms)
         self.watcher: Optional[BundleWatcher] = None  # set when the station follows a model's `current`
         self.metrics: Optional[Metrics] = None  # set when the Prometheus endpoint is on
+        self.collection: Optional[Collection] = None  # set when collect.enabled (frames kept for retraining)
         self.notifier = SystemdNotifier()
         self.frames = 0
         self.events = 0
@@ -172,12 +175,17 @@ class Station:
             cam.detector = EventDetector(self.rule)
             cam.drift = self._drift_monitor(cam_id)
             cam.stats.scores = cam.drift.stats
+        if self.collection is not None:  # sidecars record the threshold in force (a calibration just finished)
+            self.collection.set_model(self.bundle.model_name, self.bundle.version, choice.threshold)
         if had_alarm:
             self._publish_health()
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> RunResult:
         self._publish_health()  # replaces an earlier run's retained alarm: this run has not seen drift yet
+        if self.collection is not None:
+            self.collection.set_model(self.bundle.model_name, self.bundle.version, self.threshold)
+            self.collection.start()
         for cam in self.cameras.values():
             cam.source.start()
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
@@ -208,6 +216,8 @@ class Station:
                 self._emit(cam_id, cam, t)
         for cam in self.cameras.values():
             cam.source.join(2.0)
+        if self.collection is not None:
+            self.collection.close()  # writes what it was handed, bounded
         timeout = self.cfg.mqtt.flush_timeout_s
         undelivered = self.publisher.flush(timeout)
         self._publish_stats()
@@ -268,6 +278,8 @@ class Station:
                     cam.recent.append((f.index, f, None if maps is None else maps[i]))
                 was_open = cam.detector.is_open
                 transitions = cam.detector.feed(f.index, f.ts, score)
+                if self.collection is not None:
+                    self.collection.on_frame(f.camera, f, score, cam.detector, transitions)
                 if self.cfg.mqtt.snapshots and cam.detector.is_open:
                     self._track_peak(cam, was_open)
                 for t in transitions:
@@ -298,6 +310,8 @@ class Station:
                                  threshold=self.threshold, model=self.bundle.model_name,
                                  model_version=self.bundle.version, backend=self.backend.name)
 
+        if self.collection is not None and t.type == "end":  # before it is published: a label may follow at once
+            self.collection.on_event_end(cam_id, t)
         t0 = time.perf_counter()
         payload = self.spool.add_event(self.publisher.topic(cam_id, "event"), cam_id, make)
         self.clock.add("spool", time.perf_counter() - t0)
@@ -335,6 +349,8 @@ class Station:
     def _publish_stats(self) -> None:
         payload = self.stats.as_dict(iso_utc(time.time()), self.spool.depth, self.spool.dropped_total,
                                      self.publisher.connected, self.publisher.reconnects)
+        if self.collection is not None:
+            payload["collect"] = self.collection.stats()
         self.publisher.publish_stats(json.dumps(payload).encode())
 
     def _all_finished(self, now: float) -> bool:
