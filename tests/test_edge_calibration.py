@@ -208,10 +208,14 @@ def test_a_promoted_bundle_clears_the_calibration_of_the_old_version(tmp_path: P
 # -- the problem it solves: stills-trained bundle, MJPEG stream -------------------------------------------
 @pytest.fixture(scope="module")
 def stills_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """PatchCore trained and calibrated on lossless PNG stills of generated parts (the trainer's defaults)."""
+    """PatchCore trained and calibrated on lossless PNG stills of generated parts, without codec-robust training
+    (``codec_augment`` off: a bundle from before it, or one a user fitted with it off). tests/test_codec_robust.py
+    shows the trainer-side remedy; this file the station's."""
     root = tmp_path_factory.mktemp("stills")
     data = make_dataset(root / "data", n_train=40, n_test_good=8, n_test_defect=8, size=SIZE, seed=11)
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--data", str(data),
+    config = root / "train.yaml"
+    config.write_text("codec_augment:\n  enabled: false\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--data", str(data), "--config", str(config),
                            "--out", str(root / "engines")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return Path(proc.stdout.strip().splitlines()[-1])
