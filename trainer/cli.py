@@ -149,6 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 args.dla_core, args.force)
         return _fit(args) if args.command == "fit" else _eval(args)
     except UserError as exc:
+        if exc.exit_code == 0:  # a torchrun helper rank whose share of the fit is done: rank 0 writes the bundle
+            return 0
         kind = "interrupted" if exc.exit_code == 130 else "error"  # Ctrl-C in training: not the user's error
         print(f"edge-train: {kind}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

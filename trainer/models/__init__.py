@@ -64,6 +64,7 @@ class AnomalyModel(ABC):
     name: str = ""
     catches: str = ""
     trains_with_epochs: bool = False
+    trains_distributed: bool = False  # can fit under torchrun with several processes (trainer/distributed.py)
     defaults = ModelDefaults()
     scales_scores: bool = False
     fp32_scopes: tuple[str, ...] = ()
