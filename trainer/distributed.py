@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -87,14 +87,15 @@ def environment() -> Shard:
     return Shard(rank, world, local)
 
 
-def check_world_fits(shard: Shard, n_images: int, batch_size: int, what: str) -> None:
-    """Every rank needs images of its own in every step: refuse a world larger than the data or the batch."""
+def check_world_fits(shard: Shard, n_images: int, batch_size: Optional[int], what: str) -> None:
+    """Every rank needs images of its own (in every step, with a ``batch_size`` split across the ranks): refuse
+    a world larger than the data or the batch."""
     if not shard.distributed:
         return
     if n_images < shard.world:
         raise UserError(f"{shard.world} processes but only {n_images} {what}: every process needs images of its "
                         f"own; run at most {max(n_images, 1)} processes (torchrun --nproc_per_node) or add images")
-    if batch_size < shard.world:
+    if batch_size is not None and batch_size < shard.world:
         raise UserError(f"batch size {batch_size} is smaller than the {shard.world} processes: a step's batch is "
                         f"split across them; raise --batch-size to at least {shard.world} or run fewer processes")
 

@@ -235,8 +235,8 @@ class PatchCore(AnomalyModel):
 
         In torchrun's process group the extraction and the selection are split across the processes.
         """
+        distributed.check_world_fits(distributed.environment(), len(data.fit_paths), None, "training images")
         with distributed.process_group(torch.device("cpu")) as shard:
-            distributed.check_world_fits(shard, len(data.fit_paths), int(self.config.batch_size), "training images")
             return self._fit(data, log, shard)
 
     def _fit(self, data: TrainingData, log: Callable[[str], None], shard: distributed.Shard) -> dict[str, Any]:
