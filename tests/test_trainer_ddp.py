@@ -62,7 +62,7 @@ class one_thread:
 
 @pytest.fixture(scope="module")
 def gan_parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("ddp") / "gan", n_train=100, n_test_good=12, n_test_defect=12,
+    return make_dataset(tmp_path_factory.mktemp("ddp") / "gan", n_train=100, n_test_good=40, n_test_defect=40,
                         size=32, seed=3, kinds=OBJECT_KINDS)
 
 
@@ -126,8 +126,9 @@ def test_ganomaly_under_torchrun_writes_one_bundle_and_matches_one_process(gan_p
         assert h2["val_loss"] == pytest.approx(h1["val_loss"], rel=0.005)
     assert one["fit"]["selected_epoch"] == two["fit"]["selected_epoch"]
     # Test AUROC within noise. A GANomaly this small is near chance on the stray nut (one process, seeds 0-2 on
-    # 160 parts: 0.45-0.54), so this bound (the seed spread, rounded up) checks parity, not skill; the losses
-    # above are the sharp check.
+    # 160 parts: 0.45-0.54), where a small change of the scores reorders many test images: 0.1 is about 1.5
+    # standard errors of one AUROC on 40 + 40 images (measured gap 0.008 on 20 + 20, 0.07 on 12 + 12). It checks
+    # that the bundle scores alike, not skill; the losses above are the sharp check.
     auroc1, auroc2 = one["metrics"]["image_auroc"], two["metrics"]["image_auroc"]
     print(f"image AUROC one process {auroc1:.3f}, two processes {auroc2:.3f}")
     assert abs(auroc1 - auroc2) <= 0.1
