@@ -12,7 +12,8 @@ foreign objects). Progress goes to stderr; ``fit`` prints the bundle path as the
 problem the user can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The
 arguments, the config, the model name and the data folder are checked before torch is imported, so a typo
 answers in a second. Ctrl-C during training stops after the current step and keeps the last checkpoint
-(exit status 130); ``--resume`` continues from it.
+(exit status 130); ``--resume`` continues from it. Under torchrun (``torchrun --nproc_per_node N -m trainer.cli
+fit ...``) rank 0 does all of the above and the other ranks exit 0 silently once their share is trained.
 """
 
 from __future__ import annotations
