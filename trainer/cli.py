@@ -15,7 +15,8 @@ foreign objects). Progress goes to stderr; ``fit`` prints the bundle path as the
 problem the user can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The
 arguments, the config, the model name and the data folder are checked before torch is imported, so a typo
 answers in a second. Ctrl-C during training stops after the current step and keeps the last checkpoint
-(exit status 130); ``--resume`` continues from it.
+(exit status 130); ``--resume`` continues from it. Under torchrun (``torchrun --nproc_per_node N -m trainer.cli
+fit ...``) rank 0 does all of the above and the other ranks exit 0 silently once their share is trained.
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         commands = {"fit": _fit, "eval": _eval, "retrain": _retrain, "promote": _promote, "rollback": _rollback}
         return commands[args.command](args)
     except UserError as exc:
+        if exc.exit_code == 0:  # a torchrun helper rank whose share of the fit is done: rank 0 writes the bundle
+            return 0
         kind = "interrupted" if exc.exit_code == 130 else "error"  # Ctrl-C in training: not the user's error
         print(f"edge-train: {kind}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

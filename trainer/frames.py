@@ -3,7 +3,7 @@
 Nightly retraining sees tens of thousands of frames: each batch is read, fitted to the model input with the
 station's own ``resize_frame`` and handed over as uint8 BGR [B,H,W,3], exactly what a station sends its
 engine. The order of every epoch is a pure function of (seed, epoch), so an interrupted run resumes with the
-same batches. Shaped for DistributedDataParallel: each rank reads its own shard of the same permutation.
+same batches. Under DistributedDataParallel each rank reads its own part of every batch of the same permutation.
 With codec-robust training on (trainer/degrade.py), a loader also yields degraded copies of each still.
 """
 
@@ -61,24 +61,34 @@ class FrameDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(frame))
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch (or the plain order), sharded across ``world_size`` ranks."""
+class EpochBatches(Sampler[list[int]]):
+    """Batches of a seeded permutation per epoch (or of the plain order); under DDP each rank's part of each.
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
+    The batches are those of one process (``batch_size`` images, the last dropped or kept); with ``world_size``
+    ranks, rank r takes images r, r+world, ... of every batch. So every rank runs the same number of steps, and
+    step k of all ranks together sees exactly batch k of a one-process run: with gradients averaged over the
+    ranks (DDP) and a batch size that is a multiple of the world size, the update equals one process's
+    (up to rounding and BatchNorm's per-rank batch statistics).
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[list[int]]:
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
-        return iter(order[self.rank::self.world_size].tolist())
+        for k in range(len(self)):
+            batch = order[k * self.batch_size:(k + 1) * self.batch_size]
+            yield batch[self.rank::self.world_size].tolist()
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
 
 def _quiet_worker(_worker_id: int) -> None:
@@ -103,22 +113,24 @@ class TrainingData:
     val: Optional[ImageSet] = None
     workers: int = 0
     seed: int = 0
-    rank: int = 0
-    world_size: int = 1
     degradation: Optional[Degradation] = None
     degraded_copies: int = 0
 
     def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
-               augment: Optional[Augment] = None, pin_memory: bool = False) -> DataLoader:
+               augment: Optional[Augment] = None, pin_memory: bool = False,
+               shard: tuple[int, int] = (0, 1)) -> DataLoader:
         """Batches of uint8 [B,H,W,3] frames of ``paths`` (and their degraded copies, see the class);
-        call ``set_epoch(loader, e)`` before each epoch."""
+        call ``set_epoch(loader, e)`` before each epoch.
+
+        ``shard`` = (rank, world size): this rank's part of every batch (``EpochBatches``).
+        """
         copies = self.degraded_copies if self.degradation is not None else 0
         dataset = FrameDataset(expand(paths, copies), self.hw, self.resize, augment, self.seed, self.degradation)
-        sampler = EpochSampler(len(dataset), shuffle, self.seed, self.rank, self.world_size)
+        batches = EpochBatches(len(dataset), batch_size, shuffle, self.seed, drop_last, *shard)
         workers = min(self.workers, max(0, len(dataset) // max(batch_size, 1)))
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=workers, worker_init_fn=_quiet_worker if workers else None,
-                          pin_memory=pin_memory, persistent_workers=False)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                          worker_init_fn=_quiet_worker if workers else None, pin_memory=pin_memory,
+                          persistent_workers=False)
 
     def read(self, paths: Sequence[Path]) -> np.ndarray:
         """A few images as one uint8 array, as they are (parity frames, plots): not for whole training sets."""
@@ -129,9 +141,9 @@ class TrainingData:
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Make ``loader``'s next pass the permutation (and augmentation draws) of ``epoch``."""
-    sampler = loader.sampler
-    if isinstance(sampler, EpochSampler):
-        sampler.set_epoch(epoch)
+    batches = loader.batch_sampler
+    if isinstance(batches, EpochBatches):
+        batches.set_epoch(epoch)
     dataset = loader.dataset
     if isinstance(dataset, FrameDataset):
         dataset.epoch = epoch

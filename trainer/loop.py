@@ -14,8 +14,13 @@ Determinism: the global torch RNG is reseeded from (seed, epoch) at the start of
 order is a function of (seed, epoch), so a run resumed from the checkpoint of epoch k continues exactly as
 the uninterrupted run would (on CPU; CUDA kernels are not all deterministic).
 
-DistributedDataParallel is not switched on yet, but nothing here assumes one process: the sampler shards by
-rank, only rank 0 logs and writes checkpoints, and all state lives in the ``EpochTrainer`` instance.
+Beyond one process (``torchrun``, trainer/distributed.py): every network is wrapped in DistributedDataParallel
+for the updates, each update synchronising the gradients of the networks its optimiser steps (a GAN's
+discriminator runs under ``no_sync`` in the generator's update). Each rank takes its part of every batch of the
+one-process batch order, so the ranks together see the same images per step. Per-step loss parts and the
+Ctrl-C flag are summed over the ranks (every rank logs, hooks and stops alike); validation is sharded and its
+scores gathered, so every rank keeps the same epoch; rank 0 alone logs and writes checkpoints, and reads the
+checkpoint to resume from for all.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from torch.profiler import record_function
 
 from edge.bundle import atomic_write_text
 from edge.errors import UserError
+from trainer import distributed
 from trainer.frames import Augment, TrainingData, set_epoch
 from trainer.models import AnomalyModel, RunOptions
 
@@ -70,7 +76,10 @@ class EpochModel(AnomalyModel):
     """A model trained by the shared loop: it supplies networks, updates, a validation loss and a scorer."""
 
     trains_with_epochs = True
+    trains_distributed = True
     augment: Optional[Augment] = None
+    # DDP: set when an update leaves some parameters of a network it steps without a gradient (costs a graph walk).
+    ddp_find_unused_parameters = False
 
     @abstractmethod
     def networks(self) -> dict[str, nn.Module]:
@@ -118,14 +127,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device '{name}': torch sees no CUDA GPU here (torch {torch.__version__}); "
                         "use --device cpu or auto")
     return torch.device(name)
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; DDP itself is not enabled yet."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise UserError(f"WORLD_SIZE={world}: distributed training is not enabled yet; run one process")
-    return int(os.environ.get("RANK", "0")), world
 
 
 class _StopFlag:
@@ -177,11 +178,13 @@ class EpochTrainer:
         self.model = model
         self.data = data
         self.run_opts = run
-        self.rank, self.world = _distributed()
+        self.shard = distributed.environment()
+        self.rank, self.world = self.shard.rank, self.shard.world
         self.log: Log = log if self.rank == 0 else (lambda _m: None)
-        self.device = resolve_device(run.device)
+        self.device = distributed.device_for(self.shard, resolve_device(run.device))
         self.epochs = int(model.config.epochs)
         self.batch_size = int(model.config.batch_size)
+        distributed.check_world_fits(self.shard, len(data.fit_paths), self.batch_size, "training images")
         cuda = self.device.type == "cuda"
         self.amp_dtype: Optional[torch.dtype] = None
         if cuda and run.amp:
@@ -191,6 +194,12 @@ class EpochTrainer:
         for net in self.nets.values():
             net.to(self.device)
         self.updates = model.updates()
+        # Per update, the networks its optimiser does not step: their gradients are not synchronised in it.
+        stepped = {u.name: {id(p) for g in u.optimizer.param_groups for p in g["params"]} for u in self.updates}
+        self.frozen = {u.name: [k for k, net in self.nets.items() if not any(id(p) in stepped[u.name]
+                                                                            for p in net.parameters())]
+                       for u in self.updates}
+        self.replicas: Optional[dict[str, nn.parallel.DistributedDataParallel]] = None
         self.has_val_defects = data.val is not None and bool(data.val.labels.max(initial=0) == 1)
         self.select = run.select if run.select != "auto" else ("val_auroc" if self.has_val_defects else "val_loss")
         if self.select == "val_auroc" and not self.has_val_defects:
@@ -199,6 +208,7 @@ class EpochTrainer:
         self.history = _History()
         self.best_state: Optional[dict[str, Any]] = None
         self.stop = _StopFlag()
+        self.stopping = False  # the step loop's agreed decision to stop (all ranks alike)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _ckpt(self, name: str) -> Optional[Path]:
@@ -233,34 +243,55 @@ class EpochTrainer:
         self._write_run("running")
 
     def _resume(self) -> int:
-        """Load the last checkpoint; returns the number of epochs already done."""
-        last = self._ckpt(LAST)
-        if last is None or not last.is_file():
-            where = self.run_opts.checkpoint_dir
-            raise UserError(f"{where}: no checkpoint to resume from; run edge-train fit without --resume")
-        try:
-            state = torch.load(last, map_location=self.device, weights_only=True)
-        except Exception as exc:  # a truncated or foreign file: say which, do not guess
-            raise UserError(f"{last}: unreadable checkpoint ({type(exc).__name__}); "
-                            "run edge-train fit without --resume to start over") from None
-        if state.get("fingerprint") != self.run_opts.fingerprint:
-            raise UserError(f"{last}: this checkpoint was made with other data or settings; "
-                            "resume with the same --data and config, or run without --resume to start over")
+        """Load the last checkpoint (read by rank 0, sent to every rank); returns the number of epochs already done."""
+        if not self.shard.distributed:
+            state, best_state = self._read_checkpoint()
+        else:
+            loaded: tuple[str, Any, Any] = ("", None, None)
+            if self.shard.writer:
+                try:
+                    loaded = ("ok", *self._read_checkpoint())
+                except UserError as exc:
+                    loaded = ("error", str(exc), None)
+            status, state, best_state = distributed.broadcast_from_writer(loaded, self.shard)
+            if status == "error":
+                raise UserError(state)
         for k, net in self.nets.items():
             net.load_state_dict(state["networks"][k])
         for u in self.updates:
             u.optimizer.load_state_dict(state["optimizers"][u.name])
         self.scaler.load_state_dict(state["scaler"])
         self.history = _History(list(state["history"]), state["selected"])
-        best = self._ckpt(BEST)
-        if self.history.selected is not None and best is not None and best.is_file():
-            self.best_state = torch.load(best, map_location="cpu", weights_only=True)["networks"]
+        self.best_state = best_state
+        done = int(state["epoch"])
+        self.log(f"resuming from {self._ckpt(LAST)} after epoch {done}/{self.epochs}"
+                 + (f" on {self.world} processes" if self.shard.distributed else ""))
+        return done
+
+    def _read_checkpoint(self) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """The last checkpoint and the kept epoch's networks, checked against this run; one-line errors."""
+        last = self._ckpt(LAST)
+        if last is None or not last.is_file():
+            where = self.run_opts.checkpoint_dir
+            raise UserError(f"{where}: no checkpoint to resume from; run edge-train fit without --resume")
+        onto = torch.device("cpu") if self.shard.distributed else self.device  # sent to the other ranks from the CPU
+        try:
+            state = torch.load(last, map_location=onto, weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say which, do not guess
+            raise UserError(f"{last}: unreadable checkpoint ({type(exc).__name__}); "
+                            "run edge-train fit without --resume to start over") from None
+        if state.get("fingerprint") != self.run_opts.fingerprint:
+            raise UserError(f"{last}: this checkpoint was made with other data or settings; "
+                            "resume with the same --data and config, or run without --resume to start over")
         done = int(state["epoch"])
         if done >= self.epochs:
             raise UserError(f"{last}: the run already finished its {done} epochs; "
                             "raise --epochs to train longer, or run without --resume")
-        self.log(f"resuming from {last} after epoch {done}/{self.epochs}")
-        return done
+        best = self._ckpt(BEST)
+        best_state = None
+        if state["selected"] is not None and best is not None and best.is_file():
+            best_state = torch.load(best, map_location="cpu", weights_only=True)["networks"]
+        return state, best_state
 
     # -- one epoch -----------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -276,6 +307,7 @@ class EpochTrainer:
         t0 = time.monotonic()
         bar = _progress(len(loader), f"epoch {epoch}/{self.epochs}", self.run_opts.progress and self.rank == 0)
         batches = iter(loader)
+        replicas = self.replicas or {}
         for step in range(1, len(loader) + 1):
             # The labels name the phases of a step for torch.profiler (benchmarks/train_throughput.py).
             with record_function("step.data"):
@@ -286,16 +318,22 @@ class EpochTrainer:
             logs: dict[str, float] = {}
             for update in self.updates:
                 update.optimizer.zero_grad(set_to_none=True)
-                with record_function(f"step.{update.name}.forward"), self._autocast():
-                    loss, parts = update.loss(x, shared)
-                with record_function(f"step.{update.name}.backward"):
-                    self.scaler.scale(loss).backward()
+                with contextlib.ExitStack() as unsynced:
+                    for name in self.frozen[update.name] if replicas else ():
+                        unsynced.enter_context(replicas[name].no_sync())
+                    with record_function(f"step.{update.name}.forward"), self._autocast():
+                        loss, parts = update.loss(x, shared)
+                    with record_function(f"step.{update.name}.backward"):
+                        self.scaler.scale(loss).backward()
                 with record_function(f"step.{update.name}.optimizer"):
                     self.scaler.step(update.optimizer)
                 logs.update({k: float(v.detach()) for k, v in parts.items()})
             self.scaler.update()
-            self.model.after_step(logs)
             n = int(frames.shape[0])
+            stop = self.stop.set  # read once: a Ctrl-C landing after this step's exchange counts at the next
+            if self.shard.distributed:
+                n, logs, stop = self._across_ranks(n, logs, stop)
+            self.model.after_step(logs)
             seen += n
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * n
@@ -303,7 +341,8 @@ class EpochTrainer:
                 rate = seen / max(time.monotonic() - t0, 1e-9)
                 bar.set_postfix({**{k: f"{v / seen:.4g}" for k, v in sums.items()}, "img/s": f"{rate:.0f}"})
                 bar.update(step - bar.n)
-            if self.stop.set:
+            if stop:
+                self.stopping = True
                 break
         if bar is not None:
             bar.close()
@@ -312,29 +351,45 @@ class EpochTrainer:
         out.update({"images": seen, "seconds": seconds, "images_per_second": seen / max(seconds, 1e-9)})
         return out
 
+    def _across_ranks(self, n: int, logs: dict[str, float], stop: bool) -> tuple[int, dict[str, float], bool]:
+        """This step's images and loss parts over all ranks (means weighted by images), and whether any rank
+        saw Ctrl-C: every rank then hooks, logs and stops at the same step."""
+        local = torch.tensor([float(stop), float(n), *(v * n for v in logs.values())], dtype=torch.float64)
+        total = distributed.all_sum(local)
+        n_all = int(total[1])
+        return n_all, {k: float(total[2 + i]) / max(n_all, 1) for i, k in enumerate(logs)}, bool(total[0] > 0)
+
     @torch.no_grad()
     def _validate(self) -> dict[str, Optional[float]]:
         for net in self.nets.values():
             net.eval()
+        # Each rank scores its part of the held-out normals (and of DIR/val); all ranks get all the scores.
         losses: list[np.ndarray] = []
         normal_scores: list[np.ndarray] = []
-        loader = self.data.loader(self.data.holdout_paths, self.batch_size, shuffle=False)
+        loader = self.data.loader(self.shard.part(self.data.holdout_paths), self.batch_size, shuffle=False)
         for frames in loader:
             x = self.model.prepare(frames.to(self.device))
             losses.append(self.model.validation_loss(x).float().cpu().numpy())
             normal_scores.append(self.model.raw_score(x).float().cpu().numpy())
-        out: dict[str, Optional[float]] = {"val_loss": float(np.concatenate(losses).mean()) if losses else None,
-                                           "val_auroc": None}
+        loss = self._gathered(losses)
+        out: dict[str, Optional[float]] = {"val_loss": float(loss.mean()) if len(loss) else None, "val_auroc": None}
         if self.has_val_defects:
             assert self.data.val is not None
             val = self.data.val
-            scores = [self.model.raw_score(self.model.prepare(torch.from_numpy(val.images[i:i + self.batch_size])
+            mine = val.images[self.rank::self.world]
+            scores = [self.model.raw_score(self.model.prepare(torch.from_numpy(mine[i:i + self.batch_size])
                                                                .to(self.device))).float().cpu().numpy()
-                      for i in range(0, len(val), self.batch_size)]
-            s = np.concatenate(normal_scores + scores)
-            y = np.concatenate([np.zeros(sum(len(a) for a in normal_scores)), val.labels])
+                      for i in range(0, len(mine), self.batch_size)]
+            normal = self._gathered(normal_scores)
+            s = np.concatenate([normal, self._gathered(scores)])
+            y = np.concatenate([np.zeros(len(normal)), val.labels])
             out["val_auroc"] = float(roc_auc_score(y, s)) if np.isfinite(s).all() else None
         return out
+
+    def _gathered(self, parts: list[np.ndarray]) -> np.ndarray:
+        """This rank's per-image values joined with the other ranks' (in the images' order)."""
+        local = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return distributed.gather_interleaved(torch.from_numpy(local), self.shard).numpy()
 
     def _better(self, row: dict[str, Any]) -> bool:
         """Is this epoch the one to keep so far (``self.select``)? Ties go to the later epoch."""
@@ -351,15 +406,27 @@ class EpochTrainer:
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train, validate and keep the chosen epoch (in torchrun's process group when there is one)."""
+        with distributed.process_group(self.device):
+            try:
+                return self._run()
+            finally:
+                self.replicas = None
+
+    def _run(self) -> dict[str, Any]:
         start = 0
         if self.run_opts.resume:
             start = self._resume()
         elif self.run_opts.checkpoint_dir is not None and (self.run_opts.checkpoint_dir / LAST).exists():
             self.log(f"starting over: {self.run_opts.checkpoint_dir} holds an earlier run (--resume continues one)")
+        if self.shard.distributed:
+            self.replicas = distributed.replicate(self.nets, self.device, self.model.ddp_find_unused_parameters)
         loader = self.data.loader(self.data.fit_paths, self.batch_size, shuffle=True,
                                   drop_last=len(self.data.fit_paths) > self.batch_size,
-                                  augment=self.model.augment, pin_memory=self.device.type == "cuda")
-        self.log(f"training {self.model.name} on {self.device} for {self.epochs} epochs: "
+                                  augment=self.model.augment, pin_memory=self.device.type == "cuda",
+                                  shard=(self.rank, self.world))
+        where = f"{self.world} processes ({self.device} each)" if self.shard.distributed else str(self.device)
+        self.log(f"training {self.model.name} on {where} for {self.epochs} epochs: "
                  f"{len(self.data.fit_paths)} images, batch {self.batch_size}, "
                  f"{len(self.data.holdout_paths)} held out; amp {self.amp_dtype or 'off'}; epoch kept by {self.select}")
         t_run = time.monotonic()
@@ -367,9 +434,12 @@ class EpochTrainer:
             for epoch in range(start + 1, self.epochs + 1):
                 _seed_everything(self.model.config.seed, epoch)
                 set_epoch(loader, epoch)
-                row: dict[str, Any] = {"epoch": epoch, **self._train_epoch(epoch, loader)}
-                if self.stop.set:
+                with distributed.routed(self.model, self.replicas) if self.replicas else contextlib.nullcontext():
+                    row: dict[str, Any] = {"epoch": epoch, **self._train_epoch(epoch, loader)}
+                if self.stopping:
                     self._interrupted(epoch)
+                distributed.sync_buffers(self.nets)
+                distributed.check_replicas(self.nets, self.shard)
                 row.update(self._validate())
                 if self._better(row):
                     self.history.selected = epoch
@@ -393,7 +463,7 @@ class EpochTrainer:
                 "selected_epoch": self.history.selected, "selected": chosen, "history": self.history.epochs,
                 "images_per_second": round(float(np.median(rates)), 2) if rates else None,
                 "n_train_images": len(self.data.fit_paths), "n_holdout_images": len(self.data.holdout_paths),
-                "resumed_from_epoch": start or None}
+                "resumed_from_epoch": start or None, "processes": self.world}
 
     def _interrupted(self, epoch: int) -> None:
         done = len(self.history.epochs)

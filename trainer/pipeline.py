@@ -17,6 +17,7 @@ from torch import nn
 
 from edge.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle, new_version_dir, promote, write_manifest
 from trainer import calibrate as cal
+from trainer import distributed
 from trainer import export as ex
 from trainer import report as rep
 from trainer.config import TrainConfig
@@ -33,6 +34,10 @@ CHECKPOINTS = "checkpoints"  # engines/<model>/checkpoints/: the training run of
 
 def _stderr(msg: str) -> None:
     print(f"edge-train: {msg}", file=sys.stderr, flush=True)
+
+
+def _quiet(_msg: str) -> None:
+    """The log of the ranks other than 0 of a distributed fit: rank 0 speaks for all."""
 
 
 def _round(x: Any) -> Any:
@@ -53,6 +58,9 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
     t_start = time.monotonic()
     data_dir, engines_root = Path(data_dir), Path(engines_root)
     model_cls = get_model_class(cfg.model)  # unknown name: fail before reading any data
+    shard = distributed.check_launch(cfg.model, model_cls.trains_distributed)  # torchrun: rank 0 writes, logs
+    if not shard.writer:
+        log = _quiet
     paths = train_paths(data_dir)
     scan = scan_images(paths)
     cfg.resolve(model_cls.defaults, all_gray=len(scan.grayscale) == scan.count)
@@ -77,7 +85,7 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
     if small:
         note(small)
     val = load_val(data_dir, hw, resize)
-    test = load_test(data_dir, hw, resize, warn=note)
+    test = load_test(data_dir, hw, resize, warn=note) if shard.writer else None
     ca = cfg.codec_augment
     degradation, copies, codec_line = codec_plan(
         ca.enabled, ca.copies, Degradation((ca.jpeg_quality[0], ca.jpeg_quality[1]), ca.brightness, ca.contrast),
@@ -96,6 +104,9 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
     t0 = time.monotonic()
     fit_info = model.fit(data, log, run)
     fit_seconds = time.monotonic() - t0
+    if not shard.writer:
+        raise distributed.HelperRankFinished(f"rank {shard.rank}: its share of the fit is done; rank 0 writes the "
+                                             "bundle")
     batch = cfg.export.max_batch
     scaling: dict[str, Any] = {}
     if model.scales_scores:

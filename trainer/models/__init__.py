@@ -66,6 +66,7 @@ class AnomalyModel(ABC):
     name: str = ""
     catches: str = ""
     trains_with_epochs: bool = False
+    trains_distributed: bool = False  # can fit under torchrun with several processes (trainer/distributed.py)
     defaults = ModelDefaults()
     scales_scores: bool = False
     map_in_score_units: bool = False

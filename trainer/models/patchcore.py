@@ -7,6 +7,11 @@ projection, as in the paper). Score: max over a frame's patches of the nearest-n
 bank; anomaly map: those distances upsampled to the input size and Gaussian-blurred.
 The paper's score reweighting is not applied (optional in the paper, small effect).
 
+Under torchrun (trainer/distributed.py) each process extracts the features of its share of the images and
+all of them are gathered on every process in the one-process order; the greedy selection's per-pick distance
+update is split by candidate rows and the pick is the argmax over the processes, so the coreset is the one a
+single process selects.
+
 Every intermediate is bounded at the export batch: the distance tensor batch x patches x bank-chunk
 is computed as ||b||^2 - 2ab (+ ||a||^2 after the min) with a matmul, chunked so it stays under
 ``export.max_distance_elements`` (far below TensorRT's 2^31-element limit). The default bound (2^21 at the export
@@ -26,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edge.errors import UserError
+from trainer import distributed
 from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
 from trainer.config import ModelDefaults
 from trainer.ingraph import MapBlur
@@ -135,11 +141,14 @@ class PatchCoreExport(nn.Module):
 
 
 def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int, generator: torch.Generator,
-                   log: Callable[[str], None] = lambda _m: None) -> torch.Tensor:
+                   log: Callable[[str], None] = lambda _m: None,
+                   shard: distributed.Shard = distributed.ONE_PROCESS) -> torch.Tensor:
     """Indices of ``n`` rows chosen by greedy k-center (farthest-point) selection.
 
     Distances are measured in a random Gaussian projection to ``projection_dim`` dims (Johnson-Lindenstrauss;
-    the paper's speed-up); 0 = full dims. Starts from a random row (seeded).
+    the paper's speed-up); 0 = full dims. Starts from a random row (seeded). With a ``shard`` of several
+    processes (all holding the same ``features``), each keeps the distances of its slice of the rows and the
+    pick is the argmax over the processes: the same indices as one process, in 1/world of the work a pick.
     """
     total = features.shape[0]
     if n >= total:
@@ -152,8 +161,11 @@ def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int, generato
     chosen = torch.empty(n, dtype=torch.long)
     chosen[0] = start
     x = x - x.mean(0)  # centred: smaller norms, less cancellation in ||a||^2 - 2ab + ||b||^2
-    x_sq = (x * x).sum(1)
-    min_d = x_sq - 2.0 * (x @ x[start]) + x_sq[start]
+    x_sq_all = (x * x).sum(1)
+    lo, hi = shard.bounds(total)
+    mine = x[lo:hi].contiguous()  # this rank's candidate rows (all of them in one process)
+    x_sq = x_sq_all[lo:hi]
+    min_d = x_sq - 2.0 * (mine @ x[start]) + x_sq_all[start]
     dist = torch.empty_like(min_d)
     t0 = time.monotonic()
     # Each pick is one memory-bound O(N*d) pass: a second thread buys nothing, and under contention (a busy
@@ -161,13 +173,15 @@ def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int, generato
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with tqdm(total=n, initial=1, desc="coreset", unit="pick", disable=None, mininterval=1.0,
-                  leave=False) as bar:
+        with tqdm(total=n, initial=1, desc="coreset", unit="pick", disable=None if shard.writer else True,
+                  mininterval=1.0, leave=False) as bar:
             for i in range(1, n):
-                idx = int(torch.argmax(min_d))
+                local = int(torch.argmax(min_d)) if len(min_d) else 0
+                value = float(min_d[local]) if len(min_d) else -math.inf
+                idx = distributed.global_argmax(value, lo + local, shard)
                 chosen[i] = idx
-                torch.mv(x, x[idx], out=dist)  # one mat-vec per pick instead of materialising (x - x[idx])
-                dist.mul_(-2.0).add_(x_sq).add_(x_sq[idx])
+                torch.mv(mine, x[idx], out=dist)  # one mat-vec per pick instead of materialising (x - x[idx])
+                dist.mul_(-2.0).add_(x_sq).add_(x_sq_all[idx])
                 torch.minimum(min_d, dist, out=min_d)
                 bar.update(1)
                 if bar.disable and time.monotonic() - t0 > 10:  # no terminal: a log line now and then instead
@@ -185,6 +199,7 @@ class PatchCore(AnomalyModel):
     catches = SURFACE_DEFECTS
     map_in_score_units = True  # score = max of the patch distances the map upsamples and smooths
     trains_with_epochs = False
+    trains_distributed = True
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
     fp32_scopes = ("/distance/",)  # the nearest-neighbour matmul + min: FP16 cancellation would cost precision
 
@@ -217,16 +232,25 @@ class PatchCore(AnomalyModel):
 
     def fit(self, data: TrainingData, log: Callable[[str], None] = lambda _m: None,
             run: Optional[RunOptions] = None) -> dict[str, Any]:
-        """Extract patch features of the training images (streamed) and keep a coreset of them as the bank."""
+        """Extract patch features of the training images (streamed) and keep a coreset of them as the bank.
+
+        In torchrun's process group the extraction and the selection are split across the processes.
+        """
+        distributed.check_world_fits(distributed.environment(), len(data.fit_paths), None, "training images")
+        with distributed.process_group(torch.device("cpu")) as shard:
+            return self._fit(data, log, shard)
+
+    def _fit(self, data: TrainingData, log: Callable[[str], None], shard: distributed.Shard) -> dict[str, Any]:
         t0 = time.monotonic()
-        chunks = []
-        n_images = 0
+        chunks = [torch.zeros(0, self.grid[0] * self.grid[1], self.feature_dim)]
         with torch.no_grad():
-            for frames in data.loader(data.fit_paths, int(self.config.batch_size)):
+            for frames in data.loader(shard.part(data.fit_paths), int(self.config.batch_size)):
                 emb = self.features(frames)
-                chunks.append(emb.flatten(2).transpose(1, 2).reshape(-1, emb.shape[1]))
-                n_images += int(frames.shape[0])
-        feats = torch.cat(chunks)
+                chunks.append(emb.flatten(2).transpose(1, 2))  # [B, patches, C]
+        per_image = distributed.gather_interleaved(torch.cat(chunks), shard)  # every image, in the one-process order
+        n_images = len(per_image)
+        feats = per_image.reshape(-1, per_image.shape[-1])
+        del per_image
         t_feat = time.monotonic() - t0
         n_patches = len(feats)
         n = max(1, min(int(round(self.cfg.coreset_ratio * n_patches)), self.cfg.max_bank_size))
@@ -237,10 +261,11 @@ class PatchCore(AnomalyModel):
             feats = feats[torch.randperm(n_patches, generator=self.generator)[:limit]]
             n = min(n, limit)
         log(f"patchcore: {n_patches} patches of {feats.shape[1]} dims from {n_images} images "
-            f"({t_feat:.1f}s); selecting a {n}-row coreset from {len(feats)} of them")
+            f"({t_feat:.1f}s{f', {shard.world} processes' if shard.distributed else ''}); "
+            f"selecting a {n}-row coreset from {len(feats)} of them")
         t1 = time.monotonic()
         with torch.no_grad():
-            idx = greedy_coreset(feats, n, self.cfg.coreset_projection_dim, self.generator, log)
+            idx = greedy_coreset(feats, n, self.cfg.coreset_projection_dim, self.generator, log, shard)
         self.bank = feats[idx].clone()
         self._export = None
         t_core = time.monotonic() - t1
@@ -248,7 +273,7 @@ class PatchCore(AnomalyModel):
         return {"n_train_images": n_images, "n_patches": n_patches, "coreset_candidates": len(feats),
                 "feature_dim": self.feature_dim,
                 "patch_grid": list(self.grid), "bank_size": len(self.bank), "coreset_ratio": self.cfg.coreset_ratio,
-                "feature_seconds": round(t_feat, 3), "coreset_seconds": round(t_core, 3)}
+                "feature_seconds": round(t_feat, 3), "coreset_seconds": round(t_core, 3), "processes": shard.world}
 
     def _chunk(self, max_batch: int, max_elements: int) -> int:
         assert self.bank is not None
