@@ -412,3 +412,47 @@ def stream_clip(tmp_path: Path, mosquitto: str, bundle: Path, clip: Path, statio
         assert "Traceback" not in proc.stderr
         wait_stopped(col)
         return check_payloads(col)
+
+
+# -- what a station's frame collection writes (retraining tests) ------------------------------------
+def write_station_frames(folder: Path, clip: Path, station: str = "line1", still_every: int = 0) -> list[Path]:
+    """Frames of ``clip`` as a station's collection writes them: train/good/<time>_<camera>_<frame>.png + .json;
+    ``still_every`` k > 0: every k-th part stood still and was collected twice (the second time with the
+    sensor's own ±1 noise)."""
+    cap = cv2.VideoCapture(str(clip))
+    out: list[Path] = []
+    rng = np.random.default_rng(1)
+    i = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        name = f"20261201T1200{i // 10:02d}.{i % 10}0"
+        shots = [frame]
+        if still_every and i % still_every == 0:
+            shots.append(np.clip(frame.astype(int) + rng.integers(-1, 2, frame.shape), 0, 255).astype(np.uint8))
+        for k, shot in enumerate(shots):
+            path = folder / "train" / "good" / f"{name}{k}_cam0_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), shot)
+            path.with_suffix(".json").write_text(json.dumps({"station": station, "camera": "cam0", "frame": i,
+                                                             "kind": "normal", "score": 0.0}))
+            out.append(path)
+        i += 1
+    cap.release()
+    return out
+
+
+def write_labelled_holdout(root: Path, clip: Path, defects: list[tuple[int, int]]) -> Path:
+    """A --holdout folder from an MJPEG clip with defect stretches: test/good and test/defect."""
+    cap = cv2.VideoCapture(str(clip))
+    i = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        label = "defect" if any(a <= i < b for a, b in defects) else "good"
+        (root / "test" / label).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "test" / label / f"{i:04d}.png"), frame)
+        i += 1
+    return root

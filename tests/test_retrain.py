@@ -16,56 +16,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from edge_helpers import run_cli
+from edge_helpers import run_cli, write_labelled_holdout, write_station_frames
 
 from edge.bundle import load_bundle, promotion_history, read_current
 from trainer.retrain import drop_near_duplicates, retrain_lock, thumbnail
 from trainer.synthetic import make_dataset, render_frame, write_clip
 
 SIZE = (240, 320)
-
-
-def _station_frames(folder: Path, clip: Path, station: str = "line1", still_every: int = 0) -> list[Path]:
-    """Frames of ``clip`` as a station's collection writes them: train/good/<time>_<camera>_<frame>.png + .json;
-    ``still_every`` k > 0: every k-th part stood still and was collected twice (the second time with the
-    sensor's own ±1 noise)."""
-    cap = cv2.VideoCapture(str(clip))
-    out: list[Path] = []
-    rng = np.random.default_rng(1)
-    i = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        name = f"20261201T1200{i // 10:02d}.{i % 10}0"
-        shots = [frame]
-        if still_every and i % still_every == 0:
-            shots.append(np.clip(frame.astype(int) + rng.integers(-1, 2, frame.shape), 0, 255).astype(np.uint8))
-        for k, shot in enumerate(shots):
-            path = folder / "train" / "good" / f"{name}{k}_cam0_{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), shot)
-            path.with_suffix(".json").write_text(json.dumps({"station": station, "camera": "cam0", "frame": i,
-                                                             "kind": "normal", "score": 0.0}))
-            out.append(path)
-        i += 1
-    cap.release()
-    return out
-
-
-def _labelled_holdout(root: Path, clip: Path, defects: list[tuple[int, int]]) -> Path:
-    """A --holdout folder from an MJPEG clip with defect stretches: test/good and test/defect."""
-    cap = cv2.VideoCapture(str(clip))
-    i = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        label = "defect" if any(a <= i < b for a, b in defects) else "good"
-        (root / "test" / label).mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(root / "test" / label / f"{i:04d}.png"), frame)
-        i += 1
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +43,7 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rollback_w
     model_dir = champ_dir.parent
     good_clip = write_clip(tmp_path / "good.avi", SIZE, 48, [], fps=10.0, seed=31, codec="MJPG")
     station = tmp_path / "station"
-    _station_frames(station, good_clip, still_every=4)
+    write_station_frames(station, good_clip, still_every=4)
 
     # 1. a challenger that learnt the station's frames: fewer false alarms on its fresh frames -> promoted
     proc = run_cli("edge-train", ["retrain", "--station-data", station, "--current", model_dir, "--json"],
@@ -117,8 +74,8 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rollback_w
     # challenger learnt defects as normal and misses them -> refused, current stays
     bad_clip = write_clip(tmp_path / "bad.avi", SIZE, 40, [(0, 40)], fps=10.0, seed=41, codec="MJPG")
     bad_station = tmp_path / "bad-station"
-    _station_frames(bad_station, bad_clip)
-    holdout = _labelled_holdout(tmp_path / "holdout", write_clip(tmp_path / "hold.avi", SIZE, 40, [(10, 30)],
+    write_station_frames(bad_station, bad_clip)
+    holdout = write_labelled_holdout(tmp_path / "holdout", write_clip(tmp_path / "hold.avi", SIZE, 40, [(10, 30)],
                                                                   fps=10.0, seed=51, codec="MJPG"), [(10, 30)])
     current_before = read_current(model_dir)
     proc = run_cli("edge-train", ["retrain", "--station-data", bad_station, "--current", model_dir,

@@ -1,8 +1,8 @@
 """The adaptation loop end to end, nothing stood in: a station collects frames from an MJPEG clip, a nightly
-retrain on them promotes a challenger, a running station picks it up (hot swap), and rollback restores the
-champion, which the running station picks up too.
+retrain on them promotes a challenger, a running station picks it up (hot swap), a deliberately worse
+challenger is refused, and rollback restores the champion, which the running station picks up too.
 
-Refusing a worse challenger is tested in tests/test_retrain.py; drift alarms in tests/test_edge_drift.py.
+Drift alarms (a clip whose light changes half way) are tested in tests/test_edge_drift.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_helpers import Collector, check_payloads, cli_command, run_cli, wait_stopped
+from edge_helpers import (
+    Collector,
+    check_payloads,
+    cli_command,
+    run_cli,
+    wait_stopped,
+    write_labelled_holdout,
+    write_station_frames,
+)
 
 from edge.bundle import read_current
 from trainer.synthetic import make_dataset, write_clip
@@ -70,8 +78,10 @@ def test_collect_retrain_promote_hot_swap_and_rollback(tmp_path: Path, mosquitto
     reopen_max_s: 0.05
 """)
     with Collector(mosquitto, ["anomaly/st-live/#"]) as col:
+        log_path = tmp_path / "st-live.log"  # a file, not a pipe: the looping clip logs every reopen, and a full
+        log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - pipe would block the station's logging
         station = subprocess.Popen([*cli_command("edge-run"), "--config", live, "--engine", "patchcore",
-                                    "--mqtt", mosquitto], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+                                    "--mqtt", mosquitto], cwd=tmp_path, stderr=log_file, text=True)
         try:
             assert col.wait_for(lambda ms: champion in _versions(col), timeout=60)
             proc = run_cli("edge-train", ["retrain", "--station-data", collect_dir, "--current",
@@ -83,16 +93,37 @@ def test_collect_retrain_promote_hot_swap_and_rollback(tmp_path: Path, mosquitto
             assert read_current(engines / "patchcore") == challenger
             assert col.wait_for(lambda ms: _versions(col)[-1:] == [challenger], timeout=60), "not swapped in"
 
+            # a deliberately worse challenger: "normals" collected during a bad batch (every part defective),
+            # judged on a labelled hold-out -> refused; current and the running station stay on the good one
+            bad = write_clip(tmp_path / "bad.avi", SIZE, 40, [(0, 40)], fps=10.0, seed=81, codec="MJPG")
+            write_station_frames(tmp_path / "bad-batch", bad)
+            held = write_clip(tmp_path / "held.avi", SIZE, 40, [(10, 30)], fps=10.0, seed=91, codec="MJPG")
+            holdout = write_labelled_holdout(tmp_path / "holdout", held, [(10, 30)])
+            proc = run_cli("edge-train", ["retrain", "--station-data", tmp_path / "bad-batch", "--current",
+                                          engines / "patchcore", "--holdout", holdout, "--json"], timeout=400)
+            assert proc.returncode == 0, proc.stderr
+            refused = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert not refused["promoted"] and refused["champion"] == challenger, refused["decision"]
+            assert read_current(engines / "patchcore") == challenger
+
             proc = run_cli("edge-train", ["rollback", "patchcore", "--out", engines])
             assert proc.returncode == 0 and read_current(engines / "patchcore") == champion, proc.stderr
             assert col.wait_for(lambda ms: _versions(col)[-1:] == [champion], timeout=60), "rollback not taken"
             station.send_signal(signal.SIGTERM)
-            _, err = station.communicate(timeout=60)
+            station.wait(60)
+        except AssertionError as exc:  # say what the station logged, not only that it did not swap
+            station.kill()
+            station.wait()
+            log = [ln for ln in log_path.read_text().splitlines() if "reopen" not in ln]
+            raise AssertionError(f"{exc}; station's log: {log[-30:]}") from None
         finally:
             if station.poll() is None:
                 station.kill()
-        assert station.returncode == 0, err
+            log_file.close()
+        err = log_path.read_text()
+        assert station.returncode == 0, err[-3000:]
         wait_stopped(col)
         check_payloads(col)  # every payload of the run against the shipped schemas
     assert f"model swapped: patchcore {champion} -> patchcore {challenger}" in err
     assert f"model swapped: patchcore {challenger} -> patchcore {champion}" in err
+    assert refused["challenger"] not in err  # never swapped in
