@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from edge_helpers import check_events, stream_clip
 
-from trainer.degrade import Degradation, codec_plan, expand, is_station_frame
+from trainer.degrade import DRAWN, Degradation, codec_plan, expand, is_station_frame
+from trainer.frames import TrainingData, set_epoch
 from trainer.synthetic import make_dataset, write_clip
 
 SIZE = (240, 320)
@@ -81,6 +82,16 @@ def test_degraded_copies_are_seeded_jpeg_round_trips_of_the_stills_only(tmp_path
     (tmp_path / "other.json").write_text("not json")
     assert not is_station_frame(still) and is_station_frame(frame)
     assert expand([still, frame], 2) == [(still, 0), (frame, 0), (still, 1), (still, 2)]
+    assert expand([still, frame], 1, per_epoch=True) == [(still, DRAWN), (frame, 0)]  # epochs: no extra items
+    data = TrainingData(fit_paths=[still] * 40, holdout_paths=[], hw=(48, 64), degradation=deg, degraded_copies=1)
+    loader = data.loader(data.fit_paths, 40, per_epoch=True)
+    degraded = []
+    for epoch in range(5):
+        set_epoch(loader, epoch)
+        batch = next(iter(loader)).numpy()
+        assert len(batch) == 40  # the epoch's size is the stills', not doubled
+        degraded.append(int((np.abs(batch.astype(int) - image).reshape(40, -1).max(1) > 0).sum()))
+    assert 60 <= sum(degraded) <= 140 and len(set(degraded)) > 1  # about half of 200, drawn anew each epoch
     assert codec_plan(None, 1, deg, [frame])[0] is None  # auto: station frames already carry the codec
     assert codec_plan(None, 1, deg, [still, frame])[:2] == (deg, 1)
     assert codec_plan(False, 1, deg, [still])[0] is None

@@ -61,9 +61,18 @@ def is_station_frame(path: Path) -> bool:
     return isinstance(meta, dict) and "station" in meta
 
 
-def expand(paths: Sequence[Path], copies: int) -> list[tuple[Path, int]]:
+DRAWN = -1  # an item's copy index when each epoch draws it clean or degraded (``expand(..., per_epoch=True)``)
+
+
+def expand(paths: Sequence[Path], copies: int, per_epoch: bool = False) -> list[tuple[Path, int]]:
     """Items (path, copy) of ``paths``: copy 0 the image as it is, 1..copies degraded draws of each still
-    (station frames get no copies). Clean images first, in order, then the copies."""
+    (station frames get no copies). Clean images first, in order, then the copies.
+
+    ``per_epoch`` (training epochs): no extra items, so an epoch costs what it did; each still is instead
+    ``DRAWN``: every epoch shows it degraded with probability copies / (1 + copies), the same share of
+    degraded images the copies give a one-pass model."""
+    if per_epoch:
+        return [(p, DRAWN if copies > 0 and not is_station_frame(p) else 0) for p in paths]
     items = [(p, 0) for p in paths]
     if copies > 0:
         stills = [p for p in paths if not is_station_frame(p)]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from edge.sources import resize_frame
 from trainer.data import ImageSet, read_image, read_original
-from trainer.degrade import Degradation, expand
+from trainer.degrade import DRAWN, Degradation, expand
 
 # (frame uint8 [H,W,3] BGR, rng) -> frame of the same shape: a model's training-time augmentation.
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -36,13 +36,14 @@ class FrameDataset(Dataset):
 
     def __init__(self, items: Sequence[tuple[Path, int]], hw: tuple[int, int], resize: str = "stretch",
                  augment: Optional[Augment] = None, seed: int = 0,
-                 degradation: Optional[Degradation] = None) -> None:
+                 degradation: Optional[Degradation] = None, degraded_share: float = 0.0) -> None:
         self.items = list(items)
         self.hw = hw
         self.resize = resize
         self.augment = augment
         self.seed = seed
         self.degradation = degradation
+        self.degraded_share = degraded_share  # for DRAWN items: the chance an epoch shows the degraded one
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -50,6 +51,9 @@ class FrameDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         path, copy = self.items[index]
+        if copy == DRAWN:
+            draw = np.random.default_rng([self.seed, self.epoch, index, 1 << 20]).random()
+            copy = 1 if draw < self.degraded_share else 0
         if copy and self.degradation is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index, copy])
             image = self.degradation.apply(read_original(path), rng)
@@ -118,14 +122,17 @@ class TrainingData:
 
     def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
                augment: Optional[Augment] = None, pin_memory: bool = False,
-               shard: tuple[int, int] = (0, 1)) -> DataLoader:
+               shard: tuple[int, int] = (0, 1), per_epoch: bool = False) -> DataLoader:
         """Batches of uint8 [B,H,W,3] frames of ``paths`` (and their degraded copies, see the class);
         call ``set_epoch(loader, e)`` before each epoch.
 
-        ``shard`` = (rank, world size): this rank's part of every batch (``EpochBatches``).
+        ``shard`` = (rank, world size): this rank's part of every batch (``EpochBatches``). ``per_epoch``
+        (the training loader of models trained by epochs): stills are drawn clean or degraded each epoch
+        instead of adding copies, so an epoch costs the same with codec-robust training on.
         """
         copies = self.degraded_copies if self.degradation is not None else 0
-        dataset = FrameDataset(expand(paths, copies), self.hw, self.resize, augment, self.seed, self.degradation)
+        dataset = FrameDataset(expand(paths, copies, per_epoch), self.hw, self.resize, augment, self.seed,
+                               self.degradation, copies / (1 + copies))
         batches = EpochBatches(len(dataset), batch_size, shuffle, self.seed, drop_last, *shard)
         workers = min(self.workers, max(0, len(dataset) // max(batch_size, 1)))
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers,

@@ -424,7 +424,7 @@ class EpochTrainer:
         loader = self.data.loader(self.data.fit_paths, self.batch_size, shuffle=True,
                                   drop_last=len(self.data.fit_paths) > self.batch_size,
                                   augment=self.model.augment, pin_memory=self.device.type == "cuda",
-                                  shard=(self.rank, self.world))
+                                  shard=(self.rank, self.world), per_epoch=True)
         where = f"{self.world} processes ({self.device} each)" if self.shard.distributed else str(self.device)
         self.log(f"training {self.model.name} on {where} for {self.epochs} epochs: "
                  f"{len(self.data.fit_paths)} images, batch {self.batch_size}, "
