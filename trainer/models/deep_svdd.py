@@ -178,12 +178,16 @@ class PositionShares(nn.Module):
         self.hw = hw
         self.blur = MapBlur(sigma, hw) if sigma > 0 else None
 
-    def forward(self, f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def grid_shares(self, f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """[N,1,h,w] at the feature grid: position p's share of the score; they sum to ||phi - c||^2 - R^2."""
         e = z + self.neg_centre  # [N, D]
         u = (e @ self.fc.weight).view(f.shape)  # [N, C, h, w]: e . W_p per channel and position
         # ||e||^2 - R^2 = sum_p e . W_p f_p - e . c - R^2: the last two terms spread evenly over the positions
         rest = (self.centre_share * e).sum(1, keepdim=True) - self.radius_share  # [N, 1]
-        shares = (u * f).sum(1, keepdim=True) + rest.view(-1, 1, 1, 1)
+        return (u * f).sum(1, keepdim=True) + rest.view(-1, 1, 1, 1)
+
+    def forward(self, f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        shares = self.grid_shares(f, z)
         amap = F.interpolate(shares, size=self.hw, mode="bilinear", align_corners=False)
         if self.blur is not None:
             amap = self.blur(amap)
@@ -349,7 +353,7 @@ class DeepSvdd(EpochModel):
         device = resolve_device(run.device)
         if not (run.resume and not pretrained_now and self._has_checkpoint(run, ONE_CLASS_DIR)):
             self.sphere.centre.copy_(self._centre(data, device))
-        one_class_run = replace(run, checkpoint_dir=self._subdir(run, ONE_CLASS_DIR),
+        one_class_run = replace(run, checkpoint_dir=self._subdir(run, ONE_CLASS_DIR), select=self._select(data, run),
                                 resume=run.resume and not pretrained_now and self._has_checkpoint(run, ONE_CLASS_DIR))
         facts = EpochTrainer(self, data, one_class_run, log).run()
         return {**facts, **self.fit_facts()}
@@ -373,6 +377,15 @@ class DeepSvdd(EpochModel):
                                                   stop_after_epoch=None), log).run()
         self._pretraining = {k: facts[k] for k in ("epochs", "selected_epoch", "selected", "images_per_second")}
         return True
+
+    def _select(self, data: TrainingData, run: RunOptions) -> str:
+        """The one-class phase's epoch choice: the loop's, except that the soft-boundary loss contains R, which
+        moves from epoch to epoch, so its validation loss does not compare epochs: there the last epoch is kept
+        (the official code's), unless labelled defects in DIR/val let the loop compare validation AUROC."""
+        if not self.soft or run.select in ("last", "val_auroc"):
+            return run.select
+        has_defects = data.val is not None and bool(data.val.labels.max(initial=0) == 1)
+        return "auto" if run.select == "auto" and has_defects else "last"
 
     @staticmethod
     def _subdir(run: RunOptions, name: str) -> Optional[Path]:
