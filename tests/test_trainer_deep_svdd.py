@@ -24,7 +24,6 @@ from edge_helpers import assert_seq_monotonic, stream_clip
 from torch import nn
 
 from edge.bundle import load_bundle
-from edge.errors import UserError
 from trainer.config import parse_train_config
 from trainer.data import train_paths
 from trainer.evaluate import evaluate_bundle
@@ -211,6 +210,7 @@ def test_the_soft_boundary_objective_and_its_radius(small_data: TrainingData, tm
     model = _small("deep_svdd: {objective: soft-boundary, nu: 0.2, warm_up_epochs: 1, pretrain_epochs: 1}\n")
     facts = model.fit(small_data, run=_run(tmp_path))
     radius = float(model.sphere.radius)
+    last = model._last_distances  # the last training batch's squared distances (train-mode BatchNorm)
     assert radius > 0 and facts["radius"] == pytest.approx(radius, abs=1e-6) and facts["objective"] == "soft-boundary"
     frames = torch.from_numpy(small_data.read(small_data.fit_paths))
     with torch.no_grad():
@@ -220,9 +220,11 @@ def test_the_soft_boundary_objective_and_its_radius(small_data: TrainingData, tm
         score, _ = model.export_module()(frames)
     assert float(loss) == pytest.approx(radius**2 + float((dist - radius**2).clamp(min=0).mean()) / 0.2, rel=1e-5)
     assert torch.allclose(score, dist - radius**2, rtol=1e-4, atol=1e-5)  # the graph's score: d - R^2
-    # R is the (1 - nu) quantile of a batch's radii: some training images lie outside it, most inside
-    outside = float((dist > radius**2).float().mean())
-    assert 0.0 < outside < 0.6
+    # R: the (1 - nu) quantile of the radii of the last training batch (train-mode BatchNorm), the kept epoch
+    # being the last (no DIR/val defects, and the soft-boundary loss does not compare epochs)
+    assert facts["selection_rule"] == "last"
+    assert last is not None and len(last) == 8
+    assert radius == pytest.approx(float(np.quantile(last.sqrt().numpy(), 0.8)), rel=1e-6)
 
 
 def test_the_one_class_objective_is_the_mean_squared_distance(small_data: TrainingData) -> None:
@@ -231,7 +233,8 @@ def test_the_one_class_objective_is_the_mean_squared_distance(small_data: Traini
     x = model.prepare(torch.from_numpy(small_data.read(small_data.fit_paths[:8])))
     loss, _ = model._loss(x, {})
     d = ((model.encoder(x) - model.sphere.centre) ** 2).sum(1)
-    assert float(loss) == pytest.approx(float(d.mean()), rel=1e-6) and float(model.sphere.radius) == 0.0
+    assert float(loss.detach()) == pytest.approx(float(d.detach().mean()), rel=1e-6)
+    assert float(model.sphere.radius) == 0.0
 
 
 def test_resume_continues_the_interrupted_phase(small_data: TrainingData, tmp_path: Path) -> None:
@@ -248,9 +251,3 @@ def test_resume_continues_the_interrupted_phase(small_data: TrainingData, tmp_pa
     frames = small_data.read(small_data.holdout_paths)
     assert np.allclose(resumed.score(frames)[0], straight.score(frames)[0], rtol=1e-5, atol=1e-7)
     assert torch.equal(resumed.sphere.centre, straight.sphere.centre)
-
-
-def test_an_input_the_network_cannot_pool_is_one_clear_error() -> None:
-    with pytest.raises(UserError, match="multiples of 32"):
-        create_model("deep-svdd", parse_train_config("model: deep-svdd\ninput: {height: 48, width: 48, "
-                                                     "channels: colour}\n"))

@@ -285,6 +285,7 @@ class DeepSvddConfig:
         if not 0.0 < self.nu <= 1.0:
             raise ValueError("deep_svdd.nu must be in (0, 1]")
         if len(self.widths) > 4 or any(w < 1 for w in self.widths):
+            # 4 levels pool 16x: inputs are multiples of 16, so every level halves evenly
             raise ValueError("deep_svdd.widths must be up to 4 channel counts >= 1 ([] = the paper's net)")
         if self.rep_dim < 0 or self.pretrain_epochs < 0 or self.lr_milestone < 0 or self.warm_up_epochs < 0:
             raise ValueError("deep_svdd.rep_dim, pretrain_epochs, lr_milestone and warm_up_epochs must be >= 0")

@@ -287,10 +287,7 @@ class DeepSvdd(EpochModel):
         self.hw = config.input.hw
         self.channels = 1 if config.input.channels == "gray" else 3  # 'auto' is resolved from the data upstream
         self.widths, self.rep_dim = network_shape(self.channels, self.cfg.widths, self.cfg.rep_dim)
-        scale = 2 ** len(self.widths)
-        if self.hw[0] % scale or self.hw[1] % scale:
-            raise UserError(f"input {self.hw[0]}x{self.hw[1]}: deep-svdd pools {len(self.widths)} times, so "
-                            f"height and width must be multiples of {scale}; change input or deep_svdd.widths")
+        # At most 4 levels (deep_svdd.widths) on inputs that are multiples of 16: every level pools evenly.
         torch.manual_seed(int(config.seed))
         self.frame_input = FrameInput(self.channels)
         self.encoder = LeNetEncoder(self.channels, self.widths, self.rep_dim, self.hw)
