@@ -24,7 +24,8 @@ from edge_helpers import assert_seq_monotonic, stream_clip
 from torch import nn
 
 from edge.bundle import load_bundle
-from trainer.config import parse_train_config
+from edge.errors import ConfigError
+from trainer.config import load_train_config, parse_train_config
 from trainer.data import train_paths
 from trainer.evaluate import evaluate_bundle
 from trainer.frames import TrainingData
@@ -251,3 +252,14 @@ def test_resume_continues_the_interrupted_phase(small_data: TrainingData, tmp_pa
     frames = small_data.read(small_data.holdout_paths)
     assert np.allclose(resumed.score(frames)[0], straight.score(frames)[0], rtol=1e-5, atol=1e-7)
     assert torch.equal(resumed.sphere.centre, straight.sphere.centre)
+
+
+def test_bad_settings_are_one_line_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("model: deep-svdd\ndeep_svdd:\n  objective: hard\n")
+    with pytest.raises(ConfigError, match=r"train.yaml:3.*deep_svdd.objective must be one-class or soft-boundary"):
+        load_train_config(path)
+    with pytest.raises(ConfigError, match="deep_svdd.nu"):
+        parse_train_config("deep_svdd: {nu: 0}\n")
+    with pytest.raises(ConfigError, match="deep_svdd.widths"):
+        parse_train_config("deep_svdd: {widths: [8, 8, 8, 8, 8]}\n")

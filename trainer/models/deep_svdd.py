@@ -411,6 +411,12 @@ class DeepSvdd(EpochModel):
             z = self.encoder(self.prepare(frames.to(device)))
             total += z.double().sum(0)
             n += int(z.shape[0])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank reads its own shard of the images: c is the mean over all of them
+            count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+            n = int(count.item())
         return centre_from_mean((total / max(n, 1)).float(), self.cfg.centre_eps).cpu()
 
     def fit_facts(self) -> dict[str, Any]:
