@@ -20,7 +20,9 @@ a finished pre-training is loaded, not repeated):
    is one a bias-free network with all-zero weights reaches trivially);
 3. the one-class objective (``epochs``), mean of ||phi(x) - c||^2, or with ``objective: soft-boundary``
    R^2 + 1/nu * mean(max(0, ||phi(x) - c||^2 - R^2)), R set after each step of the epochs past
-   ``warm_up_epochs`` to the (1 - nu) quantile of the batch's distances (the official code's rule).
+   ``warm_up_epochs`` to the (1 - nu) quantile of the batch's distances (the official code's rule). The epoch
+   kept is the loop's choice, except that a soft-boundary run without DIR/val defects keeps the last epoch
+   (its loss contains R, which moves, so validation losses of different epochs do not compare).
 
 Adam (lr 1e-4, weight decay 0.5e-6 in the one-class phase, 0.5e-3 in pre-training: the official MNIST run), the
 learning rate x0.1 after ``lr_milestone`` epochs of each phase. The official code's preprocessing (global
