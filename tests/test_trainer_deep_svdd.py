@@ -6,9 +6,10 @@ soft-boundary objective and radius, and --resume across the two phases.
 The planted anomaly is a foreign object (a stray nut): Deep SVDD scores the whole image by one representation,
 which is what it is for (surface defects are the patch models' job; see README). Grey 64 px input (the paper's
 MNIST network, 8 and 4 channels) and a short recipe: 10 pre-training and 10 one-class epochs at batch 32 on 160
-parts (40 held out), about 2 minutes on this loaded 2-core VM; with 96 parts and 5 + 10 epochs at batch 16 the
-image AUROC was 0.50-0.64, with this recipe 0.80-0.84. Labelled foreign objects in DIR/val make the loop keep
-the one-class epoch with the best validation AUROC (never DIR/test).
+parts (40 held out): the file takes 29 s on the quiet 2-core VM, about 2 minutes at load average 9; with 96
+parts and 5 + 10 epochs at batch 16 the image AUROC was 0.50-0.64, with this recipe 0.80-0.84. Labelled
+foreign objects in DIR/val make the loop keep the one-class epoch with the best validation AUROC (never
+DIR/test).
 """
 
 from __future__ import annotations
