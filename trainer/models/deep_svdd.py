@@ -282,6 +282,10 @@ class DeepSvdd(EpochModel):
     defaults = ModelDefaults(input_size=64, batch_size=200, epochs=150)  # the official batch and epochs
     # The distance subtracts c from phi and sums squares: kept FP32, as the other models' distances.
     fp32_scopes = ("/distance/",)
+    # One process only (torchrun is refused with one line where the loop checks it): the centre, radius and step
+    # count live in parameter-free modules that DistributedDataParallel cannot wrap, the soft-boundary radius
+    # would be each rank's own batch quantile, and the pre-training phase's encoder belongs to this model.
+    trains_distributed = False
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -413,12 +417,6 @@ class DeepSvdd(EpochModel):
             z = self.encoder(self.prepare(frames.to(device)))
             total += z.double().sum(0)
             n += int(z.shape[0])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # each rank reads its own shard of the images: c is the mean over all of them
-            count = torch.tensor([float(n)], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(count)
-            n = int(count.item())
         return centre_from_mean((total / max(n, 1)).float(), self.cfg.centre_eps).cpu()
 
     def fit_facts(self) -> dict[str, Any]:
