@@ -38,6 +38,7 @@ batch_size: 8
 training: {{workers: 0}}
 ganomaly: {{ngf: 16, ndf: 16}}
 skip_ganomaly: {{ngf: 16, ndf: 16}}
+deep_svdd: {{pretrain_epochs: 2}}
 export: {{max_batch: {MAX_BATCH}}}
 """
 

@@ -304,6 +304,39 @@ def _check_gan(lr: float, beta1: float, map_sigma: float, key: str) -> None:
 
 
 @dataclass
+class DeepSvddConfig:
+    """Deep SVDD (Ruff et al. 2018); defaults are the official code's MNIST run (trainer/models/deep_svdd.py)."""
+
+    objective: str = "one-class"
+    nu: float = 0.1
+    widths: List[int] = field(default_factory=list)
+    rep_dim: int = 0
+    pretrain_epochs: int = 150
+    lr: float = 0.0001
+    weight_decay: float = 0.5e-6
+    pretrain_weight_decay: float = 0.5e-3
+    lr_milestone: int = 50
+    centre_eps: float = 0.1
+    warm_up_epochs: int = 10
+    map_sigma: float = 2.0
+
+    def validate(self) -> None:
+        if self.objective not in ("one-class", "soft-boundary"):
+            raise ValueError("deep_svdd.objective must be one-class or soft-boundary")
+        if not 0.0 < self.nu <= 1.0:
+            raise ValueError("deep_svdd.nu must be in (0, 1]")
+        if len(self.widths) > 4 or any(w < 1 for w in self.widths):
+            # 4 levels pool 16x: inputs are multiples of 16, so every level halves evenly
+            raise ValueError("deep_svdd.widths must be up to 4 channel counts >= 1 ([] = the paper's net)")
+        if self.rep_dim < 0 or self.pretrain_epochs < 0 or self.lr_milestone < 0 or self.warm_up_epochs < 0:
+            raise ValueError("deep_svdd.rep_dim, pretrain_epochs, lr_milestone and warm_up_epochs must be >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.pretrain_weight_decay < 0:
+            raise ValueError("deep_svdd.lr must be > 0 and the weight decays >= 0")
+        if self.centre_eps < 0 or self.map_sigma < 0:
+            raise ValueError("deep_svdd.centre_eps and map_sigma must be >= 0")
+
+
+@dataclass
 class ReportConfig:
     """What goes into report.json and the PNG plots."""
 
@@ -329,6 +362,7 @@ class TrainConfig:
     padim: PadimConfig = field(default_factory=PadimConfig)
     spade: SpadeConfig = field(default_factory=SpadeConfig)
     mahalanobis: MahalanobisConfig = field(default_factory=MahalanobisConfig)
+    deep_svdd: DeepSvddConfig = field(default_factory=DeepSvddConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     codec_augment: CodecAugmentConfig = field(default_factory=CodecAugmentConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
