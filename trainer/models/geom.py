@@ -198,9 +198,14 @@ class Geom(EpochModel):
         return loss, {"loss": loss, "accuracy": accuracy}
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of all copies [B*T, T], computed once for validation_loss and raw_score of the same batch."""
+        """Logits of all copies [B*T, T], computed once for validation_loss and raw_score of the same batch.
+
+        One image's copies at a time: on a 2-core CPU 72 copies a pass ran 2x faster than a batch of 16
+        images' 1152 at once (activations that fit the caches).
+        """
         if self._cache is None or self._cache[0] is not x:
-            self._cache = (x, self.net(self.copies.to(x.device)(x))[0].float())
+            copies = self.copies.to(x.device)(x)
+            self._cache = (x, torch.cat([self.net(part)[0].float() for part in copies.split(self.count)]))
         return self._cache[1]
 
     def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
