@@ -29,12 +29,14 @@ from scipy import ndimage
 from edge.bundle import load_bundle
 from edge.errors import ConfigError, UserError
 from trainer.config import TrainConfig, parse_train_config
+from trainer.data import load_test
 from trainer.datasets import FASHION_MNIST_DIR, load_dataset
 from trainer.dirichlet import fit_dirichlet
 from trainer.evaluate import evaluate_bundle
 from trainer.models import FOREIGN_OBJECTS, create_model, get_model_class
 from trainer.models.geom import GeometricCopies, transformation_list
 from trainer.pipeline import fit_bundle
+from trainer.tensorrt_readiness import AUROC_TOLERANCE, fp16_parity
 
 SIZE = 32
 NORMAL = 1  # Trouser
@@ -90,7 +92,7 @@ def test_accuracy_through_the_onnx_graph(bundle: Path, garments: Path) -> None:
     assert fit["channels"] == 1 and fit["dirichlet"]["images"] == fit["n_train_images"] == 80
 
 
-def test_parity_bound_and_the_bundle_contract(bundle: Path) -> None:
+def test_parity_bound_and_the_bundle_contract(bundle: Path, garments: Path) -> None:
     loaded = load_bundle(bundle)
     parity = loaded.manifest["parity"]
     f32, f16 = parity["onnx_fp32"], parity["onnx_fp16"]
@@ -104,6 +106,11 @@ def test_parity_bound_and_the_bundle_contract(bundle: Path) -> None:
     assert loaded.manifest["outputs"][1]["shape"] == ["N", SIZE, SIZE]
     graph = onnx.load(str(bundle / "model.onnx")).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    test = load_test(garments, (SIZE, SIZE))
+    assert test is not None
+    fp16 = fp16_parity(bundle / "model.onnx", bundle / "model.fp16.onnx", test.images, test.labels, 8)
+    print(f"geom FP16 vs FP32 on the test garments: AUROC {fp16['auroc_fp32']:.4f} vs {fp16['auroc_fp16']:.4f}")
+    assert fp16["ok"] and fp16["auroc_delta"] <= AUROC_TOLERANCE
     fp16_nodes = [n for n in onnx.load(str(bundle / "model.fp16.onnx")).graph.node if n.name.startswith("/score/")]
     assert any(n.op_type == "LogSoftmax" for n in fp16_nodes)  # the score is computed in the graph, in FP32
 

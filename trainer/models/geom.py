@@ -138,7 +138,7 @@ class GeomExport(nn.Module):
         identity = feat.reshape(-1, self.copies.count, c, h, w)[:, 0]
         cells = -(identity * self.margin).sum(1, keepdim=True)
         amap = F.interpolate(cells, size=(self.copies.size, self.copies.size), mode="bilinear", align_corners=False)
-        return self.score(logits), amap.squeeze(1)
+        return self.score(logits), amap[:, 0]  # not squeeze(1): traced, it became an If of unknown rank
 
 
 @register_model("geom")
