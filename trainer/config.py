@@ -296,6 +296,30 @@ class SkipGanomalyConfig:
             raise ValueError("skip_ganomaly.score_lambda must be in [0, 1]")
 
 
+@dataclass
+class GeomConfig:
+    """GEOM (Golan & El-Yaniv 2018): a Wide ResNet classifying geometric transformations; defaults are the paper's."""
+
+    transformations: int = 72
+    depth: int = 10
+    width: int = 4
+    per_image: int = 8
+    lr: float = 0.001
+    score: str = "dirichlet"
+
+    def validate(self) -> None:
+        if self.transformations not in (72, 8):
+            raise ValueError("geom.transformations must be 72 (flip x translations x rotations) or 8 (flip x rot90)")
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError("geom.depth must be 6n + 4 with n >= 1 (10, 16, 22, 28)")
+        if self.width < 1 or self.per_image < 1:
+            raise ValueError("geom.width and geom.per_image must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("geom.lr must be > 0")
+        if self.score not in ("dirichlet", "simple"):
+            raise ValueError("geom.score must be dirichlet or simple")
+
+
 def _check_gan(lr: float, beta1: float, map_sigma: float, key: str) -> None:
     if lr <= 0 or not 0 <= beta1 < 1:
         raise ValueError(f"{key}.lr must be > 0 and beta1 in [0, 1)")
@@ -363,6 +387,7 @@ class TrainConfig:
     spade: SpadeConfig = field(default_factory=SpadeConfig)
     mahalanobis: MahalanobisConfig = field(default_factory=MahalanobisConfig)
     deep_svdd: DeepSvddConfig = field(default_factory=DeepSvddConfig)
+    geom: GeomConfig = field(default_factory=GeomConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     codec_augment: CodecAugmentConfig = field(default_factory=CodecAugmentConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)

@@ -130,3 +130,50 @@ class UnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation residual block of a Wide ResNet: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, 1x1 projection
+    shortcut when the shape changes (Zagoruyko & Komodakis 2016, the layout of GEOM's official network)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+                         if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn1(x))
+        y = self.conv2(torch.relu(self.bn2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width classifier: a 3x3 conv of 16, three groups of (depth - 4) / 6 blocks of 16, 32 and 64 x
+    width channels (strides 1, 2, 2), BN-ReLU, global average pool, linear. Returns (logits, last feature map)."""
+
+    def __init__(self, channels: int, classes: int, depth: int = 10, width: int = 4) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError("Wide ResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28)")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False)]
+        for group, stride in zip(range(3), (1, 2, 2), strict=True):
+            for i in range(n):
+                layers.append(WideBasicBlock(widths[group] if i == 0 else widths[group + 1], widths[group + 1],
+                                             stride if i == 0 else 1))
+        self.features = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], classes)
+        self.widths = widths
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = torch.relu(self.bn(self.features(x)))
+        return self.fc(feat.mean((2, 3))), feat
