@@ -15,6 +15,7 @@ already went through the station's codec: they are used as they are.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,12 @@ class Degradation:
         return np.clip(out * gain + offset, 0, 255).round().astype(np.uint8).reshape(image.shape)
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def is_station_frame(path: Path) -> bool:
-    """Whether ``path`` is a frame a station collected: its JSON sidecar names the station."""
+    """Whether ``path`` is a frame a station collected: its JSON sidecar names the station.
+
+    Cached: every loader (the loop builds its validation loader each epoch) asks again for the same paths,
+    and a nightly retrain has tens of thousands of sidecars to read."""
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         return False
