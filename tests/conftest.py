@@ -21,6 +21,22 @@ def _mosquitto_binary() -> str:
     return found
 
 
+try:  # the trainer's tests need torch; the station's do not (edge-run runs without it)
+    import torch
+    _TORCH_THREADS = torch.get_num_threads()
+except ImportError:
+    torch = None  # type: ignore[assignment]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads_restored() -> Iterator[None]:
+    """torch's thread count is process-wide: a module that pins it (1 thread against a loaded machine) must not
+    slow the next module's training (GANomaly took 1.6x as long after one had pinned 1 thread)."""
+    yield
+    if torch is not None:
+        torch.set_num_threads(_TORCH_THREADS)
+
+
 @pytest.fixture(scope="session")
 def mosquitto_bin() -> str:
     """Path of the mosquitto binary (fails with an install hint when missing)."""

@@ -62,11 +62,6 @@ training: {workers: 0}
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # a loaded shared machine makes torch's default threads many times slower
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("svdd") / "ds", n_train=200, n_test_good=30, n_test_defect=30,

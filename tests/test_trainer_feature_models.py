@@ -59,7 +59,6 @@ def _parts(model: str, request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module", params=MODELS)
 def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)  # a loaded shared machine makes torch's default threads many times slower
     cfg = parse_train_config(CONFIG + f"model: {request.param}\n")
     lines: list[str] = []
     path = fit_bundle(cfg, _parts(request.param, request), tmp_path_factory.mktemp("engines"), log=lines.append)

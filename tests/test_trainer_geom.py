@@ -76,7 +76,6 @@ def garments(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(garments: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)  # a loaded shared machine makes torch's default threads many times slower
     lines: list[str] = []
     path = fit_bundle(parse_train_config(CONFIG), garments, tmp_path_factory.mktemp("engines"), log=lines.append)
     print("\n".join(line for line in lines if line.startswith(("geom", "test:", "parity", "kept", "epoch"))))

@@ -17,7 +17,6 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from edge.bundle import MANIFEST, load_bundle, sha256_file
 from edge.sources import resize_frame
@@ -37,7 +36,6 @@ PLOTS = ("roc.png", "pr.png", "score_histogram.png", "hardest_cases.png")
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> tuple[Path, Path]:
     """(data folder, promoted PatchCore bundle) fitted in-process; FP16 and score-only graphs off to save time."""
-    torch.set_num_threads(1)  # a loaded shared machine makes torch's default threads many times slower
     root = make_dataset(tmp_path_factory.mktemp("rep") / "ds", n_train=24, n_test_good=10, n_test_defect=12,
                         size=SIZE, seed=3)
     cfg = TrainConfig()
