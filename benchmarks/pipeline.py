@@ -1,21 +1,24 @@
 """edge-run's pipeline on generated video against its own backend's ceiling and a hand-written loop, one run.
 
-    python benchmarks/pipeline.py [--models patchcore] [--rounds 3] [--frames 600] [--cameras 1,2,4,8]
+    python benchmarks/pipeline.py [--models patchcore] [--rounds 5] [--frames 600] [--cameras 1,2,4,8]
                                   [--batches 1,4,8,16] [--stream-seconds 10] [--json]
 
 In one process, per model (fitted here on generated parts with the defaults of config/train.yaml), on one
 generated 640x480 clip (parts with planted defects, MJPG like a USB camera), a real Mosquitto started here:
 - **raw**: the station's backend on the same graph (the score-only one: snapshots are off) and the same frames
-  already decoded and resized, in memory, at batch 1, 2, 4, 8, 16: the ceiling;
+  already decoded and resized, in memory, at batch 1, 2, 4, 8, 16, the sizes timed in turns, half of each
+  round's turns before its edge-run and half after (so a drift of the VM's speed hits both alike): the ceiling;
 - **edge-run**: the station's pipeline (capture thread, decode, resize, batcher, backend, events, spool, MQTT),
-  built exactly as `edge-run --camera CLIP` builds it, reading the file as fast as it decodes: frames/s,
-  efficiency (÷ the best raw of the same round), capture-to-decision latency, CPU, peak resident memory,
-  start-up to the first scored frame, and seconds per stage (decode and resize run on the capture thread,
-  queue wait / inference / events / spool on the main thread, publish on the sender thread);
+  built exactly as `edge-run --camera CLIP` builds it, reading the file as fast as it decodes: frames/s in
+  steady state (first scored batch to last, as raw is timed warm; start-up is its own column) and over the
+  whole run, efficiency (steady ÷ the best raw of the same round), capture-to-decision latency, CPU, peak
+  resident memory, start-up to the first scored frame, and seconds per stage (decode and resize run on the
+  capture thread, queue wait / inference / events / spool on the main thread, publish on the sender thread);
 - **naive**: a loop a user would write: read a frame with OpenCV, resize it, to a torch tensor, run the torch
   module eagerly, one frame at a time.
-The three are measured in alternating rounds (raw, edge-run, naive, raw, ...): machines here are noisy, so
-each ratio comes from one round and the table shows every round and the median.
+The three are measured in alternating rounds (raw, edge-run, naive, raw; raw, naive, edge-run, raw; ...):
+machines here are noisy, so each ratio comes from one round and the table shows every round and the median;
+"vs naive" compares the whole edge-run, start and shutdown included, with the naive loop.
 Then, so a user can size a station: edge-run on 1, 2, 4, 8 cameras that each deliver 30 frames/s (the clip
 replayed live, `max_fps: 30`), and at fixed batch sizes (`auto_batch: false`).
 """
@@ -70,25 +73,46 @@ def fit(work: Path, model_name: str, epochs: Optional[int]) -> tuple[Path, Any]:
     return bundle, modules[0].eval()
 
 
-def raw_backend(bundle_dir: Path, frames: np.ndarray, batches: list[int], seconds: float, threads: int,
-                spinning: bool) -> dict[int, float]:
-    """Frames/s of the station's backend at each batch size on frames already in memory (the ceiling)."""
-    bundle = load_bundle(bundle_dir)
-    out = {}
-    for b in batches:
-        # the graph edge-run runs without snapshots (the score-only one), with its session options
-        backend = create_backend("onnxruntime", bundle, max_batch=b, intra_op_threads=threads, spinning=spinning,
-                                 need_map=False)
-        n = done = 0
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            start = (n * b) % (len(frames) - b)
-            backend.infer(frames[start:start + b])
-            n += 1
-            done += b
-        out[b] = done / (time.perf_counter() - t0)
-        backend.close()
-    return out
+class RawCeiling:
+    """The station's backend at each batch size on frames already in memory (the ceiling): one session per size
+    with the station's session options, on the graph edge-run runs without snapshots (the score-only one).
+
+    Sizes are timed in turns of ``SLICE_S`` each (b1, b2, ..., b1, b2, ...) and half the turns run before the
+    edge-run of the round, half after: this VM's speed drifts by tens of percent within a minute, and a size or
+    a path timed alone in a fast or slow moment would be compared with the others at another moment."""
+
+    SLICE_S = 0.2
+
+    def __init__(self, bundle_dir: Path, frames: np.ndarray, batches: list[int], threads: int,
+                 spinning: bool) -> None:
+        bundle = load_bundle(bundle_dir)
+        self.frames = frames
+        self.backends = {b: create_backend("onnxruntime", bundle, max_batch=b, intra_op_threads=threads,
+                                           spinning=spinning, need_map=False) for b in batches}
+        self.done = dict.fromkeys(batches, 0)
+        self.seconds = dict.fromkeys(batches, 0.0)
+        for b, backend in self.backends.items():
+            backend.infer(frames[:b])  # warm-up: allocations for this shape
+
+    def run(self, seconds_each: float) -> None:
+        """About ``seconds_each`` more at every size, in turns."""
+        for _ in range(max(1, round(seconds_each / self.SLICE_S))):
+            for b, backend in self.backends.items():
+                n = 0
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < self.SLICE_S:
+                    start = ((self.done[b] // b + n) * b) % (len(self.frames) - b)
+                    backend.infer(self.frames[start:start + b])
+                    n += 1
+                self.seconds[b] += time.perf_counter() - t0
+                self.done[b] += n * b
+
+    def rates(self) -> dict[int, float]:
+        return {b: self.done[b] / self.seconds[b] for b in self.backends}
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
 
 
 def naive(clip: Path, module: Any, hw: tuple[int, int], limit: int) -> float:
@@ -145,8 +169,11 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
     lat50, lat99 = station.stats.latency_ms.percentiles(50, 99)
     stages = station.clock.snapshot()
     stages["publish"] = publisher.publish_seconds
-    first = station.first_scored_at
-    return {"frames": result.frames, "seconds": wall, "fps": result.frames / wall, "batch": station.backend.max_batch,
+    first, last = station.first_scored_at, station.last_scored_at
+    steady = (result.frames - station.first_batch_frames) / (last - first) if first and last and last > first \
+        else None
+    return {"frames": result.frames, "seconds": wall, "fps": result.frames / wall, "steady_fps": steady,
+            "batch": station.backend.max_batch,
             "startup_to_first_score_s": None if first is None else first - t_start,
             "latency_p50_ms": lat50, "latency_p99_ms": lat99,
             "dropped": sum(c.source.queue.dropped for c in station.cameras.values()),
@@ -174,13 +201,20 @@ def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_
     frames = np.stack(decoded)
     batches = [b for b in args.batches_raw if b <= (bundle.max_batch or 1 << 30)]
     rounds = []
-    for _ in range(args.rounds):
-        raw = raw_backend(bundle_dir, frames, batches, args.seconds, args.threads, args.spinning)
+    for i in range(args.rounds):
+        ceiling = RawCeiling(bundle_dir, frames, batches, args.threads, args.spinning)
+        ceiling.run(args.seconds / 2)
+        if i % 2:  # edge-run and naive side by side, in turns first: each ratio compares one moment
+            base = naive(clip, module, bundle.input_hw, min(args.frames, 300))
         station = edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning)
-        base = naive(clip, module, bundle.input_hw, min(args.frames, 300))
+        if not i % 2:
+            base = naive(clip, module, bundle.input_hw, min(args.frames, 300))
+        ceiling.run(args.seconds / 2)
+        raw = ceiling.rates()
+        ceiling.close()
         best = max(raw.values())
         rounds.append({"raw_fps_by_batch": raw, "raw_best_fps": best, "edge_run": station,
-                       "efficiency": station["fps"] / best, "naive_fps": base,
+                       "efficiency": station["steady_fps"] / best, "naive_fps": base,
                        "vs_naive": station["fps"] / base,
                        "batch8_vs_batch1_cost": raw[1] / raw[8] if 1 in raw and 8 in raw else None})
     stream = {c: edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, cameras=c,
@@ -212,13 +246,13 @@ def print_tables(result: dict[str, Any]) -> None:
     print(f"\n== {result['model']} on a {result['clip']} clip of {result['frames']} frames, "
           f"{result['machine_cores']} cores ==")
     batches = list(result["rounds"][0]["raw_fps_by_batch"])
-    print("round  " + "".join(f"raw b{b:<5}" for b in batches) + "edge-run  batch  efficiency  naive  vs naive  "
-          "p50 ms  p99 ms  CPU %  RSS MB  start s")
+    print("round  " + "".join(f"raw b{b:<5}" for b in batches) + "edge-run  (whole)  batch  efficiency  naive  "
+          "vs naive  p50 ms  p99 ms  CPU %  RSS MB  start s")
     for i, r in enumerate(result["rounds"]):
         e = r["edge_run"]
         naive_fps, vs = f"{r['naive_fps']:.1f}", f"{r['vs_naive']:.2f}x"
         print(f"{i:<7}" + "".join(f"{r['raw_fps_by_batch'][b]:<9.1f}" for b in batches)
-              + f"{e['fps']:<10.1f}{e['batch']:<7}{r['efficiency']:<12.2f}{naive_fps:<7}{vs:<10}"
+              + f"{e['steady_fps']:<10.1f}{e['fps']:<9.1f}{e['batch']:<7}{r['efficiency']:<12.2f}{naive_fps:<7}{vs:<10}"
               f"{e['latency_p50_ms']:<8}{e['latency_p99_ms']:<8}{e['cpu_percent']:<7.0f}{e['max_rss_mb']:<8.0f}"
               f"{e['startup_to_first_score_s']:.2f}")
     b8 = result["median_batch8_vs_batch1_cost"]
@@ -248,7 +282,7 @@ def main() -> int:
     ap.add_argument("--models", default="patchcore", help="comma-separated registered models (default patchcore)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs for models trained by epochs (speed does not "
                                                              "depend on it; default: the model's)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating raw / edge-run / naive rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating raw / edge-run / naive rounds (default 5)")
     ap.add_argument("--frames", type=int, default=600)
     ap.add_argument("--size", default="640x480", help="clip frame size WxH (default 640x480)")
     ap.add_argument("--seconds", type=float, default=2.0, help="per raw batch size and round (default 2)")

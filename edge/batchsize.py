@@ -28,23 +28,28 @@ def candidate_sizes(max_batch: int) -> list[int]:
 
 
 def measure(backend: Backend, input_hw: tuple[int, int], sizes: list[int], seconds_each: float) -> dict[int, float]:
-    """Frames per second at each batch size (median of repeated calls on blank frames, after one warm-up)."""
-    rates: dict[int, float] = {}
-    for n in sizes:
-        frames = np.zeros((n, *input_hw, 3), np.uint8)
+    """Frames per second at each batch size: the median call, on blank frames, after one warm-up call each.
+
+    The sizes are timed in turns (1, 2, 4, ..., 1, 2, 4, ...), not one after the other: a machine whose speed
+    drifts while it is timed (a busy host, a CPU clocking up) then shifts every size alike instead of favouring
+    whichever size was timed in its fast moment.
+    """
+    batches = {n: np.zeros((n, *input_hw, 3), np.uint8) for n in sizes}
+    for frames in batches.values():
         backend.infer(frames)  # warm-up: allocations for this shape
-        times: list[float] = []
-        deadline = time.perf_counter() + seconds_each
-        while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    deadline = time.perf_counter() + seconds_each * len(sizes)
+    while min(len(t) for t in times.values()) < 3 or (time.perf_counter() < deadline
+                                                      and min(len(t) for t in times.values()) < 50):
+        for n, frames in batches.items():
             t0 = time.perf_counter()
             backend.infer(frames)
-            times.append(time.perf_counter() - t0)
-        rates[n] = n / float(np.median(times))
-    return rates
+            times[n].append(time.perf_counter() - t0)
+    return {n: n / float(np.median(t)) for n, t in times.items()}
 
 
 def fastest_batch(backend: Backend, input_hw: tuple[int, int], max_batch: int, seconds_each: float = 0.3,
-                  tolerance: float = 0.05) -> int:
+                  tolerance: float = 0.02) -> int:
     """The batch size to run with; logs what it measured."""
     rates = measure(backend, input_hw, candidate_sizes(max_batch), seconds_each)
     best = max(rates.values())

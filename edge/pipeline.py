@@ -119,6 +119,8 @@ class Station:
         self.frames = 0
         self.events = 0
         self.first_scored_at: Optional[float] = None  # time.monotonic() of the first scored frame (start-up time)
+        self.first_batch_frames = 0  # frames in that first batch
+        self.last_scored_at: Optional[float] = None  # of the latest batch: steady-state rate between the two
 
     def open_cameras(self) -> None:
         """Open every camera now. A video file that does not open is fatal (a typo); a live camera that is down
@@ -255,8 +257,9 @@ class Station:
             self.metrics.inference_seconds.observe(elapsed)
         scores = out["score"]
         maps = out.get("anomaly_map")
+        self.last_scored_at = time.monotonic()
         if self.first_scored_at is None:
-            self.first_scored_at = time.monotonic()
+            self.first_scored_at, self.first_batch_frames = self.last_scored_at, len(batch)
         for i, f in enumerate(batch):
             cam = self.cameras[f.camera]
             if cam.done:
