@@ -39,12 +39,13 @@ def measure(backend: Backend, input_hw: tuple[int, int], sizes: list[int], secon
         backend.infer(frames)  # warm-up: allocations for this shape
     times: dict[int, list[float]] = {n: [] for n in sizes}
     deadline = time.perf_counter() + seconds_each * len(sizes)
-    while min(len(t) for t in times.values()) < 3 or (time.perf_counter() < deadline
-                                                      and min(len(t) for t in times.values()) < 50):
+    turns = 0  # every size has been timed this many times
+    while turns < 3 or (time.perf_counter() < deadline and turns < 50):
         for n, frames in batches.items():
             t0 = time.perf_counter()
             backend.infer(frames)
             times[n].append(time.perf_counter() - t0)
+        turns += 1
     return {n: n / float(np.median(t)) for n, t in times.items()}
 
 
