@@ -3,8 +3,10 @@
     python benchmarks/pipeline.py [--models patchcore] [--rounds 5] [--frames 600] [--cameras 1,2,4,8]
                                   [--batches 1,4,8,16] [--stream-seconds 10] [--json]
 
-In one process, per model (fitted here on generated parts with the defaults of config/train.yaml), on one
-generated 640x480 clip (parts with planted defects, MJPG like a USB camera), a real Mosquitto started here:
+First, before anything else runs, `make demo`'s fit is timed (``edge-train fit`` on the demo's parts, a process
+of its own). Then, in one process, per model (fitted here on generated parts with the defaults of
+config/train.yaml), on one generated 640x480 clip (parts with planted defects, MJPG like a USB camera), a real
+Mosquitto started here:
 - **raw**: the station's backend on the same graph (the score-only one: snapshots are off) and the same frames
   already decoded and resized, in memory, at batch 1, 2, 4, 8, 16, the sizes timed in turns, half of each
   round's turns before its edge-run and half after (so a drift of the VM's speed hits both alike): the ceiling;
@@ -71,6 +73,20 @@ def fit(work: Path, model_name: str, epochs: Optional[int]) -> tuple[Path, Any]:
     bundle = fit_bundle(cfg, data, work / "engines", log=lambda _m: None, on_export=modules.append)
     torch.set_num_threads(2)
     return bundle, modules[0].eval()
+
+
+def demo_fit_seconds(work: Path) -> float:
+    """Wall time of `make demo`'s training step: ``edge-train fit`` on the demo's parts, process start-up
+    included, as the demo runs it."""
+    import subprocess
+
+    from trainer.synthetic import make_demo_dataset
+
+    data = make_demo_dataset(work / "demo-data")
+    t0 = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "edge-train"), "fit", "--data", str(data),
+                    "--out", str(work / "demo-engines")], check=True, capture_output=True)
+    return time.perf_counter() - t0
 
 
 class RawCeiling:
@@ -293,6 +309,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,4,8,16", help="fixed batch sizes for edge-run (default 1,4,8,16)")
     ap.add_argument("--spinning", action="store_true", help="engine.intra_op_spinning: true (default false), "
                                                             "raw backend included")
+    ap.add_argument("--no-demo-fit", action="store_true", help="skip timing `make demo`'s fit (edge-train fit "
+                                                               "on the demo's 60 parts)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = ap.parse_args()
     args.cameras, args.batches = counts(args.cameras), counts(args.batches)
@@ -305,6 +323,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-pipeline-"))
     broker = Mosquitto(work / "broker", free_port(), binary)
     results = []
+    demo_fit = None if args.no_demo_fit else demo_fit_seconds(work)  # first, while nothing else has run
+    if demo_fit is not None and not args.json:
+        print(f"make demo's fit (edge-train fit on the demo's 60 generated parts, process start-up included): "
+              f"{demo_fit:.1f} s")
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             result = measure_model(name, args, work, broker.url)
@@ -315,7 +337,7 @@ def main() -> int:
     finally:
         broker.stop()
     if args.json:
-        print(json.dumps(rounded({"results": results, "argv": sys.argv[1:]})))
+        print(json.dumps(rounded({"results": results, "demo_fit_s": demo_fit, "argv": sys.argv[1:]})))
     return 0
 
 

@@ -79,13 +79,12 @@ def configured_mqtt_url() -> str:
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     data = OUT / "data"
-    size = (240, 320)  # camera-like frames; both training images and clip are resized to the model input
-
     say("1/5 generating images of a part: good ones to learn from, and a test set with planted defects")
-    from trainer.synthetic import make_dataset, write_clip
+    from trainer.synthetic import DEMO_SIZE, make_demo_dataset, write_clip
 
+    size = DEMO_SIZE  # camera-like frames; both training images and clip are resized to the model input
     shutil.rmtree(data, ignore_errors=True)
-    make_dataset(data, n_train=60, n_test_good=20, n_test_defect=20, size=size, seed=0)
+    make_demo_dataset(data)
     print(f"wrote {data}")
 
     say("2/5 training PatchCore (EfficientNet-Lite0 features) on the good images, exporting the ONNX bundle")

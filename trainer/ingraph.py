@@ -52,8 +52,11 @@ class ImageNetInput(nn.Module):
         self.register_buffer("offset", torch.tensor(mean).view(1, 3, 1, 1) / std_t)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.to(torch.float32).flip(-1)  # BGR -> RGB
-        return x.permute(0, 3, 1, 2) * self.scale - self.offset
+        # Cast first (TensorRT takes UINT8 only at the graph's edge), then BGR -> RGB on the channel planes: a
+        # reversed Slice over the innermost axis of size 3 cost ONNX Runtime 0.29 ms a 160 px frame, over the
+        # planes a few hundredths (same values)
+        x = frames.to(torch.float32).permute(0, 3, 1, 2).flip(1)
+        return x * self.scale - self.offset
 
 
 class ScoreScale(nn.Module):

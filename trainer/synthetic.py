@@ -247,6 +247,15 @@ def make_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 10, n_t
     return root
 
 
+DEMO_SIZE = (240, 320)  # camera-like stills; `make demo` trains on these, benchmarks/pipeline.py times that fit
+
+
+def make_demo_dataset(root: str | Path) -> Path:
+    """The parts `make demo` trains and evaluates on, in one place so the benchmark that times the demo's fit
+    fits exactly what the demo does."""
+    return make_dataset(root, n_train=60, n_test_good=20, n_test_defect=20, size=DEMO_SIZE, seed=0)
+
+
 def write_clip(path: str | Path, size: Size, n_frames: int, defects: Sequence[tuple[int, int]],
                fps: float = 10.0, seed: int = 0, kinds: Sequence[str] = DEFECT_KINDS, codec: str = "FFV1") -> Path:
     """A video of parts passing the camera; frames in any [start, stop) of ``defects`` carry a defect.

@@ -34,7 +34,7 @@ from edge.errors import UserError
 from trainer import distributed
 from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
 from trainer.config import ModelDefaults
-from trainer.ingraph import MapBlur
+from trainer.ingraph import ImageNetInput, MapBlur
 from trainer.models import SURFACE_DEFECTS, AnomalyModel, RunOptions, register_model
 
 if TYPE_CHECKING:
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 class FrameFeatures(nn.Module):
     """uint8 BGR frames [N,H,W,3] -> locally aware patch embeddings [N,C,h,w] (cast, RGB, normalise in-graph)."""
 
-    scale: torch.Tensor
-    offset: torch.Tensor
     projection: Optional[torch.Tensor]
 
     def __init__(self, backbone: EfficientNetLite0, layers: tuple[int, int], neighbourhood: int,
@@ -54,20 +52,14 @@ class FrameFeatures(nn.Module):
         self.backbone = backbone.eval()
         self.layers = tuple(layers)
         self.neighbourhood = neighbourhood
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        # x_norm = (x/255 - mean)/std = x * scale - offset, one multiply-add per pixel.
-        self.register_buffer("scale", 1.0 / (255.0 * std))
-        self.register_buffer("offset", mean / std)
+        self.input = ImageNetInput(IMAGENET_MEAN, IMAGENET_STD)
         if projection is not None:
             self.register_buffer("projection", projection.reshape(*projection.shape, 1, 1).clone())
         else:
             self.projection = None
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.to(torch.float32).flip(-1)  # BGR -> RGB
-        x = x.permute(0, 3, 1, 2) * self.scale - self.offset
-        fine, coarse = self.backbone.features(x, self.layers)
+        fine, coarse = self.backbone.features(self.input(frames), self.layers)
         k = self.neighbourhood
         if k > 1:
             fine = F.avg_pool2d(fine, k, stride=1, padding=k // 2, count_include_pad=False)
