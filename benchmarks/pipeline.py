@@ -84,8 +84,11 @@ def demo_fit_seconds(work: Path) -> float:
 
     data = make_demo_dataset(work / "demo-data")
     t0 = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "edge-train"), "fit", "--data", str(data),
-                    "--out", str(work / "demo-engines")], check=True, capture_output=True)
+    proc = subprocess.run([str(Path(sys.executable).parent / "edge-train"), "fit", "--data", str(data),
+                           "--out", str(work / "demo-engines")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"pipeline: error: the demo's fit failed: {last}")
     return time.perf_counter() - t0
 
 
@@ -321,12 +324,12 @@ def main() -> int:
         print("pipeline: error: mosquitto not found (make broker)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="edge-pipeline-"))
-    broker = Mosquitto(work / "broker", free_port(), binary)
-    results = []
     demo_fit = None if args.no_demo_fit else demo_fit_seconds(work)  # first, while nothing else has run
     if demo_fit is not None and not args.json:
         print(f"make demo's fit (edge-train fit on the demo's 60 generated parts, process start-up included): "
               f"{demo_fit:.1f} s")
+    broker = Mosquitto(work / "broker", free_port(), binary)
+    results = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             result = measure_model(name, args, work, broker.url)
