@@ -187,7 +187,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     station.open_cameras()
     if cfg.engine.auto_batch and backend.max_batch > 1:  # after the cheap checks: bad input fails at once
         chosen = fastest_batch(backend, bundle.input_hw, backend.max_batch)
-        backend.max_batch = station.batcher.max_batch = station.stats.max_batch = chosen
+        station.use_batch(chosen)
         cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
     selection = getattr(backend, "selection", "")
     graph = getattr(backend, "path", None)  # ONNX Runtime: the score-only graph or the full one

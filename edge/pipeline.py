@@ -112,6 +112,7 @@ class Station:
             self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), stats, drift)
         self.batcher = Batcher([c.source.queue for c in self.cameras.values()], backend.max_batch,
                                cfg.engine.max_wait_ms)
+        self.use_batch(backend.max_batch)
         self.watcher: Optional[BundleWatcher] = None  # set when the station follows a model's `current`
         self.metrics: Optional[Metrics] = None  # set when the Prometheus endpoint is on
         self.collection: Optional[Collection] = None  # set when collect.enabled (frames kept for retraining)
@@ -143,6 +144,16 @@ class Station:
                 raise UserError(describe_open_failure(src.cam) + ("" if not src.live else
                                 "; cameras[].wait_at_start is false"))
             log.warning("%s; waiting for it (retrying with back-off)", describe_open_failure(src.cam))
+
+    def use_batch(self, max_batch: int) -> None:
+        """Score in batches of up to ``max_batch`` frames. Each camera's queue then holds at least one full batch,
+        and a video file's two: with fewer, the chosen size never forms (one camera with queue_size 4 ran every
+        batch of 8 at 4 frames, the slower size), and a file's reader would wait while the engine scores instead
+        of filling the next batch."""
+        self.backend.max_batch = self.batcher.max_batch = self.stats.max_batch = max_batch
+        for cam in self.cameras.values():
+            src = cam.source
+            src.queue.maxsize = max(src.cam.queue_size, max_batch if src.live else 2 * max_batch)
 
     def end_events_left_open(self) -> int:
         """Events the previous run had open when it died: end them now (reason ``restart``), so SCADA never
@@ -235,11 +246,10 @@ class Station:
         self.backend.close()
         self.bundle, self.backend = bundle, backend
         self._use(self.site.swapped(bundle))
-        self.batcher.max_batch = backend.max_batch
+        self.use_batch(backend.max_batch)
         for cam in self.cameras.values():
             cam.source.input_hw, cam.source.resize = bundle.input_hw, bundle.input_resize
-        self.stats.model, self.stats.model_version, self.stats.max_batch = \
-            bundle.model_name, bundle.version, backend.max_batch
+        self.stats.model, self.stats.model_version = bundle.model_name, bundle.version
         log.info("model swapped: %s %s -> %s %s, %s", old.model_name, old.version, bundle.model_name,
                  bundle.version, self.site.startup_text(self.choice))
 

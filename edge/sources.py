@@ -257,7 +257,7 @@ class FrameQueue:
 
     def put(self, item: Frame) -> None:
         with self.cond:
-            if len(self._items) >= self.maxsize:
+            while len(self._items) >= self.maxsize:  # a loop: maxsize may have been lowered (a model swap)
                 self._items.popleft()
                 self.dropped += 1
             self._items.append(item)

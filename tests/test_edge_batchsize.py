@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from edge_helpers import run_cli, write_video
 
 from edge.backends.onnxruntime import OrtBackend
 from edge.batchsize import candidate_sizes, fastest_batch
 from edge.bundle import load_bundle
+from edge.cli import _build, run_parser
 
 
 class CostPerCall:
@@ -58,3 +61,43 @@ def test_edge_run_says_which_batch_size_it_chose(tmp_path: Path, mosquitto: str,
                                 "--state-dir", tmp_path / "state"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "fastest on onnxruntime here (frames/s by batch size: 1: " in proc.stderr
+
+
+class SlowerThanTheCamera:
+    """The station's real backend, made slower than the reader (a real model on a small CPU is), recording the
+    size of every batch it is handed."""
+
+    def __init__(self, backend: Any, seconds_per_call: float) -> None:
+        self.backend, self.seconds_per_call = backend, seconds_per_call
+        self.name, self.max_batch = backend.name, backend.max_batch
+        self.sizes: list[int] = []
+
+    def infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        self.sizes.append(len(frames))
+        time.sleep(self.seconds_per_call)
+        return self.backend.infer(frames)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+@pytest.mark.parametrize("batch", [8, 16])
+def test_a_video_file_is_scored_in_full_batches_of_the_chosen_size(tmp_path: Path, mosquitto: str,
+                                                                   toy_bundle: Path, batch: int) -> None:
+    # One camera with the default queue_size (4) ran every batch of 8 at 4 frames: the batch never formed.
+    video = write_video(tmp_path / "v.avi", [], 5 * batch)
+    config = tmp_path / "station.yaml"
+    config.write_text(f"station: full-batches\nstate_dir: {tmp_path / 'state'}\n"
+                      f"engine: {{auto_batch: false, max_batch: {batch}}}\n")
+    _cfg, _bundle, publisher, station = _build(run_parser().parse_args(
+        ["--config", str(config), "--camera", str(video), "--engine", str(toy_bundle), "--mqtt", mosquitto]))
+    slow = SlowerThanTheCamera(station.backend, 0.05)
+    station.backend = slow
+    publisher.start()
+    try:
+        result = station.run()
+    finally:
+        publisher.stop()
+        station.spool.close()
+    assert result.frames == 5 * batch
+    assert slow.sizes[1:-1] and set(slow.sizes[1:-1]) == {batch}, slow.sizes  # the first may go out early
