@@ -101,3 +101,23 @@ def test_a_video_file_is_scored_in_full_batches_of_the_chosen_size(tmp_path: Pat
         station.spool.close()
     assert result.frames == 5 * batch
     assert slow.sizes[1:-1] and set(slow.sizes[1:-1]) == {batch}, slow.sizes  # the first may go out early
+
+
+@pytest.mark.parametrize(("cameras", "expected"), [(1, 8), (2, 4), (4, 4)])
+def test_live_cameras_queue_one_batch_between_them_and_no_more(tmp_path: Path, mosquitto: str, toy_bundle: Path,
+                                                               cameras: int, expected: int) -> None:
+    # A lagging station's deeper queue holds only older frames: a live camera's share is the batch split among
+    # the cameras, never below its queue_size (4).
+    video = write_video(tmp_path / "v.avi", [], 10)
+    cams = "".join(f"  - {{id: cam{i}, source: '{video}', live: true, max_fps: 30}}\n" for i in range(cameras))
+    config = tmp_path / "station.yaml"
+    config.write_text(f"station: live-share\nstate_dir: {tmp_path / 'state'}\n"
+                      f"engine: {{auto_batch: false, max_batch: 8}}\ncameras:\n{cams}")
+    _cfg, _bundle, _publisher, station = _build(run_parser().parse_args(
+        ["--config", str(config), "--engine", str(toy_bundle), "--mqtt", mosquitto]))
+    try:
+        assert [c.source.queue.maxsize for c in station.cameras.values()] == [expected] * cameras
+        station.use_batch(16)  # a swapped-in bundle or the size auto_batch chose
+        assert [c.source.queue.maxsize for c in station.cameras.values()] == [max(4, 16 // cameras)] * cameras
+    finally:
+        station.spool.close()
