@@ -288,13 +288,35 @@ def run_main(argv: Optional[Sequence[str]] = None) -> int:
             return exc.exit_code
     args = run_parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
     except UserError as exc:
         print(f"edge-run: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("edge-run: interrupted twice; exiting without flushing", file=sys.stderr)
-        return 130
+        code = 130
+    return leave_past_blocked_captures(code)
+
+
+def leave_past_blocked_captures(code: int, grace_s: float = 1.0) -> int:
+    """Return ``code``, or exit with it at once when a capture thread is still blocked inside OpenCV.
+
+    Everything that matters (events, spool, SQLite, MQTT) is flushed and closed by now. Left to finalise, the
+    interpreter would unwind such a thread the moment its read returns, and OpenCV's ``catch (...)`` turns that
+    into "FATAL: exception not rethrown" and SIGABRT: a clean stop reported as a crash to systemd.
+    """
+    if "edge.sources" not in sys.modules:  # no camera was ever opened
+        return code
+    from edge.sources import threads_in_opencv
+
+    blocked = threads_in_opencv(grace_s)
+    if not blocked:
+        return code
+    log.info("%d capture thread(s) still blocked in OpenCV; exiting without waiting for them", blocked)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -- edge-events ------------------------------------------------------------------------------------

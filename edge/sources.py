@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,26 @@ class FrameQueue:
         return self.closed and not self._items
 
 
+# Threads that call into OpenCV to open or read a capture. One abandoned while blocked may return at any time,
+# and if that happens while the interpreter is shutting down, CPython unwinds it with a forced unwind that
+# OpenCV's C++ ``catch (...)`` blocks swallow: "FATAL: exception not rethrown" and SIGABRT after a clean stop.
+_OPENCV_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def _opencv_thread(target: Callable[..., None], name: str, args: tuple = ()) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    _OPENCV_THREADS.add(thread)
+    return thread
+
+
+def threads_in_opencv(grace_s: float = 0.0) -> int:
+    """How many capture threads may still be inside an OpenCV call, after waiting up to ``grace_s`` for them."""
+    deadline = time.monotonic() + grace_s
+    for thread in list(_OPENCV_THREADS):
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sum(thread.is_alive() for thread in list(_OPENCV_THREADS))
+
+
 class _Attempt:
     """One capture being opened or read on a thread of its own, so the supervisor can walk away from it when
     OpenCV blocks (a FIFO with no writer, a hung GStreamer pipeline, a silent stream). An abandoned attempt
@@ -377,7 +398,7 @@ class CameraSource:
                 return
             attempt.keep(cap)
 
-        thread = threading.Thread(target=target, name=f"open-{self.cam.id}", daemon=True)
+        thread = _opencv_thread(target, f"open-{self.cam.id}")
         thread.start()
         thread.join(self.cam.stale_timeout_s)
         if thread.is_alive():
@@ -454,8 +475,7 @@ class CameraSource:
         attempt.cap = cap
         outcome: dict[str, str] = {}
         delivered_before = self.captured
-        reader = threading.Thread(target=self._read_loop, args=(attempt, outcome), name=f"read-{self.cam.id}",
-                                  daemon=True)
+        reader = _opencv_thread(self._read_loop, f"read-{self.cam.id}", (attempt, outcome))
         self.last_frame = time.monotonic()
         self.stalled = False
         reader.start()
