@@ -309,9 +309,10 @@ def _opencv_thread(target: Callable[..., None], name: str, args: tuple = ()) -> 
 def threads_in_opencv(grace_s: float = 0.0) -> int:
     """How many capture threads may still be inside an OpenCV call, after waiting up to ``grace_s`` for them."""
     deadline = time.monotonic() + grace_s
-    for thread in list(_OPENCV_THREADS):
+    alive = [thread for thread in list(_OPENCV_THREADS) if thread.is_alive()]
+    for thread in alive:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return sum(thread.is_alive() for thread in list(_OPENCV_THREADS))
+    return sum(thread.is_alive() for thread in alive)
 
 
 class _Attempt:
