@@ -216,7 +216,7 @@ quiet.set()
 time.sleep(0.5)
 source.stop()
 source.join()
-print(f"captured {min(source.captured, 20)}", flush=True)
+print(f"streamed before the stall: {source.captured >= 20}", flush=True)
 
 class SpeakAgainAtFinalisation:
     def __init__(self, fd, frame):
@@ -242,11 +242,11 @@ def _stop_with_a_blocked_read(tmp_path: Path, mode: str) -> subprocess.Completed
 
 def test_a_stop_with_a_read_still_blocked_in_opencv_exits_cleanly(tmp_path: Path) -> None:
     control = _stop_with_a_blocked_read(tmp_path, "unguarded")
-    assert "captured 20" in control.stdout, control.stdout + control.stderr
+    assert "streamed before the stall: True" in control.stdout, control.stdout + control.stderr
     assert control.returncode == -signal.SIGABRT and "exception not rethrown" in control.stderr, (
         "a plain exit no longer aborts here (a newer Python or OpenCV?): this test no longer proves the guard; "
         f"rc {control.returncode}, stderr {control.stderr[-500:]}")
     (tmp_path / "cam0.mjpeg").unlink()
     guarded = _stop_with_a_blocked_read(tmp_path, "guarded")
-    assert "captured 20" in guarded.stdout, guarded.stdout + guarded.stderr
+    assert "streamed before the stall: True" in guarded.stdout, guarded.stdout + guarded.stderr
     assert guarded.returncode == 0, guarded.stderr[-2000:]
