@@ -278,33 +278,45 @@ def write_clip(path: str | Path, size: Size, n_frames: int, defects: Sequence[tu
     return path
 
 
+PASTE_MIN_CONTRAST = 30.0  # mean |pasted - covered| per channel, grey levels: a paste that shows
+PASTE_TRIES = 20
+
+
 def plant_on_frame(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic defect drawn into a copy of any BGR frame (no part geometry needed): a scratch, a stain or
     a pasted patch of the frame itself (CutPaste-style), in a colour that contrasts with the spot it lands on.
-    Returns (frame, mask 0/255). Used where a retrain has no labelled defects to compare models on."""
+    Returns (frame, mask 0/255). Used where a retrain has no labelled defects to compare models on.
+
+    A pasted patch must differ from what it covers by ``PASTE_MIN_CONTRAST`` grey levels on average: brushed
+    metal turned by 180 degrees, or background pasted on background, is no defect at all, and counting it as a
+    miss made champion/challenger comparisons turn on label noise. Without such a patch it becomes a stain."""
     out = image.astype(np.float32).copy()
     h, w = image.shape[:2]
     s = min(h, w)
     mask = np.zeros((h, w), np.uint8)
     cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
     kind = int(rng.integers(3))
+    if kind == 2:  # a rotated patch of another part of the frame pasted here
+        side = max(6, int(rng.uniform(0.1, 0.18) * s))
+        x0, y0 = int(np.clip(cx - side / 2, 0, w - side)), int(np.clip(cy - side / 2, 0, h - side))
+        covered = out[y0:y0 + side, x0:x0 + side]
+        for _ in range(PASTE_TRIES):
+            sx, sy = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+            patch = np.rot90(out[sy:sy + side, sx:sx + side], int(rng.integers(1, 4)))
+            if float(np.abs(patch - covered).mean()) >= PASTE_MIN_CONTRAST:
+                out[y0:y0 + side, x0:x0 + side] = patch.copy()
+                mask[y0:y0 + side, x0:x0 + side] = 255
+                return np.clip(out, 0, 255).round().astype(np.uint8), mask
+        kind = 1  # a uniform frame: nothing to paste that would show
     if kind == 0:  # scratch: a thin bent line
         ang, length = rng.uniform(0, math.pi), rng.uniform(0.2, 0.35) * s
         pts = [(cx + t * math.cos(ang) + rng.normal(0, 0.01 * s), cy + t * math.sin(ang) + rng.normal(0, 0.01 * s))
                for t in np.linspace(-length / 2, length / 2, 7)]
         cv2.polylines(mask, [np.round(np.array(pts)).astype(np.int32)], False, 255, max(2, round(s / 60)),
                       cv2.LINE_AA)
-    elif kind == 1:  # stain: a soft-edged blob
+    else:  # stain: a soft-edged blob
         axes = (max(3, int(rng.uniform(0.04, 0.09) * s)), max(3, int(rng.uniform(0.03, 0.07) * s)))
         cv2.ellipse(mask, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
-    else:  # a rotated patch of another part of the frame pasted here
-        side = max(6, int(rng.uniform(0.1, 0.18) * s))
-        sx, sy = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-        patch = np.rot90(out[sy:sy + side, sx:sx + side], int(rng.integers(1, 4))).copy()
-        x0, y0 = int(np.clip(cx - side / 2, 0, w - side)), int(np.clip(cy - side / 2, 0, h - side))
-        out[y0:y0 + side, x0:x0 + side] = patch
-        mask[y0:y0 + side, x0:x0 + side] = 255
-        return np.clip(out, 0, 255).round().astype(np.uint8), mask
     local = out[mask > 0].mean(axis=0) if mask.any() else np.full(3, 128.0)
     colour = np.float32(25.0 if float(local.mean()) > 127 else 235.0)
     alpha = (cv2.GaussianBlur(mask, (0, 0), 0.8).astype(np.float32) / 255)[..., None]
