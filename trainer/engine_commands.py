@@ -62,7 +62,8 @@ def check_engine(bundle_ref: str, max_batch: Optional[int], data: Optional[Path]
               + ", ".join(scopes))
     if parity is not None:
         auroc = (f"; AUROC FP32 {parity['auroc_fp32']:.4f}, FP16 {parity['auroc_fp16']:.4f}, "
-                 f"delta {parity['auroc_delta']:.4f} (tolerance {parity['auroc_tolerance']})"
+                 f"delta {parity['auroc_delta']:.4f}, good/defect pairs swapped {parity['pairs_swapped_fraction']:.4f} "
+                 f"(tolerance {parity['auroc_tolerance']}, FP32 ties aside)"
                  if parity.get("auroc_delta") is not None else "")
         print(f"FP16 vs FP32 scores on {parity['frames']} test images: max diff {parity['score_max_rel_diff']:.2e} "
               f"of the score scale (tolerance {parity['score_tolerance']:.0e}){auroc}: "

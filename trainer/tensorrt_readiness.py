@@ -13,7 +13,10 @@ Graph checks (``check_graph``), at the bundle's maximum batch:
 - in an FP16 graph, every node of the model's FP32 scopes (the manifest's ``fp16.fp32_scopes``) still
   computes in FP32.
 Numerics (``fp16_parity``): the FP16 graph's scores against the FP32 graph's, through ONNX Runtime, within
-``SCORE_TOLERANCE`` of the score scale, and the same AUROC within ``AUROC_TOLERANCE`` on labelled frames.
+``SCORE_TOLERANCE`` of the score scale, and on labelled frames at most ``AUROC_TOLERANCE`` of the good/defect
+pairs in the other order (what would move the AUROC by that much). Pairs whose FP32 scores lie within
+``TIE_TOLERANCE`` of the scale are ties: a model at chance can give scores a float32 ulp apart, and which of
+two such scores is higher says nothing about FP16.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from trainer import tensorrt_ops as ops
 
 ELEMENT_LIMIT = 2**31  # TensorRT: a tensor must hold fewer than 2^31 elements
 SCORE_TOLERANCE = 1e-2  # FP16 vs FP32: max |s16 - s32| / max |s32|
-AUROC_TOLERANCE = 0.005  # FP16 vs FP32: |AUROC16 - AUROC32| on the planted-defect set
+AUROC_TOLERANCE = 0.005  # FP16 vs FP32: good/defect pairs swapped / all pairs (each moves the AUROC by 1/pairs)
+TIE_TOLERANCE = 1e-6  # FP32 scores within this fraction of the scale are ties (a float32 ulp is 1.2e-7 of it)
 
 
 @dataclass
@@ -231,11 +235,25 @@ def scores_auroc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
 
 
+def swapped_pairs_fraction(s32: np.ndarray, s16: np.ndarray, labels: np.ndarray, tie: float) -> Optional[float]:
+    """The fraction of (good, defect) pairs whose order FP16 loses (reversed or tied), leaving out the pairs
+    FP32 itself does not order (scores within ``tie``); None without both classes."""
+    labels = np.asarray(labels).astype(int)
+    good, bad = labels == 0, labels == 1
+    if not good.any() or not bad.any():
+        return None
+    gap32 = s32[bad][:, None] - s32[good][None, :]
+    gap16 = s16[bad][:, None] - s16[good][None, :]
+    lost = (np.abs(gap32) > tie) & (np.sign(gap16) != np.sign(gap32))
+    return float(lost.sum() / gap32.size)
+
+
 def fp16_parity(fp32_path: Path, fp16_path: Path, frames: np.ndarray, labels: Optional[np.ndarray] = None,
                 batch: int = 8) -> dict[str, Any]:
     """The FP16 graph's scores against the FP32 graph's on the same frames (ONNX Runtime, CPU).
 
-    ``score_max_rel_diff`` = max |s16 - s32| / max |s32|; with labels, both AUROCs and their difference.
+    ``score_max_rel_diff`` = max |s16 - s32| / max |s32|; with labels, both AUROCs, their difference and
+    ``pairs_swapped_fraction``: the good/defect pairs FP16 puts in the other order, FP32 ties aside.
     ``ok`` when within SCORE_TOLERANCE and (with labels) AUROC_TOLERANCE.
     """
     from edge.backends.onnxruntime import OrtBackend  # the station's own scorer; no torch needed here
@@ -253,7 +271,8 @@ def fp16_parity(fp32_path: Path, fp16_path: Path, frames: np.ndarray, labels: Op
     if labels is not None:
         a32, a16 = scores_auroc(s32, labels), scores_auroc(s16, labels)
         out.update({"auroc_fp32": a32, "auroc_fp16": a16, "auroc_tolerance": AUROC_TOLERANCE,
-                    "auroc_delta": None if a32 is None or a16 is None else abs(a16 - a32)})
-        ok = ok and out["auroc_delta"] is not None and out["auroc_delta"] <= AUROC_TOLERANCE
+                    "auroc_delta": None if a32 is None or a16 is None else abs(a16 - a32),
+                    "pairs_swapped_fraction": swapped_pairs_fraction(s32, s16, labels, TIE_TOLERANCE * scale)})
+        ok = ok and out["pairs_swapped_fraction"] is not None and out["pairs_swapped_fraction"] <= AUROC_TOLERANCE
     out["ok"] = ok
     return out
