@@ -107,9 +107,7 @@ FP16_AUROC_KNOWN_FAILURES = {"mahalanobis"}
 def test_fp16_scores_match_fp32_on_planted_defects(exported: dict[str, Any], parts: Path,
                                                    request: pytest.FixtureRequest) -> None:
     if exported["name"] in FP16_AUROC_KNOWN_FAILURES:
-        reason = ("FP16 whitening moves AUROC; run it at fp32" if exported["name"] == "mahalanobis"
-                  else "near-tied scores of a model at chance swap in FP16")
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+        request.applymarker(pytest.mark.xfail(strict=True, reason="FP16 whitening moves AUROC; run it at fp32"))
     test = load_test(parts, (SIZE, SIZE))
     assert test is not None
     parity = fp16_parity(exported["fp32"], exported["fp16"], test.images, test.labels, MAX_BATCH)
