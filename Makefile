@@ -42,10 +42,10 @@ test-slow: $(STAMP) broker datasets
 	$(BIN)/pytest -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check edge trainer tests benchmarks scripts
+	$(BIN)/ruff check core edge trainer tests benchmarks scripts
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --ignore-missing-imports edge trainer benchmarks scripts
+	$(BIN)/mypy --ignore-missing-imports core edge trainer benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

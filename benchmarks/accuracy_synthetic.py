@@ -29,8 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.bundle import load_bundle  # noqa: E402
-from edge.errors import UserError  # noqa: E402
+from core.bundle import load_bundle  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from trainer.config import load_train_config  # noqa: E402
 from trainer.evaluate import evaluate_bundle  # noqa: E402
 from trainer.models.patchcore import PatchCore  # noqa: E402

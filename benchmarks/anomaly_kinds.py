@@ -26,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.bundle import load_bundle  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
-from edge.bundle import load_bundle  # noqa: E402
 from trainer.config import parse_train_config  # noqa: E402
 from trainer.evaluate import evaluate_bundle  # noqa: E402
 from trainer.pipeline import fit_bundle  # noqa: E402

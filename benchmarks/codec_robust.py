@@ -24,7 +24,7 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.bundle import load_bundle  # noqa: E402
+from core.bundle import load_bundle  # noqa: E402
 from trainer.config import parse_train_config  # noqa: E402
 from trainer.data import IMAGE_EXTENSIONS, read_original  # noqa: E402
 from trainer.evaluate import evaluate_bundle  # noqa: E402

@@ -82,9 +82,9 @@ def inference_thread_cost(data: Path, frames: int, every: float) -> tuple[float,
     inference; the frames it hands over are not written here), and the writer thread's wall and CPU ms per PNG
     frame (encode, fsync, rename) at the images' size; its wall time is long on a busy machine (it runs niced)."""
     sys.path.insert(0, str(ROOT))
+    from core.events import EventDetector, EventRule
     from edge.collect import Collection, NormalJob, Shot
     from edge.config import CollectConfig
-    from edge.events import EventDetector, EventRule
     from edge.sources import Frame
 
     good = [read(p) for p in sorted((data / "train" / "good").glob("*.png"))[:20]]

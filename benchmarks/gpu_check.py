@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.bundle import Bundle, load_bundle, new_version_dir, write_manifest  # noqa: E402
 from edge.backends import tensorrt_unavailable_reason  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
-from edge.bundle import Bundle, load_bundle, new_version_dir, write_manifest  # noqa: E402
 from trainer.tensorrt_readiness import scores_auroc  # noqa: E402
 
 

@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.bundle import load_bundle  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
-from edge.bundle import load_bundle  # noqa: E402
 from trainer.config import load_train_config  # noqa: E402
 from trainer.data import load_test, read_image, train_paths  # noqa: E402
 from trainer.evaluate import metrics_from_scores  # noqa: E402

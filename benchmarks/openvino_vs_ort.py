@@ -23,8 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.bundle import ONNX_FP32, ONNX_SCORE  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
-from edge.bundle import ONNX_FP32, ONNX_SCORE  # noqa: E402
 
 
 def main() -> int:

@@ -48,9 +48,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from edge_helpers import Mosquitto, free_port, mosquitto_binary  # noqa: E402
 
+from core.bundle import load_bundle  # noqa: E402
+from core.preprocess import resize_frame  # noqa: E402
 from edge.backends import create_backend  # noqa: E402
-from edge.bundle import load_bundle  # noqa: E402
-from edge.sources import resize_frame  # noqa: E402
 
 CAMERA_FPS = 30.0
 

@@ -50,8 +50,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.cli import positive_int  # noqa: E402
-from edge.errors import UserError  # noqa: E402
+from core.cli import positive_int  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from trainer.datasets import (  # noqa: E402
     CIFAR10_CLASSES,
     DATASETS,

@@ -25,11 +25,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.bundle import load_bundle  # noqa: E402
+from core.preprocess import resize_frame  # noqa: E402
+from core.thresholds import normal_calibration  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
-from edge.bundle import load_bundle  # noqa: E402
-from edge.calibration import normal_calibration  # noqa: E402
 from edge.config import SiteCalibrationConfig  # noqa: E402
-from edge.sources import resize_frame  # noqa: E402
 from trainer.config import parse_train_config  # noqa: E402
 from trainer.data import list_images, read_image  # noqa: E402
 from trainer.pipeline import fit_bundle  # noqa: E402

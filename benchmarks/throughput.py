@@ -22,9 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.bundle import Bundle, load_bundle  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
-from edge.bundle import Bundle, load_bundle  # noqa: E402
-from edge.errors import UserError  # noqa: E402
 
 
 def default_bundle() -> Bundle:

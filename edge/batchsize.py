@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from edge.backends.base import Backend
+from core.backend import Backend
 
 log = logging.getLogger("edge.batchsize")
 

@@ -17,42 +17,16 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from edge.errors import UserError
+from core.cli import OneLineArgumentParser, positive_float, positive_int
+from core.errors import UserError
+from core.logs import setup_logging
 
 log = logging.getLogger("edge")
 
 EXIT_UNDELIVERED = 3
 _CAMERA_ID_RE = re.compile(r"^([A-Za-z0-9_.:-]+)=(.+)$")
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line too (every CLI of the project uses it)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (shared by the project's command lines)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -82,17 +56,6 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    logging.getLogger("paho").setLevel(logging.WARNING)
-
-
 def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
     """``--camera`` replaces the config's list; camera i inherits settings (and id) of config camera i,
     except ``live``, which is decided again from the new source's kind."""
@@ -111,9 +74,9 @@ def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
 
 def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """Config + overrides → (config, bundle, publisher, station); every failure is a UserError."""
+    from core.bundle import load_bundle
     from edge.backends import create_backend
     from edge.batchsize import fastest_batch
-    from edge.bundle import load_bundle
     from edge.calibration import SiteThreshold, calibration_path
     from edge.collect import open_collection
     from edge.config import load_station_config
@@ -143,7 +106,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
             cam.validate()
     except ValueError as exc:
         raise UserError(f"{where}{exc}") from None
-    _setup_logging(cfg.logging.level)
+    setup_logging(cfg.logging.level)
     if not cfg.cameras:
         raise UserError("no camera: pass --camera SOURCE or list cameras in the config")
     parse_mqtt_url(cfg.mqtt.url)  # a bad URL fails before anything heavy is loaded
@@ -328,15 +291,15 @@ def events_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", metavar="P", help="topic prefix (default: the config's mqtt.prefix, else 'anomaly')")
     p.add_argument("--config", metavar="FILE", help="station config, for credentials / TLS / prefix")
     p.add_argument("--count", type=positive_int, metavar="N", help="exit 0 after N events")
-    p.add_argument("--timeout", type=_positive_float, metavar="S",
+    p.add_argument("--timeout", type=positive_float, metavar="S",
                    help="exit after S seconds (non-zero when --count events had not arrived)")
     return p
 
 
 def _events(args: argparse.Namespace) -> int:
+    from core.payloads import payload_problem
     from edge.config import check_topic_level, load_station_config
     from edge.mqtt import new_client, parse_mqtt_url
-    from edge.payloads import payload_problem
 
     cfg = load_station_config(args.config).mqtt
     url = parse_mqtt_url(args.mqtt or cfg.url)

@@ -41,12 +41,12 @@ from typing import IO, Any, Optional, Sequence, Union
 
 import cv2
 
-from edge.bundle import atomic_write_text
+from core.errors import UserError
+from core.events import EventDetector, Transition
+from core.files import atomic_write_bytes, atomic_write_text
+from core.payloads import iso_utc, payload_problem
 from edge.config import CollectConfig, StationConfig
-from edge.errors import UserError
-from edge.events import EventDetector, Transition
-from edge.payloads import payload_problem
-from edge.sources import Frame, iso_utc, lower_thread_priority
+from edge.sources import Frame, lower_thread_priority
 
 try:
     import fcntl
@@ -320,16 +320,6 @@ class LabelJob:
 Job = Union[NormalJob, EventJob, LabelJob]
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename: a reader sees the whole file or none."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def encode_png(shot: Shot) -> tuple[bytes, tuple[int, int], bool]:
     """Lossless PNG of the frame at its captured resolution when the station kept it, else the model input."""
     f = shot.frame
@@ -519,7 +509,7 @@ class FrameWriter:
             return
         image = self.root / "train" / "good" / f"{name}.png"
         image.parent.mkdir(parents=True, exist_ok=True)
-        _write_bytes(image, png)
+        atomic_write_bytes(image, png)
         atomic_write_text(image.with_suffix(".json"), text)
         self._normals.append((image, need))
         self.total_bytes += need
@@ -542,7 +532,7 @@ class FrameWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, png, text in files:
-            _write_bytes(tmp / f"{name}.png", png)
+            atomic_write_bytes(tmp / f"{name}.png", png)
             atomic_write_text(tmp / f"{name}.json", text)
         os.rename(tmp, final)
         self._events[job.event_id] = need

@@ -1,6 +1,6 @@
 """Station configuration: the dataclasses that config/station.yaml is loaded into.
 
-Loaded with :func:`edge.configfile.load_config`, so an unknown key or a wrong type is reported as
+Loaded with :func:`core.configfile.load_config`, so an unknown key or a wrong type is reported as
 ``file:line: key ...``. Every key here is documented (with its default) in config/station.yaml.
 ``Optional[...]`` rather than ``X | None`` because the loader resolves the hints at run time on Python 3.9.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from edge.configfile import load_config
-from edge.events import EventRule
+from core.configfile import load_config
+from core.events import EventRule
 
 # Credentials inside a source or URL: scheme://user:password@host, and rtspsrc's user-pw=... property.
 _URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")

@@ -95,5 +95,5 @@ class DriftMonitor:
 
 
 def health_payload(station: str, ts_iso: str, alarms: list[dict[str, Any]]) -> dict[str, Any]:
-    """The retained ``{prefix}/{station}/health`` message (edge/schemas/health.schema.json)."""
+    """The retained ``{prefix}/{station}/health`` message (core/schemas/health.schema.json)."""
     return {"schema": HEALTH_SCHEMA_VERSION, "station": station, "ts": ts_iso, "ok": not alarms, "alarms": alarms}

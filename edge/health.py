@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.errors import UserError
+from core.errors import UserError
 from edge.stats import StationStats
 
 log = logging.getLogger("edge.health")

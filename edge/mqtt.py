@@ -34,8 +34,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from core.errors import UserError
 from edge.config import MqttConfig, TlsConfig, redact_secrets
-from edge.errors import UserError
 from edge.spool import Spool
 
 log = logging.getLogger("edge.mqtt")

@@ -21,18 +21,20 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from edge.backends.base import Backend
+from core.backend import Backend
+from core.bundle import Bundle
+from core.errors import UserError
+from core.events import EventDetector, EventRule, Transition, event_payload
+from core.payloads import iso_utc
+from core.preprocess import resize_frame
 from edge.batcher import Batcher
-from edge.bundle import Bundle
 from edge.calibration import SiteThreshold, ThresholdChoice
 from edge.collect import Collection
 from edge.config import StationConfig
 from edge.drift import DriftMonitor, health_payload
-from edge.errors import UserError
-from edge.events import EventDetector, EventRule, Transition, event_payload
 from edge.health import Metrics, SystemdNotifier
 from edge.mqtt import StationPublisher
-from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure, iso_utc, resize_frame
+from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure
 from edge.spool import Spool
 from edge.stats import CameraStats, StageClock, StationStats
 from edge.swap import BundleWatcher

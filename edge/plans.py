@@ -10,11 +10,12 @@ never trusted. Pure functions: no TensorRT needed, so all of it is tested on any
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from core.files import atomic_write_bytes
 
 PRECISIONS = ("fp16", "fp32")
 PLAN_SUFFIX = ".plan"
@@ -110,30 +111,21 @@ def write_plan(plans_dir: Path, key: PlanKey, plan: bytes) -> Path:
     plans_dir.mkdir(parents=True, exist_ok=True)
     path, record = plan_path(plans_dir, key), record_path(plans_dir, key)
     record.unlink(missing_ok=True)  # while the plan is being replaced it must not look verified
-    _atomic_write_bytes(path, plan)
-    _atomic_write_bytes(record, (json.dumps(key.record(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, plan)
+    atomic_write_bytes(record, (json.dumps(key.record(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def write_timing_cache(plans_dir: Path, key: PlanKey, data: bytes) -> None:
     plans_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(timing_cache_path(plans_dir, key), data)
+    atomic_write_bytes(timing_cache_path(plans_dir, key), data)
 
 
 @dataclass(frozen=True)
 class BuildSource:
     """Which ONNX file a TensorRT version builds a precision from, and how (DESIGN: the bundle)."""
 
-    onnx: str  # edge.bundle.ONNX_FP32 or ONNX_FP16
+    onnx: str  # core.bundle.ONNX_FP32 or ONNX_FP16
     strongly_typed: bool  # precision from the graph's own types
     fp16_flag: bool  # BuilderFlag.FP16 (TensorRT < 11 only)
     note: str = ""
@@ -146,7 +138,7 @@ def build_source(tensorrt_major: int, precision: str, has_fp16_onnx: bool, dla: 
     A DLA build below 11 takes the FP32 graph + FP16 flag (the documented DLA path: the builder places
     each layer on the DLA or, with GPU fallback, the GPU).
     """
-    from edge.bundle import ONNX_FP16, ONNX_FP32
+    from core.bundle import ONNX_FP16, ONNX_FP32
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

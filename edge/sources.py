@@ -8,7 +8,6 @@ its fps and frame index, so what a run detects does not depend on how fast the m
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
 import os
 import re
@@ -20,20 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # keep OpenCV's warnings out of our one-line errors
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+import cv2
+import numpy as np
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from edge.bundle import DEFAULT_RESIZE, RESIZE_MODES  # noqa: E402
-from edge.config import CameraConfig  # noqa: E402
-from edge.stats import StageClock  # noqa: E402
-
-with contextlib.suppress(AttributeError):  # cv2 may have been imported before our env default applied
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+from core.preprocess import DEFAULT_RESIZE, RESIZE_MODES, resize_frame
+from edge.config import CameraConfig
+from edge.stats import StageClock
 
 log = logging.getLogger("edge.sources")
+
+
+def quiet_opencv() -> None:
+    """Keep OpenCV's and FFmpeg's warnings out of the station's one-line errors. Called when a station starts (not
+    at import: importing a module never changes the process's environment); FFmpeg reads its variable when its
+    backend first opens a capture, so this runs before any camera is opened."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    with contextlib.suppress(AttributeError):
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 FILE_FPS_FALLBACK = 25.0
@@ -134,58 +137,6 @@ def compressed_packets(cap: cv2.VideoCapture) -> bool:
         return bool(cap.set(cv2.CAP_PROP_FORMAT, -1)) and cap.get(cv2.CAP_PROP_FORMAT) == -1
     except (cv2.error, OverflowError):
         return False
-
-
-def _scale(image: np.ndarray, h: int, w: int) -> np.ndarray:
-    """cv2.resize to h×w: area interpolation when shrinking (no aliasing), linear otherwise."""
-    if image.shape[0] == h and image.shape[1] == w:
-        return image
-    shrink = image.shape[0] > h or image.shape[1] > w
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RESIZE) -> np.ndarray:
-    """To the model's H×W, uint8 BGR, fitted by ``mode`` (edge.bundle.RESIZE_MODES).
-
-    The trainer calls this same function, so training images and station frames are fitted alike.
-    stretch: to H×W whatever the aspect ratio. letterbox: scaled to fit inside H×W keeping the aspect
-    ratio, centred, black (0) bars on the two sides it does not reach. crop: the centre region of the
-    frame with the input's aspect ratio, scaled to H×W (scaling to cover H×W, then cropping the centre).
-    Gray and BGRA frames become BGR.
-    """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, not {mode!r}")
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    elif image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    h, w = hw
-    ih, iw = image.shape[:2]
-    if mode == "letterbox" and (ih, iw) != (h, w):
-        # Fit the limiting side exactly; the other keeps the aspect ratio (integer compare: no float ties).
-        if iw * h >= ih * w:
-            nh, nw = min(h, max(1, round(ih * w / iw))), w
-        else:
-            nh, nw = h, min(w, max(1, round(iw * h / ih)))
-        out = np.zeros((h, w, 3), np.uint8)
-        top, left = (h - nh) // 2, (w - nw) // 2
-        out[top:top + nh, left:left + nw] = _scale(image, nh, nw)
-        return out
-    if mode == "crop" and (ih, iw) != (h, w):
-        # Crop in source pixels first: the same centre region, without resizing what is cut away.
-        if iw * h >= ih * w:
-            ch, cw = ih, min(iw, max(1, round(ih * w / h)))
-        else:
-            ch, cw = min(ih, max(1, round(iw * h / w))), iw
-        top, left = (ih - ch) // 2, (iw - cw) // 2
-        image = image[top:top + ch, left:left + cw]
-    return np.ascontiguousarray(_scale(image, h, w), dtype=np.uint8)
-
-
-def iso_utc(ts: float) -> str:
-    """ISO-8601 UTC with milliseconds and a 'Z', as every payload carries it."""
-    t = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
 def lower_thread_priority(nice: int) -> Optional[int]:
@@ -383,6 +334,7 @@ class CameraSource:
     # -- opening -------------------------------------------------------------------------------
     def open(self) -> bool:
         """Try once to open the source, waiting at most ``stale_timeout_s``; True when it opened."""
+        quiet_opencv()
         cap = self._open_bounded()
         if cap is None:
             return False

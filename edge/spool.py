@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from edge.errors import UserError
+from core.errors import UserError
 from edge.state import StationLock, legacy_seq
 
 log = logging.getLogger("edge.spool")

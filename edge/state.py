@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import IO, Optional
 
-from edge.errors import UserError
+from core.errors import UserError
 
 try:
     import fcntl

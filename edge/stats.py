@@ -103,7 +103,7 @@ class CameraStats:
 
 
 class StationStats:
-    """Everything the stats topic carries (edge/schemas/stats.schema.json)."""
+    """Everything the stats topic carries (core/schemas/stats.schema.json)."""
 
     def __init__(self, station: str, backend: str, model: str, model_version: str, max_batch: int) -> None:
         self.station = station

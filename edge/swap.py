@@ -14,9 +14,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from edge.backends.base import Backend
-from edge.bundle import Bundle, load_bundle, read_current
-from edge.errors import BundleError, UserError
+from core.backend import Backend
+from core.bundle import Bundle, load_bundle, read_current
+from core.errors import BundleError, UserError
 
 log = logging.getLogger("edge.swap")
 

@@ -24,9 +24,9 @@ import paho.mqtt.client as mqtt
 from onnx import TensorProto, helper
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.bundle import new_version_dir, promote, write_manifest
+from core.bundle import new_version_dir, promote, write_manifest
+from core.payloads import validator
 from edge.mqtt import parse_mqtt_url
-from edge.payloads import validator
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "edge" / "schemas"
@@ -63,7 +63,7 @@ def toy_model(hw: tuple[int, int]) -> onnx.ModelProto:
 
 def make_toy_bundle(engines_root: Path, model_name: str = "toy", hw: tuple[int, int] = (32, 32),
                     threshold: float = TOY_THRESHOLD, promote_it: bool = True) -> Path:
-    """A complete bundle written through edge.bundle (the same code path as the trainer)."""
+    """A complete bundle written through core.bundle (the same code path as the trainer)."""
     bundle_dir = new_version_dir(engines_root, model_name)
     onnx.save(toy_model(hw), str(bundle_dir / "model.onnx"))
     write_manifest(

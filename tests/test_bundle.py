@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.bundle import (
+from core.bundle import (
     FORMAT_VERSION,
     MANIFEST,
     load_bundle,
@@ -16,7 +16,7 @@ from edge.bundle import (
     resolve_bundle_dir,
     write_manifest,
 )
-from edge.errors import BundleError
+from core.errors import BundleError
 
 
 def _make_bundle(root: Path, model: str = "toy") -> Path:

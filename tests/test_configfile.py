@@ -8,8 +8,8 @@ from typing import Optional
 
 import pytest
 
-from edge.configfile import load_config, parse_config
-from edge.errors import ConfigError
+from core.configfile import load_config, parse_config
+from core.errors import ConfigError
 
 
 @dataclass

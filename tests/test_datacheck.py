@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.datacheck import (
     ImageScan,
     grayscale_warning,

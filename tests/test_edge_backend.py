@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from edge_helpers import assert_one_line_error, make_frame, run_cli, write_video
 
+from core.bundle import load_bundle
 from edge.backends import Backend, BackendUnavailable, create_backend, resolve_backend_name
 from edge.backends.onnxruntime import OrtBackend
-from edge.bundle import load_bundle
 
 
 def test_ort_backend_scores_frames_and_maps(toy_bundle: Path) -> None:

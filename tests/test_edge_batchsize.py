@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from edge_helpers import run_cli, write_video
 
+from core.bundle import load_bundle
 from edge.backends.onnxruntime import OrtBackend
 from edge.batchsize import candidate_sizes, fastest_batch
-from edge.bundle import load_bundle
 from edge.cli import _build, run_parser
 
 

@@ -30,8 +30,9 @@ from edge_helpers import (
     write_lit_video,
 )
 
+from core.bundle import load_bundle
+from core.errors import UserError
 from edge import calibration as edge_calibration
-from edge.bundle import load_bundle
 from edge.calibration import (
     SiteCalibration,
     calibration_path,
@@ -40,7 +41,6 @@ from edge.calibration import (
     save_site_calibration,
     site_calibration,
 )
-from edge.errors import UserError
 from trainer import calibrate as trainer_calibrate
 from trainer.synthetic import make_dataset, write_clip
 

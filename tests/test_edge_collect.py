@@ -25,11 +25,11 @@ from edge_helpers import (
     write_video,
 )
 
+from core.events import EventDetector, EventRule
+from core.payloads import payload_problem
 from edge.collect import Collection, EventJob, FrameWriter, LabelJob, NormalJob, Shot, encode_png, frame_name
 from edge.config import CollectConfig
-from edge.events import EventDetector, EventRule
 from edge.mqtt import parse_mqtt_url
-from edge.payloads import payload_problem
 from edge.sources import Frame
 from trainer.data import load_test, load_train
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from edge_helpers import REPO, assert_one_line_error, run_cli
 
+from core.errors import ConfigError
 from edge.config import StationConfig, load_station_config
-from edge.errors import ConfigError
 
 
 def test_shipped_station_yaml_loads_with_documented_defaults() -> None:

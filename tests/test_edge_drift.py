@@ -101,7 +101,7 @@ mqtt:
                                         "--calibrate", "30"], timeout=120)
             assert proc.returncode == 0, proc.stderr
             wait_stopped(col)
-            got = check_payloads(col)  # health payloads validated against edge/schemas/health.schema.json
+            got = check_payloads(col)  # health payloads validated against core/schemas/health.schema.json
     finally:
         health.close()
     cal = load_site_calibration(calibration_path(tmp_path / "state", "st-drift"))

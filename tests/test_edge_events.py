@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from edge.events import EventDetector, EventRule, Transition, event_payload
+from core.events import EventDetector, EventRule, Transition, event_payload
 
 
 def run(rule: EventRule, scores: list[float], fps: float = 10.0, finish: bool = True) -> list[Transition]:

@@ -7,8 +7,10 @@ import time
 
 import numpy as np
 
+from core.payloads import iso_utc
+from core.preprocess import resize_frame
 from edge.batcher import Batcher
-from edge.sources import Frame, FrameQueue, iso_utc, resize_frame, source_kind
+from edge.sources import Frame, FrameQueue, source_kind
 
 
 def frame(cam: str, i: int) -> Frame:

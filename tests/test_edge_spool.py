@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edge.errors import UserError
+from core.errors import UserError
 from edge.spool import Spool, open_spool
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import paho.mqtt.publish as mqtt_publish
 from edge_helpers import Collector, check_payloads, cli_command, make_toy_bundle, run_cli, wait_stopped, write_video
 
-from edge.bundle import CURRENT, atomic_write_text
+from core.bundle import CURRENT
+from core.files import atomic_write_text
 from edge.mqtt import parse_mqtt_url
 
 FPS = 10.0

@@ -17,9 +17,9 @@ import onnx
 import pytest
 from edge_helpers import Collector, assert_seq_monotonic, check_events, check_payloads, run_cli, wait_stopped
 
+from core.bundle import load_bundle
+from core.preprocess import resize_frame
 from edge.backends import create_backend
-from edge.bundle import load_bundle
-from edge.sources import resize_frame
 from trainer.synthetic import make_dataset, write_clip
 
 SIZE = (240, 320)  # camera-like frames, resized on the host to the model input, as in training

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.datasets import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,

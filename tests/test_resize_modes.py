@@ -14,10 +14,11 @@ import onnxruntime as ort
 import pytest
 from edge_helpers import Collector, check_payloads, run_cli, toy_model, wait_stopped, write_video
 
-from edge.bundle import MANIFEST, RESIZE_MODES, Bundle, load_bundle, new_version_dir, write_manifest
+from core.bundle import MANIFEST, Bundle, load_bundle, new_version_dir, write_manifest
+from core.errors import BundleError
+from core.preprocess import RESIZE_MODES, resize_frame
 from edge.config import CameraConfig
-from edge.errors import BundleError
-from edge.sources import CameraSource, FrameQueue, resize_frame
+from edge.sources import CameraSource, FrameQueue
 
 
 def _previous_resize_frame(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -152,7 +153,7 @@ def test_crop_to_a_non_square_input() -> None:
 
 # -- the manifest ------------------------------------------------------------------------------------
 def _write_bundle(root: Path, resize: str | None, hw: tuple[int, int] = (32, 32)) -> Path:
-    """A real toy bundle (ONNX graph + manifest) written through edge.bundle, with input.resize when given."""
+    """A real toy bundle (ONNX graph + manifest) written through core.bundle, with input.resize when given."""
     d = new_version_dir(root, "toy")
     onnx.save(toy_model(hw), str(d / "model.onnx"))
     spec: dict[str, object] = {"height": hw[0], "width": hw[1]}

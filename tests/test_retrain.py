@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from edge_helpers import run_cli, write_labelled_holdout, write_station_frames
 
-from edge.bundle import load_bundle, promotion_history, read_current
+from core.bundle import load_bundle, promotion_history, read_current
 from trainer.retrain import drop_near_duplicates, retrain_lock, thumbnail
 from trainer.synthetic import make_dataset, render_frame, write_clip
 

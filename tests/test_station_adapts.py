@@ -23,7 +23,7 @@ from edge_helpers import (
     write_station_frames,
 )
 
-from edge.bundle import read_current
+from core.bundle import read_current
 from trainer.synthetic import make_dataset, write_clip
 
 SIZE = (240, 320)

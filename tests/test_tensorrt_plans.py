@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from edge_helpers import run_cli, write_video
 
+from core.bundle import load_bundle
+from core.errors import UserError
 from edge import plans
 from edge.backends import BackendUnavailable, choose_backend, create_backend, tensorrt_unavailable_reason
 from edge.backends.cudart import Gpu
 from edge.backends.onnxruntime import OrtBackend
 from edge.backends.tensorrt import BuildOptions, TensorRTBackend, plan_key, tensorrt_major
-from edge.bundle import load_bundle
-from edge.errors import UserError
 
 ORIN = Gpu(0, "Orin", "8.7", integrated=True)
 SHA = "ab" * 32

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edge.bundle import new_version_dir, write_manifest
+from core.bundle import new_version_dir, write_manifest
 from trainer import export as ex
 from trainer.cli import main as train_main
 from trainer.config import parse_train_config

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")

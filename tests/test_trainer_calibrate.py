@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.calibrate import calibrate, f1_threshold, quantile_threshold, split_holdout
 
 

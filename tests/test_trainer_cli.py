@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.bundle import load_bundle
+from core.bundle import load_bundle
 from trainer.evaluate import METRIC_KEYS
 from trainer.synthetic import make_dataset
 

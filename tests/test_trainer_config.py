@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from trainer.config import DEFAULT_CONFIG, TrainConfig, load_train_config
 
 

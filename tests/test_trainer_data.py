@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.data import fingerprint, load_test, load_train, train_paths
 from trainer.synthetic import make_dataset
 

@@ -24,8 +24,8 @@ import torch
 from edge_helpers import assert_seq_monotonic, stream_clip
 from torch import nn
 
-from edge.bundle import load_bundle
-from edge.errors import ConfigError
+from core.bundle import load_bundle
+from core.errors import ConfigError
 from trainer.config import load_train_config, parse_train_config
 from trainer.data import train_paths
 from trainer.evaluate import evaluate_bundle

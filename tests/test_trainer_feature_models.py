@@ -19,8 +19,8 @@ import pytest
 import torch
 from edge_helpers import assert_seq_monotonic, check_events, stream_clip
 
-from edge.bundle import load_bundle
-from edge.errors import ConfigError, UserError
+from core.bundle import load_bundle
+from core.errors import ConfigError, UserError
 from trainer.backbones import FEATURE_INFO
 from trainer.config import BACKBONE_TAPS, TrainConfig, parse_train_config
 from trainer.evaluate import evaluate_bundle

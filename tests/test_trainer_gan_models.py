@@ -20,7 +20,7 @@ import onnx
 import pytest
 from edge_helpers import assert_seq_monotonic, stream_clip
 
-from edge.bundle import load_bundle
+from core.bundle import load_bundle
 from trainer.config import parse_train_config
 from trainer.evaluate import evaluate_bundle
 from trainer.pipeline import fit_bundle

@@ -26,8 +26,8 @@ import torch
 from edge_helpers import assert_seq_monotonic, stream_clip
 from scipy import ndimage
 
-from edge.bundle import load_bundle
-from edge.errors import ConfigError, UserError
+from core.bundle import load_bundle
+from core.errors import ConfigError, UserError
 from trainer.config import TrainConfig, parse_train_config
 from trainer.data import load_test
 from trainer.datasets import FASHION_MNIST_DIR, load_dataset

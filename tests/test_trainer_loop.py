@@ -16,8 +16,8 @@ import pytest
 import torch
 from test_trainer_cli import assert_one_line_error, edge_train
 
-from edge.bundle import load_bundle
-from edge.errors import UserError
+from core.bundle import load_bundle
+from core.errors import UserError
 from trainer.config import parse_train_config
 from trainer.loop import BEST, LAST, RUN, TrainingInterrupted
 from trainer.pipeline import CHECKPOINTS, fit_bundle

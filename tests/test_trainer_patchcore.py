@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer import export as ex
 from trainer.config import TrainConfig
 from trainer.data import load_test, train_paths

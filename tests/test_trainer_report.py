@@ -18,8 +18,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge.bundle import MANIFEST, load_bundle, sha256_file
-from edge.sources import resize_frame
+from core.bundle import MANIFEST, load_bundle
+from core.files import sha256_file
+from core.preprocess import resize_frame
 from trainer import report as rep
 from trainer.config import TrainConfig
 from trainer.data import list_images

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.errors import UserError
+from core.errors import UserError
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01

@@ -15,8 +15,8 @@ from typing import Any, Optional
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from edge.calibration import normal_calibration, normalisation, quantile_threshold
-from edge.errors import UserError
+from core.errors import UserError
+from core.thresholds import normal_calibration, normalisation, quantile_threshold
 
 __all__ = ["calibrate", "f1_threshold", "normalisation", "quantile_threshold", "split_holdout"]
 

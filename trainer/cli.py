@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from edge.cli import OneLineArgumentParser, positive_int
-from edge.errors import UserError
+from core.cli import OneLineArgumentParser, positive_int
+from core.errors import UserError
 
 
 class _FitHelp(argparse.Action):
@@ -147,7 +147,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.cases < 0:
         raise UserError(f"--cases {args.cases}: must be >= 0 (0: no hardest-cases grid)")
-    from edge.bundle import load_bundle
+    from core.bundle import load_bundle
     from trainer.report import report_dir
 
     out = report_dir(load_bundle(args.bundle), args.out)  # a wrong --out answers before torch loads
@@ -182,7 +182,7 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from edge.bundle import load_bundle, promote
+    from core.bundle import load_bundle, promote
 
     bundle = load_bundle(args.bundle)
     if bundle.path.resolve() != args.bundle.resolve():
@@ -193,7 +193,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from edge.bundle import CURRENT, rollback
+    from core.bundle import CURRENT, rollback
 
     model_dir = Path(args.model)
     if not (model_dir / CURRENT).is_file() and (args.out / args.model / CURRENT).is_file():

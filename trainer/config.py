@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from edge.configfile import load_config, parse_config
+from core.configfile import load_config, parse_config
+from core.preprocess import RESIZE_MODES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "train.yaml"
 
 
-RESIZE_MODES = ("stretch", "letterbox", "crop")  # mirrors edge.bundle.RESIZE_MODES (checked by a test)
 # Lite0 feature taps: -1 = stem, 0..15 = the last block of each stage, 16 = head (mirrors
 # trainer.backbones.FEATURE_INFO, checked by a test).
 BACKBONE_TAPS = (-1, 0, 2, 4, 7, 10, 14, 15, 16)

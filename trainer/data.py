@@ -16,8 +16,8 @@ from typing import Callable, Optional
 import cv2
 import numpy as np
 
-from edge.errors import UserError
-from edge.sources import resize_frame  # the one resize, shared with the station
+from core.errors import UserError
+from core.preprocess import resize_frame  # the one resize, shared with the station
 from trainer.datacheck import missing_masks_warning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")

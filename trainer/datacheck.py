@@ -17,8 +17,8 @@ from typing import Optional
 
 from PIL import Image
 
-from edge.bundle import RESIZE_MODES
-from edge.errors import UserError
+from core.errors import UserError
+from core.preprocess import RESIZE_MODES
 
 # PIL modes of single-channel images ("LA"/"La": gray with alpha). "P" (palette) counts as colour, even
 # with a gray palette: telling those apart would need the palette, which is more than this check is worth.

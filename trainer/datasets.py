@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 import cv2
 import numpy as np
 
-from edge.errors import UserError
+from core.errors import UserError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from edge.errors import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 LAUNCH_HINT = "start it with torchrun (torchrun --nproc_per_node N -m trainer.cli fit ...), or unset WORLD_SIZE"

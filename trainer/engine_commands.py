@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from edge.errors import UserError
+from core.errors import UserError
 
 
 def _stderr(msg: str) -> None:
@@ -22,7 +22,7 @@ def _stderr(msg: str) -> None:
 
 def check_engine(bundle_ref: str, max_batch: Optional[int], data: Optional[Path], as_json: bool) -> int:
     """Print the readiness of each ONNX file of the bundle (and FP16 parity on DIR/test); 0 ready, 1 not."""
-    from edge.bundle import load_bundle
+    from core.bundle import load_bundle
     from trainer.tensorrt_readiness import check_graph, fp16_parity
 
     bundle = load_bundle(bundle_ref)
@@ -77,10 +77,10 @@ def check_engine(bundle_ref: str, max_batch: Optional[int], data: Optional[Path]
 def build_engine(bundle_ref: str, precision: str, max_batch: Optional[int], opt_batch: Optional[int],
                  workspace_mb: int, dla_core: Optional[int], force: bool) -> int:
     """Build (or confirm) this device's plan for the bundle; prints the plan path last."""
+    from core.bundle import load_bundle
     from edge import plans
     from edge.backends import cudart
     from edge.backends.tensorrt import BuildOptions, build_plan, import_tensorrt, plan_key
-    from edge.bundle import load_bundle
 
     bundle = load_bundle(bundle_ref)
     options = BuildOptions(precision, max_batch or bundle.max_batch or 8, opt_batch, workspace_mb, dla_core)

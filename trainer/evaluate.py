@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from edge.bundle import Bundle, load_bundle
-from edge.errors import UserError
+from core.bundle import Bundle, load_bundle
+from core.errors import UserError
 from trainer.data import ImageSet, load_test
 from trainer.export import onnx_scorer, run_onnx
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from edge.sources import resize_frame
+from core.preprocess import resize_frame
 from trainer.data import ImageSet, read_image, read_original
 from trainer.degrade import DRAWN, Degradation, expand
 

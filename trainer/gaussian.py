@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge.errors import UserError
+from core.errors import UserError
 
 
 class GaussianSums:

@@ -28,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -45,8 +45,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.profiler import record_function
 
-from edge.bundle import atomic_write_text
-from edge.errors import UserError
+from core.errors import UserError
+from core.files import atomic_write_bytes, atomic_write_text
 from trainer import distributed
 from trainer.frames import Augment, TrainingData, set_epoch
 from trainer.models import AnomalyModel, RunOptions
@@ -497,9 +497,9 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 def _atomic_torch_save(obj: Any, path: Optional[Path]) -> None:
     assert path is not None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def run_fingerprint(config: dict[str, Any], data_sha256: str) -> str:

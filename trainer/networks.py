@@ -29,7 +29,7 @@ def check_power_of_two(hw: tuple[int, int], model: str) -> int:
     """The side of a square power-of-two input from 32; anything else is a one-line config error."""
     h, w = hw
     if h != w or h < 32 or h & (h - 1):
-        from edge.errors import UserError
+        from core.errors import UserError
 
         raise UserError(f"input {h}x{w}: {model} needs a square input whose side is a power of two from 32 "
                         f"(32, 64, 128, 256); set input: {{height: 64, width: 64}} in the train config")

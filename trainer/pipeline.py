@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from torch import nn
 
-from edge.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle, new_version_dir, promote, write_manifest
+from core.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle, new_version_dir, promote, write_manifest
 from trainer import calibrate as cal
 from trainer import distributed
 from trainer import export as ex

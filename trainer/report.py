@@ -19,9 +19,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from edge.bundle import Bundle, atomic_write_text
-from edge.errors import UserError
-from edge.events import EventRule
+from core.bundle import Bundle
+from core.errors import UserError
+from core.events import EventRule
+from core.files import atomic_write_text
 from trainer.data import ImageSet
 
 CMAP = "turbo"
@@ -55,7 +56,7 @@ class ScoreSet:
 
 
 def close_level(threshold: float, baseline: float) -> float:
-    """The score below which a station closes an event, at the station's default hysteresis (edge/events.py)."""
+    """The score below which a station closes an event, at the station's default hysteresis (core/events.py)."""
     return EventRule(threshold=threshold, baseline=baseline).close_level
 
 

@@ -31,8 +31,9 @@ import cv2
 import numpy as np
 import yaml
 
-from edge.bundle import Bundle, atomic_write_text, load_bundle, promote
-from edge.errors import UserError
+from core.bundle import Bundle, load_bundle, promote
+from core.errors import UserError
+from core.files import atomic_write_text
 from trainer.config import RetrainConfig, TrainConfig, parse_train_config
 from trainer.data import IMAGE_EXTENSIONS, list_images, read_original
 from trainer.synthetic import plant_on_frame

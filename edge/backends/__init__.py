@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from edge.backends.base import Backend, BackendUnavailable, check_frames
-from edge.bundle import Bundle
-from edge.errors import UserError
+from core.backend import Backend, BackendUnavailable, check_frames
+from core.bundle import Bundle
+from core.errors import UserError
 
 __all__ = ["Backend", "BackendUnavailable", "check_frames", "create_backend", "tensorrt_unavailable_reason",
            "resolve_backend_name", "choose_backend"]

@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edge.backends.base import check_frames
-from edge.bundle import Bundle
-from edge.errors import BundleError
+from core.backend import check_frames
+from core.bundle import Bundle
+from core.errors import BundleError
 
 log = logging.getLogger("edge.backends.onnxruntime")
 

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
+from core.backend import BackendUnavailable, check_frames
+from core.bundle import Bundle
+from core.errors import BundleError, UserError
+from core.files import sha256_file
 from edge import plans
 from edge.backends import cudart
-from edge.backends.base import BackendUnavailable, check_frames
-from edge.bundle import Bundle, sha256_file
-from edge.errors import BundleError, UserError
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import numpy as np
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.config import ModelDefaults
 
 if TYPE_CHECKING:  # this package's __init__ stays torch-free, so a wrong --model answers before torch loads

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.config import ModelDefaults
 from trainer.ingraph import FrameInput, MapBlur
 from trainer.loop import BEST, LAST, RUN, EpochModel, EpochTrainer, Log, LossParts, Update, resolve_device

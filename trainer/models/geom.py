@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.config import ModelDefaults
 from trainer.dirichlet import fit_dirichlet
 from trainer.ingraph import FrameInput

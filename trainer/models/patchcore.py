@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer import distributed
 from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
 from trainer.config import ModelDefaults

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.errors import UserError
+from core.errors import UserError
 from trainer.backbones import load_efficientnet_lite0
 from trainer.config import ModelDefaults
 from trainer.features import BackboneTaps, pooled

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from edge.errors import UserError
+from core.errors import UserError
 
 
 class BackendUnavailable(UserError):

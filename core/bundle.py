@@ -8,7 +8,6 @@ never executes code from a file it loads.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -16,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.errors import BundleError
+from core.errors import BundleError
+from core.files import atomic_write_text, sha256_file
+from core.preprocess import DEFAULT_RESIZE, RESIZE_MODES
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -26,30 +27,7 @@ PLANS_DIR = "plans"  # TensorRT engines built on the device; not part of the che
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
 ONNX_SCORE = "model.score.onnx"  # optional: the FP32 graph with the score output only (no anomaly map computed)
-# How a frame of any size is fitted to the model's H×W (manifest key input.resize; absent = "stretch"):
-# stretch to H×W; letterbox = fit inside keeping the aspect ratio, centred, black bars; crop = cover H×W
-# keeping the aspect ratio, centre crop. Training and the station fit frames the same way (edge.sources).
-RESIZE_MODES = ("stretch", "letterbox", "crop")
-DEFAULT_RESIZE = "stretch"
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write then rename, so a reader sees the old file or the new one, never half of either."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,61 @@
+"""Preprocessing on the host: how a frame of any size is fitted to the model's H×W.
+
+The trainer and the station call this same function, so training images and station frames are fitted alike
+(the bundle's manifest key ``input.resize`` names the mode; absent = "stretch").
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# stretch to H×W; letterbox = fit inside keeping the aspect ratio, centred, black bars; crop = cover H×W
+# keeping the aspect ratio, centre crop.
+RESIZE_MODES = ("stretch", "letterbox", "crop")
+DEFAULT_RESIZE = "stretch"
+
+
+def _scale(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """cv2.resize to h×w: area interpolation when shrinking (no aliasing), linear otherwise."""
+    if image.shape[0] == h and image.shape[1] == w:
+        return image
+    shrink = image.shape[0] > h or image.shape[1] > w
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RESIZE) -> np.ndarray:
+    """To the model's H×W, uint8 BGR, fitted by ``mode`` (core.bundle.RESIZE_MODES).
+
+    The trainer calls this same function, so training images and station frames are fitted alike.
+    stretch: to H×W whatever the aspect ratio. letterbox: scaled to fit inside H×W keeping the aspect
+    ratio, centred, black (0) bars on the two sides it does not reach. crop: the centre region of the
+    frame with the input's aspect ratio, scaled to H×W (scaling to cover H×W, then cropping the centre).
+    Gray and BGRA frames become BGR.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, not {mode!r}")
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    h, w = hw
+    ih, iw = image.shape[:2]
+    if mode == "letterbox" and (ih, iw) != (h, w):
+        # Fit the limiting side exactly; the other keeps the aspect ratio (integer compare: no float ties).
+        if iw * h >= ih * w:
+            nh, nw = min(h, max(1, round(ih * w / iw))), w
+        else:
+            nh, nw = h, min(w, max(1, round(iw * h / ih)))
+        out = np.zeros((h, w, 3), np.uint8)
+        top, left = (h - nh) // 2, (w - nw) // 2
+        out[top:top + nh, left:left + nw] = _scale(image, nh, nw)
+        return out
+    if mode == "crop" and (ih, iw) != (h, w):
+        # Crop in source pixels first: the same centre region, without resizing what is cut away.
+        if iw * h >= ih * w:
+            ch, cw = ih, min(iw, max(1, round(ih * w / h)))
+        else:
+            ch, cw = min(ih, max(1, round(iw * h / w))), iw
+        top, left = (ih - ch) // 2, (iw - cw) // 2
+        image = image[top:top + ch, left:left + cw]
+    return np.ascontiguousarray(_scale(image, h, w), dtype=np.uint8)
