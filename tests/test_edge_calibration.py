@@ -30,6 +30,7 @@ from edge_helpers import (
     write_lit_video,
 )
 
+from core import thresholds
 from core.bundle import load_bundle
 from core.errors import UserError
 from edge import calibration as edge_calibration
@@ -72,10 +73,11 @@ def startup_line(stderr: str) -> str:
 
 # -- the rule and the state file ------------------------------------------------------------------------
 def test_station_and_trainer_share_one_threshold_rule() -> None:
-    assert trainer_calibrate.quantile_threshold is edge_calibration.quantile_threshold
+    assert trainer_calibrate.quantile_threshold is thresholds.quantile_threshold
+    assert edge_calibration.normal_calibration is thresholds.normal_calibration
     scores = np.random.default_rng(3).normal(20.0, 1.5, 400)
     assert trainer_calibrate.calibrate(scores, "quantile", 0.99, 0.5, 3.0) == \
-        edge_calibration.normal_calibration(scores, 0.99, 0.5, 3.0)
+        thresholds.normal_calibration(scores, 0.99, 0.5, 3.0)
 
 
 def test_calibration_file_round_trip_and_corrupt_files(tmp_path: Path, toy_bundle: Path) -> None:
