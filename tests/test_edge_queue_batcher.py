@@ -94,10 +94,10 @@ def test_idle_batcher_returns_empty() -> None:
 
 
 def test_source_kinds_and_helpers() -> None:
-    assert source_kind("0") == "index"
+    assert source_kind("0") == "camera"
     assert source_kind("rtsp://cam/stream") == "url"
     assert source_kind("videotestsrc ! videoconvert ! appsink") == "gstreamer"
-    assert source_kind("/dev/video0") == "device"
+    assert source_kind("/dev/video0") == "camera"
     assert source_kind("clip.avi") == "file"
     out = resize_frame(np.full((48, 64), 7, np.uint8), (12, 16))
     assert out.shape == (12, 16, 3) and out.dtype == np.uint8
