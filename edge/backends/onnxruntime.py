@@ -1,10 +1,12 @@
 """ONNX Runtime backend: CPU everywhere, CUDA / TensorRT execution providers where the build has them.
 
-Usable standalone (the trainer scores through it): ``OrtBackend(path_to_onnx, max_batch=...)``.
+Usable standalone (the trainer scores through it): ``OrtBackend(path_to_onnx, max_batch=...)``. Registered as
+``onnxruntime``, the backend ``auto`` ends with: it runs wherever the package is installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 from core.backend import check_frames
 from core.bundle import Bundle
 from core.errors import BundleError
+from edge.backends import BackendOptions, register_backend
 
 log = logging.getLogger("edge.backends.onnxruntime")
 
@@ -113,3 +116,18 @@ class OrtBackend:
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+def onnxruntime_unavailable_reason() -> Optional[str]:
+    """None when onnxruntime is installed (found, not imported: that waits for a session), else why not."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "cannot import onnxruntime (pip install onnxruntime)"
+    return None
+
+
+@register_backend("onnxruntime", unavailable=onnxruntime_unavailable_reason, preference=100,
+                  title="ONNX Runtime", ready="onnxruntime is installed")
+def create_onnxruntime_backend(bundle: Bundle, options: BackendOptions) -> OrtBackend:
+    """The station's ONNX Runtime session over ``bundle`` (its score-only graph where no map is needed)."""
+    return OrtBackend(bundle, max_batch=options.max_batch, intra_op_threads=options.intra_op_threads,
+                      spinning=options.spinning, need_map=options.need_map)

@@ -33,7 +33,7 @@ from core.bundle import Bundle
 from core.errors import BundleError, UserError
 from core.files import sha256_file
 from edge import plans
-from edge.backends import cudart
+from edge.backends import BackendOptions, cudart, register_backend
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -361,3 +361,27 @@ class TensorRTBackend:
                 stream.destroy()
         self.context = None  # type: ignore[assignment]
         self.engine = None  # type: ignore[assignment]
+
+
+def tensorrt_unavailable_reason() -> Optional[str]:
+    """None when the TensorRT backend can run here (the real ``tensorrt`` and NVIDIA's CUDA bindings import, and
+    a CUDA GPU is visible), else why not (one phrase). Imports them only when asked."""
+    try:
+        import_tensorrt()
+    except Exception as exc:  # ImportError, or a library error raised at import
+        return f"cannot import tensorrt ({type(exc).__name__}: {exc})"
+    try:
+        rt = cudart.load()
+    except Exception as exc:
+        return f"cannot import NVIDIA's CUDA Python bindings, package cuda-python ({type(exc).__name__}: {exc})"
+    if cudart.device_count(rt) < 1:
+        return "no CUDA GPU visible (cudaGetDeviceCount found none)"
+    return None
+
+
+@register_backend("tensorrt", unavailable=tensorrt_unavailable_reason, preference=10, title="TensorRT",
+                  ready="tensorrt and the CUDA bindings import and a GPU is visible", fallible=(cudart.CudaError,))
+def create_tensorrt_backend(bundle: Bundle, options: BackendOptions) -> TensorRTBackend:
+    """A TensorRT engine for this device over ``bundle``: its plan loaded, or built and cached on first start."""
+    return TensorRTBackend(bundle, max_batch=options.max_batch, precision=options.precision,
+                           dla_core=options.dla_core)
