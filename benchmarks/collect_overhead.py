@@ -83,8 +83,9 @@ def inference_thread_cost(data: Path, frames: int, every: float) -> tuple[float,
     frame (encode, fsync, rename) at the images' size; its wall time is long on a busy machine (it runs niced)."""
     sys.path.insert(0, str(ROOT))
     from core.events import EventDetector, EventRule
-    from edge.collect import Collection, NormalJob, Shot
+    from edge.collect import Collection
     from edge.config import CollectConfig
+    from edge.frame_writer import NormalJob, Shot
     from edge.sources import Frame
 
     good = [read(p) for p in sorted((data / "train" / "good").glob("*.png"))[:20]]

@@ -27,8 +27,9 @@ from edge_helpers import (
 
 from core.events import EventDetector, EventRule
 from core.payloads import payload_problem
-from edge.collect import Collection, EventJob, FrameWriter, LabelJob, NormalJob, Shot, encode_png, frame_name
+from edge.collect import Collection
 from edge.config import CollectConfig
+from edge.frame_writer import EventJob, FrameWriter, LabelJob, NormalJob, Shot, encode_png, frame_name
 from edge.mqtt import parse_mqtt_url
 from edge.sources import Frame
 from trainer.data import load_test, load_train
