@@ -45,7 +45,8 @@ class Citation:
     token: str
 
     def __str__(self) -> str:
-        return f"{self.file.relative_to(ROOT) if self.file.is_relative_to(ROOT) else self.file}:{self.line} → {self.token}"
+        where = self.file.relative_to(ROOT) if self.file.is_relative_to(ROOT) else self.file
+        return f"{where}:{self.line} → {self.token}"
 
 
 def scanned_files(root: Path = ROOT) -> list[Path]:
