@@ -1,16 +1,53 @@
-"""The ONNX Runtime backend on a real (toy) bundle, and backend selection."""
+"""The ONNX Runtime backend on a real (toy) bundle, backend selection, and a third backend added by one class."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from edge_helpers import assert_one_line_error, make_frame, run_cli, write_video
 
-from core.bundle import load_bundle
-from edge.backends import Backend, BackendUnavailable, create_backend, resolve_backend_name
+from core.bundle import Bundle, load_bundle
+from edge.backends import (
+    Backend,
+    BackendOptions,
+    BackendUnavailable,
+    backend_names,
+    check_frames,
+    create_backend,
+    register_backend,
+    resolve_backend_name,
+)
 from edge.backends.onnxruntime import OrtBackend
+
+
+# -- a third backend from outside: one class and its registration, no other edit -----------------------
+class ReferenceBackend:
+    """The bundle's graph run by the ``onnx`` package's reference evaluator: numpy, slow, no runtime library."""
+
+    name = "onnx-reference"
+
+    def __init__(self, bundle: Bundle, max_batch: int) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        self.session: Any = ReferenceEvaluator(str(bundle.onnx_path))
+        self.input_hw = bundle.input_hw
+        self.max_batch = max_batch
+
+    def infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        check_frames(frames, self.input_hw)
+        outputs = self.session.run(None, {"frames": frames})
+        return dict(zip(self.session.output_names, outputs, strict=True))
+
+    def close(self) -> None:
+        self.session = None
+
+
+@register_backend("onnx-reference", title="ONNX reference evaluator")  # no preference: never chosen by auto
+def create_reference_backend(bundle: Bundle, options: BackendOptions) -> ReferenceBackend:
+    return ReferenceBackend(bundle, options.max_batch)
 
 
 def test_ort_backend_scores_frames_and_maps(toy_bundle: Path) -> None:
@@ -58,7 +95,8 @@ def test_edge_never_imports_torch(tmp_path: Path) -> None:
     import sys
 
     code = ("import sys, edge.cli, edge.pipeline, edge.backends, edge.backends.onnxruntime, edge.mqtt; "
-            "bad = [m for m in ('torch', 'trainer', 'tensorrt', 'pycuda') if m in sys.modules]; "
+            "edge.backends.backend_names(); "  # every backend module imported, none of their libraries
+            "bad = [m for m in ('torch', 'trainer', 'tensorrt', 'pycuda', 'cuda') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
@@ -78,3 +116,29 @@ def test_a_bundle_without_a_score_only_graph_runs_its_full_graph(toy_bundle: Pat
     assert bundle.onnx_score_path is None  # made before score-only graphs (or with export.score_only: false)
     backend = create_backend("onnxruntime", bundle, need_map=False)
     assert isinstance(backend, OrtBackend) and backend.path == bundle.onnx_path
+
+
+def test_a_backend_registered_from_outside_is_picked_by_name_and_scores_like_onnxruntime(toy_bundle: Path) -> None:
+    assert backend_names()[0] == "auto" and {"onnxruntime", "tensorrt", "onnx-reference"} <= set(backend_names())
+    bundle = load_bundle(toy_bundle)
+    backend = create_backend("onnx-reference", bundle, max_batch=4)
+    assert isinstance(backend, ReferenceBackend) and isinstance(backend, Backend)
+    assert getattr(backend, "selection", "") == "requested" and backend.max_batch == 4
+    rng = np.random.default_rng(2)
+    frames = np.stack([make_frame(rng, (32, 32), defect=i in (1, 4)) for i in range(5)])
+    reference = backend.infer(frames)
+    ort = create_backend("onnxruntime", bundle).infer(frames)
+    np.testing.assert_allclose(reference["score"], ort["score"], atol=1e-6)
+    np.testing.assert_allclose(reference["anomaly_map"], ort["anomaly_map"], atol=1e-6)
+    assert reference["score"].tolist() == pytest.approx([0, 0.25, 0, 0, 0.25], abs=1e-6)
+    assert resolve_backend_name("auto") == "onnxruntime"  # registered without a preference: auto never picks it
+
+
+def test_an_unknown_backend_is_refused_in_one_line_naming_the_registered_ones(toy_bundle: Path) -> None:
+    with pytest.raises(BackendUnavailable) as info:
+        create_backend("openvino", load_bundle(toy_bundle))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("unknown backend 'openvino'; choose one of auto, ")
+    assert all(name in message for name in ("onnxruntime", "tensorrt", "onnx-reference"))
+    with pytest.raises(ValueError, match="'auto' is not a backend's name"):
+        register_backend("auto")
