@@ -69,8 +69,7 @@ class ToyKind(SourceKind):
         return source.startswith("toy://")
 
     def open(self, source: str, timeout_s: float) -> Optional[Capture]:
-        count = source.strip()[len("toy://"):]
-        return CountingCapture(int(count)) if count.isdigit() else None
+        return CountingCapture(int(source.strip()[len("toy://"):]))  # raises on toy://many: a kind with a bug
 
     def frame_rate(self, capture: Capture) -> Optional[float]:
         return 10.0
@@ -202,14 +201,15 @@ def test_an_empty_folder_does_not_open(tmp_path: Path) -> None:
 
 
 # -- the toy kind: picked for its strings, run by the shared machinery --------------------------------
-def test_a_kind_registered_from_outside_is_picked_and_delivers_frames() -> None:
+def test_a_kind_registered_from_outside_is_picked_and_delivers_frames(caplog: pytest.LogCaptureFixture) -> None:
     frames, src = read_all(CameraConfig(id="toy", source="toy://5"), hw=(24, 32))
     assert isinstance(src.kind, ToyKind) and not src.live
     assert [grey(f.image) for f in frames] == [0, 10, 20, 30, 40]
     assert all(f.image.shape == (24, 32, 3) and f.camera == "toy" for f in frames)
     assert np.diff([f.ts for f in frames]) == pytest.approx([0.1] * 4, abs=1e-5)  # its own frame rate
     bad = CameraConfig(id="toy", source="toy://many")
-    assert not CameraSource(bad, (8, 8), FrameQueue(2)).open()
+    assert not CameraSource(bad, (8, 8), FrameQueue(2)).open()  # its open raised: not opened, said in the log
+    assert "opening toy://many as a toy source raised ValueError" in caplog.text
     assert describe_open_failure(bad) == "camera 'toy': cannot open toy://many (toy sources are toy://<number " \
                                          "of frames>)"
 

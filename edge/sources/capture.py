@@ -87,7 +87,12 @@ class CameraSource:
         attempt = Attempt()
 
         def target() -> None:
-            cap = self.kind.open(self.cam.source, self.cam.stale_timeout_s)
+            try:
+                cap = self.kind.open(self.cam.source, self.cam.stale_timeout_s)
+            except Exception as exc:  # a kind's open raised instead of answering None: not opened all the same
+                log.warning("camera '%s': opening %s as a %s source raised %s: %s", self.cam.id,
+                            self.cam.shown_source, self.kind.name, type(exc).__name__, exc)
+                return
             if cap is not None:
                 attempt.keep(cap)
 

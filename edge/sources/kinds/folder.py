@@ -10,6 +10,7 @@ the folder goes on.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -68,14 +69,17 @@ class FolderKind(SourceKind):
 
     def open(self, source: str, timeout_s: float) -> Optional[Capture]:
         folder = Path(source.strip())
-        if not folder.is_dir():
+        try:
+            files = image_files(folder)
+        except OSError:  # gone, not a folder, or not ours to list: open_failure says which
             return None
-        files = image_files(folder)
         return FolderCapture(files) if files else None
 
     def open_failure(self, cam: CameraConfig) -> str:
         folder = Path(cam.source.strip())
         if not folder.is_dir():
             return f"camera '{cam.id}': image folder {cam.shown_source} not found"
+        if not os.access(folder, os.R_OK | os.X_OK):
+            return f"camera '{cam.id}': cannot list image folder {cam.shown_source} (may this user read it?)"
         return (f"camera '{cam.id}': image folder {cam.shown_source} holds no images "
                 f"({', '.join(IMAGE_SUFFIXES)}); put the images directly in it")
