@@ -148,7 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"accuracy_synthetic: error: {exc}", file=sys.stderr)
         return 2
     header = (f"PatchCore ({cfg.backbone.name} taps {cfg.backbone.layers}, input {cfg.input.height}x{cfg.input.width}, "
-              f"coreset {cfg.patchcore.coreset_ratio:g}) on generated parts, through the exported ONNX graph (FP32)\n"
+              f"coreset {cfg.settings_for('patchcore').coreset_ratio:g}) on generated parts, through the exported "
+              "ONNX graph (FP32)\n"
               f"per seed: {args.train} good training parts ({cfg.calibration.holdout_fraction:g} held out for the "
               f"threshold), {args.test_good} good + {args.test_defect} defective test parts "
               f"({', '.join(DEFECT_KINDS)}), {args.size} px, "

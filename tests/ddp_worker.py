@@ -42,7 +42,7 @@ def patchcore_config() -> TrainConfig:
     cfg = TrainConfig()
     cfg.input.height = cfg.input.width = SIZE
     cfg.batch_size = 4
-    cfg.patchcore.coreset_ratio = 0.05
+    cfg.settings_for("patchcore").coreset_ratio = 0.05
     return cfg
 
 

@@ -137,8 +137,8 @@ def test_coreset_candidates_bound_the_selection(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "ds", n_train=6, n_test_good=0, n_test_defect=0, size=64, seed=3)
     cfg = _config()
     cfg.input.height = cfg.input.width = 64
-    cfg.patchcore.coreset_ratio = 0.5
-    cfg.patchcore.coreset_candidates = 300
+    cfg.settings_for("patchcore").coreset_ratio = 0.5
+    cfg.settings_for("patchcore").coreset_candidates = 300
     model = create_model("patchcore", cfg)
     info = model.fit(TrainingData(fit_paths=train_paths(root), holdout_paths=[], hw=(64, 64)))
     assert info["n_patches"] > 300 and info["coreset_candidates"] == 300

@@ -1,4 +1,4 @@
-"""What GANomaly-like models share: a generator and a discriminator trained in alternation by the shared loop.
+"""What the GAN-based models share: a generator and a discriminator trained in alternation by the shared loop.
 
 A subclass builds its two networks and gives the two losses, its validation loss, its raw score and its export
 graph; this base wires the Adam optimisers (the papers' lr and betas), the in-graph frame input, score scaling
@@ -23,21 +23,30 @@ from trainer.networks import check_power_of_two, init_dcgan_weights
 COLLAPSED_DISCRIMINATOR_LOSS = 1e-5
 
 
+def check_adversarial(lr: float, beta1: float, map_sigma: float, key: str) -> None:
+    """The settings every GAN-based model has: a ValueError naming ``key`` (its config section) when one is off."""
+    if lr <= 0 or not 0 <= beta1 < 1:
+        raise ValueError(f"{key}.lr must be > 0 and beta1 in [0, 1)")
+    if map_sigma < 0:
+        raise ValueError(f"{key}.map_sigma must be >= 0")
+
+
 class AdversarialModel(EpochModel):
-    """Generator + discriminator; ``config.<key>`` holds lr, beta1 and map_sigma (see trainer/config.py)."""
+    """Generator + discriminator; the model's settings section holds lr, beta1 and map_sigma (``check_adversarial``)."""
 
     scales_scores = True
     catches = FOREIGN_OBJECTS  # whole-image scores: what departs from a good part as a whole
     # The export modules' min-max score scaling (their ``scale`` attribute, ScoreScale): it multiplies by
     # 1 / (high - low), which can exceed FP16's largest value (65504) and magnifies the raw score's FP16
-    # rounding; in FP16 a briefly trained GANomaly's scores moved by 0.87 of their scale, with it FP32 by 0.005.
+    # rounding; in FP16 a briefly trained encoder-decoder-encoder GAN's scores moved by 0.87 of their scale, with
+    # it FP32 by 0.005.
     fp32_scopes = ("/scale/",)
     generator: nn.Module
     discriminator: nn.Module
 
-    def __init__(self, config: Any, key: str) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.cfg = getattr(config, key)
+        self.cfg = config.settings_for(self.name)
         self.hw = config.input.hw
         self.size = check_power_of_two(self.hw, self.name)
         self.channels = 1 if config.input.channels == "gray" else 3  # 'auto' is resolved from the data upstream

@@ -27,10 +27,19 @@ STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80)
           (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 # Feature taps by block index: channels and stride of that block's output (the last block of each stage).
 # Two more taps for the image-level models: STEM (the stem convolution) and HEAD (the 1x1 head convolution that
-# feeds ImageNet's pooled classifier features): the nine "levels" Mahalanobis AD fits a Gaussian to.
+# feeds ImageNet's pooled classifier features): nine "levels" in all, one per stage, for pooled-feature models.
 STEM, HEAD = -1, 16
 FEATURE_INFO = {STEM: (32, 2), 0: (16, 2), 2: (24, 4), 4: (40, 8), 7: (80, 16), 10: (112, 16), 14: (192, 32),
                 15: (320, 32), HEAD: (1280, 32)}
+
+
+def check_taps(taps: list[int], key: str, at_least: int = 1) -> None:
+    """A ValueError naming ``key`` unless ``taps`` are ``at_least`` or more increasing keys of FEATURE_INFO
+    (a settings class's validate calls it for its tap lists)."""
+    known = sorted(FEATURE_INFO)
+    if len(taps) < at_least or sorted(set(taps)) != list(taps) or any(t not in FEATURE_INFO for t in taps):
+        raise ValueError(f"{key} must be {at_least} or more increasing taps from {known} "
+                         f"({STEM} = stem, {HEAD} = head)")
 
 
 class _Conv(nn.Conv2d):

@@ -9,14 +9,20 @@
   edge-train retrain --station-data DIR --current BUNDLE [--holdout DIR] [--out engines/] [--config FILE] [--json]
   edge-train promote BUNDLE
   edge-train rollback MODEL [--out engines/]
+  edge-train config --dump | --check [--file config/train.yaml]
 
 ``edge-train fit --help`` also lists the registered models by what they catch (surface defects or wrong and
-foreign objects). Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any
-problem the user can fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The
-arguments, the config, the model name and the data folder are checked before torch is imported, so a typo
-answers in a second. Ctrl-C during training stops after the current step and keeps the last checkpoint
-(exit status 130); ``--resume`` continues from it. Under torchrun (``torchrun --nproc_per_node N -m trainer.cli
-fit ...``) rank 0 does all of the above and the other ranks exit 0 silently once their share is trained.
+foreign objects), each with its settings keys and their defaults. ``edge-train config --dump`` prints a train
+config with its model sections generated from the registry (``> config/train.yaml`` refreshes the shipped one);
+``--check`` exits 1 when the file's model sections differ from what the registry generates.
+
+Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any problem the user can
+fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The arguments,
+the --model name and the data folder are checked before torch is imported, so a typo answers in a second
+(the config's model sections come from the model files, so the config itself is read after them). Ctrl-C
+during training stops after the current step and keeps the last checkpoint (exit status 130); ``--resume``
+continues from it. Under torchrun (``torchrun --nproc_per_node N -m trainer.cli fit ...``) rank 0 does all of
+the above and the other ranks exit 0 silently once their share is trained.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +39,7 @@ from core.errors import UserError
 
 
 class _FitHelp(argparse.Action):
-    """``fit --help``: the usual help, then the registered models grouped by what they catch.
+    """``fit --help``: the usual help, then the registered models grouped by what they catch, with their keys.
 
     Only this help imports the models (and torch), so every other argument check stays fast.
     """
@@ -43,16 +50,31 @@ class _FitHelp(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: Optional[str] = None) -> None:
-        from trainer.models import model_catalogue
-
-        kinds: dict[str, list[str]] = {}
-        for name, catches in model_catalogue():
-            kinds.setdefault(catches or "not stated", []).append(name)
-        parser.epilog = "models (--model), by what they catch:\n" + "\n".join(
-            f"  {kind}:\n    {', '.join(names)}" for kind, names in sorted(kinds.items()))
+        parser.epilog = model_help()
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.print_help()
         parser.exit()
+
+
+def model_help() -> str:
+    """The registered models by what they catch, each with its config section's keys and defaults."""
+    from trainer.config import yaml_value
+    from trainer.models import field_docs, get_model_class, model_catalogue, section_key, settings_class
+
+    kinds: dict[str, list[str]] = {}
+    for name, catches in model_catalogue():
+        model = get_model_class(name)
+        shown = f"{name} ({model.display_name})" if model.display_name != name else name
+        settings = settings_class(name)
+        entry = f"    {shown}"
+        if settings is not None:
+            keys = ", ".join(f"{key}={yaml_value(default)}" for key, default, _doc in field_docs(settings))
+            entry += "\n" + textwrap.fill(f"{section_key(name)}: {keys}", width=110, initial_indent=" " * 6,
+                                          subsequent_indent=" " * 8, break_long_words=False)
+        kinds.setdefault(catches or "not stated", []).append(entry)
+    return ("models (--model), by what they catch, with their config section's keys and defaults "
+            "(config/train.yaml documents each key):\n"
+            + "\n".join(f"  {kind}:\n" + "\n".join(entries) for kind, entries in sorted(kinds.items())))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                      "what each catches are listed below")
     fit.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
     fit.add_argument("--config", type=Path, help="train config YAML (default: config/train.yaml)")
-    fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (PatchCore ignores it)")
+    fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (the others ignore it)")
     fit.add_argument("--batch-size", type=int, help="images per training step (default: the model's)")
     fit.add_argument("--device", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
     fit.add_argument("--seed", type=int, help="random seed (overrides the config)")
@@ -107,40 +129,76 @@ def _parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="make the version promoted before the current one current again")
     rb.add_argument("model", help="model folder engines/<model>, or a model name under --out")
     rb.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
+    cf = sub.add_parser("config", help="print or check a train config's model sections, generated from the "
+                        "registered models' settings")
+    action = cf.add_mutually_exclusive_group(required=True)
+    action.add_argument("--dump", action="store_true", help="print the file with its model sections regenerated")
+    action.add_argument("--check", action="store_true", help="exit 1 when the file's model sections differ from "
+                        "the generated ones")
+    cf.add_argument("--file", type=Path, help="train config with the generated-section markers "
+                    "(default: the shipped config/train.yaml)")
     return parser
 
 
 def _fit(args: argparse.Namespace) -> int:
-    # Everything a user can get wrong is checked here, before the imports that load torch.
-    from trainer.config import load_train_config
+    # Everything a user can get wrong on the command line is checked here, before the imports that load torch
+    # (the config's model sections come from the model files, so loading the config imports torch).
+    from trainer.config import check_device, load_train_config
     from trainer.data import train_paths
     from trainer.models import check_model_name
+
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+    if args.device is not None:
+        try:
+            check_device(args.device)
+        except ValueError as exc:
+            raise UserError(f"--device {args.device}: {exc}") from None
+    if args.model:
+        check_model_name(args.model)
+    if args.config is not None and not args.config.is_file():
+        raise UserError(f"{args.config}: config file not found; pass an existing file with --config")
+    train_paths(args.data)
 
     cfg = load_train_config(args.config)
     if args.model:
         cfg.model = args.model
     if args.seed is not None:
         cfg.seed = args.seed
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} {value}: must be >= 1")
     if args.epochs is not None:
         cfg.epochs = args.epochs
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
     if args.device is not None:
         cfg.device = args.device
-        try:
-            cfg.validate()
-        except ValueError as exc:
-            raise UserError(f"--device {args.device}: {exc}") from None
     check_model_name(cfg.model)
-    train_paths(args.data)
 
     from trainer.pipeline import fit_bundle
 
     bundle_dir = fit_bundle(cfg, args.data, args.out, resume=args.resume)
     print(bundle_dir, flush=True)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from trainer.config import DEFAULT_CONFIG, render_train_yaml
+
+    path = args.file or DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the config file ({exc}); pass an existing file with --file") from None
+    rendered = render_train_yaml(text, str(path))
+    if args.dump:
+        sys.stdout.write(rendered)
+        sys.stdout.flush()
+        return 0
+    if rendered != text:
+        print(f"edge-train: {path}: its model sections differ from the registry's; regenerate them with "
+              f"`edge-train config --dump --file {path}`", file=sys.stderr, flush=True)
+        return 1
+    print(f"{path}: model sections match the registry", flush=True)
     return 0
 
 
@@ -218,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return build_engine(args.bundle, args.precision, args.max_batch, args.opt_batch, args.workspace_mb,
                                 args.dla_core, args.force)
-        commands = {"fit": _fit, "eval": _eval, "retrain": _retrain, "promote": _promote, "rollback": _rollback}
+        commands = {"fit": _fit, "eval": _eval, "retrain": _retrain, "promote": _promote, "rollback": _rollback,
+                    "config": _config}
         return commands[args.command](args)
     except UserError as exc:
         if exc.exit_code == 0:  # a torchrun helper rank whose share of the fit is done: rank 0 writes the bundle

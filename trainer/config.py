@@ -1,36 +1,51 @@
 """The trainer's configuration schema (config/train.yaml), loaded with line-numbered errors.
 
-Every field here is documented in config/train.yaml; CLI flags override the file.
+The sections every run shares are declared here; each model's section is the settings dataclass its own file
+registers (trainer/models/base.py), found through the registry, so this module never names a model. The full
+schema class is built from the registry when first needed (``train_config_schema``), which imports the model
+files and so torch: the CLI checks its arguments before. ``config/train.yaml``'s model sections are generated
+from the same registry (``render_train_yaml``, ``edge-train config --dump``). CLI flags override the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
+
+import yaml
 
 from core.configfile import load_config, parse_config
+from core.errors import UserError
 from core.preprocess import RESIZE_MODES
+from trainer.models.base import (
+    AnomalyModel,
+    ModelDefaults,
+    ModelSettings,
+    field_docs,
+    model_sections,
+    section_models,
+    settings_title,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "train.yaml"
+DEFAULT_MODEL = "patchcore"  # the one place the default model is named (tests/test_model_names.py)
 
-
-# Lite0 feature taps: -1 = stem, 0..15 = the last block of each stage, 16 = head (mirrors
-# trainer.backbones.FEATURE_INFO, checked by a test).
-BACKBONE_TAPS = (-1, 0, 2, 4, 7, 10, 14, 15, 16)
-
-
-def _check_taps(taps: List[int], key: str, at_least: int = 1) -> None:
-    if len(taps) < at_least or sorted(set(taps)) != taps or any(t not in BACKBONE_TAPS for t in taps):
-        raise ValueError(f"{key} must be {at_least} or more increasing taps from {list(BACKBONE_TAPS)} "
-                         "(-1 = stem, 16 = head)")
+# config/train.yaml's generated part lies between these two lines (``render_train_yaml``).
+BEGIN_MODELS = "# ---- model sections: generated from the models' settings by `edge-train config --dump`; edit the"
+BEGIN_MODELS_2 = "# ---- defaults and docs in trainer/models/<model>.py, then regenerate ----"
+END_MODELS = "# ---- end of the generated model sections ----"
+COMMENT_COLUMN = 26  # where a key's comment starts in config/train.yaml
+LINE_WIDTH = 118
 
 
 @dataclass
 class InputConfig:
     """Model input size and how frames are fitted to it on the host (the edge fits them the same way).
 
-    None = the model's own default size (PatchCore 160, GANomaly 64, ...), filled in by ``resolve``.
+    None = the model's own default size (its ``ModelDefaults.input_size``), filled in by ``resolve``.
     """
 
     height: Optional[int] = None
@@ -73,80 +88,6 @@ class BackboneConfig:
         layers = self.layers
         if len(layers) != 2 or sorted(set(layers)) != layers or not all(0 <= i <= 15 for i in layers):
             raise ValueError("backbone.layers must be two increasing block indices in 0..15, e.g. [2, 4]")
-
-
-@dataclass
-class PatchCoreConfig:
-    """PatchCore (Roth et al. 2022) hyper-parameters."""
-
-    neighbourhood: int = 3
-    projection_dim: int = 0
-    coreset_ratio: float = 0.025
-    coreset_projection_dim: int = 128
-    max_bank_size: int = 20000
-    coreset_candidates: int = 200000
-    blur_sigma: float = 4.0
-
-    def validate(self) -> None:
-        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
-            raise ValueError("patchcore.neighbourhood must be an odd number >= 1")
-        if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ValueError("patchcore.coreset_ratio must be in (0, 1]")
-        if self.projection_dim < 0 or self.coreset_projection_dim < 0:
-            raise ValueError("patchcore projection dims must be >= 0 (0 = off)")
-        if self.coreset_candidates < 0:
-            raise ValueError("patchcore.coreset_candidates must be >= 0 (0 = every patch)")
-        if self.max_bank_size < 1 or self.blur_sigma < 0:
-            raise ValueError("patchcore.max_bank_size must be >= 1 and blur_sigma >= 0")
-
-
-@dataclass
-class PadimConfig:
-    """PaDiM (Defard et al. 2021): a Gaussian per feature-map position."""
-
-    layers: List[int] = field(default_factory=lambda: [2, 4, 7])
-    channels: int = 100
-    covariance_eps: float = 0.01
-    blur_sigma: float = 4.0
-
-    def validate(self) -> None:
-        _check_taps(self.layers, "padim.layers")
-        if self.channels < 0:
-            raise ValueError("padim.channels must be >= 0 (0 = every concatenated channel)")
-        if self.covariance_eps <= 0 or self.blur_sigma < 0:
-            raise ValueError("padim.covariance_eps must be > 0 and blur_sigma >= 0")
-
-
-@dataclass
-class SpadeConfig:
-    """SPADE (Cohen & Hoshen 2020): kNN of pooled image features; the map by patch kNN among the neighbours."""
-
-    stages: List[int] = field(default_factory=lambda: [14, 15, 16])
-    k: int = 50
-    map_layers: List[int] = field(default_factory=lambda: [4, 7])
-    map_neighbours: int = 10
-    blur_sigma: float = 4.0
-
-    def validate(self) -> None:
-        _check_taps(self.stages, "spade.stages")
-        _check_taps(self.map_layers, "spade.map_layers")
-        if self.k < 1 or self.map_neighbours < 1:
-            raise ValueError("spade.k and spade.map_neighbours must be >= 1")
-        if self.blur_sigma < 0:
-            raise ValueError("spade.blur_sigma must be >= 0")
-
-
-@dataclass
-class MahalanobisConfig:
-    """Mahalanobis AD (Rippel et al. 2020): a Gaussian per backbone level of pooled features."""
-
-    stages: List[int] = field(default_factory=lambda: [-1, 0, 2, 4, 7, 10, 14, 15, 16])
-    blur_sigma: float = 4.0
-
-    def validate(self) -> None:
-        _check_taps(self.stages, "mahalanobis.stages")
-        if self.blur_sigma < 0:
-            raise ValueError("mahalanobis.blur_sigma must be >= 0")
 
 
 @dataclass
@@ -251,116 +192,6 @@ class TrainingConfig:
 
 
 @dataclass
-class GanomalyConfig:
-    """GANomaly (Akcay et al. 2018); defaults are the official code's."""
-
-    nz: int = 100
-    ngf: int = 64
-    ndf: int = 64
-    lr: float = 0.0002
-    beta1: float = 0.5
-    w_adv: float = 1.0
-    w_con: float = 50.0
-    w_enc: float = 1.0
-    map_sigma: float = 2.0
-
-    def validate(self) -> None:
-        _check_gan(self.lr, self.beta1, self.map_sigma, "ganomaly")
-        if min(self.nz, self.ngf, self.ndf) < 1:
-            raise ValueError("ganomaly.nz, ngf and ndf must be >= 1")
-        if min(self.w_adv, self.w_con, self.w_enc) < 0:
-            raise ValueError("ganomaly loss weights must be >= 0")
-
-
-@dataclass
-class SkipGanomalyConfig:
-    """Skip-GANomaly (Akcay et al. 2019); loss weights and score mix are the paper's."""
-
-    ngf: int = 64
-    ndf: int = 64
-    lr: float = 0.0002
-    beta1: float = 0.5
-    w_adv: float = 1.0
-    w_con: float = 40.0
-    w_lat: float = 1.0
-    score_lambda: float = 0.9
-    map_sigma: float = 2.0
-
-    def validate(self) -> None:
-        _check_gan(self.lr, self.beta1, self.map_sigma, "skip_ganomaly")
-        if min(self.ngf, self.ndf) < 1:
-            raise ValueError("skip_ganomaly.ngf and ndf must be >= 1")
-        if min(self.w_adv, self.w_con, self.w_lat) < 0:
-            raise ValueError("skip_ganomaly loss weights must be >= 0")
-        if not 0.0 <= self.score_lambda <= 1.0:
-            raise ValueError("skip_ganomaly.score_lambda must be in [0, 1]")
-
-
-@dataclass
-class GeomConfig:
-    """GEOM (Golan & El-Yaniv 2018): a Wide ResNet classifying geometric transformations; defaults are the paper's."""
-
-    transformations: int = 72
-    depth: int = 10
-    width: int = 4
-    per_image: int = 8
-    lr: float = 0.001
-    score: str = "dirichlet"
-
-    def validate(self) -> None:
-        if self.transformations not in (72, 8):
-            raise ValueError("geom.transformations must be 72 (flip x translations x rotations) or 8 (flip x rot90)")
-        if self.depth < 10 or (self.depth - 4) % 6:
-            raise ValueError("geom.depth must be 6n + 4 with n >= 1 (10, 16, 22, 28)")
-        if self.width < 1 or self.per_image < 1:
-            raise ValueError("geom.width and geom.per_image must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("geom.lr must be > 0")
-        if self.score not in ("dirichlet", "simple"):
-            raise ValueError("geom.score must be dirichlet or simple")
-
-
-def _check_gan(lr: float, beta1: float, map_sigma: float, key: str) -> None:
-    if lr <= 0 or not 0 <= beta1 < 1:
-        raise ValueError(f"{key}.lr must be > 0 and beta1 in [0, 1)")
-    if map_sigma < 0:
-        raise ValueError(f"{key}.map_sigma must be >= 0")
-
-
-@dataclass
-class DeepSvddConfig:
-    """Deep SVDD (Ruff et al. 2018); defaults are the official code's MNIST run (trainer/models/deep_svdd.py)."""
-
-    objective: str = "one-class"
-    nu: float = 0.1
-    widths: List[int] = field(default_factory=list)
-    rep_dim: int = 0
-    pretrain_epochs: int = 150
-    lr: float = 0.0001
-    weight_decay: float = 0.5e-6
-    pretrain_weight_decay: float = 0.5e-3
-    lr_milestone: int = 50
-    centre_eps: float = 0.1
-    warm_up_epochs: int = 10
-    map_sigma: float = 2.0
-
-    def validate(self) -> None:
-        if self.objective not in ("one-class", "soft-boundary"):
-            raise ValueError("deep_svdd.objective must be one-class or soft-boundary")
-        if not 0.0 < self.nu <= 1.0:
-            raise ValueError("deep_svdd.nu must be in (0, 1]")
-        if len(self.widths) > 4 or any(w < 1 for w in self.widths):
-            # 4 levels pool 16x: inputs are multiples of 16, so every level halves evenly
-            raise ValueError("deep_svdd.widths must be up to 4 channel counts >= 1 ([] = the paper's net)")
-        if self.rep_dim < 0 or self.pretrain_epochs < 0 or self.lr_milestone < 0 or self.warm_up_epochs < 0:
-            raise ValueError("deep_svdd.rep_dim, pretrain_epochs, lr_milestone and warm_up_epochs must be >= 0")
-        if self.lr <= 0 or self.weight_decay < 0 or self.pretrain_weight_decay < 0:
-            raise ValueError("deep_svdd.lr must be > 0 and the weight decays >= 0")
-        if self.centre_eps < 0 or self.map_sigma < 0:
-            raise ValueError("deep_svdd.centre_eps and map_sigma must be >= 0")
-
-
-@dataclass
 class ReportConfig:
     """What goes into report.json and the PNG plots."""
 
@@ -370,9 +201,13 @@ class ReportConfig:
 
 @dataclass
 class TrainConfig:
-    """Top level of config/train.yaml."""
+    """Top level of config/train.yaml: the shared sections; each registered model's section is added to it.
 
-    model: str = "patchcore"
+    ``TrainConfig()`` returns an instance of the full schema (``train_config_schema()``, a subclass with one
+    field per model section), so ``dataclasses.asdict`` of any config carries every section, as before.
+    """
+
+    model: str = DEFAULT_MODEL
     seed: int = 0
     device: str = "auto"
     epochs: Optional[int] = None
@@ -380,27 +215,36 @@ class TrainConfig:
     input: InputConfig = field(default_factory=InputConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    patchcore: PatchCoreConfig = field(default_factory=PatchCoreConfig)
-    ganomaly: GanomalyConfig = field(default_factory=GanomalyConfig)
-    skip_ganomaly: SkipGanomalyConfig = field(default_factory=SkipGanomalyConfig)
-    padim: PadimConfig = field(default_factory=PadimConfig)
-    spade: SpadeConfig = field(default_factory=SpadeConfig)
-    mahalanobis: MahalanobisConfig = field(default_factory=MahalanobisConfig)
-    deep_svdd: DeepSvddConfig = field(default_factory=DeepSvddConfig)
-    geom: GeomConfig = field(default_factory=GeomConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     codec_augment: CodecAugmentConfig = field(default_factory=CodecAugmentConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> TrainConfig:
+        if cls is TrainConfig:  # the shared part alone is never a whole config: build the full schema's
+            cls = train_config_schema()
+        return super().__new__(cls)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the full schema class is made at run time, so pickle (and deepcopy) rebuild through the registry
+        return _rebuild_train_config, (dict(self.__dict__),)
+
+    def settings_for(self, model: str) -> Any:
+        """The settings section of ``model`` (its registered settings dataclass instance)."""
+        from trainer.models.base import section_key
+
+        key = section_key(model)
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise UserError(f"model '{model}' has no settings section '{key}' in this config")
+        return getattr(self, key)
+
     def validate(self) -> None:
+        check_device(self.device)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("epochs must be >= 1")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
     def resolve(self, defaults: ModelDefaults, all_gray: Optional[bool] = None) -> TrainConfig:
         """Fill the keys left at null or auto with the model's defaults and the data's facts; returns self.
@@ -421,22 +265,110 @@ class TrainConfig:
         return self
 
 
-@dataclass(frozen=True)
-class ModelDefaults:
-    """What a model uses for the keys a config leaves at null."""
+def check_device(device: str) -> None:
+    """A ValueError unless ``device`` is auto, cpu, cuda or cuda:N (torch-free: the CLI checks --device early)."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
-    input_size: int = 160
-    batch_size: int = 16
-    epochs: Optional[int] = None
+
+_SCHEMAS: dict[tuple[tuple[str, type], ...], type[TrainConfig]] = {}
+
+
+def train_config_schema() -> type[TrainConfig]:
+    """TrainConfig plus one field per registered model section (the model files are imported: torch)."""
+    sections = tuple(model_sections().items())
+    if sections not in _SCHEMAS:
+        clashes = [key for key, _ in sections if key in {f.name for f in dataclasses.fields(TrainConfig)}]
+        if clashes:
+            raise ValueError(f"model section(s) {clashes} clash with the shared config sections; rename the model")
+        fields = [(key, settings, field(default_factory=settings)) for key, settings in sections]
+        schema = dataclasses.make_dataclass("TrainConfig", fields, bases=(TrainConfig,))
+        schema.__module__ = __name__
+        _SCHEMAS[sections] = schema
+    return _SCHEMAS[sections]
+
+
+def _rebuild_train_config(state: dict[str, Any]) -> TrainConfig:
+    config = object.__new__(train_config_schema())
+    config.__dict__.update(state)
+    return config
 
 
 def load_train_config(path: Optional[str | Path] = None) -> TrainConfig:
     """Load ``path`` (default config/train.yaml next to the package; built-in defaults if that is absent)."""
     if path is None:
-        return load_config(DEFAULT_CONFIG, TrainConfig) if DEFAULT_CONFIG.is_file() else TrainConfig()
-    return load_config(path, TrainConfig)
+        return load_config(DEFAULT_CONFIG, train_config_schema()) if DEFAULT_CONFIG.is_file() else TrainConfig()
+    return load_config(path, train_config_schema())
 
 
 def parse_train_config(text: str, source: str = "<train config>") -> TrainConfig:
     """Parse YAML text (tests, overrides)."""
-    return parse_config(text, TrainConfig, source=source)
+    return parse_config(text, train_config_schema(), source=source)
+
+
+# -- config/train.yaml's model sections, generated from the registry -----------------------------------------
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` written as config/train.yaml shows it (floats always with a dot, so YAML 1.1 reads a number)."""
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, _, exponent = text.partition("e")
+        if exponent and "." not in mantissa:
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return dumped[:-4].rstrip() if dumped.endswith("\n...") else dumped
+
+
+def _commented(first: str, doc: str) -> list[str]:
+    """``first`` followed by ``# doc`` at COMMENT_COLUMN, the doc wrapped onto aligned comment lines."""
+    if not doc:
+        return [first]
+    return textwrap.wrap(doc, width=LINE_WIDTH, initial_indent=first.ljust(COMMENT_COLUMN - 1) + " # ",
+                         subsequent_indent=" " * COMMENT_COLUMN + "# ", break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _comment_lines(text: str) -> list[str]:
+    return textwrap.wrap(text, width=LINE_WIDTH, initial_indent="  # ", subsequent_indent="  # ",
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def settings_yaml(key: str, settings: type[ModelSettings], model: type[AnomalyModel]) -> list[str]:
+    """One model's section: its title and what it is for as comments, then each key, its default and its doc."""
+    d = model.defaults
+    epochs = f"epochs {d.epochs}" if d.epochs is not None else "no epochs (epochs is ignored)"
+    lines = [f"{key}:"]
+    title = settings_title(settings)
+    if title:
+        lines += _comment_lines(title)
+    lines += _comment_lines(f"--model {model.name}, for {model.catches or 'what its file says'}; the null keys "
+                            f"above become input {d.input_size} px, batch_size {d.batch_size}, {epochs}.")
+    for name, default, doc in field_docs(settings):
+        lines += _commented(f"  {name}: {yaml_value(default)}", doc)
+    return lines
+
+
+def model_sections_yaml() -> str:
+    """Every registered model's section, as config/train.yaml holds them between the markers."""
+    models = section_models()
+    blocks = ["\n".join(settings_yaml(key, settings, models[key])) for key, settings in model_sections().items()]
+    return "\n\n".join(blocks) + "\n"
+
+
+def render_train_yaml(text: str, source: str = str(DEFAULT_CONFIG)) -> str:
+    """``text`` (a train.yaml) with the part between the markers replaced by the registry's model sections."""
+    lines = text.splitlines(keepends=True)
+    stripped = [line.rstrip("\n") for line in lines]
+    try:
+        begin = stripped.index(BEGIN_MODELS)
+        end = stripped.index(END_MODELS)
+    except ValueError:
+        raise UserError(f"{source}: no generated model sections (a line '{BEGIN_MODELS}' ... and a line "
+                        f"'{END_MODELS}'); start from the shipped config/train.yaml") from None
+    if end < begin or stripped[begin + 1] != BEGIN_MODELS_2:
+        raise UserError(f"{source}: the markers of the generated model sections are out of order; restore them")
+    return "".join(lines[:begin + 2]) + "\n" + model_sections_yaml() + "\n" + "".join(lines[end:])

@@ -39,9 +39,9 @@ pulls phi towards c.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import numpy as np
 import torch
@@ -49,10 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.config import ModelDefaults
 from trainer.ingraph import FrameInput, MapBlur
 from trainer.loop import BEST, LAST, RUN, EpochModel, EpochTrainer, Log, LossParts, Update, resolve_device
-from trainer.models import FOREIGN_OBJECTS, RunOptions, register_model
+from trainer.models import FOREIGN_OBJECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -274,11 +273,51 @@ class AutoencoderPretraining(EpochModel):
         return self.svdd.hw
 
 
-@register_model("deep-svdd")
+@dataclass
+class DeepSvddSettings(ModelSettings):
+    """Deep SVDD (Ruff et al. 2018), the official code's MNIST run; ``epochs`` counts the one-class epochs, which
+    follow pretrain_epochs of autoencoder pre-training."""
+
+    objective: str = setting("one-class", "one-class: mean ||phi(x) - c||^2; soft-boundary: R^2 + 1/nu x "
+                             "mean(max(0, d - R^2))")
+    nu: float = setting(0.1, "soft-boundary: the share of training images allowed outside the sphere")
+    widths: List[int] = setting(
+        [], "channels of each conv level (5x5, BN without affine, leaky ReLU, max-pool); [] = the paper's net: "
+        "grey [8, 4], colour [32, 64, 128]")
+    rep_dim: int = setting(0, "size of the representation phi(x); 0 = the paper's: grey 32, colour 128")
+    pretrain_epochs: int = setting(150, "autoencoder pre-training epochs before the one-class objective "
+                                   "(`epochs`); 0 = none")
+    lr: float = setting(0.0001, "Adam learning rate, both phases")
+    weight_decay: float = setting(0.5e-6, "Adam weight decay of the one-class phase")
+    pretrain_weight_decay: float = setting(0.5e-3, "Adam weight decay of the pre-training")
+    lr_milestone: int = setting(50, "learning rate x 0.1 after this many epochs of each phase; 0 = never")
+    centre_eps: float = setting(0.1, "coordinates of the centre c within this of 0 are moved to +-centre_eps")
+    warm_up_epochs: int = setting(10, "soft-boundary: epochs before the radius R is first updated")
+    map_sigma: float = setting(2.0, "Gaussian blur of the anomaly map (the score split over the last feature "
+                               "map), px; 0 = off")
+
+    def validate(self) -> None:
+        if self.objective not in ("one-class", "soft-boundary"):
+            raise ValueError("deep_svdd.objective must be one-class or soft-boundary")
+        if not 0.0 < self.nu <= 1.0:
+            raise ValueError("deep_svdd.nu must be in (0, 1]")
+        if len(self.widths) > 4 or any(w < 1 for w in self.widths):
+            # 4 levels pool 16x: inputs are multiples of 16, so every level halves evenly
+            raise ValueError("deep_svdd.widths must be up to 4 channel counts >= 1 ([] = the paper's net)")
+        if self.rep_dim < 0 or self.pretrain_epochs < 0 or self.lr_milestone < 0 or self.warm_up_epochs < 0:
+            raise ValueError("deep_svdd.rep_dim, pretrain_epochs, lr_milestone and warm_up_epochs must be >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.pretrain_weight_decay < 0:
+            raise ValueError("deep_svdd.lr must be > 0 and the weight decays >= 0")
+        if self.centre_eps < 0 or self.map_sigma < 0:
+            raise ValueError("deep_svdd.centre_eps and map_sigma must be >= 0")
+
+
+@register_model("deep-svdd", settings=DeepSvddSettings)
 class DeepSvdd(EpochModel):
     """Deep SVDD: a bias-free CNN trained to map normal images close to a centre c; the distance is the score."""
 
     catches = FOREIGN_OBJECTS  # one representation of the whole image: departures of the image as a whole
+    display_name = "Deep SVDD"
     defaults = ModelDefaults(input_size=64, batch_size=200, epochs=150)  # the official batch and epochs
     # The distance subtracts c from phi and sums squares: kept FP32, as the other models' distances.
     fp32_scopes = ("/distance/",)
@@ -289,7 +328,7 @@ class DeepSvdd(EpochModel):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.cfg = config.deep_svdd
+        self.cfg: DeepSvddSettings = config.settings_for(self.name)
         self.hw = config.input.hw
         self.channels = 1 if config.input.channels == "gray" else 3  # 'auto' is resolved from the data upstream
         self.widths, self.rep_dim = network_shape(self.channels, self.cfg.widths, self.cfg.rep_dim)

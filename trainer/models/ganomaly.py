@@ -12,17 +12,17 @@ per-pixel reconstruction difference, so an operator sees where a part differs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.adversarial import AdversarialModel
-from trainer.config import ModelDefaults
+from trainer.adversarial import AdversarialModel, check_adversarial
 from trainer.ingraph import FrameInput, ReconstructionMap, ScoreScale
 from trainer.loop import LossParts
-from trainer.models import register_model
+from trainer.models import ModelDefaults, ModelSettings, register_model, setting
 from trainer.networks import DcganDecoder, DcganDiscriminator, DcganEncoder
 
 
@@ -63,14 +63,39 @@ class GanomalyExport(nn.Module):
         return self.scale(latent_score(z, z_hat)), self.amap(x, fake)
 
 
-@register_model("ganomaly")
+@dataclass
+class GanomalySettings(ModelSettings):
+    """GANomaly (Akcay et al. 2018), the official code's defaults. Input: a square power of two from 32 (32, 64,
+    128, 256)."""
+
+    nz: int = setting(100, "latent size")
+    ngf: int = setting(64, "generator width (channels of the first layer; doubling each level down)")
+    ndf: int = setting(64, "discriminator width")
+    lr: float = setting(0.0002, "Adam learning rate (generator and discriminator)")
+    beta1: float = setting(0.5, "Adam beta1 (beta2 0.999)")
+    w_adv: float = setting(1.0, "weight of the feature-matching adversarial loss (L2 on discriminator features)")
+    w_con: float = setting(50.0, "weight of the contextual loss (L1 between image and reconstruction)")
+    w_enc: float = setting(1.0, "weight of the encoder loss (L2 between the two latent codes)")
+    map_sigma: float = setting(2.0, "Gaussian blur of the anomaly map (per-pixel reconstruction difference), "
+                               "pixels; 0 = off")
+
+    def validate(self) -> None:
+        check_adversarial(self.lr, self.beta1, self.map_sigma, "ganomaly")
+        if min(self.nz, self.ngf, self.ndf) < 1:
+            raise ValueError("ganomaly.nz, ngf and ndf must be >= 1")
+        if min(self.w_adv, self.w_con, self.w_enc) < 0:
+            raise ValueError("ganomaly loss weights must be >= 0")
+
+
+@register_model("ganomaly", settings=GanomalySettings)
 class Ganomaly(AdversarialModel):
     """GANomaly: adversarially trained encoder-decoder-encoder; latent distance as the anomaly score."""
 
+    display_name = "GANomaly"
     defaults = ModelDefaults(input_size=64, batch_size=64, epochs=15)
 
     def __init__(self, config: Any) -> None:
-        super().__init__(config, "ganomaly")
+        super().__init__(config)
         self.generator = GanomalyGenerator(self.size, self.channels, self.cfg.nz, self.cfg.ngf)
         self.discriminator = DcganDiscriminator(self.size, self.channels, self.cfg.ndf)
         self.init_weights()

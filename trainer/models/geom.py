@@ -32,6 +32,7 @@ normal part. Largest intermediate: max_batch x T x 16 x width x H x W (the first
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
@@ -40,11 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.config import ModelDefaults
 from trainer.dirichlet import fit_dirichlet
 from trainer.ingraph import FrameInput
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import FOREIGN_OBJECTS, RunOptions, register_model
+from trainer.models import FOREIGN_OBJECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
 from trainer.networks import WideResNet
 
 if TYPE_CHECKING:
@@ -141,18 +141,53 @@ class GeomExport(nn.Module):
         return self.score(logits), amap[:, 0]  # not squeeze(1): traced, it became an If of unknown rank
 
 
-@register_model("geom")
+@dataclass
+class GeomSettings(ModelSettings):
+    """GEOM (Golan & El-Yaniv 2018): a Wide ResNet told which geometric transformation was applied to a normal
+    image. Input: square (it rotates by 90 degrees; translations scale as size / 4)."""
+
+    transformations: int = setting(
+        72, "72 = flip x translate x {0, -s, +s} x translate y {0, -s, +s} (reflect fill, s = size / 4) x rot90 "
+        "{0, 1, 2, 3}, the paper's; 8 = flip x rot90 only: 9x less work a frame (every frame goes through the "
+        "network once per transformation); its accuracy cost: benchmarks/README.md")
+    depth: int = setting(10, "Wide ResNet depth, 6n + 4 (the paper's WRN-10-4 at 32 px)")
+    width: int = setting(4, "Wide ResNet widening factor (16, 32, 64 x width channels); cost grows as width^2")
+    per_image: int = setting(
+        8, "distinct random transformations of each training image per step (at most transformations): "
+        "batch_size 16 x 8 = the paper's 128 a step, and 27 epochs of the training images = its 3 epochs over the "
+        "72x set (for 8 transformations: epochs 25)")
+    lr: float = setting(0.001, "Adam learning rate (Keras' default, the official code's)")
+    score: str = setting(
+        "dirichlet", "dirichlet = the paper's normality score (a Dirichlet per transformation fitted to the "
+        "softmax outputs on the training normals, Minka's fixed point); simple = mean over t of softmax(T_t x)[t]. "
+        "Both negated: higher = more anomalous")
+
+    def validate(self) -> None:
+        if self.transformations not in (72, 8):
+            raise ValueError("geom.transformations must be 72 (flip x translations x rotations) or 8 (flip x rot90)")
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError("geom.depth must be 6n + 4 with n >= 1 (10, 16, 22, 28)")
+        if self.width < 1 or self.per_image < 1:
+            raise ValueError("geom.width and geom.per_image must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("geom.lr must be > 0")
+        if self.score not in ("dirichlet", "simple"):
+            raise ValueError("geom.score must be dirichlet or simple")
+
+
+@register_model("geom", settings=GeomSettings)
 class Geom(EpochModel):
     """GEOM: a Wide ResNet told which of 72 geometric transformations was applied; Dirichlet normality score."""
 
     catches = FOREIGN_OBJECTS
+    display_name = "GEOM"
     defaults = ModelDefaults(input_size=32, batch_size=16, epochs=27)
     # log-softmax and the weighted sum over T x T entries: FP32 in model.fp16.onnx.
     fp32_scopes = ("/score/",)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.cfg = config.geom
+        self.cfg: GeomSettings = config.settings_for(self.name)
         h, w = config.input.hw
         if h != w:
             raise UserError(f"input {h}x{w}: geom rotates by 90 degrees and needs a square input; set input: "

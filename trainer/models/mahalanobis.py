@@ -19,19 +19,27 @@ batch x positions x 1280 (the map).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.backbones import load_efficientnet_lite0
-from trainer.config import ModelDefaults
+from trainer.backbones import check_taps, load_efficientnet_lite0
 from trainer.features import BackboneTaps, pooled
 from trainer.gaussian import MahalanobisDistance, ledoit_wolf, whitening
 from trainer.ingraph import MapBlur
-from trainer.models import FOREIGN_OBJECTS, AnomalyModel, RunOptions, register_model
+from trainer.models import (
+    FOREIGN_OBJECTS,
+    AnomalyModel,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -62,17 +70,35 @@ class MahalanobisExport(nn.Module):
         return score, amap.squeeze(1)
 
 
-@register_model("mahalanobis")
+@dataclass
+class MahalanobisSettings(ModelSettings):
+    """Mahalanobis AD (Rippel et al. 2020): one Gaussian (Ledoit-Wolf shrinkage) of pooled features per backbone
+    level."""
+
+    stages: List[int] = setting(
+        [-1, 0, 2, 4, 7, 10, 14, 15, 16], "levels: -1 = stem, then the last block of each stage, 16 = head (all "
+        "nine, as the paper uses all nine of EfficientNet-B4); score = sum of their distances")
+    blur_sigma: float = setting(4.0, "blur of the coarse map (the deepest level's per-position distances), pixels; "
+                                "0 = off")
+
+    def validate(self) -> None:
+        check_taps(self.stages, "mahalanobis.stages")
+        if self.blur_sigma < 0:
+            raise ValueError("mahalanobis.blur_sigma must be >= 0")
+
+
+@register_model("mahalanobis", settings=MahalanobisSettings)
 class MahalanobisAD(AnomalyModel):
     """Mahalanobis AD: a Gaussian of pooled features per backbone level; the summed distances as the score."""
 
     catches = FOREIGN_OBJECTS
     trains_with_epochs = False
+    display_name = "Mahalanobis AD"
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.cfg = config.mahalanobis
+        self.cfg: MahalanobisSettings = config.settings_for(self.name)
         self.hw = config.input.hw
         self.taps = BackboneTaps(load_efficientnet_lite0(config.backbone.weights), self.cfg.stages).eval()
         with torch.no_grad():

@@ -19,19 +19,27 @@ intermediate is P x batch x d (at 256 px and batch 16: 6.6 M elements), checked 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.backbones import load_efficientnet_lite0
-from trainer.config import ModelDefaults
+from trainer.backbones import check_taps, load_efficientnet_lite0
 from trainer.features import BackboneTaps, tap_channels
 from trainer.gaussian import GaussianSums, MahalanobisDistance, whitening
 from trainer.ingraph import MapBlur
-from trainer.models import SURFACE_DEFECTS, AnomalyModel, RunOptions, register_model
+from trainer.models import (
+    SURFACE_DEFECTS,
+    AnomalyModel,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -78,13 +86,35 @@ class PadimExport(nn.Module):
         return d.amax(1), amap.squeeze(1)
 
 
-@register_model("padim")
+@dataclass
+class PadimSettings(ModelSettings):
+    """PaDiM (Defard et al. 2021): a Gaussian of the patch features at every position of the finest tap's grid."""
+
+    layers: List[int] = setting(
+        [2, 4, 7], "Lite0 taps, finer first: 24 + 40 + 80 = 144 channels at stride 4, 8, 16 (backbone.layers' "
+        "default [2, 4] plus the stride-16 block, as the paper takes three ResNet stages); the grid is the first's")
+    channels: int = setting(
+        100, "channels kept of the concatenated taps by a seeded random selection (the paper's 100); 0 = all. The "
+        "Gaussians are graph constants of positions x channels^2 floats: 64 MB at 160 px")
+    covariance_eps: float = setting(0.01, "added to each covariance's diagonal (the paper's 0.01 x I)")
+    blur_sigma: float = setting(4.0, "Gaussian blur of the anomaly map, in input pixels (the paper's 4); 0 = off")
+
+    def validate(self) -> None:
+        check_taps(self.layers, "padim.layers")
+        if self.channels < 0:
+            raise ValueError("padim.channels must be >= 0 (0 = every concatenated channel)")
+        if self.covariance_eps <= 0 or self.blur_sigma < 0:
+            raise ValueError("padim.covariance_eps must be > 0 and blur_sigma >= 0")
+
+
+@register_model("padim", settings=PadimSettings)
 class Padim(AnomalyModel):
     """PaDiM: a multivariate Gaussian of normal patch features at every position; Mahalanobis distance as score."""
 
     catches = SURFACE_DEFECTS
     map_in_score_units = True  # score = max of the patch distances the map upsamples and smooths
     trains_with_epochs = False
+    display_name = "PaDiM"
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
     # The whole distance stays FP32 in model.fp16.onnx (so do its constants): with the FP16 matmul the scores
     # moved by up to 70 % on generated parts (40 images, 100 dims: an ill-conditioned covariance whose whitening
@@ -93,7 +123,7 @@ class Padim(AnomalyModel):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.cfg = config.padim
+        self.cfg: PadimSettings = config.settings_for(self.name)
         self.hw = config.input.hw
         layers = tuple(self.cfg.layers)
         total = sum(tap_channels(layers))

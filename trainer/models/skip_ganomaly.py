@@ -11,17 +11,17 @@ f the discriminator's features, min-max scaled in the graph with constants from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.adversarial import AdversarialModel
-from trainer.config import ModelDefaults
+from trainer.adversarial import AdversarialModel, check_adversarial
 from trainer.ingraph import FrameInput, ReconstructionMap, ScoreScale
 from trainer.loop import LossParts
-from trainer.models import register_model
+from trainer.models import ModelDefaults, ModelSettings, register_model, setting
 from trainer.networks import DcganDiscriminator, UnetGenerator
 
 
@@ -54,14 +54,42 @@ class SkipGanomalyExport(nn.Module):
         return self.scale(skip_score(x, fake, feat_real, feat_fake, self.lam)), self.amap(x, fake)
 
 
-@register_model("skip-ganomaly")
+@dataclass
+class SkipGanomalySettings(ModelSettings):
+    """Skip-GANomaly (Akcay et al. 2019): U-Net generator; the paper's loss weights and score mix. Input: a square
+    power of two from 32 (32, 64, 128, 256)."""
+
+    ngf: int = setting(64, "U-Net width (channels of the first level, up to 8x deeper down)")
+    ndf: int = setting(64, "discriminator width")
+    lr: float = setting(0.0002, "Adam learning rate")
+    beta1: float = setting(0.5, "Adam beta1 (beta2 0.999)")
+    w_adv: float = setting(1.0, "adversarial loss weight (BCE of the discriminator on the reconstruction)")
+    w_con: float = setting(40.0, "contextual loss weight (L1); the official repository's default is 50, the "
+                           "paper's 40")
+    w_lat: float = setting(1.0, "latent loss weight (L2 between discriminator features of image and "
+                           "reconstruction)")
+    score_lambda: float = setting(0.9, "score = lambda x reconstruction error + (1 - lambda) x feature error")
+    map_sigma: float = setting(2.0, "Gaussian blur of the anomaly map, pixels; 0 = off")
+
+    def validate(self) -> None:
+        check_adversarial(self.lr, self.beta1, self.map_sigma, "skip_ganomaly")
+        if min(self.ngf, self.ndf) < 1:
+            raise ValueError("skip_ganomaly.ngf and ndf must be >= 1")
+        if min(self.w_adv, self.w_con, self.w_lat) < 0:
+            raise ValueError("skip_ganomaly loss weights must be >= 0")
+        if not 0.0 <= self.score_lambda <= 1.0:
+            raise ValueError("skip_ganomaly.score_lambda must be in [0, 1]")
+
+
+@register_model("skip-ganomaly", settings=SkipGanomalySettings)
 class SkipGanomaly(AdversarialModel):
     """Skip-GANomaly: U-Net generator + DCGAN discriminator; reconstruction and feature errors as the score."""
 
+    display_name = "Skip-GANomaly"
     defaults = ModelDefaults(input_size=64, batch_size=64, epochs=15)
 
     def __init__(self, config: Any) -> None:
-        super().__init__(config, "skip_ganomaly")
+        super().__init__(config)
         self.generator = UnetGenerator(self.size, self.channels, self.cfg.ngf)
         self.discriminator = DcganDiscriminator(self.size, self.channels, self.cfg.ndf)
         self.init_weights()

@@ -26,18 +26,26 @@ expansion cancels in FP16).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.backbones import load_efficientnet_lite0
-from trainer.config import ModelDefaults
+from trainer.backbones import check_taps, load_efficientnet_lite0
 from trainer.features import BackboneTaps, pooled
 from trainer.ingraph import MapBlur
-from trainer.models import FOREIGN_OBJECTS, AnomalyModel, RunOptions, register_model
+from trainer.models import (
+    FOREIGN_OBJECTS,
+    AnomalyModel,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -147,18 +155,43 @@ class SpadeExport(nn.Module):
         return nearest.mean(1), amap.squeeze(1)
 
 
-@register_model("spade")
+@dataclass
+class SpadeSettings(ModelSettings):
+    """SPADE (Cohen & Hoshen 2020): kNN of whole-image features; the map from patch kNN among the nearest images."""
+
+    stages: List[int] = setting(
+        [14, 15, 16], "taps globally average-pooled and concatenated into the image feature: the last two stages "
+        "and the head (16), 192 + 320 + 1280 dims (-1 = stem, 0..15 = blocks)")
+    k: int = setting(50, "nearest training images averaged into the score (the paper's 50; all when fewer)")
+    map_layers: List[int] = setting([4, 7], "taps of the patch features for the map: 40 + 80 channels on the "
+                                    "stride-8 grid")
+    map_neighbours: int = setting(
+        10, "the map compares each patch with the patches of this many nearest images (at most k): its cost grows "
+        "as neighbours x patches^2; 50 is the paper's form")
+    blur_sigma: float = setting(4.0, "Gaussian blur of the anomaly map, in input pixels; 0 = off")
+
+    def validate(self) -> None:
+        check_taps(self.stages, "spade.stages")
+        check_taps(self.map_layers, "spade.map_layers")
+        if self.k < 1 or self.map_neighbours < 1:
+            raise ValueError("spade.k and spade.map_neighbours must be >= 1")
+        if self.blur_sigma < 0:
+            raise ValueError("spade.blur_sigma must be >= 0")
+
+
+@register_model("spade", settings=SpadeSettings)
 class Spade(AnomalyModel):
     """SPADE: kNN of whole-image features for the score; patch correspondences to the neighbours for the map."""
 
     catches = FOREIGN_OBJECTS
     trains_with_epochs = False
+    display_name = "SPADE"
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)
     fp32_scopes = ("/image_distance/", "/patch_distance/")  # ||a||^2 - 2ab + ||b||^2 cancels in FP16
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.cfg = config.spade
+        self.cfg: SpadeSettings = config.settings_for(self.name)
         self.hw = config.input.hw
         stages, map_layers = tuple(self.cfg.stages), tuple(self.cfg.map_layers)
         taps = BackboneTaps(load_efficientnet_lite0(config.backbone.weights), sorted(set(stages) | set(map_layers)))
