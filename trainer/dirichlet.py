@@ -1,10 +1,10 @@
 """Maximum-likelihood Dirichlet fit by Minka's fixed point (Minka 2000, "Estimating a Dirichlet distribution").
 
-GEOM fits one Dirichlet per transformation to the classifier's softmax outputs on the training normals, as its
-official code does: the starting point is the moment estimate (the mean times Minka's approximate precision
-``s = (K - 1)(-psi(1)) / sum_k f_k (log f_k - mean log p_k)``), then ``alpha <- psi^-1(psi(sum alpha) +
-mean log p)``, with psi^-1 by five Newton steps from Minka's initial guess, until the step is below 1e-9.
-Only the per-component means of p and of log p are needed, so the fit streams.
+The transformation classifier fits one Dirichlet per transformation to its softmax outputs on the training
+normals, as the paper's official code does: the starting point is the moment estimate (the mean times Minka's
+approximate precision ``s = (K - 1)(-psi(1)) / sum_k f_k (log f_k - mean log p_k)``), then
+``alpha <- psi^-1(psi(sum alpha) + mean log p)``, with psi^-1 by five Newton steps from Minka's initial guess,
+until the step is below 1e-9. Only the per-component means of p and of log p are needed, so the fit streams.
 """
 
 from __future__ import annotations

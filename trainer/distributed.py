@@ -6,7 +6,7 @@ torchrun the world is one process and every helper here is the identity, so the 
 same code with no process group at all.
 
 Backends: gloo for CPU tensors; on CUDA ``cpu:gloo,cuda:nccl``, so NCCL carries the gradients and gloo the
-few CPU-side exchanges (validation scores, PatchCore's features). Rank 0 is the writer: it alone logs,
+few CPU-side exchanges (validation scores, the memory-bank model's features). Rank 0 is the writer: it alone logs,
 checkpoints and writes the bundle; the other ranks stop after training with ``HelperRankFinished`` (exit 0).
 """
 

@@ -124,7 +124,7 @@ def _fix_casts_to_fp16(model: onnx.ModelProto) -> None:
 
 def _restore_float_outputs(original: onnx.ModelProto, fp16: onnx.ModelProto) -> None:
     """keep_io_types, also when an output's last node is FP32-kept: the converter then ends it with a Cast to
-    FP16 and declares the output FP16 (seen with GANomaly's score scaling kept in FP32)."""
+    FP16 and declares the output FP16 (seen with a GAN-based model's score scaling kept in FP32)."""
     wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
     producer = {o: n for n in fp16.graph.node for o in n.output}
     for out in fp16.graph.output:
@@ -142,7 +142,7 @@ def _drop_fp16_round_trips(model: onnx.ModelProto) -> int:
     """Remove FP32 → FP16 → FP32 cast pairs; returns how many consumers were rewired.
 
     The converter casts every blocked (FP32-kept) node's output to FP16 and every blocked consumer casts it
-    back, so consecutive FP32-kept nodes (PatchCore's centring Sub → MatMul) exchanged their values through
+    back, so consecutive FP32-kept nodes (the memory bank's centring Sub → MatMul) exchanged their values through
     FP16 and the block lost the precision it is kept for. A consumer of such a pair now reads the FP32 value.
     """
     nodes = list(model.graph.node)

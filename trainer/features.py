@@ -1,6 +1,6 @@
 """Pretrained-feature taps inside the exported graph: uint8 BGR frames -> the backbone's feature maps.
 
-PaDiM, SPADE and Mahalanobis AD need no training beyond feature extraction: their whole model is a frozen
+The pretrained-feature models need no training beyond feature extraction: their whole model is a frozen
 ImageNet backbone plus statistics of normal features. This module is the shared front of their graphs (cast,
 BGR -> RGB, ImageNet normalisation, the taps); what each model does with the maps lives in its own file.
 """

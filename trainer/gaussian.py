@@ -1,13 +1,13 @@
 """Gaussian models of normal features and their Mahalanobis distance inside the exported graph.
 
-Shared by PaDiM (one Gaussian per feature-map position) and Mahalanobis AD (one per backbone level). Fitted in
-float64: PaDiM from streamed sums (the images never sit in memory together), Mahalanobis AD from the pooled
+Shared by the Gaussian models: one Gaussian per feature-map position, or one per backbone level. Fitted in
+float64: per position from streamed sums (the images never sit in memory together), per level from the pooled
 features with Ledoit-Wolf shrinkage. In the graph the squared distance is ``||A (x - mu)||^2`` with
 ``A = G^-1`` and ``G`` the Cholesky factor of the covariance: the features are centred first (no cancellation
 between large terms) and one matmul gives standardised values. The sum of their squares grows with the
 dimension and with the anomaly (past FP16's 65 504 on a strong one), so it has a scope of its own (``norm``)
 that a model lists in its ``fp32_scopes``; a model whose whitening is ill-conditioned keeps the matmul FP32 too
-(PaDiM: see its ``fp32_scopes``).
+(the per-position model: see its ``fp32_scopes``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one training loop of every model trained by epochs (GANomaly, Skip-GANomaly, and every later one).
+"""The one training loop of every model trained by epochs (the GAN-based ones, the one-class nets, and every later one).
 
 A model hands the loop its networks, its updates (one optimiser and one loss each, run in order on every
 batch: a GAN's generator step then its discriminator step) and its scorer; the loop owns everything else:

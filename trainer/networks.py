@@ -1,6 +1,6 @@
 """Network building blocks shared by the models: the DCGAN encoder/decoder/discriminator and the U-Net generator.
 
-Written after GANomaly's and Skip-GANomaly's official code (DCGAN layout; pix2pix's U-Net): 4x4 convolutions
+Written after the official code of the GAN-based anomaly models (DCGAN layout; pix2pix's U-Net): 4x4 convolutions
 of stride 2 without bias, BatchNorm, LeakyReLU(0.2) going down and ReLU coming up, tanh out, and DCGAN's
 initialisation. Every input size that is a power of two from 32 works.
 """
@@ -74,7 +74,7 @@ class DcganDecoder(nn.Module):
 
 class DcganDiscriminator(nn.Module):
     """x -> (logit [N], features [N,c,4,4]): a DCGAN encoder with one output; its last feature map is what
-    GANomaly's feature-matching loss and Skip-GANomaly's latent loss compare. Returns logits (the official
+    the GAN-based models' feature-matching and latent losses compare. Returns logits (the official
     code's sigmoid is folded into the loss as BCE-with-logits, which is the same function, stable under AMP)."""
 
     def __init__(self, size: int, channels: int, width: int) -> None:
@@ -115,7 +115,7 @@ class UnetBlock(nn.Module):
 
 
 class UnetGenerator(nn.Module):
-    """pix2pix's U-Net with log2(size) levels down to 1x1 (Skip-GANomaly's generator), channels up to 8 x width."""
+    """pix2pix's U-Net with log2(size) levels down to 1x1 (a skip-connected GAN generator), channels up to 8 x width."""
 
     def __init__(self, size: int, channels: int, width: int) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class UnetGenerator(nn.Module):
 
 class WideBasicBlock(nn.Module):
     """Pre-activation residual block of a Wide ResNet: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, 1x1 projection
-    shortcut when the shape changes (Zagoruyko & Komodakis 2016, the layout of GEOM's official network)."""
+    shortcut when the shape changes (Zagoruyko & Komodakis 2016; the transformation classifier's official net)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()

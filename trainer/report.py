@@ -233,7 +233,7 @@ def map_scale(maps: np.ndarray, labels: np.ndarray, scores: np.ndarray, threshol
               in_score_units: bool) -> MapScale:
     """A fixed scale from the good parts' maps, with the threshold placed on it honestly for the model's map.
 
-    In score units (the score is the peak of the unsmoothed map: PatchCore, PaDiM) the threshold itself is the
+    In score units (the score is the peak of the unsmoothed map: ``map_in_score_units``) the threshold itself is the
     level. Otherwise map values and scores are different quantities, and the level is the quantile of the good
     parts' map peaks that matches the share of good parts scoring below the threshold: a map peak at the level
     is as rare among good parts as a score at the threshold.

@@ -18,7 +18,7 @@ import numpy as np
 
 Size = Union[int, tuple[int, int]]
 DEFECT_KINDS = ("scratch", "spot", "crack", "missing")  # local surface defects: what patch models are for
-OBJECT_KINDS = ("foreign",)  # a foreign object on the part: what image-level models (GANomaly, ...) are for
+OBJECT_KINDS = ("foreign",)  # a foreign object on the part: what image-level models are for
 
 
 def _hw(size: Size) -> tuple[int, int]:
