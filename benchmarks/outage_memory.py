@@ -39,19 +39,20 @@ def payload(seq: int) -> dict:
 def child(mode: str, events: int, checkpoints: list[int]) -> None:
     """Runs in a subprocess: hold ``events`` events with the broker down; print JSON {count: rss_mb}."""
     from edge.config import MqttConfig
-    from edge.mqtt import StationPublisher, new_client, parse_mqtt_url
-    from edge.spool import open_spool
+    from edge.mqtt import new_client, parse_mqtt_url
+    from edge.outbox import open_outbox
+    from edge.sinks.mqtt import MqttSink
 
     cfg = MqttConfig(url="mqtt://127.0.0.1:1", reconnect_min_s=1, reconnect_max_s=1)
     out = {0: rss_mb()}
     topic = "anomaly/bench/cam0/event"
     if mode == "spool":
         state = Path(tempfile.mkdtemp(prefix="outage-"))
-        spool = open_spool(state, "bench", 1 << 30, 30 * 86400.0)
-        publisher = StationPublisher(cfg, "bench", spool)
+        spool = open_outbox(state, "bench", ["mqtt"], 1 << 30, 30 * 86400.0)
+        publisher = MqttSink(cfg, "bench", spool)
         publisher.start()
         for i in range(1, events + 1):
-            spool.add_event(topic, "cam0", lambda seq: payload(seq))
+            spool.add_event("cam0", lambda seq: payload(seq))
             publisher.wake()
             if i in checkpoints:
                 out[i] = rss_mb()

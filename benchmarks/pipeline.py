@@ -159,7 +159,7 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
     """The station exactly as edge-run builds it (edge.cli), run in this process so its clocks can be read.
     ``cameras`` copies of the clip, one camera each; ``live_fps``: each replayed live at that rate (a camera);
     ``batch``: a fixed batch size instead of the automatic choice."""
-    from edge.cli import _build, run_parser
+    from edge.cli import build_from_args, run_parser
 
     name = f"bench{cameras}{'live' if live_fps else ''}{batch or ''}"
     cams = "".join(f"  - {{id: cam{i}, source: '{clip}'" + (f", live: true, max_fps: {live_fps}" if live_fps else "")
@@ -174,25 +174,27 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
     if max_frames:
         argv += ["--max-frames", str(max_frames)]
     t_start = time.monotonic()
-    cfg, bundle, publisher, station = _build(run_parser().parse_args(argv))
-    publisher.start()
-    publisher.wait_first_attempt(5.0)
+    station = build_from_args(run_parser().parse_args(argv))
+    for sink in station.sinks:
+        sink.start()
+        sink.wait_first_attempt(5.0)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = station.run()
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    publisher.stop()
+    for sink in station.sinks:
+        sink.stop()
     station.backend.close()
-    station.spool.close()
+    station.outbox.close()
     lat50, lat99 = station.stats.latency_ms.percentiles(50, 99)
     stages = station.clock.snapshot()
-    stages["publish"] = publisher.publish_seconds
+    stages["publish"] = sum(float(getattr(sink, "publish_seconds", 0.0)) for sink in station.sinks)
     first, last = station.first_scored_at, station.last_scored_at
     steady = (result.frames - station.first_batch_frames) / (last - first) if first and last and last > first \
         else None
     return {"frames": result.frames, "seconds": wall, "fps": result.frames / wall, "steady_fps": steady,
-            "batch": station.backend.max_batch,
+            "batch": station.batch.size,
             "startup_to_first_score_s": None if first is None else first - t_start,
             "latency_p50_ms": lat50, "latency_p99_ms": lat99,
             "dropped": sum(c.source.queue.dropped for c in station.cameras.values()),

@@ -89,7 +89,7 @@ def rss_mb(pid: int) -> Optional[float]:
 def spool_depth(path: Path) -> int:
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
-            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            return int(db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
     except sqlite3.Error:
         return 0
 

@@ -9,29 +9,35 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
+from edge.batchsize import BatchSize
 from edge.sources import Frame, FrameQueue
 
 
 class Batcher:
     """Pulls frames from the camera queues (which share one Condition) into batches."""
 
-    def __init__(self, queues: Sequence[FrameQueue], max_batch: int, max_wait_ms: float,
+    def __init__(self, queues: Sequence[FrameQueue], max_batch: Union[int, BatchSize], max_wait_ms: float,
                  idle_timeout_s: float = 0.2) -> None:
+        """``max_batch``: the station's BatchSize (read at every batch), or a fixed number."""
         if not queues:
             raise ValueError("at least one queue is needed")
-        if max_batch < 1:
+        if isinstance(max_batch, int) and max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         cond = queues[0].cond
         if any(q.cond is not cond for q in queues):
             raise ValueError("all queues must share one Condition")
         self.queues = list(queues)
         self.cond: threading.Condition = cond
-        self.max_batch = max_batch
+        self.batch = max_batch if isinstance(max_batch, BatchSize) else BatchSize(max_batch)
         self.max_wait_s = max_wait_ms / 1000.0
         self.idle_timeout_s = idle_timeout_s
         self._next = 0  # round-robin start
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch.size
 
     @property
     def finished(self) -> bool:

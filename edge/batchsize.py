@@ -1,4 +1,5 @@
-"""Pick the batch size that is fastest for the backend the station actually runs on.
+"""The station's batch size: held in one place (``BatchSize``), and picked as the fastest for the backend the
+station actually runs on.
 
 Per-frame cost depends on the backend, the graph and the machine (on a 2-core CPU a PatchCore graph was
 slower per frame at batch 8 than at 1; a GPU wants large batches), so a fixed number is wrong somewhere.
@@ -16,6 +17,29 @@ import numpy as np
 from core.backend import Backend
 
 log = logging.getLogger("edge.batchsize")
+
+
+class BatchSize:
+    """The one holder of the station's batch size: the batcher, the stats and the queue sizes read it; only the
+    station changes it (``Station.use_batch``: the size auto_batch chose, or a swapped-in bundle's limit).
+    A backend's own ``max_batch`` is its capacity (how many frames one call may carry), not this choice."""
+
+    def __init__(self, size: int) -> None:
+        self._size = 1
+        self.size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        if int(value) < 1:
+            raise ValueError(f"batch size must be at least 1, got {value}")
+        self._size = int(value)
+
+    def __repr__(self) -> str:
+        return f"BatchSize({self._size})"
 
 
 def candidate_sizes(max_batch: int) -> list[int]:

@@ -15,13 +15,16 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from types import FrameType
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from core.cli import OneLineArgumentParser, positive_float, positive_int
 from core.errors import UserError
 from core.logs import setup_logging
+
+if TYPE_CHECKING:  # the station's modules load only when edge-run runs (edge-events needs none of them)
+    from edge.config import StationConfig
+    from edge.pipeline import Station
 
 log = logging.getLogger("edge")
 
@@ -72,19 +75,9 @@ def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
     return cams
 
 
-def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """Config + overrides → (config, bundle, publisher, station); every failure is a UserError."""
-    from core.bundle import load_bundle
-    from edge.backends import create_backend
-    from edge.batchsize import fastest_batch
-    from edge.calibration import SiteThreshold, calibration_path
-    from edge.collect import open_collection
+def station_config(args: argparse.Namespace) -> StationConfig:
+    """The config file with the command line's overrides, checked; logging set up at its level."""
     from edge.config import load_station_config
-    from edge.health import Metrics, StationGauges
-    from edge.mqtt import StationPublisher, parse_mqtt_url
-    from edge.pipeline import Station
-    from edge.spool import open_spool
-    from edge.swap import BundleWatcher
 
     cfg = load_station_config(args.config)
     if args.station:
@@ -107,63 +100,21 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     except ValueError as exc:
         raise UserError(f"{where}{exc}") from None
     setup_logging(cfg.logging.level)
-    if not cfg.cameras:
-        raise UserError("no camera: pass --camera SOURCE or list cameras in the config")
-    parse_mqtt_url(cfg.mqtt.url)  # a bad URL fails before anything heavy is loaded
-    ref = args.engine or cfg.engine.model
-    if not ref:
-        raise UserError("no model: pass --engine BUNDLE_DIR|MODEL_NAME or set engine.model in the config")
-    bundle = load_bundle(ref, Path(cfg.engine.engines_dir))
-    if bundle.max_batch is not None and cfg.engine.max_batch > bundle.max_batch:
-        log.warning("engine.max_batch %d is above the %d frames this bundle was exported for; using %d",
-                    cfg.engine.max_batch, bundle.max_batch, bundle.max_batch)
-        cfg.engine.max_batch = bundle.max_batch
-    c = cfg.calibration
-    site = SiteThreshold(calibration_path(cfg.state_dir, cfg.station), cfg.engine.threshold, c.quantile, c.margin,
-                         c.sigmas, calibrate_frames=args.calibrate)
+    return cfg
 
-    def make_backend(b: Any) -> Any:
-        return create_backend(cfg.engine.backend, b, max_batch=min(cfg.engine.max_batch, b.max_batch or 1 << 30),
-                              intra_op_threads=cfg.engine.intra_op_threads, spinning=cfg.engine.intra_op_spinning,
-                              need_map=cfg.mqtt.snapshots, precision=cfg.engine.tensorrt_precision,
-                              dla_core=cfg.engine.dla_core)
 
-    backend = make_backend(bundle)
-    spool = open_spool(cfg.state_dir, cfg.station, cfg.spool.max_bytes, cfg.spool.max_age_s)
-    publisher = StationPublisher(cfg.mqtt, cfg.station, spool)
-    station = Station(cfg, bundle, backend, publisher, spool, site, max_frames=args.max_frames)
-    station.collection = collection = open_collection(cfg, cfg.events.n)
-    if collection is not None:
-        publisher.commands["label"] = collection.on_label_message
-    if cfg.health.prometheus_port:
-        station.metrics = Metrics(station.stats, StationGauges(
-            spool_depth=lambda: spool.depth, spool_dropped=lambda: spool.dropped_total,
-            mqtt_connected=lambda: publisher.connected, mqtt_reconnects=lambda: publisher.reconnects))
-        station.metrics.serve(cfg.health.prometheus_bind, cfg.health.prometheus_port)
-    if Path(ref).resolve() != bundle.path.resolve():  # a model folder or name: follow its `current`
-        watcher = BundleWatcher(bundle.path.parent, bundle.version, make_backend, cfg.engine.watch_interval_s)
-        station.watcher = watcher
-        publisher.commands["reload"] = lambda payload: watcher.request_reload()
-    if spool.depth:
-        log.info("spool: %d message(s) from earlier runs not yet acknowledged; they are sent first", spool.depth)
-    station.end_events_left_open()
-    station.open_cameras()
-    if cfg.engine.auto_batch and backend.max_batch > 1:  # after the cheap checks: bad input fails at once
-        chosen = fastest_batch(backend, bundle.input_hw, backend.max_batch)
-        station.use_batch(chosen)
-        cfg.engine.max_batch = chosen  # a swapped-in bundle runs at the same size
-    selection = getattr(backend, "selection", "")
-    graph = getattr(backend, "path", None)  # ONNX Runtime: the score-only graph or the full one
-    log.info("station '%s': %d camera(s), model %s %s, backend %s%s%s, %s, mqtt %s%s",
-             cfg.station, len(cfg.cameras), bundle.model_name, bundle.version, backend.name,
-             f" ({selection})" if selection else "", f" on {Path(graph).name}" if graph else "",
-             site.startup_text(station.choice), publisher.url,
-             f", {collection.describe()}" if collection is not None else "")
-    return cfg, bundle, publisher, station
+def build_from_args(args: argparse.Namespace) -> Station:
+    """edge-run's station from its parsed arguments (edge.assembly.build_station); every failure is a UserError."""
+    from edge.assembly import StationOptions, build_station
+
+    cfg = station_config(args)
+    return build_station(cfg, StationOptions(engine=args.engine, max_frames=args.max_frames,
+                                             calibrate=args.calibrate))
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg, _bundle, publisher, station = _build(args)
+    station = build_from_args(args)
+    cfg = station.cfg
     signals_seen = 0
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
@@ -177,8 +128,10 @@ def _run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-    publisher.start()
-    publisher.wait_first_attempt(5.0)  # so 'online' normally precedes the first event; never fatal
+    for sink in station.sinks:
+        sink.start()
+    for sink in station.sinks:
+        sink.wait_first_attempt(5.0)  # so MQTT's 'online' normally precedes the first event; never fatal
     if station.watcher is not None:
         station.watcher.start()
     station.notifier.ready(f"station {cfg.station}: {len(cfg.cameras)} camera(s), model "
@@ -189,20 +142,23 @@ def _run(args: argparse.Namespace) -> int:
         station.notifier.stopping()
         if station.watcher is not None:
             station.watcher.stop()
-        publisher.stop()
+        waiting = [f"{sink.describe()} within {sink.flush_timeout_s:g} s" for sink in station.sinks if sink.pending]
+        for sink in station.sinks:
+            sink.stop()
         station.backend.close()
-        station.spool.close()
+        station.outbox.close()
     log.info("stopped after %d frames, %d events", result.frames, result.events)
     if station.site.calibrating:
         cal = station.site.calibrator
+        assert cal is not None  # calibrating means a calibrator
         print(f"edge-run: error: on-site calibration incomplete: {len(cal.scores)} of the {cal.frames} frames "
               "asked for were scored before the run ended; nothing stored (give a longer stream or a smaller "
               "--calibrate N)", file=sys.stderr)
         return 2
     if result.undelivered:
-        print(f"edge-run: {result.undelivered} message(s) not acknowledged by {publisher.url} within "
-              f"{cfg.mqtt.flush_timeout_s:g} s; kept in the spool ({station.spool.path}), the next run sends "
-              "them first", file=sys.stderr)
+        by = " and ".join(waiting) or "every sink"
+        print(f"edge-run: {result.undelivered} message(s) not acknowledged by {by}; kept in the "
+              f"spool ({station.outbox.path}), the next run sends them first", file=sys.stderr)
         return EXIT_UNDELIVERED
     return 0
 
@@ -221,8 +177,9 @@ def label_parser() -> argparse.ArgumentParser:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from edge.collect import collect_root, label_event
+    from edge.collect import collect_root
     from edge.config import load_station_config
+    from edge.labels import label_event
 
     cfg = load_station_config(args.config)
     if args.station:

@@ -206,6 +206,31 @@ class MqttConfig:
 
 
 @dataclass
+class WebhookConfig:
+    """The webhook sink (edge/sinks/webhook.py): events POSTed as JSON to ``url``, retried until a 2xx."""
+
+    url: str = ""
+    token_env: Optional[str] = None
+    ca_certs: Optional[str] = None
+    timeout_s: float = 10.0
+    snapshots: bool = False
+    retry_min_s: float = 1.0
+    retry_max_s: float = 60.0
+    max_refusals: int = 5
+    flush_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.url and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError(f"webhook.url must be an http:// or https:// URL, got {redact_secrets(self.url)!r}")
+        if self.timeout_s <= 0 or self.flush_timeout_s < 0:
+            raise ValueError("webhook.timeout_s must be > 0 and webhook.flush_timeout_s >= 0")
+        if self.retry_min_s <= 0 or self.retry_max_s < self.retry_min_s:
+            raise ValueError("webhook.retry_min_s must be > 0 and webhook.retry_max_s >= retry_min_s")
+        if self.max_refusals < 1:
+            raise ValueError("webhook.max_refusals must be at least 1")
+
+
+@dataclass
 class SpoolConfig:
     """Bounds of the durable event spool in state_dir (oldest unsent messages are dropped first, counted)."""
 
@@ -279,7 +304,9 @@ class StationConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cameras: List[CameraConfig] = field(default_factory=list)
     events: EventsConfig = field(default_factory=EventsConfig)
+    sinks: List[str] = field(default_factory=lambda: ["mqtt"])
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     calibration: SiteCalibrationConfig = field(default_factory=SiteCalibrationConfig)
@@ -293,6 +320,27 @@ class StationConfig:
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
+        self.check_sinks()
+
+    @property
+    def snapshots(self) -> bool:
+        """A sink in use wants each event's peak frame as a JPEG (``mqtt.snapshots``, ``webhook.snapshots``)."""
+        return ("mqtt" in self.sinks and self.mqtt.snapshots) or ("webhook" in self.sinks and self.webhook.snapshots)
+
+    def check_sinks(self) -> None:
+        """``sinks`` names registered sinks, each once; a webhook needs its URL."""
+        from edge.sinks import sink_names  # the registry imports this module
+
+        known = sink_names()
+        if not self.sinks:
+            raise ValueError(f"sinks must name at least one sink ({', '.join(known)})")
+        for name in self.sinks:
+            if name not in known:
+                raise ValueError(f"sinks: unknown sink {name!r}; choose from {', '.join(known)}")
+        if len(set(self.sinks)) != len(self.sinks):
+            raise ValueError("sinks: each sink may be named once")
+        if "webhook" in self.sinks and not self.webhook.url:
+            raise ValueError("sinks names webhook but webhook.url is empty; set it to the receiver's http(s) URL")
 
 
 def load_station_config(path: Optional[str | Path]) -> StationConfig:

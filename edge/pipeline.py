@@ -1,8 +1,8 @@
-"""The station loop: capture threads → batcher → backend → per-camera events → spool → MQTT, plus stats.
+"""The station loop: capture threads → batcher → backend → per-camera events → outbox → sinks, plus stats.
 
 Inference and event logic run on the calling (main) thread; each camera captures on its own thread;
-the spool's sender and paho run their own threads. ``max_frames`` counts processed frames PER CAMERA.
-Every event is committed to the durable spool (with its seq) before anything is published.
+each sink (MQTT, webhook, …) sends from the outbox on its own threads. ``max_frames`` counts processed frames
+PER CAMERA. Every event is committed to the durable outbox (with its seq) before any sink sees it.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ from core.events import EventDetector, EventRule, Transition, event_payload
 from core.payloads import iso_utc
 from core.preprocess import resize_frame
 from edge.batcher import Batcher
+from edge.batchsize import BatchSize
 from edge.calibration import SiteThreshold, ThresholdChoice
 from edge.collect import Collection
 from edge.config import StationConfig
 from edge.drift import DriftMonitor, health_payload
 from edge.health import Metrics, SystemdNotifier
-from edge.mqtt import StationPublisher
+from edge.outbox import Outbox
+from edge.sinks import Sink
 from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure
-from edge.spool import Spool
 from edge.stats import CameraStats, StageClock, StationStats
 from edge.swap import BundleWatcher
 
@@ -75,21 +76,29 @@ def render_snapshot(image: np.ndarray, amap: Optional[np.ndarray]) -> bytes:
 
 
 class Station:
-    """One station run; build it, ``open_cameras()``, then ``run()``."""
+    """One station run, built from its parts (edge/assembly.py builds them from the config); ``open_cameras()``,
+    then ``run()``. Optional parts: ``collection`` (frames kept for retraining), ``metrics`` (the Prometheus
+    endpoint, reading ``stats``), ``watcher`` (follows a model's ``current`` and hands over new bundles)."""
 
-    def __init__(self, cfg: StationConfig, bundle: Bundle, backend: Backend, publisher: StationPublisher,
-                 spool: Spool, site: SiteThreshold, max_frames: Optional[int] = None) -> None:
+    def __init__(self, cfg: StationConfig, bundle: Bundle, backend: Backend, outbox: Outbox, sinks: list[Sink],
+                 site: SiteThreshold, batch: BatchSize, stats: StationStats, *,
+                 collection: Optional[Collection] = None, metrics: Optional[Metrics] = None,
+                 watcher: Optional[BundleWatcher] = None, max_frames: Optional[int] = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
         self.backend = backend
-        self.publisher = publisher
-        self.spool = spool
+        self.outbox = outbox
+        self.sinks = sinks
         self.site = site
+        self.batch = batch  # the one holder of the batch size; use_batch() is its only writer
+        self.collection = collection
+        self.metrics = metrics
+        self.watcher = watcher
         self.choice = site.choose(bundle)
         self.threshold = self.choice.threshold
         self.max_frames = max_frames
         self.stop_event = threading.Event()
-        self.stats = StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, backend.max_batch)
+        self.stats = stats
         self.clock = StageClock()
         self.stats.calibration = {**self.choice.stats(), "calibrating": site.calibrating}
         self.rule = EventRule(threshold=self.threshold, baseline=self.choice.baseline,
@@ -98,26 +107,22 @@ class Station:
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:
             queue = FrameQueue(cam_cfg.queue_size, cond)
-            keep = cfg.mqtt.snapshots or cfg.collect.enabled  # snapshots and collection save captured frames
+            keep = cfg.snapshots or cfg.collect.enabled  # snapshots and collection save captured frames
             src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=keep,
                                resize=bundle.input_resize, clock=self.clock)
             if not src.live:
                 src.max_frames = max_frames  # a file reads exactly what will be processed
-            stats = CameraStats(cam_cfg.id, captured=partial(getattr, src, "captured"),
-                                dropped=partial(getattr, queue, "dropped"),
-                                reconnects=partial(getattr, src, "reconnects"),
-                                connected=partial(getattr, src, "connected"),
-                                stalled=partial(getattr, src, "stalled"))
-            self.stats.cameras[cam_cfg.id] = stats
+            cam_stats = CameraStats(cam_cfg.id, captured=partial(getattr, src, "captured"),
+                                    dropped=partial(getattr, queue, "dropped"),
+                                    reconnects=partial(getattr, src, "reconnects"),
+                                    connected=partial(getattr, src, "connected"),
+                                    stalled=partial(getattr, src, "stalled"))
+            self.stats.cameras[cam_cfg.id] = cam_stats
             drift = self._drift_monitor(cam_cfg.id)
-            stats.scores = drift.stats
-            self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), stats, drift)
-        self.batcher = Batcher([c.source.queue for c in self.cameras.values()], backend.max_batch,
-                               cfg.engine.max_wait_ms)
-        self.use_batch(backend.max_batch)
-        self.watcher: Optional[BundleWatcher] = None  # set when the station follows a model's `current`
-        self.metrics: Optional[Metrics] = None  # set when the Prometheus endpoint is on
-        self.collection: Optional[Collection] = None  # set when collect.enabled (frames kept for retraining)
+            cam_stats.scores = drift.stats
+            self.cameras[cam_cfg.id] = _Camera(src, EventDetector(self.rule), cam_stats, drift)
+        self.batcher = Batcher([c.source.queue for c in self.cameras.values()], batch, cfg.engine.max_wait_ms)
+        self.use_batch(batch.size)
         self.notifier = SystemdNotifier()
         self.frames = 0
         self.events = 0
@@ -147,31 +152,35 @@ class Station:
                                 "; cameras[].wait_at_start is false"))
             log.warning("%s; waiting for it (retrying with back-off)", describe_open_failure(src.cam))
 
-    def use_batch(self, max_batch: int) -> None:
+    def use_batch(self, size: int) -> None:
         """Score in batches of up to ``max_batch`` frames. The cameras' queues then hold at least one full batch
         between them, and a video file's queue two batches: with less, the chosen size never forms (one camera
         with queue_size 4 ran every batch of 8 at 4 frames, the slower size), and a file's reader would wait while
         the engine scores instead of filling the next batch. A live camera's share stays as small as that allows:
         what a lagging station queues beyond it is only older frames (8 cameras holding 8 each: p99 320 ms)."""
-        self.backend.max_batch = self.batcher.max_batch = self.stats.max_batch = max_batch
-        share = math.ceil(max_batch / len(self.cameras))
+        self.batch.size = size  # the batcher and the stats read it from there
+        share = math.ceil(size / len(self.cameras))
         for cam in self.cameras.values():
             src = cam.source
-            src.queue.maxsize = max(src.cam.queue_size, share if src.live else 2 * max_batch)
+            src.queue.maxsize = max(src.cam.queue_size, share if src.live else 2 * size)
 
     def end_events_left_open(self) -> int:
         """Events the previous run had open when it died: end them now (reason ``restart``), so SCADA never
         holds a start without an end. Frame, ts and scores are the last the event reported."""
-        left = self.spool.open_events()
+        left = self.outbox.open_events()
         for camera, last in left:
             def make(seq: int, last: dict = last) -> dict:
                 return {**last, "type": "end", "seq": seq, "reason": "restart"}
-            payload = self.spool.add_event(self.publisher.topic(camera, "event"), camera, make)
+            payload = self.outbox.add_event(camera, make)
             log.info("event end (restart) camera '%s' seq %d: event %s was open when the last run stopped",
                      camera, payload["seq"], payload["event_id"])
         if left:
-            self.publisher.wake()
+            self._wake_sinks()
         return len(left)
+
+    def _wake_sinks(self) -> None:
+        for sink in self.sinks:
+            sink.wake()
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -235,8 +244,9 @@ class Station:
             cam.source.join(2.0)
         if self.collection is not None:
             self.collection.close()  # writes what it was handed, bounded
-        timeout = self.cfg.mqtt.flush_timeout_s
-        undelivered = self.publisher.flush(timeout)
+        for sink in self.sinks:  # they deliver side by side: the waits overlap
+            sink.flush(sink.flush_timeout_s)
+        undelivered = self.outbox.depth
         self._publish_stats()
         return RunResult(frames=self.frames, events=self.events, undelivered=undelivered)
 
@@ -250,7 +260,7 @@ class Station:
         self.backend.close()
         self.bundle, self.backend = bundle, backend
         self._use(self.site.swapped(bundle))
-        self.use_batch(backend.max_batch)
+        self.use_batch(min(self.batch.size, backend.max_batch))  # the new backend's capacity may be lower
         for cam in self.cameras.values():
             cam.source.input_hw, cam.source.resize = bundle.input_hw, bundle.input_resize
         self.stats.model, self.stats.model_version = bundle.model_name, bundle.version
@@ -291,13 +301,13 @@ class Station:
                 if choice is not None:
                     self._use(choice)
             else:
-                if self.cfg.mqtt.snapshots:
+                if self.cfg.snapshots:
                     cam.recent.append((f.index, f, None if maps is None else maps[i]))
                 was_open = cam.detector.is_open
                 transitions = cam.detector.feed(f.index, f.ts, score)
                 if self.collection is not None:
                     self.collection.on_frame(f.camera, f, score, cam.detector, transitions)
-                if self.cfg.mqtt.snapshots and cam.detector.is_open:
+                if self.cfg.snapshots and cam.detector.is_open:
                     self._track_peak(cam, was_open)
                 for t in transitions:
                     self._emit(f.camera, cam, t)
@@ -330,22 +340,22 @@ class Station:
         if self.collection is not None and t.type == "end":  # before it is published: a label may follow at once
             self.collection.on_event_end(cam_id, t)
         t0 = time.perf_counter()
-        payload = self.spool.add_event(self.publisher.topic(cam_id, "event"), cam_id, make)
+        payload = self.outbox.add_event(cam_id, make)
         self.clock.add("spool", time.perf_counter() - t0)
-        self.publisher.wake()
+        self._wake_sinks()
         if self.metrics is not None:
             self.metrics.events.labels(cam_id, t.type).inc()
         self.events += 1
         self.stats.events_published += 1
         log.info("event %s camera '%s' seq %d frame %d score %.4f peak %.4f", t.type, cam_id, payload["seq"],
                  t.frame, t.score, t.peak_score)
-        if t.type == "end" and self.cfg.mqtt.snapshots:
+        if t.type == "end" and self.cfg.snapshots:
             if cam.peak is not None:
                 _, frame, amap = cam.peak
                 jpeg = render_snapshot(frame.snapshot_image(), amap)
                 if jpeg:
-                    self.spool.add(self.publisher.topic(cam_id, "snapshot"), jpeg)
-                    self.publisher.wake()
+                    self.outbox.add_snapshot(cam_id, payload["event_id"], jpeg)
+                    self._wake_sinks()
             cam.peak = None
 
     def _drift_changed(self, cam: _Camera) -> None:
@@ -360,15 +370,20 @@ class Station:
     def _publish_health(self) -> None:
         alarms = [c.drift.alarm.payload(iso_utc(c.drift.alarm.since)) for c in self.cameras.values()
                   if c.drift.alarm is not None]
-        payload = health_payload(self.cfg.station, iso_utc(time.time()), alarms)
-        self.publisher.publish_health(json.dumps(payload).encode())
+        data = json.dumps(health_payload(self.cfg.station, iso_utc(time.time()), alarms)).encode()
+        for sink in self.sinks:
+            sink.publish_health(data)
 
     def _publish_stats(self) -> None:
-        payload = self.stats.as_dict(iso_utc(time.time()), self.spool.depth, self.spool.dropped_total,
-                                     self.publisher.connected, self.publisher.reconnects)
+        mqtt = next((s for s in self.sinks if s.name == "mqtt"), None)  # the stats' mqtt_* fields are its own
+        payload = self.stats.as_dict(iso_utc(time.time()), self.outbox.depth, self.outbox.dropped_total,
+                                     mqtt is not None and mqtt.connected, getattr(mqtt, "reconnects", 0),
+                                     {s.name: s.stats() for s in self.sinks})
         if self.collection is not None:
             payload["collect"] = self.collection.stats()
-        self.publisher.publish_stats(json.dumps(payload).encode())
+        data = json.dumps(payload).encode()
+        for sink in self.sinks:
+            sink.publish_stats(data)
 
     def _all_finished(self, now: float) -> bool:
         """Every camera reached --max-frames or its file's end, or, once one has, is not delivering (down for

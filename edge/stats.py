@@ -13,7 +13,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-STATS_SCHEMA_VERSION = 3  # 2: spool_dropped, mqtt_reconnects, cameras.*.stalled; 3: calibration, cameras.*.scores
+from edge.batchsize import BatchSize
+
+STATS_SCHEMA_VERSION = 4  # 2: spool_dropped, mqtt_reconnects, cameras.*.stalled; 3: calibration, cameras.*.scores;
+# 4: sinks
 
 
 class Reservoir:
@@ -105,12 +108,12 @@ class CameraStats:
 class StationStats:
     """Everything the stats topic carries (core/schemas/stats.schema.json)."""
 
-    def __init__(self, station: str, backend: str, model: str, model_version: str, max_batch: int) -> None:
+    def __init__(self, station: str, backend: str, model: str, model_version: str, batch: BatchSize) -> None:
         self.station = station
         self.backend = backend
         self.model = model
         self.model_version = model_version
-        self.max_batch = max_batch
+        self.batch = batch  # the station's; read, never set here
         self.started = time.monotonic()
         self.cameras: dict[str, CameraStats] = {}
         self.inference_ms = Reservoir()
@@ -126,7 +129,8 @@ class StationStats:
         self.inference_ms.add(inference_ms)
 
     def as_dict(self, ts_iso: str, spool_depth: int, spool_dropped: int, mqtt_connected: bool,
-                mqtt_reconnects: int) -> dict[str, Any]:
+                mqtt_reconnects: int, sinks: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+        """``sinks``: each sink's depth, delivered, failed and connected (edge.sinks.Sink.stats)."""
         inf50, inf99 = self.inference_ms.percentiles(50, 99)
         lat50, lat99 = self.latency_ms.percentiles(50, 99)
         (batch50,) = self.batch_sizes.percentiles(50)
@@ -138,7 +142,7 @@ class StationStats:
             "backend": self.backend,
             "model": self.model,
             "model_version": self.model_version,
-            "batch_size": {"p50": batch50, "max": self.max_batch, "batches": self.batches},
+            "batch_size": {"p50": batch50, "max": self.batch.size, "batches": self.batches},
             "inference_ms": {"p50": inf50, "p99": inf99},
             "latency_ms": {"p50": lat50, "p99": lat99},
             "spool_depth": int(spool_depth),
@@ -146,6 +150,7 @@ class StationStats:
             "events_published": self.events_published,
             "mqtt_connected": bool(mqtt_connected),
             "mqtt_reconnects": int(mqtt_reconnects),
+            "sinks": dict(sinks or {}),
             "calibration": self.calibration,
             "cameras": {cid: c.as_dict() for cid, c in self.cameras.items()},
         }

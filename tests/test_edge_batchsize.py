@@ -13,7 +13,7 @@ from edge_helpers import run_cli, write_video
 from core.bundle import load_bundle
 from edge.backends.onnxruntime import OrtBackend
 from edge.batchsize import candidate_sizes, fastest_batch
-from edge.cli import _build, run_parser
+from edge.cli import build_from_args, run_parser
 
 
 class CostPerCall:
@@ -89,16 +89,17 @@ def test_a_video_file_is_scored_in_full_batches_of_the_chosen_size(tmp_path: Pat
     config = tmp_path / "station.yaml"
     config.write_text(f"station: full-batches\nstate_dir: {tmp_path / 'state'}\n"
                       f"engine: {{auto_batch: false, max_batch: {batch}}}\n")
-    _cfg, _bundle, publisher, station = _build(run_parser().parse_args(
+    station = build_from_args(run_parser().parse_args(
         ["--config", str(config), "--camera", str(video), "--engine", str(toy_bundle), "--mqtt", mosquitto]))
     slow = SlowerThanTheCamera(station.backend, 0.05)
     station.backend = slow
+    [publisher] = station.sinks
     publisher.start()
     try:
         result = station.run()
     finally:
         publisher.stop()
-        station.spool.close()
+        station.outbox.close()
     assert result.frames == 5 * batch
     assert slow.sizes[1:-1] and set(slow.sizes[1:-1]) == {batch}, slow.sizes  # the first may go out early
 
@@ -113,11 +114,14 @@ def test_live_cameras_queue_one_batch_between_them_and_no_more(tmp_path: Path, m
     config = tmp_path / "station.yaml"
     config.write_text(f"station: live-share\nstate_dir: {tmp_path / 'state'}\n"
                       f"engine: {{auto_batch: false, max_batch: 8}}\ncameras:\n{cams}")
-    _cfg, _bundle, _publisher, station = _build(run_parser().parse_args(
+    station = build_from_args(run_parser().parse_args(
         ["--config", str(config), "--engine", str(toy_bundle), "--mqtt", mosquitto]))
     try:
         assert [c.source.queue.maxsize for c in station.cameras.values()] == [expected] * cameras
         station.use_batch(16)  # a swapped-in bundle or the size auto_batch chose
         assert [c.source.queue.maxsize for c in station.cameras.values()] == [max(4, 16 // cameras)] * cameras
+        # one holder of the size: the batcher and the stats read it; the backend keeps its own capacity
+        assert station.batch.size == station.batcher.max_batch == 16
+        assert station.stats.as_dict("2026-01-01T00:00:00Z", 0, 0, False, 0)["batch_size"]["max"] == 16
     finally:
-        station.spool.close()
+        station.outbox.close()

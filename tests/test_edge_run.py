@@ -126,7 +126,7 @@ def test_seq_continues_across_restarts_and_updates_are_rate_limited(tmp_path: Pa
     assert [e["seq"] for e in second] == list(range(len(first) + 1, len(first) + len(second) + 1))
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "st-seq.spool.sqlite")) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0] == len(first) + len(second)
-        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0  # every message acknowledged
+        assert db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0  # every record acknowledged
         assert db.execute("SELECT COUNT(*) FROM open_events").fetchone()[0] == 0
 
 

@@ -1,0 +1,348 @@
+"""The MQTT sink (docs/DESIGN.md, MQTT contract), on paho-mqtt 2.x with its network thread, MQTT 5.
+
+Events and snapshots reach the broker from the durable outbox (edge/outbox.py): the station writes them there,
+a sender thread hands at most ``max_inflight`` of them to paho while connected, each on the topic
+``{prefix}/{station}/{camera}/{kind}`` derived from its record when it is sent, and each is settled on its
+PUBACK. paho re-sends what is in flight after a reconnect; after a process restart the outbox hands over
+everything this sink had not settled, oldest first. Nothing waits in paho's memory during an outage.
+
+Status, stats, health and commands are MQTT's alone: status is a lease: ``online`` (retained) carries an MQTT 5
+message expiry of ``status_lease_s`` and is renewed every third of it, and the last will says ``offline``. A
+broker that crashes loses the will of a clean or even a persistent session (Mosquitto 2.0 does not keep wills
+across its own restart), so without the lease a station that died meanwhile would stay ``online`` for ever.
+
+Refusals (credentials, authorisation) and TLS failures are named once per cause, with what to check, and
+retried every ``refused_retry_s`` rather than every second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Mapping, Optional
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from core.errors import UserError
+from edge.config import MqttConfig, StationConfig
+from edge.mqtt import describe_tls_failure, new_client, parse_mqtt_url, tls_context
+from edge.outbox import Outbox
+from edge.sinks import CommandHandler, SinkContext, register_sink
+
+log = logging.getLogger("edge.mqtt")
+
+
+def _is_json_object(payload: bytes) -> bool:
+    try:
+        return isinstance(json.loads(payload), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+_REFUSAL_HINTS = {
+    "Bad user name or password": "check mqtt.username and the password (mqtt.password_env or the URL)",
+    # Mosquitto 2 answers a wrong password with "Not authorized" too
+    "Not authorized": "check mqtt.username and the password (mqtt.password_env or the URL), and that the "
+                      "broker's password file / ACL lets this user connect",
+    "Client identifier not valid": "set mqtt.client_id to one the broker accepts",
+    "Banned": "the broker banned this client; ask its administrator",
+}
+
+
+class MqttSink:
+    """status / event / snapshot / stats / health topics of one station; events and snapshots come from the outbox."""
+
+    name = "mqtt"
+
+    # An ack that beats client.publish() back to us arrives within microseconds; one older than this is a
+    # status/stats publish's, and must not match a later message that reuses its mid after the wrap.
+    _EARLY_ACK_TTL_S = 5.0
+
+    def __init__(self, cfg: MqttConfig, station: str, outbox: Outbox,
+                 commands: Optional[Mapping[str, CommandHandler]] = None, url: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.station = station
+        self.outbox = outbox
+        self.flush_timeout_s = cfg.flush_timeout_s
+        self.url = parse_mqtt_url(url or cfg.url)
+        self.base = f"{cfg.prefix}/{station}"
+        self.status_topic = f"{self.base}/status"
+        # built once: the connection and the probe that explains a failed handshake use the same one
+        self._tls = tls_context(cfg.tls) if self.url.tls else None
+        self.client = new_client(cfg.client_id or f"edge-{station}", self.url, cfg, will_topic=self.status_topic,
+                                 context=self._tls)
+        self.client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        self.client.max_inflight_messages_set(cfg.max_inflight)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.commands: dict[str, CommandHandler] = dict(commands or {})  # cmd/<name> -> handler (network thread)
+        self.commands_ignored = 0
+        self.delivered = 0  # records the broker acknowledged in this run
+        self.failed = 0  # records the broker refused (a PUBACK with a failure reason code)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inflight: dict[int, int] = {}  # paho mid -> record id
+        self._early: OrderedDict[int, float] = OrderedDict()
+        self._handed = 0  # highest record id handed to paho by this process
+        self._connected = threading.Event()
+        self._first_attempt = threading.Event()  # the first connection attempt has succeeded or failed
+        self._stopping = threading.Event()
+        self._outage_reported = False
+        self._ever_connected = False
+        self._refusal: Optional[str] = None  # the last refusal/TLS cause reported (each is said once)
+        self._last_stats: Optional[bytes] = None
+        self._last_health: Optional[bytes] = None
+        self.reconnects = 0
+        self.publish_seconds = 0.0  # time in client.publish on the sender thread (benchmarks/pipeline.py)
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool-sender", daemon=True)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background; an unreachable broker is retried, never fatal."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        try:
+            self.client.connect_async(self.url.host, self.url.port, keepalive=self.cfg.keepalive_s,
+                                      clean_start=False, properties=props)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"MQTT {self.url}: {exc}") from None
+        self.client.loop_start()
+        self._sender.start()
+
+    def wait_first_attempt(self, timeout: float) -> bool:
+        """Wait until the first connection attempt has an outcome; True when connected."""
+        self._first_attempt.wait(timeout)
+        return self._connected.is_set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def pending(self) -> int:
+        """Records in the outbox not yet acknowledged by the broker."""
+        return self.outbox.waiting(self.name)
+
+    def stats(self) -> dict[str, Any]:
+        return {"depth": self.pending, "delivered": self.delivered, "failed": self.failed,
+                "connected": self.connected}
+
+    def describe(self) -> str:
+        return f"mqtt {self.url}"
+
+    def topic(self, camera: str, kind: str) -> str:
+        """``{prefix}/{station}/{camera}/{kind}`` (kind: event or snapshot)."""
+        return f"{self.base}/{camera}/{kind}"
+
+    def wake(self) -> None:
+        """Something new is in the outbox."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def flush(self, timeout: float) -> int:
+        """Wait (bounded) for the PUBACK of every record; returns how many this sink has not settled."""
+        deadline = time.monotonic() + timeout
+        self.wake()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.pending
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Publish the retained ``stopped`` status and disconnect cleanly (so the will is not sent)."""
+        self._stopping.set()
+        self.wake()
+        if self._sender.is_alive():
+            self._sender.join(timeout)
+        if self.connected:
+            info = self.client.publish(self.status_topic, "stopped", qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- publishing ----------------------------------------------------------------------------
+    def publish_stats(self, payload: bytes) -> None:
+        """QoS 0 retained: a dashboard sees the latest health at once; missing one is harmless.
+        The latest is re-published as soon as a connection comes back."""
+        self._last_stats = payload
+        if self.connected:
+            self.client.publish(f"{self.base}/stats", payload, qos=0, retain=True)
+
+    def publish_health(self, payload: bytes) -> None:
+        """QoS 1 retained (edge.drift): an alarm stays visible until a later message clears it. Sent when it
+        changes, and the latest again as soon as a connection comes back."""
+        self._last_health = payload
+        if self.connected:
+            self.client.publish(f"{self.base}/health", payload, qos=1, retain=True)
+
+    def _publish_online(self) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = self.cfg.status_lease_s
+        self.client.publish(self.status_topic, "online", qos=1, retain=True, properties=props)
+
+    def _send_loop(self) -> None:
+        """Hand outbox records to paho, oldest first, while connected; renew the status lease."""
+        renew_every = self.cfg.status_lease_s / 3.0
+        next_renew = time.monotonic() + renew_every
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if self.connected and now >= next_renew:
+                self._publish_online()
+                next_renew = now + renew_every
+            with self._wake:
+                room = self.cfg.max_inflight - len(self._inflight)
+                after = self._handed
+            batch = self.outbox.pending(self.name, after, room) if self.connected and room > 0 else []
+            for msg in batch:
+                if msg.kind == "snapshot" and not self.cfg.snapshots:  # rendered for another sink only
+                    with self._wake:
+                        self._handed = msg.id
+                    self.outbox.settle(msg.id, self.name, "skipped")
+                    continue
+                topic = self.topic(msg.camera, msg.kind)
+                t0 = time.perf_counter()
+                info = self.client.publish(topic, msg.payload, qos=1, retain=False)
+                self.publish_seconds += time.perf_counter() - t0
+                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    log.error("MQTT: message on %s not queued (%s); kept in the spool", topic,
+                              mqtt.error_string(info.rc))
+                    break
+                # on_publish may already have run on the network thread (it runs under paho's own lock,
+                # so we never hold ours across client.publish).
+                with self._wake:
+                    self._handed = msg.id
+                    acked_at = self._early.pop(info.mid, None)
+                    acked_already = acked_at is not None and time.monotonic() - acked_at < self._EARLY_ACK_TTL_S
+                    if not acked_already:
+                        self._inflight[info.mid] = msg.id
+                if acked_already:
+                    self.outbox.ack(msg.id, self.name)
+                    self.delivered += 1
+            if not batch:
+                with self._wake:
+                    self._wake.wait(0.25)
+
+    # -- paho callbacks (network thread) -------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            self._refused(str(reason_code))
+            return
+        self._publish_online()
+        client.subscribe(f"{self.base}/cmd/#", qos=1)
+        if self._last_stats is not None:
+            client.publish(f"{self.base}/stats", self._last_stats, qos=0, retain=True)
+        if self._last_health is not None:
+            client.publish(f"{self.base}/health", self._last_health, qos=1, retain=True)
+        client.reconnect_delay_set(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        with self._lock:
+            was_out = self._outage_reported
+            self._outage_reported = False
+            self._refusal = None
+        held = self.pending
+        self._connected.set()
+        self._first_attempt.set()
+        if was_out or not self._ever_connected:
+            extra = f"; sending {held} spooled messages" if held else ""
+            log.info("MQTT connected to %s as station '%s'%s", self.url, self.station, extra)
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        self.wake()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        had_session = self._connected.is_set()
+        self._connected.clear()
+        if reason_code == 0 or self._stopping.is_set():  # our own disconnect()
+            return
+        if not had_session and self.url.tls:  # dropped before any CONNACK: how TLS 1.3 rejects a client cert
+            self._on_connect_fail(client, userdata)
+            return
+        with self._lock:
+            self._report_outage(f"disconnected ({reason_code})")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        why = describe_tls_failure(self.url, self._tls) if self._tls is not None else None
+        if why:
+            self._refused(why)
+        else:
+            with self._lock:
+                self._report_outage("is unreachable")
+        self._first_attempt.set()
+
+    def _refused(self, cause: str) -> None:
+        """Credentials, authorisation or TLS: say it once per cause, then retry slowly."""
+        self.client.reconnect_delay_set(self.cfg.refused_retry_s, self.cfg.refused_retry_s)
+        self._first_attempt.set()
+        with self._lock:
+            if self._refusal == cause:
+                return
+            self._refusal = cause
+            self._outage_reported = True
+        hint = next((h for key, h in _REFUSAL_HINTS.items() if key.lower() in cause.lower()), None)
+        text = f"MQTT broker {self.url} refused the connection: {cause}; {hint}" if hint else \
+            f"MQTT broker {self.url}: {cause}"
+        log.error("%s; retrying every %d s; events are kept in the spool", text, self.cfg.refused_retry_s)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """``{base}/cmd/<name>``: known commands with a valid payload (empty or a JSON object) run; anything
+        else is ignored and counted."""
+        name = msg.topic[len(self.base) + len("/cmd/"):] if msg.topic.startswith(f"{self.base}/cmd/") else ""
+        handler = self.commands.get(name)
+        payload = bytes(msg.payload)
+        valid = handler is not None and (not payload.strip() or _is_json_object(payload))
+        if not valid or handler is None:
+            self.commands_ignored += 1
+            log.warning("MQTT: ignored command on %s (%s)", msg.topic,
+                        "unknown command" if handler is None else "payload is not empty or a JSON object")
+            return
+        log.info("MQTT: command %s received", name)
+        handler(payload)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        with self._wake:
+            record_id = self._inflight.pop(mid, None)
+            if record_id is None:  # not ours yet (or a status/stats publish): remember it briefly
+                now = time.monotonic()
+                self._early[mid] = now
+                while self._early and next(iter(self._early.values())) < now - self._EARLY_ACK_TTL_S:
+                    self._early.popitem(last=False)
+                return
+            self._wake.notify_all()
+        if getattr(reason_code, "is_failure", False):
+            log.error("MQTT: the broker refused a message (%s); dropped from the spool", reason_code)
+            self.outbox.settle(record_id, self.name, "refused")
+            self.failed += 1
+            return
+        self.outbox.ack(record_id, self.name)
+        self.delivered += 1
+
+    def _report_outage(self, why: str) -> None:
+        """One plain line per outage (caller holds the lock)."""
+        if self._outage_reported:
+            return
+        self._outage_reported = True
+        log.warning("MQTT broker %s %s; still processing and retrying; events are kept in the spool "
+                    "(%d now) and sent when it is back", self.url, why, self.pending)
+
+
+def check_url(cfg: StationConfig) -> None:
+    """A bad broker URL is a one-line error before anything heavy is loaded."""
+    parse_mqtt_url(cfg.mqtt.url)
+
+
+@register_sink("mqtt", check=check_url)
+def mqtt_sink(ctx: SinkContext) -> MqttSink:
+    """The MQTT sink of ``ctx.cfg.mqtt``; the commands arrive on ``{prefix}/{station}/cmd/<name>``."""
+    return MqttSink(ctx.cfg.mqtt, ctx.cfg.station, ctx.outbox, ctx.commands)
