@@ -16,6 +16,7 @@ def test_shipped_station_yaml_loads_with_documented_defaults() -> None:
     defaults = StationConfig()
     assert cfg.engine == defaults.engine and cfg.events == defaults.events and cfg.mqtt == defaults.mqtt
     assert cfg.calibration == defaults.calibration and cfg.drift == defaults.drift
+    assert cfg.sinks == defaults.sinks == ["mqtt"] and cfg.webhook == defaults.webhook and cfg.spool == defaults.spool
     assert [c.id for c in cfg.cameras] == ["cam0"]
 
 
@@ -41,6 +42,12 @@ def test_every_key_in_station_yaml_is_commented() -> None:
     ("drift:\n  sigma: 2\n", "drift.sigma"),
     ("calibration:\n  quantile: 2.0\n", "calibration.quantile must be in [0.5, 1]"),
     ("mqtt: [1, 2\n", "invalid YAML"),
+    ("webhook:\n  url: http://h/x\n  retries: 3\n", ":3: unknown key 'webhook.retries'"),
+    ("webhook:\n  url: ftp://u:s3cret@h/x\n", "webhook.url must be an http:// or https:// URL"),
+    ("webhook:\n  url: https://user:s3cret@h/x\n  timeout_s: 0\n", "webhook.timeout_s must be > 0"),
+    ("sinks: [mqtt, kafka]\n", "sinks: unknown sink 'kafka'; choose from mqtt, webhook"),
+    ("sinks: [webhook]\n", "webhook.url is empty"),
+    ("sinks: []\n", "sinks must name at least one sink"),
 ])
 def test_config_mistakes_name_file_line_and_key(tmp_path: Path, text: str, needle: str) -> None:
     f = tmp_path / "station.yaml"
@@ -49,7 +56,7 @@ def test_config_mistakes_name_file_line_and_key(tmp_path: Path, text: str, needl
         load_station_config(f)
     msg = str(err.value)
     assert msg.startswith(str(f)) and needle in msg, msg
-    assert "\n" not in msg
+    assert "\n" not in msg and "s3cret" not in msg
 
 
 def test_bad_config_through_the_cli_is_one_line(tmp_path: Path, toy_engines: Path) -> None:
