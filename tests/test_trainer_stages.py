@@ -1,0 +1,298 @@
+"""fit_bundle's stages one at a time, their order, and the rerun of evaluate + report on an existing bundle.
+
+The default model is fitted on generated parts at 64 px (tiny and fast); every score is checked against a plain
+onnxruntime session on the graph the stage wrote, not against the trainer's own scorer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from core.bundle import CURRENT, MANIFEST, ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle
+from core.errors import UserError
+from core.files import sha256_file
+from core.preprocess import resize_frame
+from core.thresholds import normal_calibration
+from trainer.config import TrainConfig
+from trainer.data import fingerprint, list_images, train_paths
+from trainer.evaluate import metrics_from_scores
+from trainer.pipeline import fit_bundle, rerun_stages
+from trainer.stages import (
+    CHECKPOINTS,
+    STAGES,
+    FitRun,
+    calibrate_threshold,
+    check_data,
+    check_parity,
+    evaluate_test,
+    export_graphs,
+    fit_model,
+    promote_bundle,
+    write_bundle_manifest,
+    write_report,
+)
+from trainer.synthetic import make_dataset
+
+SIZE = 64
+ORDER = ["data check", "fit", "export", "calibrate", "parity", "evaluate", "report", "manifest", "promote"]
+
+
+def small_config(codec: bool = True) -> TrainConfig:
+    """The default model at 64 px, batches of 8; ``codec`` False: no degraded copies (plain hold-out scores)."""
+    cfg = TrainConfig()
+    cfg.input.height = cfg.input.width = SIZE
+    cfg.export.max_batch = 8
+    cfg.report.overlays = 3
+    cfg.codec_augment.enabled = codec
+    return cfg
+
+
+def session_scores(onnx_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of uint8 BGR frames by a plain onnxruntime session, one frame at a time."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outs = [session.run(["score", "anomaly_map"], {"frames": f[None]}) for f in images]
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+def read_frames(paths: list[Path]) -> np.ndarray:
+    return np.stack([resize_frame(cv2.imread(str(p)), (SIZE, SIZE), "stretch") for p in paths])
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("stages") / "ds", n_train=16, n_test_good=6, n_test_defect=8,
+                        size=SIZE, seed=5)
+
+
+@pytest.fixture(scope="module")
+def exported(parts, tmp_path_factory) -> FitRun:
+    """A run taken through data check, fit and export by hand (the expensive part, once for the stage tests)."""
+    heard = []
+    run = FitRun(small_config(codec=False), parts, tmp_path_factory.mktemp("engines"), log=lambda _m: None,
+                 on_export=heard.append)
+    for stage in (check_data, fit_model, export_graphs):
+        stage(run)
+    assert heard == [run.module]
+    return run
+
+
+def copy_of(run: FitRun, **changes) -> FitRun:
+    """A run of its own for one test (the notes list is copied: stages append to it)."""
+    return dataclasses.replace(run, notes=list(run.notes), **changes)
+
+
+@pytest.fixture(scope="module")
+def calibrated(exported) -> FitRun:
+    run = copy_of(exported)
+    calibrate_threshold(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """(data folder, promoted bundle, log lines) of one fit_bundle run, codec-robust copies on (the default)."""
+    root = make_dataset(tmp_path_factory.mktemp("fitted") / "ds", n_train=16, n_test_good=6, n_test_defect=8,
+                        size=SIZE, seed=6)
+    lines: list[str] = []
+    bundle = fit_bundle(small_config(), root, tmp_path_factory.mktemp("engines"), log=lines.append)
+    return root, bundle, lines
+
+
+def test_stage_names_and_order() -> None:
+    assert [s.name for s in STAGES] == ORDER
+    assert [s.name for s in STAGES if s.reruns] == ["data check", "calibrate", "evaluate", "report"]
+    for stage in STAGES:
+        assert stage.run.__doc__, stage.name
+        assert stage.reruns or stage.why_not, stage.name
+
+
+def test_a_stage_run_too_early_names_the_stage_it_needs(parts, tmp_path) -> None:
+    fresh = FitRun(small_config(), parts, tmp_path, log=lambda _m: None)
+    for stage, earlier in ((fit_model, "data check"), (export_graphs, "fit"), (calibrate_threshold, "data check"),
+                           (write_bundle_manifest, "export"), (promote_bundle, "export")):
+        with pytest.raises(RuntimeError, match=f"run stage '{earlier}' first"):
+            stage(fresh)
+    check_data(fresh)
+    for stage, earlier in ((calibrate_threshold, "export"), (check_parity, "export"), (evaluate_test, "export")):
+        with pytest.raises(RuntimeError, match=f"run stage '{earlier}' first"):
+            stage(fresh)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_data_check_alone(parts, tmp_path) -> None:
+    run = FitRun(small_config(), parts, tmp_path / "engines", log=lambda _m: None)
+    check_data(run)
+    assert run.data is not None and run.test is not None and run.model_cls is not None
+    paths = train_paths(parts)
+    assert sorted(run.data.fit_paths + run.data.holdout_paths) == paths
+    assert not set(run.data.fit_paths) & set(run.data.holdout_paths)
+    assert len(run.data.holdout_paths) == round(len(paths) * run.cfg.calibration.holdout_fraction)
+    assert run.training_data == fingerprint(paths, parts)
+    assert run.codec["on"] and run.data.degraded_copies == run.codec["copies"] >= 1  # stills: codec copies
+    assert len(run.test) == 14 and int(run.test.labels.sum()) == 8 and run.test.masks is not None
+    assert run.cfg.input.hw == (SIZE, SIZE)
+    assert not (tmp_path / "engines").exists()  # checked, nothing fitted or written
+    with pytest.raises(UserError, match="train/good"):
+        check_data(FitRun(small_config(), tmp_path, tmp_path / "engines", log=lambda _m: None))
+
+
+def test_fit_and_export(exported) -> None:
+    run = exported
+    assert run.model is not None and run.fit_seconds > 0 and run.bundle_dir is not None
+    names = sorted(p.name for p in run.bundle_dir.iterdir())
+    assert names == sorted([ONNX_FP32, ONNX_FP16, ONNX_SCORE])
+    assert run.export_info["file_bytes"] == {n: (run.bundle_dir / n).stat().st_size for n in names}
+    scores, maps = session_scores(run.bundle_dir / ONNX_FP32, run.test.images[:2])
+    assert scores.shape == (2,) and maps.shape[0] == 2 and np.isfinite(scores).all()
+
+
+def test_calibrate_alone_uses_the_graph_on_the_holdout(calibrated) -> None:
+    run = calibrated
+    held_out, _ = session_scores(run.fp32, read_frames(run.data.holdout_paths))
+    c = run.cfg.calibration
+    expected = normal_calibration(held_out, c.quantile, c.margin, c.sigmas)
+    assert run.calibration["method"] == "quantile"
+    assert run.calibration["threshold"] == pytest.approx(expected["threshold"], rel=1e-5)
+    assert run.calibration["n_normal"] == len(run.data.holdout_paths)
+
+
+def test_parity_alone(calibrated) -> None:
+    run = copy_of(calibrated)
+    check_parity(run)
+    assert run.parity["frames"] == run.cfg.report.parity_frames
+    assert set(run.parity) == {"frames", "onnx_fp32", "onnx_fp16", "onnx_score_only"}
+    assert run.parity["onnx_fp32"]["score_max_rel_diff"] < 1e-4
+    assert run.parity["onnx_fp16"]["score_max_rel_diff"] < 0.05
+
+
+def test_evaluate_alone_measures_the_graph_at_the_threshold(calibrated) -> None:
+    run = copy_of(calibrated)
+    evaluate_test(run)
+    scores, maps = session_scores(run.fp32, run.test.images)
+    expected = metrics_from_scores(scores, run.test.labels, run.calibration["threshold"], maps, run.test.masks)
+    for key, value in expected.items():
+        assert run.metrics[key] == pytest.approx(value, abs=1e-5), key
+    assert run.metrics["fit_seconds"] == round(run.fit_seconds, 3)
+    assert run.metrics["image_auroc"] > 0.5
+
+
+def test_evaluate_without_a_test_folder_notes_it(calibrated, tmp_path) -> None:
+    run = copy_of(calibrated, test=None, data_dir=tmp_path)
+    evaluate_test(run)
+    assert run.evaluation is None and list(run.metrics) == ["fit_seconds"]
+    assert run.notes[-1] == f"no {tmp_path / 'test'} folder: no test metrics"
+
+
+def test_report_alone(calibrated, tmp_path) -> None:
+    run = copy_of(calibrated, report_dir=tmp_path)
+    evaluate_test(run)
+    write_report(run)
+    assert run.report_path == tmp_path / "report.json"
+    report = json.loads(run.report_path.read_text())
+    assert report["metrics"] == run.metrics and report["calibration"]["threshold"] == run.calibration["threshold"]
+    assert report["config"]["input"]["height"] == SIZE and "rerun" not in report
+    assert sorted(report["plots"]) == sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(report["hardest_cases"]["good"]) == 3 and len(report["hardest_cases"]["defects"]) == 3
+
+
+@pytest.mark.parametrize("promote", [False, True])
+def test_manifest_then_promote(calibrated, tmp_path, promote) -> None:
+    """On a copy of the exported bundle: manifest checksums every file; promote makes it current (or only
+    verifies it)."""
+    bundle_dir = tmp_path / "engines" / calibrated.cfg.model / "v1"
+    shutil.copytree(calibrated.bundle_dir, bundle_dir)
+    run = copy_of(calibrated, bundle_dir=bundle_dir, fp32=bundle_dir / ONNX_FP32, promote_bundle=promote)
+    run.fp16, run.score_only = bundle_dir / ONNX_FP16, bundle_dir / ONNX_SCORE
+    check_parity(run)
+    evaluate_test(run)
+    write_report(run)
+    write_bundle_manifest(run)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    assert manifest["files"][ONNX_FP32] == sha256_file(bundle_dir / ONNX_FP32) and "report.json" in manifest["files"]
+    assert manifest["calibration"] == run.calibration and manifest["metrics"] == run.metrics
+    assert manifest["input"]["height"] == SIZE and manifest["fp16"]["file"] == ONNX_FP16
+    promote_bundle(run)
+    assert (bundle_dir.parent / CURRENT).is_file() == promote
+    assert load_bundle(bundle_dir).threshold == run.calibration["threshold"]
+
+
+def test_fit_bundle_runs_the_stages_in_order(fitted) -> None:
+    root, bundle, lines = fitted
+    starts = [f"{len(list_images(root / 'train' / 'good'))} training images in", f"fitting {small_config().model} ",
+              "exported ", "threshold ", "parity vs torch", "test: ", f"bundle {bundle} promoted"]
+    at = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in starts]
+    assert at == sorted(at), lines
+    assert load_bundle(bundle.parent).path == bundle  # promoted: 'current' names it
+
+
+def test_failed_stage_leaves_no_version_folder(parts, tmp_path) -> None:
+    def broken(_module) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fit_bundle(small_config(), parts, tmp_path, log=lambda _m: None, on_export=broken)
+    model_dir = tmp_path / small_config().model
+    assert [p.name for p in model_dir.iterdir() if p.name != CHECKPOINTS] == []  # the half-written version is gone
+
+
+def test_rerun_evaluate_and_report_gives_the_fits_metrics(fitted, tmp_path) -> None:
+    root, bundle, _ = fitted
+    before = {p.name: sha256_file(p) for p in bundle.iterdir()}
+    fit_report = json.loads((bundle / "report.json").read_text())
+    run = rerun_stages(bundle, root, ("evaluate", "report"), out_dir=tmp_path / "again", log=lambda _m: None)
+    assert run.metrics == fit_report["metrics"]
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["metrics"] == fit_report["metrics"]
+    assert again["hardest_cases"] == fit_report["hardest_cases"] and again["plots"] == fit_report["plots"]
+    for key in ("calibration", "fit", "export", "parity", "codec_augment"):
+        assert again[key] == fit_report[key], key
+    assert {k: again["config"][k] for k in fit_report["config"]} == fit_report["config"]  # the fit's settings
+    assert again["rerun"]["bundle"] == str(bundle) and again["rerun"]["stages"] == ["data check", "evaluate",
+                                                                                    "report"]
+    assert {p.name: sha256_file(p) for p in bundle.iterdir()} == before  # the bundle never changes
+    load_bundle(bundle)
+
+
+def test_rerun_defaults_to_a_folder_beside_the_bundle(fitted) -> None:
+    root, bundle, _ = fitted
+    run = rerun_stages(bundle.parent, root, log=lambda _m: None)  # the model folder: its current version
+    assert run.report_path is not None and run.report_path.parent.parent == bundle.parent / "evals"
+    assert run.report_path.parent.name.startswith(bundle.name + "-")
+
+
+def test_rerun_calibrate_finds_the_fits_threshold(fitted) -> None:
+    root, bundle, _ = fitted
+    run = rerun_stages(bundle, root, ("calibrate",), log=lambda _m: None)
+    manifest = load_bundle(bundle).manifest["calibration"]
+    assert run.calibration["threshold"] == pytest.approx(manifest["threshold"], rel=1e-6)
+    assert run.calibration["n_normal"] == manifest["n_normal"]  # the same hold-out, codec copies included
+    assert run.report_path is None and not any("is not the set" in n for n in run.notes)
+
+
+def test_rerun_refuses_what_it_cannot_do(fitted, tmp_path) -> None:
+    root, bundle, _ = fitted
+    for stages, message in ((("export",), "needs the fitted torch model"), (("parity",), "not kept after export"),
+                            (("manifest",), "never change"), (("report",), "only with 'evaluate'"),
+                            (("evaluate", "reprot"), "unknown stage 'reprot'")):
+        with pytest.raises(UserError, match=message):
+            rerun_stages(bundle, root, stages, out_dir=tmp_path / "x", log=lambda _m: None)
+    with pytest.raises(UserError, match="inside the bundle"):
+        rerun_stages(bundle, root, out_dir=bundle / "again", log=lambda _m: None)
+    no_test = tmp_path / "no_test"
+    shutil.copytree(root / "train", no_test / "train")
+    with pytest.raises(UserError, match="no test folder"):
+        rerun_stages(bundle, no_test, ("evaluate",), log=lambda _m: None)
+    (no_test / "train" / "good" / "000.png").unlink()
+    lines: list[str] = []
+    run = rerun_stages(bundle, no_test, ("calibrate",), log=lines.append)
+    assert "is not the set" in run.notes[-1] and f"warning: {run.notes[-1]}" in lines
+    assert not (tmp_path / "x").exists()
+

@@ -1,0 +1,410 @@
+"""The stages of a fit: data check → fit → export → calibrate → parity → evaluate → report → manifest → promote.
+
+Each stage is a function of one ``FitRun``: it reads what earlier stages left there and adds its own part, so a
+stage can run, and be tested, on its own given a run that holds what it needs (a stage run too early says which
+stage must come first). ``trainer/pipeline.py`` runs them in the order of ``STAGES``.
+
+The threshold and the test metrics are computed through the exported ONNX graph with the station's own ONNX
+Runtime backend, so they describe the file the station runs. The fitted torch model lives in memory only and is
+not kept after export: fit, export, parity (torch against ONNX) and manifest (the map's shape, a fresh bundle's
+checksums) need it, so they run inside a fit only. Data check, calibrate, evaluate and report need only the
+bundle's graph and the data folder, so they can run again on an existing bundle (``pipeline.rerun_stages``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import numpy as np
+from torch import nn
+
+from core.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle, new_version_dir, promote, write_manifest
+from core.errors import UserError
+from trainer import calibrate as cal
+from trainer import distributed
+from trainer import export as ex
+from trainer import report as rep
+from trainer.config import TrainConfig
+from trainer.data import ImageSet, fingerprint, load_test, load_val, train_paths
+from trainer.datacheck import grayscale_warning, holdout_warning, scan_images, size_warnings
+from trainer.degrade import Degradation, codec_plan
+from trainer.evaluate import Evaluation, evaluate_onnx
+from trainer.frames import TrainingData
+from trainer.loop import run_fingerprint
+from trainer.models import AnomalyModel, RunOptions, get_model_class
+
+CHECKPOINTS = "checkpoints"  # engines/<model>/checkpoints/: the training run of models trained by epochs
+T = TypeVar("T")
+
+
+def log_to_stderr(msg: str) -> None:
+    """The fit's progress log: one ``edge-train:`` line on stderr."""
+    print(f"edge-train: {msg}", file=sys.stderr, flush=True)
+
+
+def _quiet(_msg: str) -> None:
+    """The log of the ranks other than 0 of a distributed fit: rank 0 speaks for all."""
+
+
+@dataclass
+class FitRun:
+    """Everything one fit hands from stage to stage; each stage fills its own part (listed by stage below).
+
+    ``rerun`` is None in a fit; in a rerun on an existing bundle it says which bundle and stages, and the parts of
+    the stages that do not rerun are read back from the bundle's manifest.json and report.json.
+    """
+
+    cfg: TrainConfig
+    data_dir: Path
+    engines_root: Path
+    log: Callable[[str], None] = log_to_stderr
+    resume: bool = False  # continue the training run in engines_root/<model>/checkpoints/
+    stop_after_epoch: Optional[int] = None  # tests: behave as if Ctrl-C came at the end of this epoch
+    on_export: Optional[Callable[[nn.Module], None]] = None  # hears the torch module the ONNX graph came from
+    promote_bundle: bool = True  # False: written and verified, not made current (a retrain's challenger)
+    started: float = field(default_factory=time.monotonic)
+    notes: list[str] = field(default_factory=list)  # report.json's notes: what a reader should know
+    rerun: Optional[dict[str, Any]] = None
+    # data check
+    model_cls: Optional[type[AnomalyModel]] = None
+    shard: distributed.Shard = field(default_factory=distributed.Shard)
+    data: Optional[TrainingData] = None
+    test: Optional[ImageSet] = None
+    training_data: dict[str, Any] = field(default_factory=dict)  # the manifest's fingerprint of DIR/train/good
+    codec: dict[str, Any] = field(default_factory=dict)  # report.json's codec_augment
+    # fit
+    model: Optional[AnomalyModel] = None
+    fit_info: dict[str, Any] = field(default_factory=dict)
+    fit_seconds: float = 0.0
+    scaling: dict[str, Any] = field(default_factory=dict)  # the score's [0, 1] range, for models that scale it
+    # export
+    bundle_dir: Optional[Path] = None
+    module: Optional[nn.Module] = None
+    fp32: Optional[Path] = None
+    fp16: Optional[Path] = None
+    score_only: Optional[Path] = None
+    fp16_info: dict[str, Any] = field(default_factory=dict)
+    export_info: dict[str, Any] = field(default_factory=dict)  # report.json's export
+    # calibrate, parity, evaluate
+    calibration: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    evaluation: Optional[Evaluation] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # report
+    report_dir: Optional[Path] = None  # None: the bundle folder (a fit); a rerun writes outside the bundle
+    report_path: Optional[Path] = None
+
+    def note(self, message: str, warning: bool = True) -> None:
+        """Keep ``message`` for report.json's notes and log it (as a warning unless ``warning`` is False)."""
+        self.notes.append(message)
+        self.log(f"warning: {message}" if warning else message)
+
+
+def _need(value: Optional[T], what: str, stage: str, earlier: str) -> T:
+    """``value``, or an error saying which earlier stage provides it (a stage run out of order)."""
+    if value is None:
+        raise RuntimeError(f"stage '{stage}' needs {what}: run stage '{earlier}' first")
+    return value
+
+
+def check_data(run: FitRun) -> None:
+    """Read and check DIR before anything is fitted, so a bad folder fails in seconds, not after the fit.
+
+    Takes ``cfg``, ``data_dir``. Gives ``model_cls``, ``shard`` (which rank of a torchrun fit this is), the input
+    size resolved into ``cfg``, ``data`` (fit/hold-out split, DIR/val, codec-robust plan), ``test`` (DIR/test;
+    None when absent or on ranks other than 0), ``training_data`` (the fingerprint) and ``codec``; warnings go to
+    ``notes``. Reruns: the same folder gives the same split (it follows from the seed and the hold-out fraction).
+    """
+    cfg = run.cfg
+    run.model_cls = get_model_class(cfg.model)  # unknown name: fail before reading any data
+    run.shard = distributed.check_launch(cfg.model, run.model_cls.trains_distributed)  # torchrun: rank 0 writes
+    if not run.shard.writer:
+        run.log = _quiet
+    paths = train_paths(run.data_dir)
+    _check_training_images(run, paths)
+    fit_idx, hold_idx = cal.split_holdout(len(paths), cfg.calibration.holdout_fraction, cfg.seed)
+    small = holdout_warning(len(hold_idx), cfg.calibration.quantile, cfg.calibration.sigmas)
+    if small:
+        run.note(small)
+    hw, resize = cfg.input.hw, cfg.input.resize
+    val = load_val(run.data_dir, hw, resize)
+    run.test = load_test(run.data_dir, hw, resize, warn=run.note) if run.shard.writer else None
+    degradation, copies = _plan_codec(run, paths)
+    run.data = TrainingData(fit_paths=[paths[i] for i in fit_idx], holdout_paths=[paths[i] for i in hold_idx],
+                            hw=hw, resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed,
+                            degradation=degradation, degraded_copies=copies)
+    run.training_data = fingerprint(paths, run.data_dir)
+
+
+def _check_training_images(run: FitRun, paths: list[Path]) -> None:
+    """Scan DIR/train/good, resolve the input size and channels, warn about sizes and grey images."""
+    cfg, model_cls = run.cfg, _need(run.model_cls, "the model class", "data check", "data check")
+    scan = scan_images(paths)
+    cfg.resolve(model_cls.defaults, all_gray=len(scan.grayscale) == scan.count)
+    hw, resize = cfg.input.hw, cfg.input.resize
+    for message in size_warnings(scan, "train/good", hw, resize):
+        run.note(message)
+    gray = grayscale_warning(scan, "train/good")
+    if gray:
+        run.note(gray)
+    run.log(f"{len(paths)} training images in {run.data_dir / 'train' / 'good'}, fitted to {hw[1]}x{hw[0]} "
+            f"({resize})")
+    if cfg.epochs is not None and not model_cls.trains_with_epochs:
+        run.note(f"{cfg.model} does not train by epochs; epochs={cfg.epochs} ignored", warning=False)
+
+
+def _plan_codec(run: FitRun, paths: list[Path]) -> tuple[Optional[Degradation], int]:
+    """The codec-robust training plan of ``paths`` (degradation or None, copies), logged and kept for the report."""
+    ca = run.cfg.codec_augment
+    degradation, copies, line = codec_plan(
+        ca.enabled, ca.copies, Degradation((ca.jpeg_quality[0], ca.jpeg_quality[1]), ca.brightness, ca.contrast),
+        paths)
+    run.log(line)
+    run.codec = {"on": degradation is not None, "copies": copies, "plan": line}
+    return degradation, copies
+
+
+def fit_model(run: FitRun) -> None:
+    """Fit ``cfg.model`` on the fit part of DIR/train/good (the hold-out never enters the model).
+
+    Takes ``data``, ``model_cls``, ``training_data``. Gives ``model`` (in memory only: it is not kept after the
+    fit, so a stage needing it cannot rerun later), ``fit_info``, ``fit_seconds`` and, for models that scale their
+    score to [0, 1], ``scaling``. Checkpoints of models trained by epochs go to engines_root/<model>/checkpoints/.
+    On a torchrun rank other than 0 it ends the run here (HelperRankFinished): rank 0 writes the bundle.
+    """
+    cfg = run.cfg
+    data = _need(run.data, "the training data", "fit", "data check")
+    model_cls = _need(run.model_cls, "the model class", "fit", "data check")
+    run.log(f"fitting {cfg.model} on {len(data.fit_paths)} images; {len(data.holdout_paths)} held out for "
+            "calibration")
+    model = model_cls(cfg)
+    options = RunOptions(device=cfg.device, amp=cfg.training.amp, select=cfg.training.select,
+                         checkpoint_dir=run.engines_root / cfg.model / CHECKPOINTS, resume=run.resume,
+                         fingerprint=run_fingerprint(asdict(cfg), str(run.training_data["sha256"])),
+                         log_every=cfg.training.log_every, stop_after_epoch=run.stop_after_epoch)
+    t0 = time.monotonic()
+    run.fit_info = model.fit(data, run.log, options)
+    run.fit_seconds = time.monotonic() - t0
+    if not run.shard.writer:
+        raise distributed.HelperRankFinished(f"rank {run.shard.rank}: its share of the fit is done; rank 0 writes "
+                                             "the bundle")
+    run.model = model
+    if model.scales_scores:
+        _scale_scores(run, model, data)
+
+
+def _scale_scores(run: FitRun, model: AnomalyModel, data: TrainingData) -> None:
+    """Fix the exported score's [0, 1] range on the held-out normals (and DIR/val) before the graph is exported."""
+    batch = run.cfg.export.max_batch
+    raw = stream_scores(lambda f: model.score(f, batch)[0], data, data.holdout_paths, batch)
+    if data.val is not None:
+        raw = np.concatenate([raw, model.score(data.val.images, batch)[0]])
+    run.scaling = {"low": float(raw.min()), "high": float(raw.max()),
+                   "from": "held-out training normals" + (" and DIR/val" if data.val is not None else "")}
+    model.set_score_range(run.scaling["low"], run.scaling["high"])
+    run.log(f"score scaled to [0, 1] over the {run.scaling['from']}: raw {run.scaling['low']:.4g}.."
+            f"{run.scaling['high']:.4g}")
+
+
+def export_graphs(run: FitRun) -> None:
+    """Write the graphs the station runs into a new version folder: model.onnx, model.fp16.onnx, model.score.onnx.
+
+    Takes ``model``. Gives ``bundle_dir`` (created here: whoever runs the stages removes it if a later one fails),
+    ``module`` (the torch module exported; ``on_export`` hears it), ``fp32``, ``fp16`` and ``score_only`` (None
+    when switched off in ``cfg.export``), ``fp16_info`` and ``export_info``. Cannot rerun: it needs the fitted
+    model, which is not kept; fit again.
+    """
+    cfg, model = run.cfg, _need(run.model, "the fitted model", "export", "fit")
+    bounds = model.export_checks(cfg.export.max_batch, cfg.export.max_distance_elements)
+    run.bundle_dir = bundle_dir = new_version_dir(run.engines_root, cfg.model)
+    run.module = module = model.export_module()
+    run.fp32 = bundle_dir / ONNX_FP32
+    ex.export_onnx(module, run.fp32, cfg.input.hw, cfg.export.opset)
+    if run.on_export is not None:
+        run.on_export(module)
+    if cfg.export.fp16:
+        run.fp16 = bundle_dir / ONNX_FP16
+        run.fp16_info = ex.convert_fp16(run.fp32, run.fp16, model.fp32_scopes)
+    if cfg.export.score_only:
+        run.score_only = bundle_dir / ONNX_SCORE
+        ex.export_onnx(ex.ScoreOnly(module), run.score_only, cfg.input.hw, cfg.export.opset, outputs=("score",))
+    graphs = [p for p in (run.fp32, run.fp16, run.score_only) if p is not None]
+    run.export_info = {**bounds, "opset": cfg.export.opset, "file_bytes": {p.name: p.stat().st_size for p in graphs},
+                       "fp16": run.fp16_info}
+    run.log(f"exported {run.fp32.name} ({run.fp32.stat().st_size / 1e6:.1f} MB)"
+            + "".join(f", {p.name}" for p in graphs[1:]))
+
+
+def calibrate_threshold(run: FitRun) -> None:
+    """Choose the score threshold from the held-out normals (and DIR/val), scored through model.onnx.
+
+    Takes ``data`` and ``fp32``. Gives ``calibration`` (threshold, method, normalisation constants: the
+    manifest's calibration). Reruns on an existing bundle: the graph is the bundle's, the hold-out the one the
+    seed picks from DIR/train/good (the fit's, when the folder is the one fitted on).
+    """
+    cfg, batch = run.cfg, run.cfg.export.max_batch
+    data = _need(run.data, "the training data", "calibrate", "data check")
+    scorer = ex.onnx_scorer(_need(run.fp32, "model.onnx", "calibrate", "export"), batch)
+    hold_scores = stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch)
+    val = data.val
+    val_scores = ex.run_onnx(scorer, val.images)[0] if val is not None else None
+    c = cfg.calibration
+    run.calibration = cal.calibrate(hold_scores, c.method, c.quantile, c.margin, c.sigmas, val_scores,
+                                    None if val is None else val.labels)
+    run.log(f"threshold {run.calibration['threshold']:.4g} ({run.calibration['method']}; held-out normal scores "
+            f"{run.calibration['normal_min']:.4g}..{run.calibration['normal_max']:.4g})")
+
+
+def check_parity(run: FitRun) -> None:
+    """Score the same frames with torch and each exported graph: the graphs must compute what the model did.
+
+    Takes ``module``, ``fp32`` (``fp16``, ``score_only`` when exported), ``data`` and ``test`` (the frames:
+    held-out normals, then the test set's defects first). Gives ``parity``. Cannot rerun: torch's side needs the
+    fitted model, which is not kept.
+    """
+    cfg, batch = run.cfg, run.cfg.export.max_batch
+    data = _need(run.data, "the training data", "parity", "data check")
+    module = _need(run.module, "the exported torch module", "parity", "export")
+    frames = data.read(data.holdout_paths[: cfg.report.parity_frames])
+    if run.test is not None:
+        extra = max(0, cfg.report.parity_frames - len(frames))
+        frames = np.concatenate([frames, run.test.images[np.argsort(-run.test.labels)][:extra]])
+    run.parity = ex.parity(module, _need(run.fp32, "model.onnx", "parity", "export"), run.fp16, frames, batch,
+                           score_path=run.score_only)
+    run.log("parity vs torch: max rel diff of scores " + ", ".join(
+        f"{k} {v['score_max_rel_diff']:.2e}" for k, v in run.parity.items() if isinstance(v, dict)))
+
+
+def evaluate_test(run: FitRun) -> None:
+    """Measure DIR/test through model.onnx at the calibrated threshold: what the station will do on it.
+
+    Takes ``test``, ``fp32``, ``calibration`` and ``fit_seconds``. Gives ``metrics`` (fit_seconds, then image and
+    pixel AUROC, average precision, F1, counts) and ``evaluation`` (the scores and maps the report draws); without
+    a DIR/test a note says so. Reruns on an existing bundle (its graph and its manifest's threshold, unless
+    calibrate reran first).
+    """
+    fp32 = _need(run.fp32, "model.onnx", "evaluate", "export")
+    threshold = _need(run.calibration.get("threshold"), "a threshold", "evaluate", "calibrate")
+    run.metrics = {"fit_seconds": round(run.fit_seconds, 3)}
+    run.evaluation = None
+    if run.test is None:
+        run.note(f"no {run.data_dir / 'test'} folder: no test metrics", warning=False)
+        return
+    run.evaluation = evaluate_onnx(fp32, run.test, threshold, run.cfg.export.max_batch)
+    run.metrics.update({k: round(v, 6) if isinstance(v, float) else v for k, v in run.evaluation.metrics.items()})
+    run.log("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in run.evaluation.metrics.items()))
+
+
+def write_report(run: FitRun) -> None:
+    """Write report.json and the plots (ROC, PR, score histogram, hardest cases): what the trainer measured.
+
+    Takes every earlier stage's part (``evaluation`` for the plots). Writes into ``report_dir``, else the bundle
+    folder; gives ``report_path``. Reruns, into a folder outside the bundle: a bundle's files are checksummed in
+    its manifest and never change.
+    """
+    out = run.report_dir or _need(run.bundle_dir, "a bundle folder", "report", "export")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the report folder ({exc.strerror}); pass a writable folder") from None
+    plots: list[str] = []
+    section: dict[str, Any] = {"close_level": None, "hardest_cases": None}
+    if run.evaluation is not None:
+        model_cls = _need(run.model_cls, "the model class", "report", "data check")
+        section = rep.write_test_report(
+            out, run.evaluation.test, run.evaluation.scores, run.evaluation.maps, run.calibration["threshold"],
+            run.calibration["normal_median"], root=run.data_dir, cases=run.cfg.report.overlays,
+            in_score_units=model_cls.map_in_score_units)
+        plots = section.pop("plots")
+        run.notes.extend(section.pop("notes"))
+    report = {
+        "model": run.cfg.model, "data": str(run.data_dir), "config": asdict(run.cfg), "fit": run.fit_info,
+        "codec_augment": run.codec, "score_scaling": run.scaling or None, "export": run.export_info,
+        "calibration": run.calibration, "parity": run.parity, "metrics": run.metrics, "plots": plots,
+        **section, "notes": run.notes, "total_seconds": round(time.monotonic() - run.started, 3),
+        **({"rerun": run.rerun} if run.rerun is not None else {}),
+    }
+    run.report_path = rep.write_report(out, report)
+
+
+def write_bundle_manifest(run: FitRun) -> None:
+    """Write manifest.json last: input, outputs, calibration, fingerprint, metrics, sha256 of every file.
+
+    Takes ``bundle_dir`` (with every other file written), ``model`` (its map's shape), ``calibration``,
+    ``training_data``, ``metrics``, ``parity``, ``fp16_info``. Cannot rerun: an existing bundle never changes (a
+    station refuses one whose files do not match its manifest), and the map's shape is the fitted model's.
+    """
+    cfg = run.cfg
+    bundle_dir = _need(run.bundle_dir, "a bundle folder", "manifest", "export")
+    map_h, map_w = _need(run.model, "the fitted model", "manifest", "fit").map_shape()
+    hw = cfg.input.hw
+    write_manifest(
+        bundle_dir, model_name=cfg.model,
+        input_spec={"height": hw[0], "width": hw[1], "resize": cfg.input.resize, "max_batch": cfg.export.max_batch},
+        outputs=[{"name": "score", "dtype": "float32", "shape": ["N"]},
+                 {"name": "anomaly_map", "dtype": "float32", "shape": ["N", map_h, map_w]}],
+        calibration=run.calibration,
+        training_data=run.training_data,
+        metrics=run.metrics,
+        extra={"parity": {k: v for k, v in run.parity.items() if isinstance(v, dict)},
+               **({"fp16": _fp16_manifest(run.fp16_info)} if run.fp16 is not None else {})},
+    )
+
+
+def promote_bundle(run: FitRun) -> None:
+    """Make the bundle its model's current version (stations pick it up), or only verify it as a station would.
+
+    Takes ``bundle_dir`` with its manifest and ``promote_bundle``. Not a rerun stage: promoting an existing
+    bundle is ``edge-train promote``.
+    """
+    bundle_dir = _need(run.bundle_dir, "a bundle folder", "promote", "export")
+    if run.promote_bundle:
+        promote(bundle_dir)
+    else:
+        load_bundle(bundle_dir)  # verified as a station would, even when not promoted
+    run.log(f"bundle {bundle_dir} {'promoted' if run.promote_bundle else 'written (not promoted)'} "
+            f"({time.monotonic() - run.started:.1f}s)")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named stage; ``reruns``: it can run again on an existing bundle from its files (else ``why_not``)."""
+
+    name: str
+    run: Callable[[FitRun], None]
+    reruns: bool
+    why_not: str = ""
+
+
+_NEEDS_MODEL = "it needs the fitted torch model, which is not kept after export; fit again (edge-train fit)"
+STAGES = (
+    Stage("data check", check_data, True),
+    Stage("fit", fit_model, False, "a new fit is a new bundle (edge-train fit)"),
+    Stage("export", export_graphs, False, _NEEDS_MODEL),
+    Stage("calibrate", calibrate_threshold, True),
+    Stage("parity", check_parity, False, _NEEDS_MODEL),
+    Stage("evaluate", evaluate_test, True),
+    Stage("report", write_report, True),
+    Stage("manifest", write_bundle_manifest, False,
+          "a bundle's files never change once its manifest is written (stations check them)"),
+    Stage("promote", promote_bundle, False, "promote an existing bundle with edge-train promote"),
+)
+
+
+def _fp16_manifest(info: dict[str, Any]) -> dict[str, Any]:
+    """What model.fp16.onnx keeps in FP32 (the scopes, their op types and nodes): TensorRT's FP16-flag build
+    (8.6) pins the same layers to FP32, and a reader sees where the FP16 graph is not FP16."""
+    return {"file": ONNX_FP16, "fp32_scopes": info["fp32_scopes"], "fp32_ops": info["fp32_ops"],
+            "fp32_nodes": info["fp32_nodes"]}
+
+
+def stream_scores(score: Callable[[np.ndarray], np.ndarray], data: TrainingData, paths: list[Path],
+                  batch: int) -> np.ndarray:
+    """Scores of ``paths`` read batch by batch from disk (hold-outs of tens of thousands of frames fit nowhere)."""
+    parts = [score(frames.numpy()) for frames in data.loader(paths, batch)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
