@@ -6,17 +6,19 @@ bounded open and read, reopening with back-off, pacing, the queue, MJPEG's reduc
 ``edge.sources.capture.CameraSource``'s, the same for every kind. Adding a kind = one module in
 ``edge/sources/kinds/`` with a class decorated ``@register_source("<name>")`` (and its test); the package is
 imported on first lookup, so there is no list to edit. Which kind a string is: the kinds are asked in their
-``order`` (lowest first) and the first that claims it wins; a camera's ``kind`` names one outright.
+``order`` (lowest first) and the first that claims it wins; a camera's ``kind`` (``cameras[].kind``, where
+the station config has that key) names one outright.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from core.errors import UserError
-from edge.config import CameraConfig
+from edge.config import CameraConfig, redact_secrets
 
 
 class Capture(Protocol):
@@ -31,7 +33,7 @@ class Capture(Protocol):
         ...
 
 
-class SourceKind:
+class SourceKind(ABC):
     """One kind of capture source. Subclass it in ``edge/sources/kinds/<name>.py`` and register it."""
 
     name: str = ""  # set by register_source
@@ -39,14 +41,14 @@ class SourceKind:
     live: bool = True  # a live source drops frames and stamps the wall clock; a recording blocks and stamps file time
     hint: str = "is the source right?"  # what to check when it does not open
 
+    @abstractmethod
     def claims(self, source: str) -> bool:
-        """Whether ``source`` (a config string) is of this kind."""
-        raise NotImplementedError
+        """Whether ``source`` (a config string, stripped) is of this kind."""
 
+    @abstractmethod
     def open(self, source: str, timeout_s: float) -> Optional[Capture]:
         """Open ``source``, taking at most about ``timeout_s`` where the library can bound it (the caller abandons
         an open that blocks longer); None when it did not open."""
-        raise NotImplementedError
 
     def frame_rate(self, capture: Capture) -> Optional[float]:
         """A recording's own frames per second (its frames are stamped at it), or None where it has none."""
@@ -113,7 +115,7 @@ def find_kind(source: str, kind: Optional[str] = None) -> SourceKind:
     for name in source_kinds():
         if _KINDS[name].claims(source.strip()):
             return _KINDS[name]
-    raise UserError(f"no source kind claims {source!r}; kinds: {', '.join(source_kinds())}")
+    raise UserError(f"no source kind claims {redact_secrets(source)!r}; kinds: {', '.join(source_kinds())}")
 
 
 def camera_kind(cam: CameraConfig) -> SourceKind:
