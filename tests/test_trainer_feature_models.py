@@ -190,9 +190,13 @@ def test_models_say_what_they_catch(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--help"])
     assert exit_info.value.code == 0
-    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
-    listed = {line.rstrip(":"): lines[i + 1].split(", ") for i, line in enumerate(lines)
-              if line.rstrip(":") in (SURFACE_DEFECTS, FOREIGN_OBJECTS)}
+    listed: dict[str, list[str]] = {}
+    kind = ""
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):  # a kind: "  <what it catches>:"
+            kind = line.strip().rstrip(":")
+        elif line.startswith("    ") and not line.startswith("     ") and kind:  # a model: "    name (Display)"
+            listed.setdefault(kind, []).append(line.split()[0])
     assert {"padim", "patchcore"} <= set(listed[SURFACE_DEFECTS])
     assert {"spade", "mahalanobis", "ganomaly"} <= set(listed[FOREIGN_OBJECTS])
 
