@@ -153,11 +153,12 @@ class Station:
             log.warning("%s; waiting for it (retrying with back-off)", describe_open_failure(src.cam))
 
     def use_batch(self, size: int) -> None:
-        """Score in batches of up to ``max_batch`` frames. The cameras' queues then hold at least one full batch
-        between them, and a video file's queue two batches: with less, the chosen size never forms (one camera
-        with queue_size 4 ran every batch of 8 at 4 frames, the slower size), and a file's reader would wait while
-        the engine scores instead of filling the next batch. A live camera's share stays as small as that allows:
-        what a lagging station queues beyond it is only older frames (8 cameras holding 8 each: p99 320 ms)."""
+        """Score in batches of up to ``size`` frames: the only writer of the BatchSize the batcher and the stats
+        read. The cameras' queues then hold at least one full batch between them, and a video file's queue two
+        batches: with less, the chosen size never forms (one camera with queue_size 4 ran every batch of 8 at 4
+        frames, the slower size), and a file's reader would wait while the engine scores instead of filling the
+        next batch. A live camera's share stays as small as that allows: what a lagging station queues beyond it
+        is only older frames (8 cameras holding 8 each: p99 320 ms)."""
         self.batch.size = size  # the batcher and the stats read it from there
         share = math.ceil(size / len(self.cameras))
         for cam in self.cameras.values():

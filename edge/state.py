@@ -1,6 +1,6 @@
 """The station's state folder: one process per station at a time, and the seq of earlier versions.
 
-The state itself (event spool, seq, open events) is in edge/spool.py. A lock file keeps two processes
+The state itself (the outbox of events, seq, open events) is in edge/outbox.py. A lock file keeps two processes
 of the same station from sharing one spool and handing out the same seq numbers.
 """
 
