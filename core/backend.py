@@ -37,4 +37,4 @@ def check_frames(frames: np.ndarray, input_hw: tuple[int, int] | None) -> None:
         raise ValueError(f"frames must be a uint8 array [N, H, W, 3], got {dtype} {shape}")
     if input_hw is not None and tuple(frames.shape[1:3]) != tuple(input_hw):
         raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, the model takes "
-                         f"{input_hw[0]}x{input_hw[1]}; resize on the host first (edge.sources.resize_frame)")
+                         f"{input_hw[0]}x{input_hw[1]}; resize on the host first (core.preprocess.resize_frame)")
