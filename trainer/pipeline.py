@@ -19,7 +19,7 @@ from torch import nn
 from core.bundle import Bundle, load_bundle
 from core.errors import UserError
 from trainer import report as rep
-from trainer.config import TrainConfig, parse_train_config
+from trainer.config import TrainConfig
 from trainer.stages import CHECKPOINTS, STAGES, FitRun, log_to_stderr
 
 __all__ = ["CHECKPOINTS", "fit_bundle", "rerun_stages"]
@@ -134,7 +134,7 @@ def _config_from_record(record: dict[str, Any], bundle: Bundle) -> TrainConfig:
     Sections are restored field by field into today's defaults (every registered model's section included);
     keys today's config no longer has are skipped, so an older bundle still reruns.
     """
-    cfg = parse_train_config("{}")
+    cfg = TrainConfig()
     for f in fields(cfg):
         value, current = record.get(f.name), getattr(cfg, f.name)
         if is_dataclass(current) and not isinstance(current, type) and isinstance(value, dict):
