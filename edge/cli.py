@@ -33,21 +33,23 @@ _CAMERA_ID_RE = re.compile(r"^([A-Za-z0-9_.:-]+)=(.+)$")
 
 
 def run_parser() -> argparse.ArgumentParser:
+    from edge.backends import backend_names
+
     p = OneLineArgumentParser(prog="edge-run", description="Run a camera station: capture, score with a "
                               "bundle, publish anomaly events over MQTT.",
                               epilog="edge-run label EVENT_ID good|defect [--kind KIND] [--config FILE]: an "
                               "operator's verdict on a collected event (see edge-run label --help).")
     p.add_argument("--camera", action="append", metavar="SOURCE",
-                   help="camera index (0), video file, rtsp:// or http:// URL, or a GStreamer pipeline "
-                        "(contains '!'); ID=SOURCE names the camera; repeat for several cameras; replaces the "
-                        "config's camera list")
+                   help="camera index (0), video file, folder of images, rtsp:// or http:// URL, or a "
+                        "GStreamer pipeline (contains '!'); ID=SOURCE names the camera; repeat for several "
+                        "cameras; replaces the config's camera list")
     p.add_argument("--config", metavar="FILE", help="station config (YAML, see config/station.yaml); "
                    "without it every key has its default")
     p.add_argument("--engine", metavar="BUNDLE_DIR|MODEL_NAME",
                    help="bundle folder, model folder (its 'current' version) or model name under engine.engines_dir")
     p.add_argument("--mqtt", metavar="URL", help="broker, mqtt://host:port or mqtts://host:port")
     p.add_argument("--station", metavar="ID", help="station id (an MQTT topic level)")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), help="inference backend")
+    p.add_argument("--backend", choices=backend_names(), help="inference backend (auto: the best that runs here)")
     p.add_argument("--max-frames", type=positive_int, metavar="N",
                    help="stop after N processed frames per camera, close open events, flush, exit")
     p.add_argument("--calibrate", type=positive_int, metavar="N",
@@ -61,7 +63,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
     """``--camera`` replaces the config's list; camera i inherits settings (and id) of config camera i,
-    except ``live``, which is decided again from the new source's kind."""
+    except ``live`` and ``kind``, which are decided again from the new source string."""
     from dataclasses import replace
 
     from edge.config import CameraConfig
@@ -71,7 +73,7 @@ def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
         m = _CAMERA_ID_RE.match(spec)
         cam_id, source = (m.group(1), m.group(2)) if m and "!" not in spec else (None, spec)
         base = configured[i] if i < len(configured) else CameraConfig(id=f"cam{i}")
-        cams.append(replace(base, id=cam_id or base.id, source=source, live=None))
+        cams.append(replace(base, id=cam_id or base.id, source=source, kind=None, live=None))
     return cams
 
 

@@ -28,7 +28,6 @@ def redact_secrets(text: str) -> str:
 
 # An MQTT topic level: no wildcards, no separators, nothing invisible.
 _TOPIC_LEVEL_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -57,8 +56,10 @@ class EngineConfig:
     dla_core: Optional[int] = None
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"engine.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        from edge.backends import backend_names  # the registry: a new backend is a new file in edge/backends/
+
+        if self.backend not in backend_names():
+            raise ValueError(f"engine.backend must be one of {', '.join(backend_names())}, got {self.backend!r}")
         if self.tensorrt_precision not in ("fp16", "fp32"):
             raise ValueError(f"engine.tensorrt_precision must be fp16 or fp32, got {self.tensorrt_precision!r}")
         if self.dla_core is not None and (self.dla_core < 0 or self.tensorrt_precision != "fp16"):
@@ -80,6 +81,7 @@ class CameraConfig:
 
     id: str = "cam0"
     source: str = "0"
+    kind: Optional[str] = None
     live: Optional[bool] = None
     queue_size: int = 4
     stale_timeout_s: float = 5.0
@@ -99,6 +101,12 @@ class CameraConfig:
         check_topic_level("camera id", self.id)
         if not self.source:
             raise ValueError(f"camera {self.id!r}: source must not be empty")
+        if self.kind is not None:
+            from edge.sources.registry import source_kinds  # edge.sources imports this module
+
+            if self.kind not in source_kinds():
+                raise ValueError(f"camera {self.id!r}: kind must be one of {', '.join(source_kinds())}, "
+                                 f"got {self.kind!r}")
         if self.queue_size < 1:
             raise ValueError(f"camera {self.id!r}: queue_size must be at least 1")
         if self.stale_timeout_s <= 0 or self.reopen_initial_s <= 0 or self.reopen_max_s < self.reopen_initial_s:

@@ -51,7 +51,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 STATION_ONLY = ("edge.cli", "edge.sources", "edge.pipeline", "edge.assembly", "edge.mqtt", "edge.sinks",
-                "edge.outbox", "edge.spool", "edge.collect")
+                "edge.outbox", "edge.collect")
 
 
 def station_imports_in_trainer() -> list[str]:
