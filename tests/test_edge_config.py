@@ -48,6 +48,8 @@ def test_every_key_in_station_yaml_is_commented() -> None:
     ("sinks: [mqtt, kafka]\n", "sinks: unknown sink 'kafka'; choose from mqtt, webhook"),
     ("sinks: [webhook]\n", "webhook.url is empty"),
     ("sinks: []\n", "sinks must name at least one sink"),
+    ("cameras:\n  - id: a\n    source: x\n    kind: kinect\n",
+     "kind must be one of gstreamer, url, camera, folder, file, got 'kinect'"),
 ])
 def test_config_mistakes_name_file_line_and_key(tmp_path: Path, text: str, needle: str) -> None:
     f = tmp_path / "station.yaml"
@@ -66,3 +68,10 @@ def test_bad_config_through_the_cli_is_one_line(tmp_path: Path, toy_engines: Pat
     assert_one_line_error(proc, "edge-run", f"{f}:3:", "mqtt.keepalive_s")
     proc = run_cli("edge-run", ["--config", tmp_path / "missing.yaml", "--camera", "x.avi"], cwd=tmp_path)
     assert_one_line_error(proc, "edge-run", "config file not found")
+
+
+def test_a_camera_kind_is_one_of_the_registered_source_kinds(tmp_path: Path) -> None:
+    f = tmp_path / "station.yaml"
+    f.write_text("cameras:\n  - id: line\n    source: /data/drop\n    kind: folder\n")
+    cfg = load_station_config(f)
+    assert cfg.cameras[0].kind == "folder"
