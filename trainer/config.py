@@ -26,6 +26,7 @@ from trainer.models.base import (
     ModelSettings,
     field_docs,
     model_sections,
+    section_key,
     section_models,
     settings_title,
 )
@@ -232,8 +233,6 @@ class TrainConfig:
 
     def settings_for(self, model: str) -> Any:
         """The settings section of ``model`` (its registered settings dataclass instance)."""
-        from trainer.models.base import section_key
-
         key = section_key(model)
         if key not in {f.name for f in dataclasses.fields(self)}:
             raise UserError(f"model '{model}' has no settings section '{key}' in this config")
