@@ -31,7 +31,7 @@ from trainer.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "toy_models_for_test"
-TOY_MODEL = '''"""Mean image (a toy): the average good part; a frame's score is its largest smoothed difference from it."""
+TOY_MODEL = '''"""Mean image (a toy): the average good part; a frame's score is its largest smoothed difference."""
 
 from __future__ import annotations
 
