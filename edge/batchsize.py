@@ -1,7 +1,7 @@
 """The station's batch size: held in one place (``BatchSize``), and picked as the fastest for the backend the
 station actually runs on.
 
-Per-frame cost depends on the backend, the graph and the machine (on a 2-core CPU a PatchCore graph was
+Per-frame cost depends on the backend, the graph and the machine (on a 2-core CPU a memory-bank graph was
 slower per frame at batch 8 than at 1; a GPU wants large batches), so a fixed number is wrong somewhere.
 At start the backend scores blank frames at each power of two up to the configured maximum; the batch with
 the most frames per second wins, and a smaller one within ``tolerance`` of it is preferred (lower latency).

@@ -98,6 +98,23 @@ def test_eval_json(fitted, dataset) -> None:
     print("eval --json:", metrics)
 
 
+def test_rerun_evaluate_and_report_gives_the_fits_metrics(fitted, dataset, tmp_path) -> None:
+    """`edge-train rerun` scores DIR/test through the bundle's ONNX graph: the fit's metrics, the bundle untouched."""
+    proc, engines = fitted
+    bundle = load_bundle(engines / "patchcore")
+    before = {p.name: p.read_bytes() for p in bundle.path.iterdir() if p.is_file()}
+    out = edge_train("rerun", engines / "patchcore", "--data", dataset, "--out", tmp_path / "again", "--json")
+    assert out.returncode == 0, out.stderr
+    rerun = json.loads(out.stdout)
+    fitted_metrics = json.loads((bundle.path / "report.json").read_text())["metrics"]
+    for key in METRIC_KEYS:
+        assert rerun["metrics"][key] == pytest.approx(fitted_metrics[key], abs=1e-6), key
+    assert (tmp_path / "again" / "report.json").is_file()
+    assert {p.name: p.read_bytes() for p in bundle.path.iterdir() if p.is_file()} == before
+    refused = edge_train("rerun", engines / "patchcore", "--data", dataset, "--stages", "export")
+    assert_one_line_error(refused, "export")
+
+
 def test_missing_data_dir(tmp_path, config) -> None:
     proc = edge_train("fit", "--data", tmp_path / "nope", "--out", tmp_path / "e", "--config", config)
     assert_one_line_error(proc, "nope", "data folder not found")

@@ -3,6 +3,7 @@
   edge-train fit --data DIR [--model NAME] [--out engines/] [--config config/train.yaml] [--epochs N]
                  [--batch-size B] [--device auto|cpu|cuda] [--seed S] [--resume]
   edge-train eval BUNDLE --data DIR [--out DIR] [--cases N] [--json]
+  edge-train rerun BUNDLE --data DIR [--stages evaluate,report] [--out DIR] [--json]
   edge-train check-engine BUNDLE [--max-batch N] [--data DIR] [--json]
   edge-train build-engine BUNDLE [--precision fp16|fp32] [--max-batch N] [--opt-batch N] [--workspace-mb M]
                           [--dla-core K] [--force]
@@ -101,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
                     "<model folder>/evals/<version>-<UTC time>/; never inside the bundle)")
     ev.add_argument("--cases", type=int, default=6, help="hardest cases per side in hardest_cases.png (default 6)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    rr = sub.add_parser("rerun", help="rerun stages of a fit on an existing bundle through its ONNX graph "
+                        "(calibrate, evaluate, report), without refitting; the bundle is not changed")
+    rr.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
+    rr.add_argument("--data", required=True, type=Path, help="dataset folder: train/good (calibrate), test/ "
+                    "(evaluate, report)")
+    rr.add_argument("--stages", default="evaluate,report", help="comma-separated, of calibrate, evaluate, report "
+                    "(default evaluate,report; report needs evaluate)")
+    rr.add_argument("--out", type=Path, help="folder for report.json and the plots (default: a new "
+                    "<model folder>/evals/<version>-<UTC time>/; never inside the bundle)")
+    rr.add_argument("--json", action="store_true", help="print one JSON object")
     ce = sub.add_parser("check-engine", help="TensorRT readiness of a bundle's ONNX graphs (no TensorRT needed)")
     ce.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     ce.add_argument("--max-batch", type=positive_int, help="batch to check at (default: the bundle's max_batch)")
@@ -223,6 +234,27 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerun(args: argparse.Namespace) -> int:
+    from core.bundle import load_bundle
+    from trainer.report import report_dir
+
+    stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+    if "report" in stages:
+        report_dir(load_bundle(args.bundle), args.out)  # a wrong --out answers before torch loads
+
+    from trainer.pipeline import rerun_stages
+
+    run = rerun_stages(args.bundle, args.data, stages, args.out)
+    report = None if run.report_path is None else str(run.report_path)
+    if args.json:
+        print(json.dumps({"calibration": run.calibration, "metrics": run.metrics, "report": report}), flush=True)
+    else:
+        for key, value in {"threshold": run.calibration["threshold"], **run.metrics}.items():
+            print(f"{key:17s} {value:.4f}" if isinstance(value, float) else f"{key:17s} {value}")
+        print(f"{'report':17s} {report or '-'}", flush=True)
+    return 0
+
+
 def _retrain(args: argparse.Namespace) -> int:
     from trainer.config import load_train_config
 
@@ -276,8 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return build_engine(args.bundle, args.precision, args.max_batch, args.opt_batch, args.workspace_mb,
                                 args.dla_core, args.force)
-        commands = {"fit": _fit, "eval": _eval, "retrain": _retrain, "promote": _promote, "rollback": _rollback,
-                    "config": _config}
+        commands = {"fit": _fit, "eval": _eval, "rerun": _rerun, "retrain": _retrain, "promote": _promote,
+                    "rollback": _rollback, "config": _config}
         return commands[args.command](args)
     except UserError as exc:
         if exc.exit_code == 0:  # a torchrun helper rank whose share of the fit is done: rank 0 writes the bundle
