@@ -8,9 +8,10 @@ Trainer and station configs share this loader; each defines its own dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import yaml
 
@@ -58,6 +59,7 @@ def _build_dataclass(schema: type[T], node: yaml.Node, source: str, prefix: str)
     fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(schema)
     values: dict[str, Any] = {}
+    key_lines: dict[str, int] = {}
     for key_node, value_node in node.value:
         key = key_node.value
         dotted = prefix + str(key)
@@ -67,17 +69,33 @@ def _build_dataclass(schema: type[T], node: yaml.Node, source: str, prefix: str)
         if key in values:
             raise ConfigError(f"{source}:{_line(key_node)}: key '{dotted}' appears twice")
         values[key] = _convert(hints[key], value_node, source, dotted)
+        key_lines[key] = _line(key_node)
     try:
         instance = schema(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}:{_line(node)}: {exc}") from None
-    validate = getattr(instance, "validate", None)
-    if callable(validate):
-        try:
+        validate = getattr(instance, "validate", None)
+        if callable(validate):
             validate()
-        except ValueError as exc:
-            raise ConfigError(f"{source}:{_line(node)}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}:{_blamed_line(str(exc), prefix, key_lines, _line(node))}: {exc}") from None
     return instance
+
+
+def _blamed_line(message: str, prefix: str, key_lines: dict[str, int], section_line: int) -> int:
+    """The line of the key a check's ``message`` is about, so the error points at the wrong value and not at the
+    section's first key: the key of this section, written in the file, that the message names first (as
+    ``prefix.key``, else as a word); the section's line when it names none (a key left at its default)."""
+    def first_named(spelling: Callable[[str], str]) -> Optional[int]:
+        hits = []
+        for key, line in key_lines.items():
+            found = re.search(rf"(?<![\w.]){re.escape(spelling(key))}(?!\w)", message)
+            if found is not None:
+                hits.append((found.start(), line))
+        return min(hits)[1] if hits else None
+
+    line = first_named(lambda key: prefix + key)
+    if line is None:
+        line = first_named(lambda key: key)
+    return section_line if line is None else line
 
 
 def _scalar(node: yaml.Node) -> Any:

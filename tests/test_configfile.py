@@ -60,3 +60,55 @@ def test_errors_name_file_line_and_key(text: str, message: str) -> None:
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", _Station)
+
+
+@dataclass
+class _Calibration:
+    quantile: float = 0.99
+    method: str = "auto"
+    margin: float = 0.0
+
+    def validate(self) -> None:
+        if self.method not in ("auto", "f1", "quantile"):
+            raise ValueError("calibration.method must be auto, f1 or quantile")
+
+
+@dataclass
+class _Train:
+    seed: int = 0
+    calibration: _Calibration = field(default_factory=_Calibration)
+    batch_size: Optional[int] = None
+
+    def validate(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # the wrong value is on line 4, not on line 3 where the section's first key is
+        ("seed: 1\ncalibration:\n  quantile: 0.9\n  method: best\n  margin: 0.1\n",
+         "f.yaml:4: calibration.method must be auto, f1 or quantile"),
+        ("seed: 1\n\nbatch_size: 0\n", "f.yaml:3: batch_size must be >= 1"),
+    ],
+)
+def test_a_value_refused_by_validate_points_at_its_own_line(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, _Train, source="f.yaml")
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_validate_error_about_a_key_left_at_its_default_points_at_the_section() -> None:
+    @dataclass
+    class _Checked:
+        low: int = 5
+        high: int = 1
+
+        def validate(self) -> None:
+            if self.low > self.high:
+                raise ValueError("high must be >= low")
+
+    with pytest.raises(ConfigError) as info:
+        parse_config("\n\nlow: 3\n", _Checked, source="f.yaml")  # 'high' is not in the file: the section's line
+    assert str(info.value).startswith("f.yaml:3: high must be >= low"), str(info.value)
