@@ -256,7 +256,7 @@ def events_parser() -> argparse.ArgumentParser:
 
 
 def _events(args: argparse.Namespace) -> int:
-    from core.payloads import payload_problem
+    from core.payloads import PayloadRefused, parse_network_json, payload_problem, shown
     from edge.config import check_topic_level, load_station_config
     from edge.mqtt import new_client, parse_mqtt_url
 
@@ -288,16 +288,18 @@ def _events(args: argparse.Namespace) -> int:
         with lock:
             if done.is_set():
                 return
-            try:
-                payload = json.loads(msg.payload)
+            try:  # bounded: whatever is on the topic, it costs at most a scan of MAX_MESSAGE_BYTES
+                payload = parse_network_json(bytes(msg.payload))
                 problem = payload_problem("event", payload)
                 line = json.dumps(payload, separators=(",", ":"))
-            except (ValueError, UnicodeDecodeError):
-                payload, problem = None, "not JSON"
+            except PayloadRefused as exc:
+                payload, problem = None, exc.cause if exc.cause == "not JSON" else str(exc)
             if problem is not None:  # shown, never dropped silently: a SCADA integrator needs to see it
                 invalid += 1
-                print(f"edge-events: invalid event on {msg.topic}: {problem}", file=sys.stderr, flush=True)
-                line = json.dumps({"topic": msg.topic, "invalid_payload": msg.payload.decode("utf-8", "replace"),
+                problem = shown(problem, 200)
+                print(f"edge-events: invalid event on {shown(msg.topic)}: {problem}", file=sys.stderr, flush=True)
+                line = json.dumps({"topic": shown(msg.topic, 200),
+                                   "invalid_payload": shown(bytes(msg.payload).decode("utf-8", "replace"), 1000),
                                    "error": problem})
             sys.stdout.write(line + "\n")
             sys.stdout.flush()

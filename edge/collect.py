@@ -24,7 +24,6 @@ are never deleted. One lock file (``<root>/.lock``) serialises the station's wri
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from typing import Any, Optional, Sequence
 
 from core.errors import UserError
 from core.events import EventDetector, Transition
-from core.payloads import payload_problem
+from core.payloads import PayloadRefused, parse_network_json, payload_problem, shown
 from edge.config import CollectConfig, StationConfig
 from edge.frame_writer import EventJob, FrameWriter, LabelJob, NormalJob, Shot
 from edge.labels import LabelError, check_verdict
@@ -187,7 +186,7 @@ class Collection:
         """cmd/label (paho's network thread): checked, then applied by the writer in order; a verdict on an
         event still open waits for its end. A bad message is one log line and is ignored."""
         try:
-            message = json.loads(payload) if payload.strip() else None
+            message = parse_network_json(payload) if payload.strip() else None
             if not isinstance(message, dict):
                 raise LabelError("the payload must be a JSON object {\"event_id\", \"verdict\", \"kind\"}")
             verdict, kind = message.get("verdict"), message.get("kind")
@@ -195,8 +194,8 @@ class Collection:
                 check_verdict(verdict, kind)  # the friendlier line for the usual mistakes
             problem = payload_problem("label", message)
             if problem is not None:
-                raise LabelError(problem)
-        except (LabelError, ValueError, UnicodeDecodeError) as exc:
+                raise LabelError(shown(problem, 200))
+        except (LabelError, PayloadRefused) as exc:
             self.messages_ignored += 1
             log.warning("collect: ignored cmd/label message (%s)", exc)
             return

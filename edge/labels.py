@@ -20,7 +20,7 @@ from typing import IO, Any, Optional
 
 from core.errors import UserError
 from core.files import atomic_write_text
-from core.payloads import iso_utc
+from core.payloads import iso_utc, shown
 
 try:
     import fcntl
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 log = logging.getLogger("edge.collect")
 
-KIND_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+KIND_RE = re.compile(r"[a-z0-9_-]{1,64}")  # fullmatch: "$" alone would let "scratch\n" through
 VERDICTS = ("good", "defect")
 
 
@@ -45,7 +45,7 @@ def check_event_id(event_id: str) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise LabelError(f"event id {event_id!r} is not an event id (a uuid such as the event_id of the "
+        raise LabelError(f"event id {shown(event_id)} is not an event id (a uuid such as the event_id of the "
                          "station's event messages)")
     return event_id
 
@@ -53,15 +53,15 @@ def check_event_id(event_id: str) -> str:
 def check_verdict(verdict: str, kind: Optional[str]) -> str:
     """The folder a verdict sends an event to: ``good``, or the defect ``kind``."""
     if verdict not in VERDICTS:
-        raise LabelError(f"verdict {verdict!r} must be good (a false alarm) or defect (with a kind)")
+        raise LabelError(f"verdict {shown(verdict)} must be good (a false alarm) or defect (with a kind)")
     if verdict == "good":
         if kind is not None:
             raise LabelError("a kind is given only with verdict defect (good means a false alarm)")
         return "good"
     if kind is None:
         raise LabelError("verdict defect needs a kind (the test/<kind> folder), e.g. scratch")
-    if not KIND_RE.match(kind) or kind == "good":
-        raise LabelError(f"defect kind {kind!r} must be 1-64 of a-z, 0-9, '_' or '-' and not 'good'")
+    if not KIND_RE.fullmatch(kind) or kind == "good":
+        raise LabelError(f"defect kind {shown(kind)} must be 1-64 of a-z, 0-9, '_' or '-' and not 'good'")
     return kind
 
 

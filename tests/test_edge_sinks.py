@@ -34,6 +34,7 @@ class ListSink:
     def publish_stats(self, payload): pass
     def publish_health(self, payload): pass
     def describe(self): return "list"
+    def failure(self): return None
     @property
     def connected(self): return True
     @property

@@ -77,6 +77,11 @@ class Sink(Protocol):
         """What the start-up line says about it (never a secret)."""
         ...
 
+    def failure(self) -> Optional[str]:
+        """None while the sink works (an unreachable receiver included: that is retried); a one-line cause when
+        a worker thread of the sink has died, so the station can say so and exit for systemd to restart it."""
+        ...
+
 
 @dataclass
 class SinkContext:

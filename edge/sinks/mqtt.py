@@ -12,37 +12,38 @@ broker that crashes loses the will of a clean or even a persistent session (Mosq
 across its own restart), so without the lease a station that died meanwhile would stay ``online`` for ever.
 
 Refusals (credentials, authorisation) and TLS failures are named once per cause, with what to check, and
-retried every ``refused_retry_s`` rather than every second.
+retried every ``refused_retry_s`` rather than every second. A publish the broker refuses (a PUBACK reason code
+>= 0x80, e.g. its ACL's "Not authorized") is counted and named once per cause.
+
+Nothing from the network may stop paho's network thread: every callback is guarded (an exception is counted
+and logged once per cause), and a command's payload passes core.payloads.parse_network_json (size, nesting,
+UTF-8, control characters, string lengths: bounded cost) before any handler sees it. A poison message is
+acknowledged (returning from on_message acks a QoS 1 message) and dropped with a count, so a persistent
+session does not bring it back at every start. Should paho's thread or the sender die anyway, ``failure()``
+says so and the station reports it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
-from collections import OrderedDict
-from typing import Any, Mapping, Optional
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Mapping, Optional
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from core.errors import UserError
+from core.payloads import PayloadRefused, parse_network_json, shown
 from edge.config import MqttConfig, StationConfig
 from edge.mqtt import describe_tls_failure, new_client, parse_mqtt_url, tls_context
 from edge.outbox import Outbox
 from edge.sinks import CommandHandler, SinkContext, register_sink
 
 log = logging.getLogger("edge.mqtt")
-
-
-def _is_json_object(payload: bytes) -> bool:
-    try:
-        return isinstance(json.loads(payload), dict)
-    except (ValueError, UnicodeDecodeError):
-        return False
 
 
 _REFUSAL_HINTS = {
@@ -79,15 +80,21 @@ class MqttSink:
                                  context=self._tls)
         self.client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self.client.max_inflight_messages_set(cfg.max_inflight)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_connect_fail = self._on_connect_fail
-        self.client.on_publish = self._on_publish
-        self.client.on_message = self._on_message
+        self.client.on_connect = self._guarded(self._on_connect)
+        self.client.on_disconnect = self._guarded(self._on_disconnect)
+        self.client.on_connect_fail = self._guarded(self._on_connect_fail)
+        self.client.on_publish = self._guarded(self._on_publish)
+        self.client.on_message = self._guarded(self._on_message)
         self.commands: dict[str, CommandHandler] = dict(commands or {})  # cmd/<name> -> handler (network thread)
-        self.commands_ignored = 0
+        self.commands_ignored = 0  # unknown command, or a payload that is not empty or a JSON object
+        self.commands_refused = 0  # poison: too large, too deep, not UTF-8, control characters, long strings
         self.delivered = 0  # records the broker acknowledged in this run
         self.failed = 0  # records the broker refused (a PUBACK with a failure reason code)
+        self.publish_refused: Counter[str] = Counter()  # PUBACK failure reason -> publishes refused (any topic)
+        self.callback_errors: Counter[str] = Counter()  # "<callback>: <exception type>" -> count
+        self._said: set[str] = set()  # causes logged already (each once)
+        self._said_lock = threading.Lock()
+        self._sender_error: Optional[str] = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inflight: dict[int, int] = {}  # paho mid -> record id
@@ -117,6 +124,52 @@ class MqttSink:
             raise UserError(f"MQTT {self.url}: {exc}") from None
         self.client.loop_start()
         self._sender.start()
+
+    def failure(self) -> Optional[str]:
+        """None while paho's network thread and the sender thread run (or the sink was stopped), else why not."""
+        if self._stopping.is_set() or not self._sender.ident:
+            return None
+        network = getattr(self.client, "_thread", None)  # paho's loop_start() thread
+        if network is None or not network.is_alive():
+            return f"MQTT sink: paho's network thread has stopped{self._last_error()}; no command or PUBACK is read"
+        if not self._sender.is_alive():
+            return f"MQTT sink: the sender thread has died ({self._sender_error or 'unknown cause'})"
+        return None
+
+    def _last_error(self) -> str:
+        return f" (last callback error: {next(reversed(self.callback_errors))})" if self.callback_errors else ""
+
+    def counters(self) -> dict[str, Any]:
+        """What the sink refused or survived in this run (commands, publishes, callback errors)."""
+        return {"commands_ignored": self.commands_ignored, "commands_refused": self.commands_refused,
+                "publish_refused": sum(self.publish_refused.values()),
+                "callback_errors": sum(self.callback_errors.values())}
+
+    def _say_once(self, cause: str, level: int, text: str, *args: Any) -> None:
+        """Log ``text`` the first time ``cause`` happens in this run (a flood of one cause is one line)."""
+        with self._said_lock:
+            if cause in self._said:
+                return
+            self._said.add(cause)
+        log.log(level, text, *args)
+
+    def _guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """``callback`` as paho calls it, but an exception is counted and logged once per cause instead of
+        ending paho's network thread (and with it every command and PUBACK)."""
+        name = callback.__name__
+
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception as exc:  # noqa: BLE001 (anything, or the network thread dies)
+                cause = f"{name}: {exc.__class__.__name__}"
+                self.callback_errors[cause] += 1
+                self._say_once(f"callback {cause}", logging.ERROR, "MQTT: %s failed (%s: %s); the connection "
+                               "carries on; further %s errors are counted, not logged", name,
+                               exc.__class__.__name__, shown(str(exc)), cause)
+
+        guarded.__name__ = name
+        return guarded
 
     def wait_first_attempt(self, timeout: float) -> bool:
         """Wait until the first connection attempt has an outcome; True when connected."""
@@ -190,6 +243,20 @@ class MqttSink:
         self.client.publish(self.status_topic, "online", qos=1, retain=True, properties=props)
 
     def _send_loop(self) -> None:
+        """The sender thread: ``_send`` survives what the outbox or paho can raise (counted, said once, then
+        tried again a second later); ``failure()`` names a cause only if the thread dies anyway."""
+        while not self._stopping.is_set():
+            try:
+                self._send()
+            except Exception as exc:  # noqa: BLE001 (the sender must outlive one bad record or a full disk)
+                cause = f"sender: {exc.__class__.__name__}"
+                self.callback_errors[cause] += 1
+                self._sender_error = f"{exc.__class__.__name__}: {shown(str(exc))}"
+                self._say_once(cause, logging.ERROR, "MQTT: sending from the outbox failed (%s); retrying every "
+                               "second; further errors of this kind are counted, not logged", self._sender_error)
+                self._stopping.wait(1.0)
+
+    def _send(self) -> None:
         """Hand outbox records to paho, oldest first, while connected; renew the status lease."""
         renew_every = self.cfg.status_lease_s / 3.0
         next_renew = time.monotonic() + renew_every
@@ -296,24 +363,46 @@ class MqttSink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """``{base}/cmd/<name>``: known commands with a valid payload (empty or a JSON object) run; anything
-        else is ignored and counted."""
-        name = msg.topic[len(self.base) + len("/cmd/"):] if msg.topic.startswith(f"{self.base}/cmd/") else ""
+        else is ignored (unknown, not an object) or refused (poison), counted and logged once per command and
+        cause. Returning normally acknowledges the message, so the broker does not send it again."""
+        topic = msg.topic
+        name = topic[len(self.base) + len("/cmd/"):] if topic.startswith(f"{self.base}/cmd/") else ""
         handler = self.commands.get(name)
-        payload = bytes(msg.payload)
-        valid = handler is not None and (not payload.strip() or _is_json_object(payload))
-        if not valid or handler is None:
+        if handler is None:
             self.commands_ignored += 1
-            log.warning("MQTT: ignored command on %s (%s)", msg.topic,
-                        "unknown command" if handler is None else "payload is not empty or a JSON object")
+            self._say_once("unknown command", logging.WARNING, "MQTT: ignored command on %s (unknown command); "
+                           "further unknown commands are counted, not logged", shown(topic))
             return
+        payload = bytes(msg.payload)
+        if payload.strip():
+            try:
+                value = parse_network_json(payload)
+            except PayloadRefused as exc:
+                if exc.cause == "not JSON":
+                    self._ignored(name, topic)
+                    return
+                self.commands_refused += 1
+                self._say_once(f"{name}: {exc.cause}", logging.WARNING, "MQTT: refused command on %s (%s); "
+                               "acknowledged and dropped; further ones are counted, not logged", shown(topic), exc)
+                return
+            if not isinstance(value, dict):
+                self._ignored(name, topic)
+                return
         log.info("MQTT: command %s received", name)
         handler(payload)
+
+    def _ignored(self, name: str, topic: str) -> None:
+        self.commands_ignored += 1
+        self._say_once(f"{name}: not an object", logging.WARNING, "MQTT: ignored command on %s (payload is not "
+                       "empty or a JSON object)", shown(topic))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
         with self._wake:
             record_id = self._inflight.pop(mid, None)
             if record_id is None:  # not ours yet (or a status/stats publish): remember it briefly
+                if getattr(reason_code, "is_failure", False):
+                    self._publish_was_refused(str(reason_code), "a status, stats or health message")
                 now = time.monotonic()
                 self._early[mid] = now
                 while self._early and next(iter(self._early.values())) < now - self._EARLY_ACK_TTL_S:
@@ -321,12 +410,20 @@ class MqttSink:
                 return
             self._wake.notify_all()
         if getattr(reason_code, "is_failure", False):
-            log.error("MQTT: the broker refused a message (%s); dropped from the spool", reason_code)
+            self._publish_was_refused(str(reason_code), "an event or snapshot; dropped from the spool")
             self.outbox.settle(record_id, self.name, "refused")
             self.failed += 1
             return
         self.outbox.ack(record_id, self.name)
         self.delivered += 1
+
+    def _publish_was_refused(self, cause: str, what: str) -> None:
+        """A PUBACK >= 0x80 (an ACL's "Not authorized", a quota): counted, and logged once per cause."""
+        self.publish_refused[cause] += 1
+        hint = " (check the broker's ACL: this station may write only under its own topics)" \
+            if "authori" in cause.lower() else ""
+        self._say_once(f"publish refused: {cause}", logging.ERROR, "MQTT: the broker refused a publish (%s)%s: %s; "
+                       "further refusals are counted, not logged", cause, hint, what)
 
     def _report_outage(self, why: str) -> None:
         """One plain line per outage (caller holds the lock)."""

@@ -123,6 +123,7 @@ class WebhookSink:
         self._away_since: Optional[float] = None  # an outage is under way (said once)
         self._wake = threading.Condition()
         self._stopping = threading.Event()
+        self._sender_error: Optional[str] = None
         self._sender = threading.Thread(target=self._send_loop, name="webhook-sender", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -170,8 +171,29 @@ class WebhookSink:
     def describe(self) -> str:
         return f"webhook {self.url}"
 
+    def failure(self) -> Optional[str]:
+        """None while the sender thread runs (or the sink was stopped), else why it does not."""
+        if self._stopping.is_set() or not self._sender.ident or self._sender.is_alive():
+            return None
+        return f"webhook sink: the sender thread has died ({self._sender_error or 'unknown cause'})"
+
     # -- sending ------------------------------------------------------------------------------------
     def _send_loop(self) -> None:
+        """The sender thread: survives what the outbox or a record can raise (said once per cause, tried again
+        after the back-off); ``failure()`` names a cause only if it dies anyway."""
+        while not self._stopping.is_set():
+            try:
+                self._send()
+            except Exception as exc:  # noqa: BLE001 (the sender must outlive one bad record or a full disk)
+                self._sender_error = f"{exc.__class__.__name__}: {exc}"
+                cause = exc.__class__.__name__
+                if cause not in self._causes_said:
+                    self._causes_said.add(cause)
+                    log.error("webhook %s: sending from the outbox failed (%s); retrying; further errors of "
+                              "this kind are not logged", self.url, self._sender_error)
+                self._stopping.wait(self.cfg.retry_min_s)
+
+    def _send(self) -> None:
         delay = self.cfg.retry_min_s
         while not self._stopping.is_set():
             batch = self.outbox.pending(self.name, 0, BATCH)
