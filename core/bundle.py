@@ -156,8 +156,9 @@ def write_manifest(bundle_dir: Path, *, model_name: str, input_spec: dict[str, A
 def promote(bundle_dir: Path, reason: str = "promoted") -> None:
     """Mark ``bundle_dir`` as its model's current version (atomic; earlier versions stay for rollback) and
     append the promotion to the model's history (what ``rollback`` walks back through)."""
-    load_bundle(bundle_dir)  # never promote a bundle the edge would refuse
+    bundle = load_bundle(bundle_dir)  # never promote a bundle the edge would refuse
     model_dir = bundle_dir.parent
+    _check_same_model(bundle, model_dir)
     line = json.dumps({"version": bundle_dir.name, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                        "reason": reason})
     with open(model_dir / HISTORY, "a", encoding="utf-8") as fh:  # appends of one short line are atomic
@@ -165,6 +166,40 @@ def promote(bundle_dir: Path, reason: str = "promoted") -> None:
         fh.flush()
         os.fsync(fh.fileno())
     atomic_write_text(model_dir / CURRENT, bundle_dir.name + "\n")
+
+
+def _manifest_model(bundle_dir: Path) -> str | None:
+    """The model name a version folder's manifest gives (read, not verified); None when it gives none."""
+    try:
+        name = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))["model"]["name"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _check_same_model(bundle: Bundle, model_dir: Path) -> None:
+    """Refuse a bundle of another model than the one ``model_dir`` holds (its current version's, else its other
+    versions'): a station following ``model_dir/current`` would run a model nobody chose for it."""
+    held: tuple[str, str] | None = None
+    current = model_dir / CURRENT
+    if current.is_file():
+        try:
+            version = read_current(model_dir)
+        except BundleError:
+            version = ""
+        name = _manifest_model(model_dir / version) if _VERSION_RE.match(version) else None
+        if name is not None:
+            held = (name, f"its current version {version} is a '{name}' bundle")
+    if held is None:
+        for sibling in sorted(model_dir.iterdir()):
+            name = _manifest_model(sibling) if sibling != bundle.path and sibling.is_dir() else None
+            if name is not None:
+                held = (name, f"version {sibling.name} there is a '{name}' bundle")
+                break
+    if held is not None and held[0] != bundle.model_name:
+        raise BundleError(f"{bundle.path}: a '{bundle.model_name}' bundle cannot become the current version of "
+                          f"{model_dir}, which holds model '{held[0]}' ({held[1]}); move it to a folder of "
+                          f"'{bundle.model_name}' bundles (engines/{bundle.model_name}/) and promote it there")
 
 
 def promotion_history(model_dir: Path) -> list[str]:

@@ -9,6 +9,7 @@ carry defects is refused on a labelled hold-out; rollback walks back through the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from edge_helpers import run_cli, write_labelled_holdout, write_station_frames
+from edge_helpers import assert_one_line_error, make_toy_bundle, run_cli, write_labelled_holdout, write_station_frames
 
 from core.bundle import load_bundle, promotion_history, read_current
 from trainer.retrain import drop_near_duplicates, retrain_lock, thumbnail
@@ -160,3 +161,61 @@ def test_the_nightly_units_run_a_retrain_command_the_cli_accepts() -> None:
     assert args.command == "retrain" and args.station_data and args.current
     timer = units["edge-retrain.timer"]["Timer"]
     assert timer["OnCalendar"] and timer["Persistent"] == "true"
+
+
+def test_promote_refuses_a_bundle_of_another_model_with_one_line(tmp_path: Path) -> None:
+    """A bundle of model B copied into model A's folder never becomes A's current (issue 21 C)."""
+    engines = tmp_path / "engines"
+    mine = make_toy_bundle(engines, "toy-a")  # promoted: toy-a's current
+    other = make_toy_bundle(engines, "toy-b", promote_it=False)
+    stray = engines / "toy-a" / "20990101T000000Z"
+    shutil.copytree(other, stray)
+    proc = run_cli("edge-train", ["promote", stray])
+    assert_one_line_error(proc, "edge-train", str(stray), "toy-b", "toy-a")
+    assert read_current(engines / "toy-a") == mine.name
+    second = make_toy_bundle(engines, "toy-a", promote_it=False)  # its own model's bundle still promotes
+    proc = run_cli("edge-train", ["promote", second])
+    assert proc.returncode == 0, proc.stderr
+    assert read_current(engines / "toy-a") == second.name
+
+
+def test_promote_into_a_model_folder_without_a_current_checks_the_other_versions(tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    make_toy_bundle(engines, "toy-a", promote_it=False)
+    stray = engines / "toy-a" / "20990101T000000Z"
+    shutil.copytree(make_toy_bundle(engines, "toy-b", promote_it=False), stray)
+    assert_one_line_error(run_cli("edge-train", ["promote", stray]), "edge-train", "toy-b", "toy-a")
+    assert not (engines / "toy-a" / "current").exists()
+
+
+@pytest.mark.parametrize("command", [["retrain", "--station-data", "{station}", "--current", "{missing}"],
+                                     ["eval", "{missing}", "--data", "{station}"],
+                                     ["rerun", "{missing}", "--data", "{station}"],
+                                     ["check-engine", "{missing}"], ["promote", "{missing}"]])
+def test_a_missing_bundle_is_named_with_the_flag_this_command_has(tmp_path: Path, command: list[str]) -> None:
+    """No trainer command tells the user to pass --engine, a flag of edge-run only (issue 21 D)."""
+    station = tmp_path / "station"
+    (station / "train" / "good").mkdir(parents=True)
+    missing = tmp_path / "engines" / "nothing"
+    args = [a.format(station=station, missing=missing) for a in command]
+    line = assert_one_line_error(run_cli("edge-train", args), "edge-train", str(missing), "edge-train fit")
+    assert "--engine " not in line, line
+    if command[0] == "retrain":
+        assert "--current" in line, line
+
+
+def test_station_data_errors_say_what_is_missing_and_what_to_do(tmp_path: Path) -> None:
+    """A missing folder, or a station's state_dir passed for its collection folder (issue 21 E)."""
+    engines = tmp_path / "engines"
+    make_toy_bundle(engines, "toy-a")
+    missing = tmp_path / "state" / "collect" / "line1"
+    line = assert_one_line_error(
+        run_cli("edge-train", ["retrain", "--station-data", missing, "--current", engines / "toy-a"]),
+        "edge-train", str(missing), "collect")
+    assert "edge-run" in line, line  # who fills the folder
+    state = tmp_path / "state"
+    (state / "collect" / "line1" / "train" / "good").mkdir(parents=True)
+    line = assert_one_line_error(
+        run_cli("edge-train", ["retrain", "--station-data", state, "--current", engines / "toy-a"]),
+        "edge-train", str(state / "collect" / "line1"))
+    assert "state_dir" in line, line
