@@ -1,5 +1,5 @@
 """Why a station calibrates on site: one bundle's scores on its stills against its scores on the station's
-MJPEG stream, with the bundle's threshold and the one on-site calibration sets; writes the plot the README shows.
+MJPEG stream, with the bundle's threshold and the one on-site calibration sets; writes the plot docs/station.md shows.
 
     python benchmarks/site_calibration.py [--train 40] [--frames 200] [--seed 11] [--png docs/img/site_calibration.png]
 

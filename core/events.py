@@ -151,7 +151,7 @@ class EventDetector:
 
 def event_payload(t: Transition, *, seq: int, station: str, camera: str, ts_iso: str, threshold: float,
                   model: str, model_version: str, backend: str) -> dict[str, Any]:
-    """The event message exactly as DESIGN.md's MQTT contract (and core/schemas/event.schema.json) say."""
+    """The event message exactly as docs/mqtt.md's MQTT contract (and core/schemas/event.schema.json) say."""
     payload: dict[str, Any] = {
         "schema": EVENT_SCHEMA_VERSION,
         "event_id": t.event_id,

@@ -55,7 +55,7 @@ class Shot:
 
 def sidecar(shot: Shot, station: str, kind: str, size: tuple[int, int], captured: bool,
             event_id: Optional[str] = None) -> dict[str, Any]:
-    """The JSON written beside each image (README, "Collecting frames for retraining")."""
+    """The JSON written beside each image (docs/station.md, "Collecting frames for retraining")."""
     f = shot.frame
     out: dict[str, Any] = {
         "station": station, "camera": f.camera, "frame": f.index, "time": iso_utc(f.ts),

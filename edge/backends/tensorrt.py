@@ -7,7 +7,7 @@ no FP16 builder flag), from the FP32 graph + the FP16 flag on 8.6 (JetPack 5), w
 lists as FP32-kept pinned to FP32 there.
 
 Written against the TensorRT 10 Python API (``tensorrt-stubs``) and type-checked; it has not run on a real
-TensorRT here (no machine of this project has one; see README, "TensorRT"). ``tensorrt`` and the CUDA
+TensorRT here (no machine of this project has one; see docs/tensorrt.md). ``tensorrt`` and the CUDA
 bindings are imported when a backend is created, never at import time of this module's callers.
 
 Inference: per slot (two slots) a pinned host input, device input/outputs for the profile's maximum batch and
