@@ -219,6 +219,7 @@ def _eval(args: argparse.Namespace) -> int:
     from core.bundle import load_bundle
     from trainer.report import report_dir
 
+    _require_bundle(args.bundle)
     out = report_dir(load_bundle(args.bundle), args.out)  # a wrong --out answers before torch loads
 
     from trainer.evaluate import evaluate_bundle, write_eval_report
@@ -239,6 +240,7 @@ def _rerun(args: argparse.Namespace) -> int:
     from trainer.report import report_dir
 
     stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+    _require_bundle(args.bundle)
     if "report" in stages:
         report_dir(load_bundle(args.bundle), args.out)  # a wrong --out answers before torch loads
 
@@ -255,13 +257,27 @@ def _rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_bundle(ref: str | Path, flag: str = "") -> None:
+    """One line, naming this command's own argument (``flag``), when nothing is at ``ref``: core's own message
+    suggests edge-run's --engine, a flag the trainer does not have."""
+    if not Path(ref).exists():
+        raise UserError(f"{flag + ' ' if flag else ''}{ref}: no bundle or model folder here; pass a bundle folder "
+                        "engines/<model>/<version> or a model folder engines/<model> (edge-train fit writes them)")
+
+
 def _retrain(args: argparse.Namespace) -> int:
     from trainer.config import load_train_config
 
     rule = load_train_config(args.config).retrain
-    for flag, folder in (("--station-data", args.station_data), ("--holdout", args.holdout)):
-        if folder is not None and not folder.is_dir():
-            raise UserError(f"{flag} {folder}: no such folder")
+    if not args.station_data.is_dir():
+        raise UserError(f"--station-data {args.station_data}: no such folder; it is a station's collection folder "
+                        "(collect.dir in station.yaml, default <state_dir>/collect/<station>), which edge-run fills "
+                        "while collect.enabled is true: run the station with collection on, or pass the folder it "
+                        "collects into")
+    if args.holdout is not None and not args.holdout.is_dir():
+        raise UserError(f"--holdout {args.holdout}: no such folder; pass an MVTec-style folder with test/good and "
+                        "test/<defect>, or leave --holdout out")
+    _require_bundle(args.current, "--current")
     from trainer.retrain import retrain
 
     report = retrain(args.station_data, args.current, args.out, args.holdout, rule,
@@ -274,6 +290,7 @@ def _retrain(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from core.bundle import load_bundle, promote
 
+    _require_bundle(args.bundle)
     bundle = load_bundle(args.bundle)
     if bundle.path.resolve() != args.bundle.resolve():
         raise UserError(f"{args.bundle}: promote takes a version folder engines/<model>/<version>, not a model folder")
@@ -299,6 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("check-engine", "build-engine"):
+            _require_bundle(args.bundle)
         if args.command == "check-engine":
             from trainer.engine_commands import check_engine
 

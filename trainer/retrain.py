@@ -231,6 +231,10 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
 
     station_data = Path(station_data)
     collected = station_data / "train" / "good"
+    inside = sorted(d.parent.parent for d in station_data.glob("collect/*/train/good") if d.is_dir())
+    if not collected.is_dir() and inside:
+        raise UserError(f"{station_data}: a station's state_dir, not its collection folder; its stations collect "
+                        f"into {', '.join(str(d) for d in inside)}: pass one of them as --station-data")
     if not collected.is_dir():
         raise UserError(f"{collected}: no collected normal frames; point --station-data at a station's collection "
                         "folder (collect.dir in station.yaml)")
