@@ -16,13 +16,17 @@ from typing import List, Optional
 from core.configfile import load_config
 from core.events import EventRule
 
-# Credentials inside a source or URL: scheme://user:password@host, and rtspsrc's user-pw=... property.
-_URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_PROPERTY_SECRET_RE = re.compile(r"\b(user-pw|password|passwd|pwd)=(\"[^\"]*\"|\S+)", re.IGNORECASE)
+# Credentials inside a source or URL: scheme://user:password@host (up to the LAST '@' before the path, so a
+# password holding '@' goes whole; a proxy URL such as http_proxy's is one of these), query parameters and
+# element properties that carry a secret (?pass=..&token=.., rtspsrc's user-pw=.. and proxy-pw=..).
+_URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+_PROPERTY_SECRET_RE = re.compile(
+    r"(?<![A-Za-z0-9])((?:user|proxy)-pw|password|passwd|pass|pwd|secret|token|access_token|auth|api[_-]?key|key)"
+    r"=(\"[^\"]*\"|'[^']*'|[^&;\s\"']+)", re.IGNORECASE)
 
 
 def redact_secrets(text: str) -> str:
-    """``text`` with credentials replaced by ``***``: camera and broker URLs reach logs and MQTT only so."""
+    """``text`` with credentials replaced by ``***``: camera, proxy and broker URLs reach logs and MQTT only so."""
     return _PROPERTY_SECRET_RE.sub(r"\1=***", _URL_CREDENTIALS_RE.sub(r"\1***@", text))
 
 

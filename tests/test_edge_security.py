@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
 from edge_helpers import Collector, Mosquitto, check_events, check_payloads, free_port, run_cli, write_video
+from paho.mqtt.enums import CallbackAPIVersion
 from pki import Pair, Pki
+
+from edge.config import redact_secrets
+from edge.mqtt import parse_mqtt_url
 
 FPS = 10.0
 DEFECTS = [(5, 15)]
@@ -150,14 +156,82 @@ def test_wrong_credentials_are_named_once_and_never_logged(tmp_path: Path, passw
     assert "not-the-pw" not in proc.stderr
 
 
-def test_camera_credentials_never_reach_the_log(tmp_path: Path, toy_bundle: Path) -> None:
+@pytest.mark.parametrize(("source", "secrets"), [
+    ("rtsp://admin:cam-secret@127.0.0.1:1/stream", ["cam-secret"]),
+    ("rtsp://user:p@ss@127.0.0.1:1/stream", ["p@ss", "ss@"]),  # a password holding '@'
+    ("http://127.0.0.1:1/video.mjpg?user=op&pass=hunter2&fps=5", ["hunter2"]),
+    ("http://127.0.0.1:1/video.mjpg?password=hunter2", ["hunter2"]),
+    ("http://127.0.0.1:1/video.mjpg?token=t0k3n&key=k3y", ["t0k3n", "k3y"]),
+])
+def test_camera_credentials_never_reach_the_log(tmp_path: Path, toy_bundle: Path, source: str,
+                                                secrets: list[str]) -> None:
     cfg = tmp_path / "st.yaml"
-    cfg.write_text("cameras:\n  - id: cam0\n    source: rtsp://admin:cam-secret@127.0.0.1:1/stream\n"
-                   "    wait_at_start: false\n")
+    cfg.write_text(f"cameras:\n  - id: cam0\n    source: '{source}'\n    wait_at_start: false\n")
     proc = run_cli("edge-run", ["--config", cfg, "--engine", toy_bundle, "--state-dir", tmp_path / "state",
                                 "--mqtt", "mqtt://127.0.0.1:1"], cwd=tmp_path, timeout=60)
-    assert proc.returncode == 2 and "cam-secret" not in proc.stderr
-    assert "rtsp://***@127.0.0.1:1/stream" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "127.0.0.1:1" in proc.stderr and not any(s in proc.stderr for s in secrets), proc.stderr
+    if "@" in source:
+        assert "rtsp://***@127.0.0.1:1/stream" in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "shown_as"), [
+    ("rtsp://admin:cam-secret@cam1/stream", "rtsp://***@cam1/stream"),
+    ("rtsp://user:p@ss@cam1/stream", "rtsp://***@cam1/stream"),
+    ("http://cam1/v.mjpg?user=op&pass=s3c&fps=5", "http://cam1/v.mjpg?user=op&pass=***&fps=5"),
+    ("http://cam1/v?password=s3c", "http://cam1/v?password=***"),
+    ("https://cam1/v?token=T0K&key=K3Y&api_key=A", "https://cam1/v?token=***&key=***&api_key=***"),
+    ("http_proxy=http://proxy-user:pr0xy@proxy:3128", "http_proxy=http://***@proxy:3128"),
+    ("rtspsrc location=rtsp://cam1/s user-id=a user-pw=\"se cret\" proxy-id=b proxy-pw=pp ! appsink",
+     "rtspsrc location=rtsp://cam1/s user-id=a user-pw=*** proxy-id=b proxy-pw=*** ! appsink"),
+    ("/dev/video0", "/dev/video0"),
+    ("x264enc key-int-max=30 ! monkey=1", "x264enc key-int-max=30 ! monkey=1"),
+])
+def test_redact_secrets_masks_each_form(text: str, shown_as: str) -> None:
+    assert redact_secrets(text) == shown_as
+
+
+def test_use_username_as_clientid_stops_a_client_id_takeover(tmp_path: Path, mosquitto_bin: str) -> None:
+    """Station st-b, with its own good credentials, connects under st-a's client id: on a broker configured as
+    the shipped example (use_username_as_clientid true), st-a stays connected; without it, st-a is kicked off
+    (the takeover this guards against)."""
+    repo = Path(__file__).resolve().parents[1]
+    example = (repo / "config" / "mosquitto" / "mosquitto.conf.example").read_text(encoding="utf-8")
+    assert "use_username_as_clientid true" in example.splitlines()
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run([passwd, "-c", "-b", str(tmp_path / "passwords"), "st-a", "pw-a"], check=True)
+    subprocess.run([passwd, "-b", str(tmp_path / "passwords"), "st-b", "pw-b"], check=True)
+    acl = repo / "config" / "mosquitto" / "acl"
+    kicked = {}
+    for shipped in (True, False):
+        conf = f"password_file {tmp_path / 'passwords'}\nacl_file {acl}\n"
+        conf += "use_username_as_clientid true\n" if shipped else ""
+        b = Mosquitto(tmp_path / f"broker-{shipped}", free_port(), mosquitto_bin, anonymous=False, conf=conf)
+        try:
+            a_lost = threading.Event()
+            a = _client(b.url, "edge-st-a", ("st-a", "pw-a"))
+            a.on_disconnect = lambda *_, lost=a_lost: lost.set()
+            intruder = _client(b.url, "edge-st-a", ("st-b", "pw-b"))
+            kicked[shipped] = a_lost.wait(2.0)
+            for c in (a, intruder):
+                c.disconnect()
+                c.loop_stop()
+        finally:
+            b.stop()
+    assert kicked == {True: False, False: True}, kicked
+
+
+def _client(url: str, client_id: str, auth: tuple[str, str]) -> mqtt.Client:
+    """A connected MQTT 5 client (connection accepted), its loop running."""
+    u = parse_mqtt_url(url)
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.username_pw_set(*auth)
+    up = threading.Event()
+    c.on_connect = lambda _c, _u, _f, rc, _p: up.set() if not rc.is_failure else None
+    c.connect(u.host, u.port)
+    c.loop_start()
+    assert up.wait(5), f"{auth[0]} could not connect"
+    return c
 
 
 def test_a_missing_client_certificate_is_named(tmp_path: Path, broker: tuple[Mosquitto, str], pki: Pki,
@@ -188,7 +262,8 @@ def test_the_shipped_acl_lets_a_station_write_only_its_own_topics(tmp_path: Path
             other = station(tmp_path, "st-other", "  username: st-acl\n  password_env: EDGE_ACL_PW\n")
             bad = run_cli("edge-run", ["--config", other, "--camera", video, "--engine", toy_bundle,
                                        "--mqtt", b.url], cwd=tmp_path, env={"EDGE_ACL_PW": "pw1"})
-            assert "refused a message (Not authorized)" in bad.stderr, bad.stderr
+            refused = [ln for ln in bad.stderr.splitlines() if "the broker refused a publish (Not authorized)" in ln]
+            assert len(refused) == 1 and "ACL" in refused[0], bad.stderr  # counted; said once per cause
             col.wait_for(lambda ms: False, timeout=1.0)
             topics = {m.topic for m in col.messages}
     finally:
