@@ -244,12 +244,14 @@ class Outbox:
             self._enforce_size_locked()
             return payload
 
-    def add_snapshot(self, camera: str, event_id: str, jpeg: bytes) -> None:
-        """Store the JPEG of an event's peak frame (no seq of its own)."""
+    def add_snapshot(self, camera: str, event_id: str, jpeg: bytes, meta: Optional[dict[str, Any]] = None) -> None:
+        """Store the JPEG of an event's peak frame (no seq of its own), with ``meta`` (the peak's score, frame,
+        ts: what lets an operator match the picture to its event) stored before it; see split_snapshot."""
+        data = json.dumps(meta, separators=(",", ":")).encode() + b"\0" + jpeg if meta else jpeg
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._insert("snapshot", camera, f"{event_id}:snapshot", jpeg)
+                self._insert("snapshot", camera, f"{event_id}:snapshot", data)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -424,3 +426,18 @@ def open_outbox(state_dir: str | Path, station: str, sinks: Sequence[str], max_b
         raise
     outbox.ensure_seq_at_least(legacy_seq(state_dir, station))
     return outbox
+
+
+def split_snapshot(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """A snapshot record's (meta, JPEG): add_snapshot stores ``<JSON meta>\\0<JPEG>``; a record of an earlier
+    version is the bare JPEG (meta ``{}``)."""
+    if payload[:1] == b"{":
+        head, sep, jpeg = payload.partition(b"\0")
+        if sep:
+            try:
+                meta = json.loads(head)
+            except ValueError:
+                meta = None
+            if isinstance(meta, dict):
+                return meta, jpeg
+    return {}, payload

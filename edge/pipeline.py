@@ -354,8 +354,9 @@ class Station:
             if cam.peak is not None:
                 _, frame, amap = cam.peak
                 jpeg = render_snapshot(frame.snapshot_image(), amap)
-                if jpeg:
-                    self.outbox.add_snapshot(cam_id, payload["event_id"], jpeg)
+                if jpeg:  # meta: what lets an operator match the picture to its event
+                    self.outbox.add_snapshot(cam_id, payload["event_id"], jpeg, {
+                        "score": payload["peak_score"], "frame": frame.index, "ts": iso_utc(frame.ts)})
                     self._wake_sinks()
             cam.peak = None
 

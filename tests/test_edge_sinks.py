@@ -4,14 +4,22 @@ each settles outbox records on its own."""
 from __future__ import annotations
 
 import importlib
+import json
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from edge_helpers import run_cli, write_video
+from paho.mqtt.enums import CallbackAPIVersion
 
 import edge.sinks
 from core.errors import UserError
 from edge.config import StationConfig
+from edge.mqtt import parse_mqtt_url
 from edge.outbox import Outbox
 from edge.sinks import SinkContext, create_sinks, sink_names
 
@@ -88,3 +96,52 @@ def test_an_unknown_sink_is_one_line() -> None:
     cfg.sinks = ["kafka"]
     with pytest.raises(UserError, match="unknown sink 'kafka'; choose from .*mqtt"):
         create_sinks(SinkContext(cfg, None))  # type: ignore[arg-type]
+
+
+def test_a_snapshot_carries_its_event_id_and_score_as_mqtt_user_properties(tmp_path: Path, mosquitto: str,
+                                                                           toy_bundle: Path) -> None:
+    """edge-run with snapshots: each snapshot's MQTT 5 user properties name its event (id, camera) and the
+    peak (score, frame, ts), matching the event's end payload; the JPEG is the payload, unchanged."""
+    defects = [(10, 20), (40, 50)]
+    video = write_video(tmp_path / "v.avi", defects, 70, fps=10.0)
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"station: st-snap\nstate_dir: {tmp_path / 'state'}\nmqtt:\n  snapshots: true\n", encoding="utf-8")
+    u = parse_mqtt_url(mosquitto)
+    got: list[tuple[str, bytes, dict[str, str]]] = []
+    lock = threading.Lock()
+    subscribed = threading.Event()
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="snap-reader",
+                         protocol=mqtt.MQTTv5)
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        props = dict(getattr(msg.properties, "UserProperty", []) or [])
+        with lock:
+            got.append((msg.topic, bytes(msg.payload), props))
+
+    client.on_connect = lambda c, *_: c.subscribe("anomaly/st-snap/+/+", qos=1)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = on_message
+    client.connect(u.host, u.port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10)
+        proc = run_cli("edge-run", ["--config", cfg, "--camera", video, "--engine", toy_bundle, "--mqtt", mosquitto],
+                       cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(t.endswith("/snapshot") for t, _, _ in got) < 2:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    ends = {e["event_id"]: e for e in (json.loads(p) for t, p, _ in got if t.endswith("/event"))
+            if e["type"] == "end"}
+    snaps = [(p, props) for t, p, props in got if t.endswith("/snapshot")]
+    assert len(ends) == 2 and len(snaps) == 2, (ends, [s[1] for s in snaps])
+    for jpeg, props in snaps:
+        assert jpeg[:2] == b"\xff\xd8" and jpeg[-2:] == b"\xff\xd9"  # a bare JPEG, nothing before or after
+        end = ends[props["event_id"]]
+        assert props["camera"] == "cam0" == end["camera"]
+        assert float(props["score"]) == end["peak_score"]
+        a, b = next(d for d in defects if d[0] <= int(props["frame"]) < d[1])  # the peak lies in its defect
+        assert a <= end["frame"] and props["ts"].endswith("Z")

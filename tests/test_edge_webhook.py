@@ -185,14 +185,18 @@ def test_snapshots_are_posted_as_json_when_asked(tmp_path: Path, receiver: Recei
     box = Outbox(tmp_path / "s.sqlite", ["webhook"], max_bytes=10**6, max_age_s=3600)
     sink = WebhookSink(fast(receiver.url, snapshots=True), "st", box)
     sink.start()
-    box.add_snapshot("cam3", "e9", b"\xff\xd8jpeg")
+    box.add_snapshot("cam3", "e9", b"\xff\xd8jpeg", {"score": 0.8125, "frame": 42, "ts": "2026-12-06T21:00:04.200Z"})
+    box.add_snapshot("cam3", "e8", b"\xff\xd8old")  # as an earlier version stored it: no meta
     sink.wake()
     assert sink.flush(10.0) == 0
     sink.stop()
-    [post] = receiver.posts
+    post, old = receiver.posts
     body = post.json()
     assert post.key == "e9:snapshot" and body["type"] == "snapshot" and body["camera"] == "cam3"
     assert body["event_id"] == "e9" and base64.b64decode(body["data_base64"]) == b"\xff\xd8jpeg"
+    assert (body["score"], body["frame"], body["ts"]) == (0.8125, 42, "2026-12-06T21:00:04.200Z")
+    assert old.json()["event_id"] == "e8" and base64.b64decode(old.json()["data_base64"]) == b"\xff\xd8old"
+    assert "score" not in old.json()
 
 
 # -- a real station with both sinks ---------------------------------------------------------------

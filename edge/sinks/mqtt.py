@@ -40,10 +40,12 @@ from core.errors import UserError
 from core.payloads import PayloadRefused, parse_network_json, shown
 from edge.config import MqttConfig, StationConfig
 from edge.mqtt import describe_tls_failure, new_client, parse_mqtt_url, tls_context
-from edge.outbox import Outbox
+from edge.outbox import Outbox, Record, split_snapshot
 from edge.sinks import CommandHandler, SinkContext, register_sink
 
 log = logging.getLogger("edge.mqtt")
+
+SNAPSHOT_PROPERTIES = ("event_id", "score", "camera", "frame", "ts")  # a snapshot's MQTT 5 user properties
 
 
 _REFUSAL_HINTS = {
@@ -276,8 +278,9 @@ class MqttSink:
                     self.outbox.settle(msg.id, self.name, "skipped")
                     continue
                 topic = self.topic(msg.camera, msg.kind)
+                payload, props = (msg.payload, None) if msg.kind != "snapshot" else self._snapshot_message(msg)
                 t0 = time.perf_counter()
-                info = self.client.publish(topic, msg.payload, qos=1, retain=False)
+                info = self.client.publish(topic, payload, qos=1, retain=False, properties=props)
                 self.publish_seconds += time.perf_counter() - t0
                 if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                     log.error("MQTT: message on %s not queued (%s); kept in the spool", topic,
@@ -297,6 +300,17 @@ class MqttSink:
             if not batch:
                 with self._wake:
                     self._wake.wait(0.25)
+
+    @staticmethod
+    def _snapshot_message(record: Record) -> tuple[bytes, Properties]:
+        """The JPEG as it is, with MQTT 5 user properties (event_id, score, camera, frame, ts) that match it to
+        its event without opening it."""
+        meta, jpeg = split_snapshot(record.payload)
+        meta.setdefault("event_id", record.key.rsplit(":", 1)[0])
+        meta.setdefault("camera", record.camera)
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [(key, str(meta[key])) for key in SNAPSHOT_PROPERTIES if key in meta]
+        return jpeg, props
 
     # -- paho callbacks (network thread) -------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,

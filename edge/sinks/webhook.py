@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from core.errors import UserError
 from edge.config import StationConfig, WebhookConfig, redact_secrets
-from edge.outbox import Outbox, Record
+from edge.outbox import Outbox, Record, split_snapshot
 from edge.sinks import SinkContext, register_sink
 
 log = logging.getLogger("edge.webhook")
@@ -267,10 +267,14 @@ class WebhookSink:
             conn.close()
 
     def _snapshot_body(self, record: Record) -> bytes:
-        event_id = record.key.rsplit(":", 1)[0]
-        return json.dumps({"schema": 1, "type": "snapshot", "station": self.station, "camera": record.camera,
-                           "event_id": event_id, "content_type": "image/jpeg",
-                           "data_base64": base64.b64encode(record.payload).decode()}).encode()
+        """The snapshot as JSON: the JPEG in base64, with what matches it to its event (event_id, and the peak's
+        score, frame and ts when the record has them)."""
+        meta, jpeg = split_snapshot(record.payload)
+        body: dict[str, Any] = {"schema": 1, "type": "snapshot", "station": self.station, "camera": record.camera,
+                                "event_id": meta.get("event_id", record.key.rsplit(":", 1)[0])}
+        body.update({key: meta[key] for key in ("score", "frame", "ts") if key in meta})
+        body.update(content_type="image/jpeg", data_base64=base64.b64encode(jpeg).decode())
+        return json.dumps(body).encode()
 
     def _away(self, why: str) -> None:
         self._connected = False
