@@ -201,8 +201,12 @@ class MqttConfig:
     snapshots: bool = False
     stats_interval_s: float = 10.0
     flush_timeout_s: float = 10.0
+    consumer_ack: bool = False
+    ack_timeout_s: float = 30.0
 
     def validate(self) -> None:
+        if self.ack_timeout_s < 1:
+            raise ValueError("mqtt.ack_timeout_s must be at least 1")
         for part in self.prefix.split("/"):
             check_topic_level("mqtt.prefix level", part)
         if self.keepalive_s < 5:
