@@ -22,6 +22,8 @@ from trainer.datacheck import (
     missing_masks_warning,
     scan_images,
     size_warnings,
+    undecodable_error,
+    undecodable_images,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,3 +211,16 @@ def test_importing_datacheck_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", "import trainer.datacheck, sys; assert 'torch' not in sys.modules"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_undecodable_images_finds_a_png_cut_short_whose_header_still_reads(tmp_path: Path) -> None:
+    whole = _write(tmp_path / "whole.png", 48, 64)
+    cut = _write(tmp_path / "cut.png", 48, 64)
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+    assert scan_images([whole, cut]).count == 2  # the header check passes it
+    assert undecodable_images([whole, cut]) == [cut]
+    assert undecodable_images([whole]) == []
+    message = str(undecodable_error([cut], "train/good"))
+    assert message.startswith(f"{cut}: cannot decode") and "fix or remove the file" in message
+    many = str(undecodable_error([tmp_path / f"{i}.png" for i in range(7)], "train/good"))
+    assert many.startswith("train/good: 7 images cannot decode") and "0.png, 1.png" in many and "and 2 more" in many

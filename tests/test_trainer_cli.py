@@ -158,3 +158,40 @@ def test_usage_error_is_one_line() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "edge-train fit: error: the following arguments are required: --data (see --help)"]
+
+
+def _truncated_copy(dataset: Path, tmp_path: Path, names: tuple[str, ...]) -> Path:
+    """A copy of train/good with the PNGs ``names`` cut to half their bytes (their headers still read)."""
+    data = tmp_path / "ds"
+    good = data / "train" / "good"
+    good.mkdir(parents=True)
+    for p in sorted((dataset / "train" / "good").iterdir()):
+        good.joinpath(p.name).write_bytes(p.read_bytes()[:p.stat().st_size // 2] if p.name in names else p.read_bytes())
+    return data
+
+
+def test_a_truncated_png_is_one_line_before_training(tmp_path, dataset) -> None:
+    """A half-copied PNG (its header whole) stops the fit at the data check, in one line naming it, even for a
+    model whose images are read by DataLoader workers (issue 21 A: it was a worker traceback mid-training)."""
+    data = _truncated_copy(dataset, tmp_path, ("003.png",))
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("input: {height: 64, width: 64}\ntraining: {workers: 2}\n")
+    proc = edge_train("fit", "--data", data, "--out", tmp_path / "e", "--config", cfg, "--model", "ganomaly",
+                      "--epochs", "1", "--batch-size", "2")
+    assert_one_line_error(proc, "003.png", "cannot decode", "fix or remove")
+    assert "training ganomaly" not in proc.stderr  # refused before any training
+    assert not (tmp_path / "e" / "ganomaly" / "current").exists()
+
+
+def test_several_truncated_images_are_named_in_one_line(tmp_path, dataset, config) -> None:
+    data = _truncated_copy(dataset, tmp_path, ("001.png", "004.png", "007.png"))
+    proc = edge_train("fit", "--data", data, "--out", tmp_path / "e", "--config", config)
+    assert_one_line_error(proc, "3 images", "001.png", "004.png", "007.png", "fix or remove")
+
+
+def test_resume_of_a_model_not_trained_by_epochs_is_refused(tmp_path, dataset, config) -> None:
+    """--resume has nothing to continue for the default (pretrained-feature) model: one line, not silence
+    (issue 21 G)."""
+    proc = edge_train("fit", "--data", dataset, "--out", tmp_path / "e", "--config", config, "--resume")
+    assert_one_line_error(proc, "--resume", "patchcore", "not trained by epochs")
+    assert not (tmp_path / "e").exists()

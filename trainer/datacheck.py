@@ -3,18 +3,22 @@
 Each check returns one-line warnings (or nothing) for the CLI to print before the minutes of training
 start, so that a surprise (stretched images, a hold-out too small to set a threshold on, defect images
 without masks) is seen when it can still be fixed. Headers only are read (PIL, no pixel decoding), so tens
-of thousands of files scan in seconds. No torch here: the checks run before any model is built.
+of thousands of files scan in seconds; only ``undecodable_images`` decodes, since a file cut short keeps a header
+that reads. No torch here: the checks run before any model is built.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import cv2
 from PIL import Image
 
 from core.errors import UserError
@@ -57,6 +61,32 @@ def scan_images(paths: Sequence[Path]) -> ImageScan:
         if mode in GRAYSCALE_MODES:
             scan.grayscale.append(Path(p))
     return scan
+
+
+def undecodable_images(paths: Sequence[Path]) -> list[Path]:
+    """The files the training reader (cv2.imread in colour, as trainer/data.py reads them) cannot decode.
+
+    A PNG cut short by a failed copy keeps a header that reads, so only a decode finds it; found during training,
+    it would stop the fit mid-epoch, inside a DataLoader worker. Decoded on threads (OpenCV releases the GIL).
+    """
+    def unreadable(path: Path) -> bool:
+        return cv2.imread(str(path), cv2.IMREAD_COLOR) is None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return [p for p, bad in zip(paths, pool.map(unreadable, paths)) if bad]
+
+
+def undecodable_error(bad: Sequence[Path], where: str) -> UserError:
+    """One line naming the files ``undecodable_images`` found (the first few, then how many more)."""
+    fix = "fix or remove" + (" the file" if len(bad) == 1 else " them") + " (a copy cut short: copy it again)"
+    if len(bad) == 1:
+        return UserError(f"{bad[0]}: cannot decode this image (truncated or corrupt: its header reads, its pixels "
+                         f"do not); {fix}")
+    named = ", ".join(Path(p).name for p in bad[:MAX_NAMED])
+    if len(bad) > MAX_NAMED:
+        named += f" and {len(bad) - MAX_NAMED} more"
+    return UserError(f"{where}: {len(bad)} images cannot decode (truncated or corrupt: their headers read, their "
+                     f"pixels do not): {named}; {fix}")
 
 
 def _aspect(width: int, height: int) -> float:

@@ -30,7 +30,14 @@ from trainer import export as ex
 from trainer import report as rep
 from trainer.config import TrainConfig
 from trainer.data import ImageSet, fingerprint, load_test, load_val, train_paths
-from trainer.datacheck import grayscale_warning, holdout_warning, scan_images, size_warnings
+from trainer.datacheck import (
+    grayscale_warning,
+    holdout_warning,
+    scan_images,
+    size_warnings,
+    undecodable_error,
+    undecodable_images,
+)
 from trainer.degrade import Degradation, codec_plan
 from trainer.evaluate import Evaluation, evaluate_onnx
 from trainer.frames import TrainingData
@@ -121,6 +128,9 @@ def check_data(run: FitRun) -> None:
     """
     cfg = run.cfg
     run.model_cls = get_model_class(cfg.model)  # unknown name: fail before reading any data
+    if run.resume and not run.model_cls.trains_with_epochs:
+        raise UserError(f"--resume: {cfg.model} is not trained by epochs, so no interrupted training run of it can "
+                        "be continued; fit again without --resume")
     run.shard = distributed.check_launch(cfg.model, run.model_cls.trains_distributed)  # torchrun: rank 0 writes
     if not run.shard.writer:
         run.log = _quiet
@@ -144,6 +154,9 @@ def _check_training_images(run: FitRun, paths: list[Path]) -> None:
     """Scan DIR/train/good, resolve the input size and channels, warn about sizes and grey images."""
     cfg, model_cls = run.cfg, _need(run.model_cls, "the model class", "data check", "data check")
     scan = scan_images(paths)
+    bad = undecodable_images(paths)
+    if bad:
+        raise undecodable_error(bad, str(run.data_dir / "train" / "good"))
     cfg.resolve(model_cls.defaults, all_gray=len(scan.grayscale) == scan.count)
     hw, resize = cfg.input.hw, cfg.input.resize
     for message in size_warnings(scan, "train/good", hw, resize):
