@@ -121,7 +121,8 @@ def _metrics(cfg: StationConfig, stats: StationStats, outbox: Outbox, sinks: lis
     metrics = Metrics(stats, StationGauges(
         spool_depth=lambda: outbox.depth, spool_dropped=lambda: outbox.dropped_total,
         mqtt_connected=lambda: mqtt is not None and mqtt.connected,
-        mqtt_reconnects=lambda: int(getattr(mqtt, "reconnects", 0))))
+        mqtt_reconnects=lambda: int(getattr(mqtt, "reconnects", 0)),
+        spool_degraded=lambda: outbox.state != "ok", spool_not_kept=lambda: outbox.not_kept))
     metrics.serve(cfg.health.prometheus_bind, cfg.health.prometheus_port)
     return metrics
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-HEALTH_SCHEMA_VERSION = 1
+HEALTH_SCHEMA_VERSION = 2  # 2: spool_degraded and worker_failed alarms (edge/health.py)
 
 
 @dataclass(frozen=True)

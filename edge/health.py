@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import sdnotify
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -35,6 +35,23 @@ class StationGauges:
     spool_dropped: Callable[[], int]
     mqtt_connected: Callable[[], bool]
     mqtt_reconnects: Callable[[], int]
+    spool_degraded: Callable[[], bool] = lambda: False
+    spool_not_kept: Callable[[], int] = lambda: 0
+
+
+def spool_alarm(spool: dict[str, Any], since_iso: str) -> dict[str, Any]:
+    """The health topic's ``spool_degraded`` alarm from ``Outbox.health()`` (core/schemas/health.schema.json)."""
+    return {"kind": "spool_degraded", "since": since_iso, "problem": str(spool["problem"]),
+            "not_kept": int(spool["not_kept"]),
+            "message": f"the spool cannot store ({spool['problem']}): events still go out from memory but are not "
+                       "kept across a restart; free space in state_dir (it recovers by itself)"}
+
+
+def worker_alarm(failure: str, since_iso: str) -> dict[str, Any]:
+    """The health topic's ``worker_failed`` alarm; ``failure`` is ``"<worker>: <cause>"``."""
+    worker = failure.split(":", 1)[0]
+    return {"kind": "worker_failed", "worker": worker, "since": since_iso,
+            "message": f"{failure}; the station stops (exit code 4) so that systemd restarts it"}
 
 
 class _StationCollector(Collector):
@@ -50,6 +67,8 @@ class _StationCollector(Collector):
             ("edge_frames_processed", "Frames scored", lambda c: c.processed),
             ("edge_frames_dropped", "Oldest frames dropped because inference lagged", lambda c: c.dropped()),
             ("edge_camera_reconnects", "Times the camera was reopened", lambda c: c.reconnects()),
+            ("edge_frames_undecodable", "Frames read but not decodable (skipped)", lambda c: c.undecodable()),
+            ("edge_camera_refits", "Times the camera's frame size changed mid-stream", lambda c: c.refits()),
         ]
         for name, doc, read in per_camera:
             family = CounterMetricFamily(name, doc, labels=["camera"])
@@ -67,6 +86,12 @@ class _StationCollector(Collector):
                                 value=float(g.spool_depth()))
         yield CounterMetricFamily("edge_spool_dropped", "Unsent messages dropped by the spool's bounds",
                                   value=float(g.spool_dropped()))
+        yield GaugeMetricFamily("edge_spool_degraded", "1 while the spool cannot store (full or read-only disk)",
+                                value=1.0 if g.spool_degraded() else 0.0)
+        yield CounterMetricFamily("edge_spool_not_kept", "Records sent from memory because the spool could not "
+                                  "store them", value=float(g.spool_not_kept()))
+        yield GaugeMetricFamily("edge_workers_failed", "Worker threads that died (the station then stops)",
+                                value=float(len(s.failed_workers)))
         yield GaugeMetricFamily("edge_mqtt_connected", "1 while connected to the broker",
                                 value=1.0 if g.mqtt_connected() else 0.0)
         yield CounterMetricFamily("edge_mqtt_reconnects", "Times the broker connection came back",

@@ -2,7 +2,13 @@
 
 Inference and event logic run on the calling (main) thread; each camera captures on its own thread;
 each sink (MQTT, webhook, …) sends from the outbox on its own threads. ``max_frames`` counts processed frames
-PER CAMERA. Every event is committed to the durable outbox (with its seq) before any sink sees it.
+PER CAMERA. Every event is committed to the durable outbox (with its seq) before any sink sees it; when the disk
+refuses, the outbox hands it to the sinks from memory and the station goes on scoring (spool ``degraded``).
+
+The loop also watches the station's own health every tick: the spool's state (an alarm on the health topic while
+it is degraded) and its worker threads (the sinks', the bundle watcher, the collection writer, a live camera's
+capture). A worker that died is said in one line, in stats (``workers.failed``) and as a health alarm, and the
+station stops cleanly and raises WorkerDied (exit code 4), so that systemd's Restart=on-failure starts it afresh.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from edge.calibration import SiteThreshold, ThresholdChoice
 from edge.collect import Collection
 from edge.config import StationConfig
 from edge.drift import DriftMonitor, health_payload
-from edge.health import Metrics, SystemdNotifier
+from edge.health import Metrics, SystemdNotifier, spool_alarm, worker_alarm
 from edge.outbox import Outbox
 from edge.sinks import Sink
 from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure
@@ -41,6 +47,15 @@ from edge.stats import CameraStats, StageClock, StationStats
 from edge.swap import BundleWatcher
 
 log = logging.getLogger("edge.pipeline")
+
+EXIT_WORKER_DIED = 4  # edge-run's exit code when a worker thread died (deploy/edge-run.service restarts it)
+WORKER_CHECK_S = 0.5  # how often the loop looks at its worker threads
+
+
+class WorkerDied(UserError):
+    """A worker thread of the station died: the run was stopped cleanly; exit non-zero so systemd restarts it."""
+
+    exit_code = EXIT_WORKER_DIED
 
 
 @dataclass
@@ -116,7 +131,9 @@ class Station:
                                     dropped=partial(getattr, queue, "dropped"),
                                     reconnects=partial(getattr, src, "reconnects"),
                                     connected=partial(getattr, src, "connected"),
-                                    stalled=partial(getattr, src, "stalled"))
+                                    stalled=partial(getattr, src, "stalled"),
+                                    undecodable=partial(getattr, src, "undecodable", 0),
+                                    refits=partial(getattr, src, "refits", 0))
             self.stats.cameras[cam_cfg.id] = cam_stats
             drift = self._drift_monitor(cam_cfg.id)
             cam_stats.scores = drift.stats
@@ -129,6 +146,9 @@ class Station:
         self.first_scored_at: Optional[float] = None  # time.monotonic() of the first scored frame (start-up time)
         self.first_batch_frames = 0  # frames in that first batch
         self.last_scored_at: Optional[float] = None  # of the latest batch: steady-state rate between the two
+        self._spool_state = "ok"  # as last published on the health topic
+        self._failures: dict[str, float] = {}  # "<worker>: <cause>" -> when it was seen (wall clock)
+        self._next_worker_check = 0.0
 
     def open_cameras(self) -> None:
         """Open every camera now. A video file that does not open is fatal (a typo); a live camera that is down
@@ -228,6 +248,7 @@ class Station:
                     self._swap(*ready)
                 self.notifier.tick(self.frames)
                 now = time.monotonic()
+                self._check_health(now)
                 if now >= next_stats:
                     self._publish_stats()
                     next_stats = now + self.cfg.mqtt.stats_interval_s
@@ -246,10 +267,49 @@ class Station:
         if self.collection is not None:
             self.collection.close()  # writes what it was handed, bounded
         for sink in self.sinks:  # they deliver side by side: the waits overlap
-            sink.flush(sink.flush_timeout_s)
+            sink.flush(0.0 if _sink_failure(sink) else sink.flush_timeout_s)
         undelivered = self.outbox.depth
         self._publish_stats()
+        if self._failures:
+            raise WorkerDied(f"{'; '.join(self._failures)}; stopped after {self.frames} frames and {self.events} "
+                             f"events so that systemd restarts the station (exit code {EXIT_WORKER_DIED})")
         return RunResult(frames=self.frames, events=self.events, undelivered=undelivered)
+
+    # -- the station's own health ------------------------------------------------------------------
+    def _check_health(self, now: float) -> None:
+        """Each tick: the spool's state (cheap: an attribute); twice a second, the worker threads."""
+        if self.outbox.state != self._spool_state:
+            self._spool_state = self.outbox.state
+            self._publish_health()
+        if now < self._next_worker_check:
+            return
+        self._next_worker_check = now + WORKER_CHECK_S
+        fresh = [f for f in self.dead_workers() if f not in self._failures]
+        if not fresh:
+            return
+        for failure in fresh:
+            self._failures[failure] = time.time()
+            log.error("worker died: %s; stopping the station so that systemd restarts it (exit code %d)", failure,
+                      EXIT_WORKER_DIED)
+        self.stats.failed_workers = list(self._failures)
+        self._publish_health()
+        self._publish_stats()
+        self.request_stop()
+
+    def dead_workers(self) -> list[str]:
+        """``"<worker>: <cause>"`` of each worker thread that died; a thread that ended as it should (a video
+        file read to its end, a stopped part) is not one."""
+        dead = [f"sink {sink.name}: {cause}" for sink in self.sinks if (cause := _sink_failure(sink))]
+        if self.watcher is not None and _died(getattr(self.watcher, "_thread", None)):
+            dead.append("bundle-watcher: its thread ended (see the log above for why)")
+        if self.collection is not None and _died(getattr(self.collection.writer, "_thread", None)):
+            dead.append("collect-writer: its thread ended (see the log above for why)")
+        for cam_id, cam in self.cameras.items():
+            src = cam.source
+            if src.live and not cam.done and not self.stop_event.is_set() \
+                    and _died(getattr(src, "_thread", None)):
+                dead.append(f"capture-{cam_id}: the capture thread of a live camera ended (see the log above)")
+        return dead
 
     def _swap(self, bundle: Bundle, backend: Backend) -> None:
         """Between two batches: end open events (reason model_swap: the threshold changes), then score with the
@@ -372,6 +432,10 @@ class Station:
     def _publish_health(self) -> None:
         alarms = [c.drift.alarm.payload(iso_utc(c.drift.alarm.since)) for c in self.cameras.values()
                   if c.drift.alarm is not None]
+        spool = self.outbox.health()
+        if spool["state"] != "ok":
+            alarms.append(spool_alarm(spool, iso_utc(spool["since"] or time.time())))
+        alarms += [worker_alarm(failure, iso_utc(at)) for failure, at in self._failures.items()]
         data = json.dumps(health_payload(self.cfg.station, iso_utc(time.time()), alarms)).encode()
         for sink in self.sinks:
             sink.publish_health(data)
@@ -380,7 +444,7 @@ class Station:
         mqtt = next((s for s in self.sinks if s.name == "mqtt"), None)  # the stats' mqtt_* fields are its own
         payload = self.stats.as_dict(iso_utc(time.time()), self.outbox.depth, self.outbox.dropped_total,
                                      mqtt is not None and mqtt.connected, getattr(mqtt, "reconnects", 0),
-                                     {s.name: s.stats() for s in self.sinks})
+                                     {s.name: s.stats() for s in self.sinks}, spool=self.outbox.health())
         if self.collection is not None:
             payload["collect"] = self.collection.stats()
         data = json.dumps(payload).encode()
@@ -403,3 +467,14 @@ class Station:
             log.warning("camera '%s': not delivering while the others have finished; ending the run without it "
                         "(%d frames processed)", c.source.cam.id, c.stats.processed)
         return True
+
+
+def _sink_failure(sink: Sink) -> Optional[str]:
+    """The sink's own word on its worker threads (Sink.failure: None while healthy, else a one-line cause)."""
+    failure = getattr(sink, "failure", None)
+    return failure() if callable(failure) else None
+
+
+def _died(thread: Optional[threading.Thread]) -> bool:
+    """A thread that was started and is no longer alive."""
+    return thread is not None and thread.ident is not None and not thread.is_alive()

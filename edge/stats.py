@@ -15,8 +15,8 @@ import numpy as np
 
 from edge.batchsize import BatchSize
 
-STATS_SCHEMA_VERSION = 4  # 2: spool_dropped, mqtt_reconnects, cameras.*.stalled; 3: calibration, cameras.*.scores;
-# 4: sinks
+STATS_SCHEMA_VERSION = 5  # 2: spool_dropped, mqtt_reconnects, cameras.*.stalled; 3: calibration, cameras.*.scores;
+# 4: sinks; 5: spool, spool_problem, spool_not_kept, workers, cameras.*.undecodable, cameras.*.refits
 
 
 class Reservoir:
@@ -78,7 +78,8 @@ class CameraStats:
     """Counters of one camera; capture counters are read from its source."""
 
     def __init__(self, camera: str, captured: Callable[[], int], dropped: Callable[[], int],
-                 reconnects: Callable[[], int], connected: Callable[[], bool], stalled: Callable[[], bool]) -> None:
+                 reconnects: Callable[[], int], connected: Callable[[], bool], stalled: Callable[[], bool],
+                 undecodable: Callable[[], int] = lambda: 0, refits: Callable[[], int] = lambda: 0) -> None:
         self.camera = camera
         self.processed = 0
         self.captured = captured
@@ -86,6 +87,8 @@ class CameraStats:
         self.reconnects = reconnects
         self.connected = connected
         self.stalled = stalled
+        self.undecodable = undecodable  # frames read but not decodable (skipped)
+        self.refits = refits  # times the frame size changed mid-stream
         self._capture_rate = Rate(captured)
         self._processed_rate = Rate(lambda: self.processed)
         # recent scores outside events and the drift alarm (edge.drift.DriftMonitor.stats, set by the station)
@@ -101,6 +104,8 @@ class CameraStats:
             "frames_processed": int(self.processed),
             "dropped": int(self.dropped()),
             "reconnects": int(self.reconnects()),
+            "undecodable": int(self.undecodable()),
+            "refits": int(self.refits()),
             "scores": self.scores(),
         }
 
@@ -122,6 +127,7 @@ class StationStats:
         self.batches = 0
         self.events_published = 0
         self.calibration: dict[str, Any] = {}  # the threshold in force and why (edge.calibration.ThresholdChoice)
+        self.failed_workers: list[str] = []  # "<worker>: <cause>" of each worker thread that died (the station stops)
 
     def add_batch(self, size: int, inference_ms: float) -> None:
         self.batches += 1
@@ -129,8 +135,11 @@ class StationStats:
         self.inference_ms.add(inference_ms)
 
     def as_dict(self, ts_iso: str, spool_depth: int, spool_dropped: int, mqtt_connected: bool,
-                mqtt_reconnects: int, sinks: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
-        """``sinks``: each sink's depth, delivered, failed and connected (edge.sinks.Sink.stats)."""
+                mqtt_reconnects: int, sinks: Optional[dict[str, dict[str, Any]]] = None,
+                spool: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """``sinks``: each sink's depth, delivered, failed and connected (edge.sinks.Sink.stats); ``spool``: the
+        outbox's state, problem and not_kept (edge.outbox.Outbox.health)."""
+        spool = spool or {"state": "ok", "problem": None, "not_kept": 0}
         inf50, inf99 = self.inference_ms.percentiles(50, 99)
         lat50, lat99 = self.latency_ms.percentiles(50, 99)
         (batch50,) = self.batch_sizes.percentiles(50)
@@ -147,10 +156,14 @@ class StationStats:
             "latency_ms": {"p50": lat50, "p99": lat99},
             "spool_depth": int(spool_depth),
             "spool_dropped": int(spool_dropped),
+            "spool": spool["state"],
+            "spool_problem": spool["problem"],
+            "spool_not_kept": int(spool["not_kept"]),
             "events_published": self.events_published,
             "mqtt_connected": bool(mqtt_connected),
             "mqtt_reconnects": int(mqtt_reconnects),
             "sinks": dict(sinks or {}),
             "calibration": self.calibration,
+            "workers": {"failed": list(self.failed_workers)},
             "cameras": {cid: c.as_dict() for cid, c in self.cameras.items()},
         }
