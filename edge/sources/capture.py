@@ -13,13 +13,12 @@ import threading
 import time
 from typing import Callable, Optional
 
-import cv2
 import numpy as np
 
 from core.preprocess import DEFAULT_RESIZE, RESIZE_MODES, resize_frame
 from edge.config import CameraConfig
 from edge.sources.frames import Frame, FrameQueue
-from edge.sources.mjpeg import reduced_decode_flag
+from edge.sources.mjpeg import PacketDecoder
 from edge.sources.opencv import quiet_opencv
 from edge.sources.pace import FramePace
 from edge.sources.registry import Capture, camera_kind, is_live
@@ -41,6 +40,7 @@ class CameraSource:
     """
 
     _POLL_S = 0.1
+    _BAD_RUN_MAX = 25  # failed reads in a row before a recording with frames left is taken to have ended
 
     def __init__(self, cam: CameraConfig, input_hw: tuple[int, int], queue: FrameQueue,
                  max_frames: Optional[int] = None, keep_original: bool = False,
@@ -71,6 +71,9 @@ class CameraSource:
         self._on_frame = on_frame
         self.clock = clock or StageClock()
         self.undecodable = 0  # frames read but not decodable (a corrupt JPEG packet, an unreadable image): skipped
+        self.refits = 0  # times the frame size changed mid-stream (the frames were fitted from the new size)
+        self.frame_hw: Optional[tuple[int, int]] = None  # the source's frame size, as last delivered
+        self._warned: set[str] = set()  # causes of skipped frames already logged
         self.reader_nice: Optional[int] = None  # the reader thread's nice value, once it runs
 
     # -- opening -------------------------------------------------------------------------------
@@ -205,13 +208,21 @@ class CameraSource:
         return "delivered" if self.captured > delivered_before else "failed"
 
     def _read_loop(self, attempt: Attempt, outcome: dict[str, str]) -> None:
-        """The reader thread: the only thread that uses (and finally releases) this capture."""
+        """The reader thread: the only thread that uses (and finally releases) this capture.
+
+        A recording's failed read is the end only when its header's frame count has been read (or it has no
+        count) or after ``_BAD_RUN_MAX`` failures in a row: before that it is a damaged frame, skipped and counted
+        in ``undecodable``, and the file is read on to its real end. What a frame's decoding or fitting raises
+        costs that frame (counted, logged once per cause), never the thread."""
         cap: Optional[Capture] = attempt.cap
         assert cap is not None
         self.reader_nice = lower_thread_priority(self.cam.nice)
-        packets = self.cam.reduced_decode and self.kind.compressed(cap)
-        full_hw: Optional[tuple[int, int]] = None  # a packet stream's frame size, learnt from its first frame
+        decoder = PacketDecoder() if self.cam.reduced_decode and self.kind.compressed(cap) else None
         pace = FramePace(self.cam.max_fps, skip=self.kind.live)  # a recording waits for its slot, a camera skips
+        count = None if self.live else self.kind.frame_count(cap)
+        reads = 0  # reads that returned a frame or packet, decodable or not
+        skipped = 0  # failed reads that a good read followed: damaged frames in the middle of a recording
+        failed_run = 0  # failed reads in a row
         try:
             while not self._stop.is_set():
                 if self.max_frames is not None and self.captured >= self.max_frames:
@@ -220,13 +231,31 @@ class CameraSource:
                 if not pace.wait(self._stop, self._still_here):
                     return
                 t0 = time.perf_counter()
-                ok, data = cap.read()
+                try:
+                    ok, data = cap.read()
+                except Exception as exc:  # a backend that raises instead of answering False: a failed read
+                    self._warn_once(f"read {type(exc).__name__}", "a read raised %s (%s); taken as a failed read",
+                                    type(exc).__name__, exc)
+                    ok, data = False, None
                 if attempt.abandoned:
                     return  # the supervisor has moved on: this frame is stale, and no longer ours to deliver
                 if not ok:
                     self.clock.add("decode", time.perf_counter() - t0)
-                    outcome["how"] = "end" if not self.live else "failed"
+                    if self.live:
+                        outcome["how"] = "failed"
+                        return
+                    failed_run += 1
+                    if count is not None and reads + skipped + failed_run <= count and failed_run <= self._BAD_RUN_MAX:
+                        continue  # frames left: a damaged one, not the end
+                    self._count_missing(count, reads, skipped)
+                    outcome["how"] = "end"
                     return
+                if failed_run:
+                    skipped += failed_run
+                    self._skip(failed_run, "damaged frame(s) could not be read (a corrupt stretch of the file?); "
+                               "skipped, reading on")
+                    failed_run = 0
+                reads += 1
                 self.last_frame = time.monotonic()  # the source delivers, whether or not this frame is skipped
                 if data is None:  # read, but unreadable (the kind has said which): skipped, counted
                     self.clock.add("decode", time.perf_counter() - t0)
@@ -234,33 +263,66 @@ class CameraSource:
                     continue
                 if not pace.take():
                     continue
-                packet = None
-                if packets:
-                    packet = data.reshape(-1)
-                    flag = cv2.IMREAD_COLOR if full_hw is None else reduced_decode_flag(full_hw, self.input_hw)
-                    image = cv2.imdecode(packet, flag)
-                    if image is None:
-                        self.clock.add("decode", time.perf_counter() - t0)
-                        self.undecodable += 1
-                        if self.undecodable == 1:
-                            log.warning("camera '%s': a frame's JPEG could not be decoded; such frames are skipped",
-                                        self.cam.id)
-                        continue
-                    if full_hw is None:
-                        full_hw = (int(image.shape[0]), int(image.shape[1]))
-                else:
-                    image = data
-                self.clock.add("decode", time.perf_counter() - t0)
-                self._deliver(image, time.monotonic(), packet)
+                try:
+                    self._decode_and_deliver(data, decoder, t0)
+                except Exception as exc:  # this frame only: the reader reads on
+                    self._skip(1, f"could not be decoded or fitted ({type(exc).__name__}: {exc}); such frames are "
+                               "skipped", cause=type(exc).__name__)
         finally:
             cap.release()
+
+    def _decode_and_deliver(self, data: np.ndarray, decoder: Optional[PacketDecoder], t0: float) -> None:
+        packet = None
+        if decoder is not None:
+            packet = data.reshape(-1)
+            image = decoder.decode(packet, self.input_hw)
+            if image is None:
+                self.clock.add("decode", time.perf_counter() - t0)
+                self._skip(1, "a frame's JPEG could not be decoded; such frames are skipped", cause="jpeg")
+                return
+            assert decoder.frame_hw is not None
+            self._check_frame_size(decoder.frame_hw)
+        else:
+            image = data
+            self._check_frame_size((int(image.shape[0]), int(image.shape[1])))
+        self.clock.add("decode", time.perf_counter() - t0)
+        self._deliver(image, time.monotonic(), packet)
+
+    def _check_frame_size(self, frame_hw: tuple[int, int]) -> None:
+        """Note the source's frame size; a change (a camera switched resolution, reconnected at another one, a
+        folder of mixed images) is logged once per change and counted in ``refits``. Every frame is fitted to
+        the model input from its own size, and a packet stream's reduced decode follows (``PacketDecoder``)."""
+        if self.frame_hw is not None and frame_hw != self.frame_hw:
+            self.refits += 1
+            log.warning("camera '%s': frame size changed from %dx%d to %dx%d; frames are re-fitted to the model "
+                        "input from the new size", self.cam.id, self.frame_hw[1], self.frame_hw[0], frame_hw[1],
+                        frame_hw[0])
+        self.frame_hw = frame_hw
+
+    def _count_missing(self, count: Optional[int], reads: int, skipped: int) -> None:
+        """At a recording's end: frames its header counts that no read returned were damaged (the demuxer
+        dropped them, or the reads of a damaged stretch failed up to the end)."""
+        missing = (count or 0) - reads - skipped
+        if missing > 0:
+            self._skip(missing, f"frame(s) of the {count} its header counts could not be read (a damaged file?)",
+                       cause="missing")
+
+    def _skip(self, frames: int, what: str, cause: str = "damaged") -> None:
+        self.undecodable += frames
+        self._warn_once(cause, "%d %s", frames, what)
+
+    def _warn_once(self, cause: str, message: str, *args: object) -> None:
+        """A warning once per cause for this camera: a corrupt stream must not flood the log frame by frame."""
+        if cause not in self._warned:
+            self._warned.add(cause)
+            log.warning("camera '%s': " + message, self.cam.id, *args)
 
     def _still_here(self) -> None:
         """Called while a paced reader waits on purpose: a wait is not a stall."""
         self.last_frame = time.monotonic()
 
     def _deliver(self, image: np.ndarray, t_capture: float, packet: Optional[np.ndarray] = None) -> None:
-        index = self.captured
+        index = self.captured  # frame numbers count delivered frames (skipped ones are counted apart)
         self.last_frame = t_capture
         self.connected = True
         self.stalled = False

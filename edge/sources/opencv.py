@@ -40,5 +40,9 @@ class OpenCvKind(SourceKind):
         fps = capture.get(cv2.CAP_PROP_FPS) if isinstance(capture, cv2.VideoCapture) else None
         return fps if fps and 0 < fps < 1000 else None
 
+    def frame_count(self, capture: Capture) -> Optional[int]:
+        count = capture.get(cv2.CAP_PROP_FRAME_COUNT) if isinstance(capture, cv2.VideoCapture) else 0
+        return int(count) if 0 < count < 1e12 else None  # a stream or a pipe: no count, or nonsense
+
     def compressed(self, capture: Capture) -> bool:
         return isinstance(capture, cv2.VideoCapture) and compressed_packets(capture)

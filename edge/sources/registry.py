@@ -54,6 +54,11 @@ class SourceKind(ABC):
         """A recording's own frames per second (its frames are stamped at it), or None where it has none."""
         return None
 
+    def frame_count(self, capture: Capture) -> Optional[int]:
+        """How many frames a recording's header says it holds, or None where it does not say. A failed read
+        before that many is a damaged frame, not the end: the reader skips it and reads on."""
+        return None
+
     def compressed(self, capture: Capture) -> bool:
         """Switch ``capture`` to hand out MJPEG packets (decoded at reduced scale by the reader); False: it keeps
         handing out images."""
