@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from edge_helpers import Collector, cli_command, validate, write_video
+from test_edge_faults import dedup, live_station, wait_line
 
 import edge.outbox
 from edge.outbox import Outbox
-from edge_helpers import Collector, cli_command, validate, write_video
-from test_edge_faults import dedup, live_station, wait_line
 
 MQTT = ("mqtt",)
 
