@@ -70,8 +70,10 @@ def test_edge_run_scores_the_frames_after_the_damage(tmp_path: Path, mosquitto: 
     bundle = make_toy_bundle(tmp_path / "engines")
     damaged = damage_middle(write_coded(tmp_path / f"clip-{codec}.avi", codec))
     got = stream_clip(tmp_path, mosquitto, bundle, damaged, f"st-damaged-{codec.lower()}")
-    processed = got["stats"][-1]["cameras"]["cam0"]["frames_processed"]
+    cam = got["stats"][-1]["cameras"]["cam0"]
+    processed = cam["frames_processed"]
     assert N - 30 <= processed < N, processed  # not half the file; the damaged frames are not scored
+    assert cam["undecodable"] == N - processed  # and they are counted in the stats
     starts = [e for e in got["event"] if e["type"] == "start"]
     ends = [e for e in got["event"] if e["type"] == "end"]
     assert len(starts) == len(ends) == 2, got["event"]
