@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import jsonschema
 
-KINDS = ("event", "stats", "status", "health", "label")
+KINDS = ("event", "stats", "status", "health", "label", "ack")
 
 
 @cache

@@ -7,6 +7,7 @@ Exit codes of edge-run: 0 clean stop, 2 bad input, 3 events not delivered before
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -252,6 +253,10 @@ def events_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=positive_int, metavar="N", help="exit 0 after N events")
     p.add_argument("--timeout", type=positive_float, metavar="S",
                    help="exit after S seconds (non-zero when --count events had not arrived)")
+    p.add_argument("--ack", action="store_true",
+                   help="acknowledge each event on {prefix}/{station}/ack once it is printed (for stations with "
+                        "mqtt.consumer_ack: they keep and re-send an event until then); an event printed already "
+                        "in this run is acknowledged again but not printed twice")
     return p
 
 
@@ -273,6 +278,8 @@ def _events(args: argparse.Namespace) -> int:
     done = threading.Event()
     lock = threading.Lock()
     seen = invalid = 0
+    printed: set[str] = set()  # --ack: keys printed in this run (a station re-sends until it has the ack)
+    acks: list[Any] = []  # --ack: the publishes, waited for before exiting
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
@@ -294,6 +301,12 @@ def _events(args: argparse.Namespace) -> int:
                 line = json.dumps(payload, separators=(",", ":"))
             except PayloadRefused as exc:
                 payload, problem = None, exc.cause if exc.cause == "not JSON" else str(exc)
+            if problem is None and args.ack:
+                key = f"{payload['event_id']}:{payload['type']}:{payload['seq']}"
+                ack = json.dumps({"keys": [key]}).encode()
+                if key in printed:
+                    acks.append(c.publish(f"{prefix}/{payload['station']}/ack", ack, qos=1))
+                    return
             if problem is not None:  # shown, never dropped silently: a SCADA integrator needs to see it
                 invalid += 1
                 problem = shown(problem, 200)
@@ -303,6 +316,9 @@ def _events(args: argparse.Namespace) -> int:
                                    "error": problem})
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
+            if problem is None and args.ack:  # printed (and flushed): only now is it acknowledged
+                printed.add(key)
+                acks.append(c.publish(f"{prefix}/{payload['station']}/ack", ack, qos=1))
             seen += 1
             if args.count is not None and seen >= args.count:
                 done.set()
@@ -325,6 +341,9 @@ def _events(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        for info in list(acks):  # the acks reach the broker before we go
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(2.0)
         client.disconnect()
         client.loop_stop()
     if invalid:

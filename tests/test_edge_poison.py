@@ -20,6 +20,7 @@ import pytest
 from edge_helpers import Collector, Mosquitto, cli_command, free_port, make_toy_bundle, write_video
 from paho.mqtt.enums import CallbackAPIVersion
 
+from core.payloads import payload_problem
 from edge.collect import Collection
 from edge.config import CollectConfig, MqttConfig
 from edge.labels import LabelError, check_verdict
@@ -42,6 +43,10 @@ def test_a_kind_with_a_trailing_newline_is_refused() -> None:
     assert check_verdict("defect", "scratch") == "scratch"
     with pytest.raises(LabelError, match="defect kind"):
         check_verdict("defect", "scratch\n")
+    body = {"event_id": EVENT_ID, "verdict": "defect", "kind": "scratch"}
+    assert payload_problem("label", body) is None  # the schema too: a pattern is a search, "$" alone lets "\n" by
+    assert payload_problem("label", {**body, "kind": "scratch\n"}) is not None
+    assert payload_problem("label", {**body, "event_id": EVENT_ID + "\n"}) is not None
 
 
 def test_a_10_mb_event_id_in_cmd_label_is_not_logged_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -21,12 +21,19 @@ UTF-8, control characters, string lengths: bounded cost) before any handler sees
 acknowledged (returning from on_message acks a QoS 1 message) and dropped with a count, so a persistent
 session does not bring it back at every start. Should paho's thread or the sender die anyway, ``failure()``
 says so and the station reports it.
+
+A PUBACK is the broker's word, not SCADA's: a broker that crashes before it saved the event loses it. With
+``mqtt.consumer_ack`` an event stays in the outbox until the consumer acknowledges it on ``{prefix}/{station}/ack``
+(core/schemas/ack.schema.json: ``{"keys": ["<event_id>:<type>:<seq>", ...]}``; ``edge-events --ack`` sends it),
+and is published again ``ack_timeout_s`` after its PUBACK and after every reconnect until then (the consumer
+de-duplicates on the key, as it must anyway). Snapshots leave on their PUBACK.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -37,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from core.errors import UserError
-from core.payloads import PayloadRefused, parse_network_json, shown
+from core.payloads import PayloadRefused, parse_network_json, payload_problem, shown
 from edge.config import MqttConfig, StationConfig
 from edge.mqtt import describe_tls_failure, new_client, parse_mqtt_url, tls_context
 from edge.outbox import Outbox, Record, split_snapshot
@@ -66,6 +73,7 @@ class MqttSink:
     # An ack that beats client.publish() back to us arrives within microseconds; one older than this is a
     # status/stats publish's, and must not match a later message that reuses its mid after the wrap.
     _EARLY_ACK_TTL_S = 5.0
+    _ACKED_EARLY_MAX = 10_000  # consumer acks kept for events whose PUBACK has not come yet
 
     def __init__(self, cfg: MqttConfig, station: str, outbox: Outbox,
                  commands: Optional[Mapping[str, CommandHandler]] = None, url: Optional[str] = None) -> None:
@@ -100,6 +108,13 @@ class MqttSink:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inflight: dict[int, int] = {}  # paho mid -> record id
+        self._record_keys: dict[int, tuple[str, str]] = {}  # record id handed to paho -> (key, kind)
+        # mqtt.consumer_ack: events the broker has, each waiting for the consumer's ack
+        self.ack_topic = f"{self.base}/ack"
+        self._awaiting: dict[str, tuple[int, float]] = {}  # key -> (record id, when the broker acknowledged it)
+        self._acked_early: OrderedDict[str, None] = OrderedDict()  # consumer acks of keys not awaiting (yet)
+        self.acks_refused = 0
+        self._resend_said = False
         self._early: OrderedDict[int, float] = OrderedDict()
         self._handed = 0  # highest record id handed to paho by this process
         self._connected = threading.Event()
@@ -145,7 +160,8 @@ class MqttSink:
         """What the sink refused or survived in this run (commands, publishes, callback errors)."""
         return {"commands_ignored": self.commands_ignored, "commands_refused": self.commands_refused,
                 "publish_refused": sum(self.publish_refused.values()),
-                "callback_errors": sum(self.callback_errors.values())}
+                "callback_errors": sum(self.callback_errors.values()),
+                "awaiting_consumer_ack": len(self._awaiting), "acks_refused": self.acks_refused}
 
     def _say_once(self, cause: str, level: int, text: str, *args: Any) -> None:
         """Log ``text`` the first time ``cause`` happens in this run (a flood of one cause is one line)."""
@@ -192,7 +208,9 @@ class MqttSink:
                 "connected": self.connected}
 
     def describe(self) -> str:
-        return f"mqtt {self.url}"
+        ack = f" (events kept until the consumer acknowledges them on {self.ack_topic})" if self.cfg.consumer_ack \
+            else ""
+        return f"mqtt {self.url}{ack}"
 
     def topic(self, camera: str, kind: str) -> str:
         """``{prefix}/{station}/{camera}/{kind}`` (kind: event or snapshot)."""
@@ -267,11 +285,19 @@ class MqttSink:
             if self.connected and now >= next_renew:
                 self._publish_online()
                 next_renew = now + renew_every
+            if self.cfg.consumer_ack:
+                self._resend_unacknowledged(now)
             with self._wake:
                 room = self.cfg.max_inflight - len(self._inflight)
                 after = self._handed
+                in_hand = set(self._record_keys) | {rid for rid, _ in self._awaiting.values()} \
+                    if self.cfg.consumer_ack else set()
             batch = self.outbox.pending(self.name, after, room) if self.connected and room > 0 else []
             for msg in batch:
+                if msg.id in in_hand:  # in flight, or waiting for the consumer's ack and not due yet
+                    with self._wake:
+                        self._handed = msg.id
+                    continue
                 if msg.kind == "snapshot" and not self.cfg.snapshots:  # rendered for another sink only
                     with self._wake:
                         self._handed = msg.id
@@ -290,16 +316,73 @@ class MqttSink:
                 # so we never hold ours across client.publish).
                 with self._wake:
                     self._handed = msg.id
+                    self._record_keys[msg.id] = (msg.key, msg.kind)
                     acked_at = self._early.pop(info.mid, None)
                     acked_already = acked_at is not None and time.monotonic() - acked_at < self._EARLY_ACK_TTL_S
                     if not acked_already:
                         self._inflight[info.mid] = msg.id
                 if acked_already:
-                    self.outbox.ack(msg.id, self.name)
-                    self.delivered += 1
+                    self._broker_has(msg.id)
             if not batch:
                 with self._wake:
                     self._wake.wait(0.25)
+
+    def _broker_has(self, record_id: int) -> None:
+        """The broker acknowledged a record: delivered, or (consumer_ack, an event) waiting for the consumer."""
+        with self._wake:
+            key, kind = self._record_keys.pop(record_id, ("", ""))
+            wait = self.cfg.consumer_ack and kind == "event"
+            if wait and key in self._acked_early:  # the consumer was quicker than the PUBACK
+                del self._acked_early[key]
+                wait = False
+            elif wait:
+                self._awaiting[key] = (record_id, time.monotonic())
+        if not wait:
+            self.outbox.ack(record_id, self.name)
+            self.delivered += 1
+
+    def _resend_unacknowledged(self, now: float) -> None:
+        """Events the consumer has not acknowledged ``ack_timeout_s`` after their PUBACK go out again."""
+        with self._wake:
+            due = [key for key, (_, at) in self._awaiting.items() if now - at >= self.cfg.ack_timeout_s]
+            if not due:
+                return
+            first = min(self._awaiting.pop(key)[0] for key in due)
+            self._handed = min(self._handed, first - 1)
+            said, self._resend_said = self._resend_said, True
+        if not said:
+            log.info("MQTT: %d event(s) not acknowledged by the consumer on %s within %g s; publishing them again "
+                     "until it does (mqtt.consumer_ack)", len(due), self.ack_topic, self.cfg.ack_timeout_s)
+
+    def _on_ack(self, payload: bytes) -> None:
+        """``{base}/ack`` (consumer_ack): each key named settles its event for this sink; unknown keys are
+        remembered briefly (the ack may beat the PUBACK) and otherwise ignored."""
+        try:
+            value = parse_network_json(payload)
+            problem = payload_problem("ack", value)
+        except PayloadRefused as exc:
+            problem = str(exc)
+        if problem is not None:
+            self.acks_refused += 1
+            self._say_once("ack refused", logging.WARNING, "MQTT: refused an ack on %s (%s); expected %s; further "
+                           "ones are counted, not logged", self.ack_topic, shown(problem, 200),
+                           '{"keys": ["<event_id>:<type>:<seq>", ...]}')
+            return
+        settled = []
+        with self._wake:
+            for key in value["keys"]:
+                entry = self._awaiting.pop(key, None)
+                if entry is not None:
+                    settled.append(entry[0])
+                else:
+                    self._acked_early[key] = None
+                    while len(self._acked_early) > self._ACKED_EARLY_MAX:
+                        self._acked_early.popitem(last=False)
+            if settled:
+                self._resend_said = False
+        for record_id in settled:
+            self.outbox.ack(record_id, self.name)
+            self.delivered += 1
 
     @staticmethod
     def _snapshot_message(record: Record) -> tuple[bytes, Properties]:
@@ -320,6 +403,10 @@ class MqttSink:
             return
         self._publish_online()
         client.subscribe(f"{self.base}/cmd/#", qos=1)
+        if self.cfg.consumer_ack:
+            client.subscribe(self.ack_topic, qos=1)
+            with self._wake:  # the broker may have lost what it had acknowledged: publish it again now
+                self._awaiting = {key: (rid, -math.inf) for key, (rid, _) in self._awaiting.items()}
         if self._last_stats is not None:
             client.publish(f"{self.base}/stats", self._last_stats, qos=0, retain=True)
         if self._last_health is not None:
@@ -380,6 +467,9 @@ class MqttSink:
         else is ignored (unknown, not an object) or refused (poison), counted and logged once per command and
         cause. Returning normally acknowledges the message, so the broker does not send it again."""
         topic = msg.topic
+        if self.cfg.consumer_ack and topic == self.ack_topic:
+            self._on_ack(bytes(msg.payload))
+            return
         name = topic[len(self.base) + len("/cmd/"):] if topic.startswith(f"{self.base}/cmd/") else ""
         handler = self.commands.get(name)
         if handler is None:
@@ -424,12 +514,13 @@ class MqttSink:
                 return
             self._wake.notify_all()
         if getattr(reason_code, "is_failure", False):
+            with self._wake:
+                self._record_keys.pop(record_id, None)
             self._publish_was_refused(str(reason_code), "an event or snapshot; dropped from the spool")
             self.outbox.settle(record_id, self.name, "refused")
             self.failed += 1
             return
-        self.outbox.ack(record_id, self.name)
-        self.delivered += 1
+        self._broker_has(record_id)
 
     def _publish_was_refused(self, cause: str, what: str) -> None:
         """A PUBACK >= 0x80 (an ACL's "Not authorized", a quota): counted, and logged once per cause."""
