@@ -1,4 +1,7 @@
-"""Soak test of a station under faults: the broker restarted and edge-run SIGKILLed and restarted, at random.
+"""Soak test of a station under faults: the broker restarted and edge-run SIGKILLed and restarted, at random;
+poison messages on the command topics (JSON nested 2 000 deep, a 10 MB string, invalid UTF-8), the state
+dir's disk full for a minute (a tmpfs filled by a file, then freed: skipped, with the reason, where mount is
+refused), and the camera switching its frame size back and forth.
 
     python benchmarks/soak.py --minutes 30 [--seed 0] [--json soak.json]
 
@@ -8,7 +11,11 @@ scoring a paced 10 fps camera (a FIFO fed JPEG frames, a defect every 10 s) with
 and a SCADA subscriber with a persistent session. At the end the station is stopped cleanly and the broker
 left up until everything is delivered. Expected events are every seq the station's spool handed out (seq is
 assigned in the same transaction that stores the event, so 1..last is exactly what was produced); delivered
-is what the subscriber received, de-duplicated on (event_id, type, seq). Prints one table.
+is what the subscriber received, de-duplicated on (event_id, type, seq). Each event is put down to the fault
+in force when its frame was taken (a lost one: when its nearest delivered predecessor was), or ``none``; the
+table shows expected / delivered / lost per fault kind. No station kill or broker restart is scheduled while the
+disk is full or in the 40 s after (the spool's retry back-off): a restart then would lose what was only in memory,
+which the station says it does. Prints one table.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,18 +48,28 @@ from edge_helpers import Collector, Mosquitto, free_port, make_toy_bundle, mosqu
 STATION = "soak"
 
 
+SIZES = ((64, 64), (96, 80))  # (h, w) the camera switches between
+
+
+def _jpegs(h: int, w: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    good = rng.integers(30, 120, size=(h, w, 3), dtype=np.uint8)
+    bad = good.copy()
+    bad[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
+    return [cv2.imencode(".jpg", img)[1].tobytes() for img in (good, bad)]
+
+
 class PacedCamera:
-    """A camera at ``fps`` behind a FIFO: dark noise, and a bright defect for 2 s out of every 10 s."""
+    """A camera at ``fps`` behind a FIFO: dark noise, and a bright defect for 2 s out of every 10 s;
+    ``switch_size()`` changes its frame size mid-stream (as a camera reconfigured by its web page does)."""
 
     def __init__(self, path: Path, fps: float = 10.0) -> None:
         os.mkfifo(path)
         self.path = path
         self.fps = fps
-        rng = np.random.default_rng(0)
-        good = rng.integers(30, 120, size=(64, 64, 3), dtype=np.uint8)
-        bad = good.copy()
-        bad[16:48, 16:48] = 255
-        self.jpegs = [cv2.imencode(".jpg", img)[1].tobytes() for img in (good, bad)]
+        self.by_size = [_jpegs(h, w) for h, w in SIZES]
+        self.size_index = 0
+        self.jpegs = self.by_size[0]
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -69,6 +87,10 @@ class PacedCamera:
                         time.sleep(1.0 / self.fps)
             except OSError:
                 time.sleep(0.05)
+
+    def switch_size(self) -> None:
+        self.size_index = 1 - self.size_index
+        self.jpegs = self.by_size[self.size_index]
 
     def close(self) -> None:
         self.stop.set()
@@ -100,11 +122,89 @@ def last_seq(path: Path) -> int:
         return int(row[0]) if row else 0
 
 
+POISON = {  # what an adversary (or a broken integration) publishes on the command topics
+    "deep_json": b"[" * 2000 + b"]" * 2000,
+    "10mb_string": b'{"event_id": "' + b"x" * (10 * 2**20) + b'"}',
+    "invalid_utf8": b'{"event_id": "\xff\xfe\xfd"}',
+}
+
+
+def send_poison(url: str) -> None:
+    """Each poison on cmd/reload and cmd/label, QoS 1 (the broker holds it for the station's session)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge.mqtt import parse_mqtt_url
+
+    u = parse_mqtt_url(url)
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"soak-poison-{os.getpid()}")
+    try:
+        client.connect(u.host, u.port)
+    except OSError:
+        return  # the broker is being restarted: this round is skipped
+    client.loop_start()
+    try:
+        for command in ("reload", "label"):
+            for payload in POISON.values():
+                info = client.publish(f"anomaly/{STATION}/cmd/{command}", payload, qos=1)
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+class SmallDisk:
+    """The state dir on a tmpfs of ``mb`` MB; ``fill()`` writes a file until it is full, ``free()`` deletes it."""
+
+    def __init__(self, path: Path, mb: int = 16) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True,
+                              text=True)
+        self.refused = None if done.returncode == 0 else (done.stderr or done.stdout).strip() or "mount refused"
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        with open(self.filler, "wb") as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+
+    def free(self) -> None:
+        with contextlib.suppress(OSError):
+            self.filler.unlink()
+
+    def close(self) -> None:
+        if self.refused is None:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+def by_fault(received: list[dict[str, Any]], expected: int,
+             windows: list[tuple[str, float, float]]) -> dict[str, dict[str, int]]:
+    """expected / delivered / lost per fault kind: each seq put down to the window its frame time falls in."""
+    ts_of: dict[int, float] = {}
+    for e in received:
+        with contextlib.suppress(KeyError, ValueError):
+            ts_of.setdefault(int(e["seq"]), datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp())
+    table: dict[str, dict[str, int]] = {}
+    last_ts = 0.0
+    for seq in range(1, expected + 1):
+        delivered = seq in ts_of
+        last_ts = ts_of.get(seq, last_ts)
+        kind = next((k for k, t0, t1 in windows if t0 <= last_ts <= t1), "none")
+        row = table.setdefault(kind, {"expected": 0, "delivered": 0, "lost": 0})
+        row["expected"] += 1
+        row["delivered" if delivered else "lost"] += 1
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--no-disk-full", action="store_true", help="leave out the full-disk fault (no tmpfs mount)")
     args = ap.parse_args()
     binary = mosquitto_binary()
     if not binary:
@@ -126,7 +226,12 @@ mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
     env = {**os.environ, "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;4096|analyzeduration;0",
            "PYTHONPATH": str(ROOT)}
     spool = work / "state" / f"{STATION}.spool.sqlite"
-    counts = {"broker_restarts": 0, "station_kills": 0, "station_starts": 0}
+    disk = None if args.no_disk_full else SmallDisk(work / "state")
+    disk_note = "left out (--no-disk-full)" if disk is None else (f"skipped: {disk.refused}" if disk.refused
+                                                                   else "state dir on a 16 MB tmpfs")
+    counts = {"broker_restarts": 0, "station_kills": 0, "station_starts": 0, "poison_rounds": 0,
+              "size_switches": 0, "disk_full_s": 0}
+    windows: list[tuple[str, float, float]] = []  # (fault kind, wall-clock start, end)
     rss: list[tuple[float, float]] = []  # (seconds into the station process, MB)
     high_water = 0
 
@@ -157,10 +262,41 @@ mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
         station_t0 = time.monotonic()
         next_broker = time.monotonic() + rng.uniform(30, 120)
         next_kill = time.monotonic() + rng.uniform(60, 240)
+        next_poison = time.monotonic() + rng.uniform(15, 45)
+        next_switch = time.monotonic() + rng.uniform(20, 50)
+        disk_at = time.monotonic() + args.minutes * 60 / 3 if disk is not None and disk.refused is None else None
+        quiet_until = 0.0  # no kill or broker restart before this (the disk fault and its recovery)
         while time.monotonic() < t_end:
             sample(1.0)
             now = time.monotonic()
+            if disk_at is not None and now >= disk_at and now < t_end - 100:
+                assert disk is not None
+                t0 = time.time()
+                disk.fill()
+                sample(60.0)
+                disk.free()
+                counts["disk_full_s"] += 60
+                windows.append(("disk_full", t0, time.time() + 5))
+                disk_at = None
+                quiet_until = time.monotonic() + 40
+                continue
+            if now >= next_poison:
+                t0 = time.time()
+                send_poison(broker.url)
+                counts["poison_rounds"] += 1
+                windows.append(("poison", t0, time.time() + 5))
+                next_poison = now + rng.uniform(30, 60)
+                continue
+            if now >= next_switch:
+                camera.switch_size()
+                counts["size_switches"] += 1
+                windows.append(("resolution_change", time.time(), time.time() + 10))
+                next_switch = now + rng.uniform(30, 60)
+                continue
+            if now < quiet_until:
+                continue
             if now >= next_broker:
+                t0 = time.time()
                 broker.kill(signal.SIGTERM)
                 counts["broker_restarts"] += 1
                 sample(rng.uniform(2, 25))
@@ -171,8 +307,10 @@ mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
                     station = start_station()
                     station_t0 = time.monotonic()
                 broker.start()
+                windows.append(("broker_restart", t0, time.time() + 5))
                 next_broker = time.monotonic() + rng.uniform(30, 120)
             elif now >= next_kill:
+                windows.append(("station_kill", time.time() - 2, time.time() + 8))
                 station.kill()
                 station.wait()
                 counts["station_kills"] += 1
@@ -185,8 +323,11 @@ mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
         expected = last_seq(spool)
         col.wait_for(lambda ms: len({json.loads(m.payload)["seq"] for m in ms}) >= expected, timeout=60)
         received = [json.loads(m.payload) for m in col.messages]
+        exit_code = station.returncode
     camera.close()
     broker.stop()
+    if disk is not None:
+        disk.close()
     keys = {(e["event_id"], e["type"], e["seq"]) for e in received}
     seqs = {e["seq"] for e in received}
     by_id: dict[str, set[str]] = {}
@@ -207,19 +348,25 @@ mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
         early = [mb for t, mb in rss if 55 <= t <= 65]
         if late and early:
             growth = max(late) - min(early)
+    per_fault = by_fault(received, expected, windows)
     result: dict[str, Any] = {
-        "minutes": args.minutes, "seed": args.seed, **counts,
+        "minutes": args.minutes, "seed": args.seed, **counts, "disk_full": disk_note,
+        "last_exit_code": exit_code,
         "events_expected": expected, "events_delivered": len(seqs & set(range(1, expected + 1))),
         "events_lost": len(set(range(1, expected + 1)) - seqs), "duplicates_received": len(received) - len(keys),
         "events_started_never_ended": unended,
         "delivered_in_seq_order": first_seen == sorted(first_seen),
         "spool_high_water": high_water, "rss_mb_max": round(max((mb for _, mb in rss), default=0.0), 1),
-        "rss_growth_mb_after_60s": round(growth, 1), "workdir": str(work),
+        "rss_growth_mb_after_60s": round(growth, 1), "workdir": str(work), "by_fault": per_fault,
     }
     width = max(len(k) for k in result)
     print(f"soak: {args.minutes:g} min, seed {args.seed}, work dir {work}")
     for k, v in result.items():
-        print(f"  {k:<{width}}  {v}")
+        if k != "by_fault":
+            print(f"  {k:<{width}}  {v}")
+    print(f"\n  {'fault (events made during it)':<32}{'expected':>9}{'delivered':>10}{'lost':>6}")
+    for kind, row in sorted(per_fault.items()):
+        print(f"  {kind:<32}{row['expected']:>9}{row['delivered']:>10}{row['lost']:>6}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["events_lost"] == 0 and unended == 0 else 1

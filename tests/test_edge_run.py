@@ -292,6 +292,7 @@ def test_edge_events_names_what_is_wrong_with_a_payload_that_fails_the_schema(mo
             sub.kill()
     assert sub.returncode == 0, err
     assert f"invalid event on {topic}: seq: 0 is less than the minimum of 1" in err
-    assert f"invalid event on {topic}: not JSON" in err and "2 of 2 events did not match" in err
+    assert f"invalid event on {topic}: not UTF-8" in err and "2 of 2 events did not match" in err
     lines = [json.loads(line) for line in out.splitlines()]
-    assert [line["error"] for line in lines] == ["seq: 0 is less than the minimum of 1", "not JSON"]
+    assert [line["error"] for line in lines] == ["seq: 0 is less than the minimum of 1",
+                                               "not UTF-8: invalid byte at offset 0"]
