@@ -150,10 +150,13 @@ class SiteCalibrationConfig:
     quantile: float = 0.99
     margin: float = 0.5
     sigmas: float = 3.0
+    warm_up_frames: int = 0  # > 0: a version without on-site calibration calibrates on its first N frames by itself
 
     def validate(self) -> None:
         if not 0.5 <= self.quantile <= 1.0 or self.margin < 0 or self.sigmas < 0:
             raise ValueError("calibration.quantile must be in [0.5, 1], calibration.margin and calibration.sigmas >= 0")
+        if self.warm_up_frames < 0 or self.warm_up_frames == 1:
+            raise ValueError("calibration.warm_up_frames must be 0 (off) or at least 2 frames")
 
 
 @dataclass
