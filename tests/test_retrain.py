@@ -219,3 +219,55 @@ def test_station_data_errors_say_what_is_missing_and_what_to_do(tmp_path: Path) 
         run_cli("edge-train", ["retrain", "--station-data", state, "--current", engines / "toy-a"]),
         "edge-train", str(state / "collect" / "line1"))
     assert "state_dir" in line, line
+
+
+def test_state_dir_errors_say_what_is_missing_and_what_to_do(tmp_path: Path) -> None:
+    """--state-dir names a station's state_dir, whose on-site calibration judges the champion (issue 21 E, H)."""
+    engines = tmp_path / "engines"
+    make_toy_bundle(engines, "toy-a")
+    station = tmp_path / "collect"
+    (station / "train" / "good").mkdir(parents=True)
+    base = ["retrain", "--station-data", station, "--current", engines / "toy-a"]
+    line = assert_one_line_error(run_cli("edge-train", [*base, "--state-dir", tmp_path / "state"]), "edge-train",
+                                 f"--state-dir {tmp_path / 'state'}: no such folder", "state_dir in station.yaml")
+    assert "leave --state-dir out" in line, line
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("line1", "line2"):
+        (state / f"{name}.calibration.json").write_text("{}")
+    assert_one_line_error(run_cli("edge-train", [*base, "--state-dir", state]), "edge-train", "line1, line2",
+                          "--station ID")
+    assert_one_line_error(run_cli("edge-train", [*base, "--station", "line1"]), "edge-train", "needs --state-dir")
+    assert_one_line_error(run_cli("edge-train", [*base, "--state-dir", state, "--station", "line1"]), "edge-train",
+                          "line1.calibration.json: not a valid on-site calibration")
+
+
+def test_retrain_judges_the_champion_at_its_stations_on_site_threshold(champion: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """With --state-dir, the champion's false alarms and misses are counted at the threshold the station calibrated
+    it to (edge-run --calibrate), not at the bundle's (issue 21 H)."""
+    from core.bundle import promote
+    from edge.calibration import calibration_path, save_site_calibration, site_calibration
+
+    _, champ_dir = champion
+    model_dir = tmp_path / "engines" / champ_dir.parent.name
+    shutil.copytree(champ_dir, model_dir / champ_dir.name)
+    promote(model_dir / champ_dir.name)
+    champ = load_bundle(model_dir)
+    state = tmp_path / "state"
+    state.mkdir()
+    cal = site_calibration(np.full(30, champ.threshold * 2.0), champ, quantile=0.99, margin=0.0, sigmas=0.0)
+    save_site_calibration(calibration_path(state, "line1"), cal)
+    station = tmp_path / "station"
+    write_station_frames(station, write_clip(tmp_path / "good.avi", SIZE, 24, [], fps=10.0, seed=32, codec="MJPG"),
+                         still_every=4)
+    proc = run_cli("edge-train", ["retrain", "--station-data", station, "--current", model_dir, "--state-dir", state,
+                                  "--json"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "champion at station line1's on-site threshold (on-site calibration of 30 frames" in report["decision"]
+    comparison = json.loads((Path(report["folder"]) / "comparison.json").read_text())
+    judged = comparison["scores"]["champion"]
+    assert judged["threshold"] == pytest.approx(cal.threshold) and judged["threshold_from"].startswith("station line1")
+    labels, scores = np.asarray(comparison["labels"]), np.asarray(judged["scores"])
+    assert judged["false_alarm_rate"] == pytest.approx(float((scores[labels == 0] >= cal.threshold).mean()))

@@ -177,6 +177,8 @@ def test_argument_mistakes_answer_before_torch_is_imported(tmp_path: Path, parts
         (["fit", "--data", str(parts), "--model", "ganomalyy"], "unknown model 'ganomalyy'; known models: "),
         (["fit", "--data", str(parts), "--device", "tpu"], "--device tpu"),
         (["fit", "--data", str(parts), "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["fit", "--data", str(parts), "--state-dir", str(tmp_path / "no-state")], "no-state: no such folder"),
+        (["fit", "--data", str(parts), "--station", "line1"], "--station line1: needs --state-dir"),
     ]
     for argv, fragment in cases:
         proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60,

@@ -16,11 +16,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from core.bundle import CURRENT, MANIFEST, ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle
+from core.bundle import CURRENT, MANIFEST, ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle, promote, read_current
 from core.errors import UserError
 from core.files import sha256_file
 from core.preprocess import resize_frame
 from core.thresholds import normal_calibration
+from edge.calibration import calibration_path, save_site_calibration, site_calibration
 from trainer.config import TrainConfig
 from trainer.data import fingerprint, list_images, train_paths
 from trainer.evaluate import metrics_from_scores
@@ -296,3 +297,98 @@ def test_rerun_refuses_what_it_cannot_do(fitted, tmp_path) -> None:
     assert "is not the set" in run.notes[-1] and f"warning: {run.notes[-1]}" in lines
     assert not (tmp_path / "x").exists()
 
+
+
+# -- the promotion gate: a new fit replaces the current bundle only when it is at least as good (issue 21 H) --
+@pytest.fixture(scope="module")
+def gate(parts, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(engines root, its first bundle fitted on ``parts`` and promoted, a worse data folder: ``parts``' test/ and
+    ground_truth/ with defective parts in train/good, so a model fitted on it takes defects for normal)."""
+    engines = tmp_path_factory.mktemp("gate")
+    lines: list[str] = []
+    first = fit_bundle(small_config(codec=False), parts, engines, log=lines.append)
+    assert read_current(first.parent) == first.name  # the first bundle of a model is promoted as before
+    assert any(line.startswith(f"bundle {first} promoted (") for line in lines), lines
+    worse = tmp_path_factory.mktemp("worse") / "ds"
+    defects = make_dataset(worse.parent / "defects", n_train=0, n_test_good=0, n_test_defect=16, size=SIZE, seed=9)
+    (worse / "train" / "good").mkdir(parents=True)
+    for i, p in enumerate(sorted(defects.glob("test/*/*.png"))):
+        shutil.copy(p, worse / "train" / "good" / f"{i:03d}.png")
+    shutil.copytree(parts / "test", worse / "test")
+    shutil.copytree(parts / "ground_truth", worse / "ground_truth")
+    return engines, first, worse
+
+
+def _refusal(lines: list[str]) -> str:
+    refusals = [line for line in lines if line.startswith("not promoted: ")]
+    assert len(refusals) == 1, lines
+    return refusals[0]
+
+
+def test_a_worse_fit_does_not_replace_the_current_bundle(gate) -> None:
+    engines, first, worse = gate
+    lines: list[str] = []
+    second = fit_bundle(small_config(codec=False), worse, engines, log=lines.append)
+    assert read_current(first.parent) == first.name  # the better bundle stays current
+    load_bundle(second)  # written and verified, kept for inspection
+    line = _refusal(lines)
+    new_auroc = load_bundle(second).manifest["metrics"]["image_auroc"]
+    old_auroc = load_bundle(first).manifest["metrics"]["image_auroc"]
+    assert new_auroc < old_auroc
+    assert f"worse than the current {first.name} on {worse / 'test'}" in line, line
+    assert f"AUROC {new_auroc:.4f} vs {old_auroc:.4f} (worse)" in line and "(new vs current)" in line, line
+    assert f"edge-train promote {second}" in line and "--promote always" in line, line
+
+
+def test_promote_over_current_replaces_it_anyway(gate, tmp_path) -> None:
+    engines, first, worse = gate
+    model_dir = tmp_path / "engines" / first.parent.name
+    shutil.copytree(first, model_dir / first.name)
+    promote(model_dir / first.name)
+    second = fit_bundle(small_config(codec=False), worse, tmp_path / "engines", log=lambda _m: None,
+                        promote_over_current=True)
+    assert read_current(model_dir) == second.name
+
+
+def test_the_current_bundle_is_judged_at_its_stations_on_site_threshold(gate, tmp_path) -> None:
+    """A station calibrated the current version on its own stream (edge-run --calibrate writes this file): the gate
+    judges it at that threshold, not at the bundle's."""
+    engines, first, worse = gate
+    champion = load_bundle(first)
+    state = tmp_path / "state"
+    state.mkdir()
+    on_site = champion.threshold * 1.5
+    good_scores = np.full(40, on_site)  # normal_calibration of constant scores: the threshold is that score
+    cal = site_calibration(good_scores, champion, quantile=0.99, margin=0.0, sigmas=0.0)
+    save_site_calibration(calibration_path(state, "line1"), cal)
+    lines: list[str] = []
+    fit_bundle(small_config(codec=False), worse, engines, log=lines.append,
+               site_calibration=calibration_path(state, "line1"))
+    line = _refusal(lines)
+    assert "current at station line1's on-site threshold (on-site calibration of 40 frames" in line, line
+    assert f", {cal.threshold:.4g})" in line, line
+    scores, _ = session_scores(champion.onnx_path, read_frames(list_images(worse / "test" / "good")))
+    assert f"vs {float((scores >= cal.threshold).mean()):.1%}" in line.split("false alarms ")[1].split(",")[0], line
+    assert read_current(first.parent) == first.name
+
+
+def test_a_station_calibration_of_another_version_is_not_used(gate, tmp_path) -> None:
+    engines, first, worse = gate
+    cal = dataclasses.replace(site_calibration(np.full(40, 0.5), load_bundle(first), 0.99, 0.0, 0.0),
+                              model_version="19990101T000000Z")
+    save_site_calibration(calibration_path(tmp_path, "line1"), cal)
+    lines: list[str] = []
+    fit_bundle(small_config(codec=False), worse, engines, log=lines.append,
+               site_calibration=calibration_path(tmp_path, "line1"))
+    assert any("calibrates" in line and "not " in line and first.name in line for line in lines), lines
+    assert "on-site" not in _refusal(lines)
+
+
+def test_without_a_test_folder_a_second_fit_is_not_promoted(gate, tmp_path) -> None:
+    engines, first, worse = gate
+    no_test = tmp_path / "no_test"
+    shutil.copytree(worse / "train", no_test / "train")
+    lines: list[str] = []
+    fit_bundle(small_config(codec=False), no_test, engines, log=lines.append)
+    assert f"no {no_test / 'test'} folder to compare it with the current {first.name}" in _refusal(lines)
+    assert read_current(first.parent) == first.name

@@ -2,12 +2,14 @@
 
   edge-train fit --data DIR [--model NAME] [--out engines/] [--config config/train.yaml] [--epochs N]
                  [--batch-size B] [--device auto|cpu|cuda] [--seed S] [--resume]
+                 [--promote auto|always|never] [--state-dir DIR [--station ID]]
   edge-train eval BUNDLE --data DIR [--out DIR] [--cases N] [--json]
   edge-train rerun BUNDLE --data DIR [--stages evaluate,report] [--out DIR] [--json]
   edge-train check-engine BUNDLE [--max-batch N] [--data DIR] [--json]
   edge-train build-engine BUNDLE [--precision fp16|fp32] [--max-batch N] [--opt-batch N] [--workspace-mb M]
                           [--dla-core K] [--force]
-  edge-train retrain --station-data DIR --current BUNDLE [--holdout DIR] [--out engines/] [--config FILE] [--json]
+  edge-train retrain --station-data DIR --current BUNDLE [--holdout DIR] [--out engines/] [--config FILE]
+                     [--state-dir DIR [--station ID]] [--json]
   edge-train promote BUNDLE
   edge-train rollback MODEL [--out engines/]
   edge-train config --dump | --check [--file config/train.yaml]
@@ -16,6 +18,11 @@
 foreign objects), each with its settings keys and their defaults. ``edge-train config --dump`` prints a train
 config with its model sections generated from the registry (``> config/train.yaml`` refreshes the shipped one);
 ``--check`` exits 1 when the file's model sections differ from what the registry generates.
+
+``fit`` promotes the first bundle of a model; after that a new bundle replaces the current one only when it is at
+least as good on DIR/test by the rule ``retrain`` follows (trainer/champion.py), the current one judged at a
+station's on-site threshold with ``--state-dir``; a refusal is one line with both measures, and
+``--promote always`` skips the rule.
 
 Progress goes to stderr; ``fit`` prints the bundle path as the last line of stdout. Any problem the user can
 fix is one line ``edge-train: error: ...`` on stderr and exit status 2, without a traceback. The arguments,
@@ -78,6 +85,25 @@ def model_help() -> str:
             + "\n".join(f"  {kind}:\n" + "\n".join(entries) for kind, entries in sorted(kinds.items())))
 
 
+def _station_options(parser: argparse.ArgumentParser) -> None:
+    """--state-dir / --station: judge the current bundle at the threshold a station calibrated it to on site."""
+    parser.add_argument("--state-dir", type=Path, help="a station's state_dir: the current bundle is judged at that "
+                        "station's on-site threshold (edge-run --calibrate) when it calibrated that version")
+    parser.add_argument("--station", help="which station's calibration in --state-dir (default: the only one there)")
+
+
+def _calibration_file(args: argparse.Namespace) -> Optional[Path]:
+    """The on-site calibration file --state-dir / --station point at (None without --state-dir)."""
+    from trainer.champion import station_calibration_file
+
+    if args.state_dir is None:
+        if args.station:
+            raise UserError(f"--station {args.station}: needs --state-dir, the folder where that station keeps its "
+                            "on-site calibration")
+        return None
+    return station_calibration_file(args.state_dir, args.station)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="edge-train", description="Train and evaluate anomaly-detection bundles.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
     fit.add_argument("--seed", type=int, help="random seed (overrides the config)")
     fit.add_argument("--resume", action="store_true",
-                     help="continue the interrupted training run in OUT/<model>/checkpoints/")
+                     help="continue the interrupted training run in OUT/<model>/checkpoints/ (models trained by "
+                     "epochs)")
+    fit.add_argument("--promote", choices=("auto", "always", "never"), default="auto",
+                     help="auto (default): the first bundle of a model becomes current, a later one only when it is "
+                     "at least as good as the current on DIR/test (the retrain rule); always: current regardless; "
+                     "never: written only")
+    _station_options(fit)
     ev = sub.add_parser("eval", help="score DIR/test through a bundle's ONNX graph")
     ev.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     ev.add_argument("--data", required=True, type=Path, help="dataset folder with test/ (and ground_truth/)")
@@ -134,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--out", type=Path, help="engines root for the challenger (default: the champion's)")
     rt.add_argument("--config", type=Path, help="train config whose 'retrain' rule applies "
                     "(default: config/train.yaml)")
+    _station_options(rt)
     rt.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     pr = sub.add_parser("promote", help="make a bundle its model's current version (stations pick it up)")
     pr.add_argument("bundle", type=Path, help="bundle folder engines/<model>/<version>")
@@ -171,6 +204,7 @@ def _fit(args: argparse.Namespace) -> int:
     if args.config is not None and not args.config.is_file():
         raise UserError(f"{args.config}: config file not found; pass an existing file with --config")
     train_paths(args.data)
+    site_calibration = _calibration_file(args)
 
     cfg = load_train_config(args.config)
     if args.model:
@@ -187,7 +221,8 @@ def _fit(args: argparse.Namespace) -> int:
 
     from trainer.pipeline import fit_bundle
 
-    bundle_dir = fit_bundle(cfg, args.data, args.out, resume=args.resume)
+    bundle_dir = fit_bundle(cfg, args.data, args.out, resume=args.resume, promote_bundle=args.promote != "never",
+                            promote_over_current=args.promote == "always", site_calibration=site_calibration)
     print(bundle_dir, flush=True)
     return 0
 
@@ -278,10 +313,11 @@ def _retrain(args: argparse.Namespace) -> int:
         raise UserError(f"--holdout {args.holdout}: no such folder; pass an MVTec-style folder with test/good and "
                         "test/<defect>, or leave --holdout out")
     _require_bundle(args.current, "--current")
+    site_calibration = _calibration_file(args)
     from trainer.retrain import retrain
 
     report = retrain(args.station_data, args.current, args.out, args.holdout, rule,
-                     lambda m: print(f"edge-train: {m}", file=sys.stderr, flush=True))
+                     lambda m: print(f"edge-train: {m}", file=sys.stderr, flush=True), site_calibration)
     print(json.dumps({k: v for k, v in report.items() if k not in ("scores", "labels")}) if args.json
           else report["decision"], flush=True)
     return 0

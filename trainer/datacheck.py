@@ -73,7 +73,7 @@ def undecodable_images(paths: Sequence[Path]) -> list[Path]:
         return cv2.imread(str(path), cv2.IMREAD_COLOR) is None
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        return [p for p, bad in zip(paths, pool.map(unreadable, paths)) if bad]
+        return [p for p, bad in zip(paths, pool.map(unreadable, paths), strict=True) if bad]
 
 
 def undecodable_error(bad: Sequence[Path], where: str) -> UserError:

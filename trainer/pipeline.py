@@ -28,16 +28,21 @@ __all__ = ["CHECKPOINTS", "fit_bundle", "rerun_stages"]
 def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
                log: Callable[[str], None] = log_to_stderr, resume: bool = False,
                stop_after_epoch: Optional[int] = None,
-               on_export: Optional[Callable[[nn.Module], None]] = None, promote_bundle: bool = True) -> Path:
+               on_export: Optional[Callable[[nn.Module], None]] = None, promote_bundle: bool = True,
+               promote_over_current: bool = False, site_calibration: Optional[Path] = None) -> Path:
     """Train ``cfg.model`` on DIR/train/good, write and promote a bundle under ``engines_root``; returns its path.
 
     ``promote_bundle`` False: the bundle is written and verified but not made current (a retrain's challenger).
+    When the model has a current bundle already, the new one replaces it only when it is at least as good on
+    DIR/test (trainer/champion.py; the current judged at the station's threshold in ``site_calibration``, a
+    station's on-site calibration file, when it holds one for it), unless ``promote_over_current``.
     Checkpoints of models trained by epochs go to ``engines_root/<model>/checkpoints/``; ``resume`` continues
     the run found there. ``on_export`` receives the torch module the ONNX graph was exported from (benchmarks
     compare the two on the same weights).
     """
     run = FitRun(cfg, Path(data_dir), Path(engines_root), log, resume=resume, stop_after_epoch=stop_after_epoch,
-                 on_export=on_export, promote_bundle=promote_bundle)
+                 on_export=on_export, promote_bundle=promote_bundle, promote_over_current=promote_over_current,
+                 site_calibration=site_calibration)
     try:
         for stage in STAGES:
             stage.run(run)

@@ -8,8 +8,9 @@ collected normals plus the events an operator labelled (test/good = false alarms
 when there are no labelled defects, synthetic defects planted in those fresh normals. The rule of
 train.yaml's ``retrain`` section promotes the challenger only when its AUROC is at least the champion's
 (less ``auroc_tolerance``), and its false-alarm rate and its rate of missed defects, each at its own
-threshold, at most the champion's (plus ``false_alarm_tolerance`` / ``miss_tolerance``). A refused challenger
-stays on disk, not current.
+threshold, at most the champion's (plus ``false_alarm_tolerance`` / ``miss_tolerance``): trainer/champion.py,
+the rule ``edge-train fit`` follows too. With a station's state_dir, the champion is judged at that station's
+on-site threshold. A refused challenger stays on disk, not current.
 
 Nightly jobs need more than the decision: a lock per model so two runs never overlap, idempotence (the same
 inputs give "nothing new" without training again), and a failure that leaves ``current`` as it was.
@@ -23,7 +24,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -34,6 +35,7 @@ import yaml
 from core.bundle import Bundle, load_bundle, promote
 from core.errors import UserError
 from core.files import atomic_write_text
+from trainer.champion import ModelScores, champion_threshold, decide, score_on
 from trainer.config import RetrainConfig, TrainConfig, parse_train_config
 from trainer.data import IMAGE_EXTENSIONS, list_images, read_original
 from trainer.synthetic import plant_on_frame
@@ -46,18 +48,6 @@ except ImportError:  # pragma: no cover - not POSIX
 RETRAIN_DIR = "retrain"
 LAST = "last.json"
 Log = Callable[[str], None]
-
-
-@dataclass
-class ModelScores:
-    """One model on the hold-out: AUROC (None without defects), false-alarm and miss rates at its threshold."""
-
-    version: str
-    threshold: float
-    auroc: Optional[float]
-    false_alarm_rate: float
-    miss_rate: Optional[float]
-    scores: list[float]
 
 
 @contextmanager
@@ -162,41 +152,6 @@ def build_holdout(work: Path, fresh: list[Path], station_data: Path, holdout: Op
     return root, how
 
 
-def score_on(bundle: Bundle, holdout: Path) -> tuple[ModelScores, np.ndarray]:
-    """``bundle`` on ``holdout``/test through its ONNX graph: its scores and the labels."""
-    from trainer.evaluate import evaluate_bundle
-
-    ev = evaluate_bundle(bundle.path, holdout)
-    labels = ev.test.labels.astype(int)
-    good, bad = ev.scores[labels == 0], ev.scores[labels == 1]
-    auroc = ev.metrics.get("image_auroc")
-    return ModelScores(version=bundle.version, threshold=bundle.threshold,
-                       auroc=None if auroc is None else float(auroc),
-                       false_alarm_rate=float((good >= bundle.threshold).mean()) if len(good) else 0.0,
-                       miss_rate=float((bad < bundle.threshold).mean()) if len(bad) else None,
-                       scores=[float(s) for s in ev.scores]), labels
-
-
-def decide(champion: ModelScores, challenger: ModelScores, rule: RetrainConfig) -> tuple[bool, str]:
-    """The promotion rule of train.yaml's ``retrain`` section: (promote?, why, in one line)."""
-    reasons = []
-    ok = True
-    if champion.auroc is not None and challenger.auroc is not None:
-        good = challenger.auroc >= champion.auroc - rule.auroc_tolerance
-        ok &= good
-        reasons.append(f"AUROC {challenger.auroc:.4f} vs {champion.auroc:.4f}" + ("" if good else " (worse)"))
-    good = challenger.false_alarm_rate <= champion.false_alarm_rate + rule.false_alarm_tolerance
-    ok &= good
-    reasons.append(f"false alarms {challenger.false_alarm_rate:.1%} vs {champion.false_alarm_rate:.1%}"
-                   + ("" if good else " (more)"))
-    if champion.miss_rate is not None and challenger.miss_rate is not None:
-        good = challenger.miss_rate <= champion.miss_rate + rule.miss_tolerance
-        ok &= good
-        reasons.append(f"missed defects {challenger.miss_rate:.1%} vs {champion.miss_rate:.1%}"
-                       + ("" if good else " (more)"))
-    return ok, ("promoted: " if ok else "refused: ") + ", ".join(reasons) + " (challenger vs champion)"
-
-
 def plot_comparison(folder: Path, champion: ModelScores, challenger: ModelScores, labels: np.ndarray) -> list[str]:
     """Both models' hold-out scores on one histogram (each as score / its own threshold, so 1 is each one's
     threshold) and both ROC curves where the hold-out has defects; returns the PNG names written."""
@@ -212,9 +167,13 @@ def plot_comparison(folder: Path, champion: ModelScores, challenger: ModelScores
     return written
 
 
-def _inputs_fingerprint(station_data: Path, holdout: Optional[Path], rule: RetrainConfig) -> str:
-    """What a nightly run depends on besides the champion: the collected files (names and sizes), the rule."""
+def _inputs_fingerprint(station_data: Path, holdout: Optional[Path], rule: RetrainConfig,
+                        calibration_file: Optional[Path] = None) -> str:
+    """What a nightly run depends on besides the champion: the collected files (names and sizes), the rule, the
+    station's on-site calibration (the champion's threshold)."""
     digest = hashlib.sha256(json.dumps({"rule": asdict(rule)}, sort_keys=True).encode())
+    if calibration_file is not None and calibration_file.is_file():
+        digest.update(b"calibration\0" + calibration_file.read_bytes())
     for folder in (station_data, holdout):
         if folder is None:
             continue
@@ -225,8 +184,12 @@ def _inputs_fingerprint(station_data: Path, holdout: Optional[Path], rule: Retra
 
 
 def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdout: Optional[Path],
-            rule: RetrainConfig, log: Log) -> dict[str, Any]:
-    """Fit a challenger, compare it with the champion, promote it when the rule says so; returns the report."""
+            rule: RetrainConfig, log: Log, calibration_file: Optional[Path] = None) -> dict[str, Any]:
+    """Fit a challenger, compare it with the champion, promote it when the rule says so; returns the report.
+
+    ``calibration_file``: the station's on-site calibration (core.site_calibration); the champion is judged at its
+    threshold when it calibrates the champion's version.
+    """
     from trainer.pipeline import fit_bundle
 
     station_data = Path(station_data)
@@ -243,7 +206,7 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
     model_dir = engines_root / champion.model_name
     with retrain_lock(model_dir):
         runs = model_dir / RETRAIN_DIR
-        fingerprint = _inputs_fingerprint(station_data, holdout, rule)
+        fingerprint = _inputs_fingerprint(station_data, holdout, rule, calibration_file)
         last_path = runs / LAST
         if last_path.is_file():  # the same frames and rule, and the champion is what that run left current
             last = json.loads(last_path.read_text(encoding="utf-8"))
@@ -282,7 +245,7 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
         holdout_dir, how = build_holdout(work, fresh, station_data, holdout, cfg.seed, log)
         challenger_dir = fit_bundle(cfg, work / "data", engines_root, log=log, promote_bundle=False)
         challenger = load_bundle(challenger_dir)
-        champ_scores, labels = score_on(champion, holdout_dir)
+        champ_scores, labels = score_on(champion, holdout_dir, champion_threshold(champion, calibration_file, log))
         chall_scores, _ = score_on(challenger, holdout_dir)
         promoted, decision = decide(champ_scores, chall_scores, rule)
         plots = plot_comparison(work, champ_scores, chall_scores, labels)

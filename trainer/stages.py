@@ -22,12 +22,23 @@ from typing import Any, Callable, Optional, TypeVar
 import numpy as np
 from torch import nn
 
-from core.bundle import ONNX_FP16, ONNX_FP32, ONNX_SCORE, load_bundle, new_version_dir, promote, write_manifest
-from core.errors import UserError
+from core.bundle import (
+    CURRENT,
+    ONNX_FP16,
+    ONNX_FP32,
+    ONNX_SCORE,
+    Bundle,
+    load_bundle,
+    new_version_dir,
+    promote,
+    write_manifest,
+)
+from core.errors import BundleError, UserError
 from trainer import calibrate as cal
 from trainer import distributed
 from trainer import export as ex
 from trainer import report as rep
+from trainer.champion import BUNDLE_THRESHOLD, JudgingThreshold, champion_threshold, compare, score_on, scores_at
 from trainer.config import TrainConfig
 from trainer.data import ImageSet, fingerprint, load_test, load_val, train_paths
 from trainer.datacheck import (
@@ -73,6 +84,8 @@ class FitRun:
     stop_after_epoch: Optional[int] = None  # tests: behave as if Ctrl-C came at the end of this epoch
     on_export: Optional[Callable[[nn.Module], None]] = None  # hears the torch module the ONNX graph came from
     promote_bundle: bool = True  # False: written and verified, not made current (a retrain's challenger)
+    promote_over_current: bool = False  # True: made current even when the current bundle does better
+    site_calibration: Optional[Path] = None  # a station's on-site calibration: judges the current bundle
     started: float = field(default_factory=time.monotonic)
     notes: list[str] = field(default_factory=list)  # report.json's notes: what a reader should know
     rerun: Optional[dict[str, Any]] = None
@@ -370,18 +383,53 @@ def write_bundle_manifest(run: FitRun) -> None:
 
 
 def promote_bundle(run: FitRun) -> None:
-    """Make the bundle its model's current version (stations pick it up), or only verify it as a station would.
+    """Make the bundle its model's current version (stations pick it up) when it is at least as good as the current
+    one, or only verify it as a station would.
 
-    Takes ``bundle_dir`` with its manifest and ``promote_bundle``. Not a rerun stage: promoting an existing
-    bundle is ``edge-train promote``.
+    Takes ``bundle_dir`` with its manifest, ``evaluation`` (its scores on DIR/test), ``promote_bundle``,
+    ``promote_over_current`` and ``site_calibration``. The first bundle of a model is promoted; after that, the
+    champion/challenger rule of trainer/champion.py (train.yaml's ``retrain`` section) decides on DIR/test, the
+    current bundle judged at its station's on-site threshold when ``site_calibration`` holds one for it; a refusal
+    is one line with both measures, and the bundle stays written. ``promote_over_current`` skips the rule. Not a
+    rerun stage: promoting an existing bundle is ``edge-train promote``.
     """
     bundle_dir = _need(run.bundle_dir, "a bundle folder", "promote", "export")
-    if run.promote_bundle:
-        promote(bundle_dir)
-    else:
-        load_bundle(bundle_dir)  # verified as a station would, even when not promoted
-    run.log(f"bundle {bundle_dir} {'promoted' if run.promote_bundle else 'written (not promoted)'} "
-            f"({time.monotonic() - run.started:.1f}s)")
+    bundle = load_bundle(bundle_dir)  # verified as a station would, promoted or not
+    if not run.promote_bundle:
+        run.log(f"bundle {bundle_dir} written (not promoted) ({time.monotonic() - run.started:.1f}s)")
+        return
+    better, why = (True, "") if run.promote_over_current else _beats_current(run, bundle)
+    if not better:
+        run.log(f"not promoted: {why}; {bundle_dir} stays written: make it current with edge-train promote "
+                f"{bundle_dir}, or fit with --promote always")
+        return
+    promote(bundle_dir, reason="fit" + (f": {why}" if why else ""))
+    run.log(f"bundle {bundle_dir} promoted{f' ({why})' if why else ''} ({time.monotonic() - run.started:.1f}s)")
+
+
+def _beats_current(run: FitRun, bundle: Bundle) -> tuple[bool, str]:
+    """(may ``bundle`` replace its model's current bundle?, why, in words); no current: yes, nothing to say."""
+    model_dir = bundle.path.parent
+    if not (model_dir / CURRENT).is_file():
+        return True, ""
+    try:
+        champion = load_bundle(model_dir)
+    except BundleError as exc:
+        return True, f"the current bundle cannot be loaded ({exc}); this one replaces it"
+    if champion.path == bundle.path:
+        return True, ""
+    if run.evaluation is None:
+        return False, (f"no {run.data_dir / 'test'} folder to compare it with the current {champion.version} on; "
+                       "add DIR/test/good and DIR/test/<defect> images")
+    at = champion_threshold(champion, run.site_calibration, run.log)
+    champ, _labels = score_on(champion, run.data_dir, at)
+    new = scores_at(bundle.version, run.evaluation.scores, run.evaluation.test.labels,
+                    JudgingThreshold(bundle.threshold, BUNDLE_THRESHOLD), run.evaluation.metrics.get("image_auroc"))
+    ok, reasons = compare(champ, new, run.cfg.retrain)
+    judged = "" if at.source == BUNDLE_THRESHOLD else f"; current at {at.source}, {at.value:.4g}"
+    verdict = "at least as good as" if ok else "worse than"
+    return ok, (f"{verdict} the current {champion.version} on {run.data_dir / 'test'}: {reasons} "
+                f"(new vs current{judged})")
 
 
 @dataclass(frozen=True)
