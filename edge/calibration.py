@@ -168,17 +168,30 @@ class Calibrator:
 
 class SiteThreshold:
     """The station's threshold over its run: the choice at start, an on-site calibration in progress
-    (``--calibrate N``) and what a hot-swapped bundle does to it (its version's calibration no longer applies)."""
+    (``--calibrate N``) and what a hot-swapped bundle does to it (its version's calibration no longer applies).
+
+    The first minutes on a new station are where a bundle calibrated on the trainer's stills fires falsely (another
+    camera, codec or light moves good parts' scores). So a bundle version that runs on neither an on-site
+    calibration nor ``engine.threshold`` is said loudly (a WARNING naming ``edge-run --calibrate N``), and with
+    ``calibration.warm_up_frames`` N > 0 the station calibrates on its first N frames of that version by itself,
+    as ``--calibrate N`` would (no events until done; stored, so later runs of the version use it). Off by
+    default: the warm-up takes those frames as good parts, which only the operator can vouch for.
+    """
 
     def __init__(self, path: Path, config_threshold: Optional[float], quantile: float, margin: float, sigmas: float,
-                 calibrate_frames: Optional[int] = None) -> None:
+                 calibrate_frames: Optional[int] = None, warm_up_frames: int = 0) -> None:
         self.path = path
         self.config_threshold = config_threshold
         self.rule = (quantile, margin, sigmas)
         if calibrate_frames is not None and calibrate_frames < 2:
             raise UserError(f"--calibrate {calibrate_frames}: calibration needs at least 2 frames (a few hundred "
                             "show the tail of good parts' scores)")
+        if warm_up_frames == 1 or warm_up_frames < 0:
+            raise UserError(f"calibration.warm_up_frames {warm_up_frames}: 0 (off) or at least 2 frames")
         self.calibrator = Calibrator(calibrate_frames) if calibrate_frames else None
+        self.warm_up_frames = warm_up_frames
+        self.warming_up = False  # the calibration in progress is the warm-up, not the operator's --calibrate
+        self._said: Optional[tuple[str, str]] = None  # the bundle version last warned about
         try:
             self.stored = load_site_calibration(path)
         except UserError as exc:
@@ -192,20 +205,40 @@ class SiteThreshold:
         return self.calibrator is not None and not self.calibrator.done
 
     def choose(self, bundle: Bundle) -> ThresholdChoice:
-        """The threshold ``bundle`` runs at; a stored calibration of another version is cleared (its reason says so)."""
+        """The threshold ``bundle`` runs at; a stored calibration of another version is cleared (its reason says so).
+        A version with no on-site calibration starts the warm-up, or is warned about (once a version)."""
         choice = choose_threshold(bundle, self.config_threshold, self.stored)
         if self.stored is not None and not self.stored.applies_to(bundle):
             clear_site_calibration(self.path)
             self.stored = None
+        if choice.source == "bundle" and not self.calibrating:
+            self._uncalibrated(bundle)
         return choice
+
+    def _uncalibrated(self, bundle: Bundle) -> None:
+        """``bundle`` would run at the threshold set on the trainer's stills: warm up, or say so loudly."""
+        version = (bundle.model_name, bundle.version)
+        if self.warm_up_frames:
+            self.calibrator, self.warming_up = Calibrator(self.warm_up_frames), True
+            log.warning("no on-site calibration for %s %s on this station: warming up, the first %d frames are taken "
+                        "as good parts and set its threshold (calibration.warm_up_frames); no events until then",
+                        bundle.model_name, bundle.version, self.warm_up_frames)
+        elif self._said != version:
+            log.warning("no on-site calibration for %s %s on this station: it runs at the bundle's threshold %.6g, "
+                        "set on the trainer's images; another camera, codec or light moves good parts' scores and "
+                        "may raise false events. With good parts in view, run edge-run --calibrate N (N good "
+                        "frames, a few hundred) with this station's arguments, or set calibration.warm_up_frames "
+                        "to have the station calibrate at start by itself", bundle.model_name, bundle.version,
+                        bundle.threshold)
+        self._said = version
 
     def startup_text(self, choice: ThresholdChoice) -> str:
         """The start-up line's ``threshold ...`` part: which threshold is in force and why."""
         text = f"threshold {choice.threshold:.6g} ({choice.reason})"
         if self.calibrating:
             assert self.calibrator is not None
-            text += (f", on-site calibration on the first {self.calibrator.frames} frames (declared good: no events "
-                     "until it is done)")
+            text += (f", {'warm-up' if self.warming_up else 'on-site'} calibration on the first "
+                     f"{self.calibrator.frames} frames (declared good: no events until it is done)")
         return text
 
     def add(self, score: float, bundle: Bundle) -> Optional[ThresholdChoice]:
@@ -215,6 +248,7 @@ class SiteThreshold:
         self.calibrator.add(score)
         if not self.calibrator.done:
             return None
+        self.warming_up = False
         quantile, margin, sigmas = self.rule
         scores = np.asarray(self.calibrator.scores, np.float64)
         cal = site_calibration(scores, bundle, quantile, margin, sigmas)
@@ -232,5 +266,8 @@ class SiteThreshold:
         """A new bundle version runs: the old version's calibration is cleared (re-run --calibrate N for the new
         one); a calibration in progress starts again on the new bundle's scores."""
         if self.calibrator is not None and not self.calibrator.done:
-            self.calibrator = Calibrator(self.calibrator.frames)
+            if self.warming_up:  # the new version warms up afresh if it needs to (choose decides)
+                self.calibrator, self.warming_up = None, False
+            else:
+                self.calibrator = Calibrator(self.calibrator.frames)
         return self.choose(bundle)

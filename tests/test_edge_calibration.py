@@ -10,6 +10,8 @@ and a hot swap clearing a calibration that no longer applies.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import subprocess
 import sys
@@ -34,14 +36,21 @@ from core import thresholds
 from core.bundle import load_bundle
 from core.errors import UserError
 from edge import calibration as edge_calibration
+from edge.backends import create_backend
+from edge.batchsize import BatchSize
 from edge.calibration import (
     SiteCalibration,
+    SiteThreshold,
     calibration_path,
     choose_threshold,
     load_site_calibration,
     save_site_calibration,
     site_calibration,
 )
+from edge.config import CameraConfig, StationConfig
+from edge.outbox import open_outbox
+from edge.pipeline import RunResult, Station
+from edge.stats import StationStats
 from trainer import calibrate as trainer_calibrate
 from trainer.synthetic import make_dataset, write_clip
 
@@ -256,3 +265,101 @@ def test_on_site_calibration_makes_a_stills_trained_bundle_work_on_an_mjpeg_stre
           f"({(stored.baseline - trained['normal_median']) / trained['normal_std']:+.1f} σ), σ {stored.sigma:.3g}, "
           f"on-site threshold {stored.threshold:.4g}; events without it: starts {[e['frame'] for e in starts]}, "
           f"ends {ends}; with it: starts {[e['frame'] for e in after['event'] if e['type'] == 'start']}")
+
+
+# -- the first minutes on a new station (issue 21, item H) ----------------------------------------------
+def uncalibrated_warnings(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if "WARNING" in ln and "no on-site calibration for toy" in ln]
+
+
+def test_a_version_without_on_site_calibration_is_said_loudly_at_start(tmp_path: Path, mosquitto: str,
+                                                                       toy_bundle: Path) -> None:
+    clip = write_lit_video(tmp_path / "good.avi", 30, seed=2)
+    cfg = station_yaml(tmp_path, "st-loud")
+    args = ["--config", cfg, "--camera", clip, "--engine", toy_bundle]
+    proc, _ = stream(mosquitto, "st-loud", args)
+    assert proc.returncode == 0, proc.stderr
+    lines = uncalibrated_warnings(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert toy_bundle.name in lines[0] and "edge-run --calibrate N" in lines[0] and "warm_up_frames" in lines[0]
+    proc, _ = stream(mosquitto, "st-loud", [*args, "--calibrate", "20"])  # being calibrated: nothing to warn about
+    assert proc.returncode == 0 and uncalibrated_warnings(proc.stderr) == [], proc.stderr
+    proc, _ = stream(mosquitto, "st-loud", args)  # calibrated on site now
+    assert proc.returncode == 0 and uncalibrated_warnings(proc.stderr) == [], proc.stderr
+    high = station_yaml(tmp_path, "st-loud2", extra="engine:\n  threshold: 0.9\n")  # the operator chose a threshold
+    proc, _ = stream(mosquitto, "st-loud2", ["--config", high, "--camera", clip, "--engine", toy_bundle])
+    assert proc.returncode == 0 and uncalibrated_warnings(proc.stderr) == [], proc.stderr
+
+
+def run_in_process(tmp_path: Path, bundle_dir: Path, clip: Path, warm_up_frames: int) -> tuple[Station, RunResult]:
+    """The station as edge/assembly.py builds it (real ONNX Runtime, real outbox, the real clip), with no sink:
+    the events stay in the outbox, counted in the result."""
+    cfg = StationConfig(station="st-warm", state_dir=str(tmp_path / "state"),
+                        cameras=[CameraConfig(id="cam0", source=str(clip))])
+    cfg.calibration.warm_up_frames = warm_up_frames
+    cfg.validate()
+    bundle = load_bundle(bundle_dir)
+    c = cfg.calibration
+    site = SiteThreshold(calibration_path(cfg.state_dir, cfg.station), cfg.engine.threshold, c.quantile, c.margin,
+                         c.sigmas, warm_up_frames=c.warm_up_frames)
+    batch = BatchSize(1)
+    backend = create_backend("onnxruntime", bundle, max_batch=1)
+    outbox = open_outbox(cfg.state_dir, cfg.station, cfg.sinks, cfg.spool.max_bytes, cfg.spool.max_age_s)
+    try:
+        station = Station(cfg, bundle, backend, outbox, [], site, batch,
+                          StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, batch))
+        station.open_cameras()
+        return station, station.run()
+    finally:
+        backend.close()
+        outbox.close()
+
+
+def event_starts(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """The frames at which the station's log says an event started."""
+    found = (re.match(r"event start camera 'cam0' seq \d+ frame (\d+)", r.getMessage()) for r in caplog.records)
+    return [int(m.group(1)) for m in found if m]
+
+
+def test_warm_up_frames_calibrate_a_new_station_on_its_first_frames_by_itself(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    # Calibrated on the trainer's images at 0.05, while this camera's good parts score about 0.08.
+    bundle_dir = make_toy_bundle(tmp_path / "engines", threshold=0.05)
+    clip = write_lit_video(tmp_path / "line.avi", 200, lit=[(150, 175, 90)], seed=4)  # the light fails at 150
+    station, cold = run_in_process(tmp_path / "cold", bundle_dir, clip, 0)
+    assert station.choice.source == "bundle" and event_starts(caplog)[0] < 10  # a false event at once
+    caplog.clear()
+    station, warm = run_in_process(tmp_path / "warm", bundle_dir, clip, 60)
+    assert "warming up, the first 60 frames" in caplog.text
+    stored = load_site_calibration(calibration_path(tmp_path / "warm" / "state", "st-warm"))
+    assert stored is not None and stored.frames == 60 and stored.model_version == bundle_dir.name
+    assert station.choice.source == "on-site" and station.threshold == stored.threshold > 0.05
+    assert warm.frames == 200 and warm.events == 2  # the lit stretch's start and end, nothing else
+    assert [150 <= f < 175 for f in event_starts(caplog)] == [True]
+    caplog.clear()
+    station, again = run_in_process(tmp_path / "warm", bundle_dir, clip, 60)  # the next run of that version
+    assert "warming up" not in caplog.text and station.choice.source == "on-site" and again.events == 2
+
+
+def test_warm_up_starts_again_for_a_swapped_in_version_and_not_for_the_operators_calibration(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = load_bundle(make_toy_bundle(tmp_path / "engines"))
+    second = load_bundle(make_toy_bundle(tmp_path / "engines"))
+    site = SiteThreshold(tmp_path / "cal.json", None, 0.99, 0.5, 3.0, warm_up_frames=4)
+    assert site.choose(first).source == "bundle" and site.calibrating and site.warming_up
+    assert "warm-up calibration on the first 4 frames" in site.startup_text(site.choose(first))
+    for score in (0.07, 0.08, 0.09):
+        assert site.add(score, first) is None
+    assert site.swapped(second).source == "bundle" and site.calibrating  # the new version warms up from scratch
+    assert site.calibrator is not None and site.calibrator.scores == []
+    for score in (0.07, 0.08, 0.09):
+        site.add(score, second)
+    choice = site.add(0.08, second)
+    assert choice is not None and choice.source == "on-site" and not site.calibrating and not site.warming_up
+    operator = SiteThreshold(tmp_path / "op.json", None, 0.99, 0.5, 3.0, calibrate_frames=10, warm_up_frames=4)
+    operator.choose(first)
+    assert operator.calibrating and not operator.warming_up and operator.calibrator is not None
+    assert operator.calibrator.frames == 10  # --calibrate N wins over the warm-up
+    with pytest.raises(UserError, match="warm_up_frames 1"):
+        SiteThreshold(tmp_path / "x.json", None, 0.99, 0.5, 3.0, warm_up_frames=1)
