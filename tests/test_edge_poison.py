@@ -161,6 +161,25 @@ def test_failure_names_a_dead_network_thread(tmp_path: Path, mosquitto: str) -> 
         outbox.close()
 
 
+def test_the_mqtt_sender_survives_an_outbox_error(tmp_path: Path, mosquitto: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    outbox = Outbox(tmp_path / "outbox.db", ["mqtt"], 2**26, 86400)
+    sink = MqttSink(MqttConfig(url=mosquitto, client_id="edge-st-sender"), "st-sender", outbox)
+    sink.start()
+    try:
+        assert sink.wait_first_attempt(10)
+        # a record paho refuses to publish (a wildcard in its topic): the sender's work raises
+        outbox.add_event("cam+0", lambda seq: {"event_id": EVENT_ID, "type": "start", "seq": seq})
+        sink.wake()
+        time.sleep(2.5)  # retried every second
+        assert sink._sender.is_alive() and sink.failure() is None
+        lines = [r.getMessage() for r in caplog.records if "sending from the outbox failed" in r.getMessage()]
+        assert len(lines) == 1 and sink.counters()["callback_errors"] >= 1, lines
+    finally:
+        sink.stop()
+        outbox.close()
+
+
 # -- the whole station ----------------------------------------------------------------------------------
 def test_a_station_answers_and_publishes_after_poison_also_after_a_restart(tmp_path: Path, mosquitto_bin: str) -> None:
     """edge-run on a persistent session: poison on every command topic, then a reload and a defect; stopped

@@ -199,6 +199,26 @@ def test_snapshots_are_posted_as_json_when_asked(tmp_path: Path, receiver: Recei
     assert "score" not in old.json()
 
 
+def test_the_sender_survives_an_outbox_error_and_failure_stays_none(tmp_path: Path, receiver: Receiver,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    box = Outbox(tmp_path / "s.sqlite", ["webhook"], max_bytes=10**6, max_age_s=3600)
+    sink = WebhookSink(fast(receiver.url), "st", box)
+    assert sink.failure() is None  # not started: nothing to say
+    sink.start()
+    # a record http.client refuses to send (a newline in its Idempotency-Key): the sender's work raises
+    box.add_event("cam0", lambda seq: {"event_id": "e1\nX-Injected: 1", "type": "start", "seq": seq})
+    sink.wake()
+    time.sleep(0.5)  # retried every retry_min_s (0.05 s)
+    try:
+        assert sink._sender.is_alive() and sink.failure() is None
+        lines = [r.getMessage() for r in caplog.records if "sending from the outbox failed" in r.getMessage()]
+        assert len(lines) == 1, lines  # once per cause, however often it is retried
+        assert not receiver.posts
+    finally:
+        sink.stop()
+        box.close()
+
+
 # -- a real station with both sinks ---------------------------------------------------------------
 def station_yaml(tmp_path: Path, name: str, video: Path, hook_url: str, flush_s: float) -> Path:
     path = tmp_path / f"{name}-{flush_s:g}.yaml"
