@@ -214,6 +214,77 @@ def test_a_kind_registered_from_outside_is_picked_and_delivers_frames(caplog: py
                                          "of frames>)"
 
 
+class FlakyCapture(CountingCapture):
+    """``flaky://N``: like ``toy://N``, but reading frames 3 and 9 raises, and frames 5 and 7 are images OpenCV
+    cannot resize (a driver's bugs)."""
+
+    def read(self) -> tuple[bool, Any]:
+        ok, image = super().read()
+        if self.position in (4, 10):
+            raise RuntimeError("driver hiccup\non two lines")
+        if self.position in (6, 8):
+            return True, np.zeros((48, 64, 3), np.complex64)
+        return ok, image
+
+
+@register_source("flaky")
+class FlakyKind(ToyKind):
+    def claims(self, source: str) -> bool:
+        return source.startswith("flaky://")
+
+    def open(self, source: str, timeout_s: float) -> Optional[Capture]:
+        return FlakyCapture(int(source.strip()[len("flaky://"):]))
+
+    def frame_count(self, capture: Capture) -> Optional[int]:
+        return capture.count if isinstance(capture, FlakyCapture) else None
+
+
+def test_what_a_frame_raises_costs_that_frame_not_the_capture_thread(caplog: pytest.LogCaptureFixture) -> None:
+    frames, src = read_all(CameraConfig(id="flaky", source="flaky://12"), hw=(24, 32))
+    assert [grey(f.image) for f in frames] == [10 * i for i in range(12) if i not in (3, 5, 7, 9)]  # to the end
+    assert src.undecodable == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3 and all("\n" not in w for w in warnings), warnings  # one line per cause
+    assert "a read raised RuntimeError (driver hiccup on two lines); taken as a failed read" in warnings[0]
+    assert "1 damaged frame(s) could not be read" in warnings[1]
+    assert "1 frame could not be decoded or fitted (error: " in warnings[2]
+
+
+@register_source("buggy-live")
+class BuggyLiveKind(ToyKind):
+    """``buggy-live://N``: a live kind whose first capture cannot be set up (its ``compressed`` raises once)."""
+
+    live = True
+    opened = 0
+
+    def claims(self, source: str) -> bool:
+        return source.startswith("buggy-live://")
+
+    def open(self, source: str, timeout_s: float) -> Optional[Capture]:
+        BuggyLiveKind.opened += 1
+        return CountingCapture(int(source.strip()[len("buggy-live://"):]))
+
+    def compressed(self, capture: Capture) -> bool:
+        if BuggyLiveKind.opened == 1:
+            raise KeyError("a bug in the kind")
+        return False
+
+
+def test_a_live_cameras_reader_that_raises_is_reopened_not_lost(caplog: pytest.LogCaptureFixture) -> None:
+    cam = CameraConfig(id="live", source="buggy-live://1000", reopen_initial_s=0.05, reopen_max_s=0.05)
+    queue = FrameQueue(4)
+    src = CameraSource(cam, (8, 8), queue)
+    assert src.open()
+    src.start()
+    deadline = time.monotonic() + 10
+    while src.captured < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    src.stop()
+    src.join()
+    assert src.captured >= 20 and src.reconnects >= 1 and BuggyLiveKind.opened >= 2
+    lines = [r.getMessage() for r in caplog.records if "raised KeyError" in r.getMessage()]
+    assert len(lines) == 1 and "reopening it" in lines[0], lines
+
 # -- edge-run on a folder, end to end -----------------------------------------------------------------
 def test_edge_run_scores_a_folder_of_images_end_to_end(tmp_path: Path, mosquitto: str, toy_bundle: Path) -> None:
     """A factory replay: 40 inspection images (two stretches with a planted defect, one file corrupt) through

@@ -126,9 +126,22 @@ class CameraSource:
     # -- the supervisor --------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._supervise()
-        except Exception:  # a capture thread must never die silently
-            log.exception("camera '%s': capture thread failed", self.cam.id)
+            while True:
+                try:
+                    self._supervise()
+                    return
+                except Exception as exc:  # a bug in a kind or here: a live camera is reopened, never left dead
+                    self._set_down()
+                    if not self.live or self._stop.is_set():
+                        log.exception("camera '%s': capture thread failed", self.cam.id)
+                        return
+                    self._cap = None
+                    self._warn_once(f"supervisor {type(exc).__name__}", "the capture supervisor raised %s (%s); "
+                                    "reopening %s in %.1f s", type(exc).__name__, _one_line(exc),
+                                    self.cam.shown_source, self.cam.reopen_max_s)
+                    self.reconnects += 1
+                    if self._stop.wait(self.cam.reopen_max_s):
+                        return
         finally:
             self._set_down()
             self.queue.close()
@@ -216,6 +229,16 @@ class CameraSource:
         costs that frame (counted, logged once per cause), never the thread."""
         cap: Optional[Capture] = attempt.cap
         assert cap is not None
+        try:
+            self._read_frames(cap, attempt, outcome)
+        except Exception as exc:  # a kind's bug: this capture is given up (a live camera is reopened)
+            self._warn_once(f"reader {type(exc).__name__}", "reading %s raised %s (%s); %s", self.cam.shown_source,
+                            type(exc).__name__, _one_line(exc), "reopening it" if self.live else "taken as its end")
+            outcome["how"] = "failed"
+        finally:
+            cap.release()
+
+    def _read_frames(self, cap: Capture, attempt: Attempt, outcome: dict[str, str]) -> None:
         self.reader_nice = lower_thread_priority(self.cam.nice)
         decoder = PacketDecoder() if self.cam.reduced_decode and self.kind.compressed(cap) else None
         pace = FramePace(self.cam.max_fps, skip=self.kind.live)  # a recording waits for its slot, a camera skips
@@ -223,53 +246,50 @@ class CameraSource:
         reads = 0  # reads that returned a frame or packet, decodable or not
         skipped = 0  # failed reads that a good read followed: damaged frames in the middle of a recording
         failed_run = 0  # failed reads in a row
-        try:
-            while not self._stop.is_set():
-                if self.max_frames is not None and self.captured >= self.max_frames:
-                    outcome["how"] = "max_frames"
+        while not self._stop.is_set():
+            if self.max_frames is not None and self.captured >= self.max_frames:
+                outcome["how"] = "max_frames"
+                return
+            if not pace.wait(self._stop, self._still_here):
+                return
+            t0 = time.perf_counter()
+            try:
+                ok, data = cap.read()
+            except Exception as exc:  # a backend that raises instead of answering False: a failed read
+                self._warn_once(f"read {type(exc).__name__}", "a read raised %s (%s); taken as a failed read",
+                                type(exc).__name__, _one_line(exc))
+                ok, data = False, None
+            if attempt.abandoned:
+                return  # the supervisor has moved on: this frame is stale, and no longer ours to deliver
+            if not ok:
+                self.clock.add("decode", time.perf_counter() - t0)
+                if self.live:
+                    outcome["how"] = "failed"
                     return
-                if not pace.wait(self._stop, self._still_here):
-                    return
-                t0 = time.perf_counter()
-                try:
-                    ok, data = cap.read()
-                except Exception as exc:  # a backend that raises instead of answering False: a failed read
-                    self._warn_once(f"read {type(exc).__name__}", "a read raised %s (%s); taken as a failed read",
-                                    type(exc).__name__, exc)
-                    ok, data = False, None
-                if attempt.abandoned:
-                    return  # the supervisor has moved on: this frame is stale, and no longer ours to deliver
-                if not ok:
-                    self.clock.add("decode", time.perf_counter() - t0)
-                    if self.live:
-                        outcome["how"] = "failed"
-                        return
-                    failed_run += 1
-                    if count is not None and reads + skipped + failed_run <= count and failed_run <= self._BAD_RUN_MAX:
-                        continue  # frames left: a damaged one, not the end
-                    self._count_missing(count, reads, skipped)
-                    outcome["how"] = "end"
-                    return
-                if failed_run:
-                    skipped += failed_run
-                    self._skip(failed_run, "damaged frame(s) could not be read (a corrupt stretch of the file?); "
-                               "skipped, reading on")
-                    failed_run = 0
-                reads += 1
-                self.last_frame = time.monotonic()  # the source delivers, whether or not this frame is skipped
-                if data is None:  # read, but unreadable (the kind has said which): skipped, counted
-                    self.clock.add("decode", time.perf_counter() - t0)
-                    self.undecodable += 1
-                    continue
-                if not pace.take():
-                    continue
-                try:
-                    self._decode_and_deliver(data, decoder, t0)
-                except Exception as exc:  # this frame only: the reader reads on
-                    self._skip(1, f"could not be decoded or fitted ({type(exc).__name__}: {exc}); such frames are "
-                               "skipped", cause=type(exc).__name__)
-        finally:
-            cap.release()
+                failed_run += 1
+                if count is not None and reads + skipped + failed_run <= count and failed_run <= self._BAD_RUN_MAX:
+                    continue  # frames left: a damaged one, not the end
+                self._count_missing(count, reads, skipped)
+                outcome["how"] = "end"
+                return
+            if failed_run:
+                skipped += failed_run
+                self._skip(failed_run, "damaged frame(s) could not be read (a corrupt stretch of the file?); "
+                           "skipped, reading on")
+                failed_run = 0
+            reads += 1
+            self.last_frame = time.monotonic()  # the source delivers, whether or not this frame is skipped
+            if data is None:  # read, but unreadable (the kind has said which): skipped, counted
+                self.clock.add("decode", time.perf_counter() - t0)
+                self.undecodable += 1
+                continue
+            if not pace.take():
+                continue
+            try:
+                self._decode_and_deliver(data, decoder, t0)
+            except Exception as exc:  # this frame only: the reader reads on
+                self._skip(1, f"frame could not be decoded or fitted ({type(exc).__name__}: {_one_line(exc)}); "
+                           "such frames are skipped", cause=type(exc).__name__)
 
     def _decode_and_deliver(self, data: np.ndarray, decoder: Optional[PacketDecoder], t0: float) -> None:
         packet = None
@@ -278,12 +298,15 @@ class CameraSource:
             image = decoder.decode(packet, self.input_hw)
             if image is None:
                 self.clock.add("decode", time.perf_counter() - t0)
-                self._skip(1, "a frame's JPEG could not be decoded; such frames are skipped", cause="jpeg")
+                self._skip(1, "frame's JPEG could not be decoded; such frames are skipped", cause="jpeg")
                 return
             assert decoder.frame_hw is not None
             self._check_frame_size(decoder.frame_hw)
         else:
             image = data
+            if not image.size:  # an empty image: nothing to fit
+                self._skip(1, "frame was an empty image; such frames are skipped", cause="empty")
+                return
             self._check_frame_size((int(image.shape[0]), int(image.shape[1])))
         self.clock.add("decode", time.perf_counter() - t0)
         self._deliver(image, time.monotonic(), packet)
@@ -342,3 +365,9 @@ class CameraSource:
             self.queue.put(frame)
         else:
             self.queue.put_blocking(frame, self._stop)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one bounded log line (OpenCV's messages run over several)."""
+    text = " ".join(str(exc).split())
+    return (text[:limit - 1] + "…" if len(text) > limit else text) or type(exc).__name__
