@@ -7,7 +7,8 @@ refused), and the camera switching its frame size back and forth.
 
 A real Mosquitto (persistence on, restarted with SIGTERM: a broker that crashes with SIGKILL may lose what
 it had acknowledged but not yet saved, which is the broker's durability, not the station's), a real edge-run
-scoring a paced 10 fps camera (a FIFO fed JPEG frames, a defect every 10 s) with the toy bundle of the tests,
+scoring a paced 10 fps camera (a FIFO fed JPEG frames, a defect every 10 s) with the toy bundle of the tests
+(named by its model folder, so cmd/reload is a live command; collection on, so cmd/label is one too),
 and a SCADA subscriber with a persistent session. At the end the station is stopped cleanly and the broker
 left up until everything is delivered. Expected events are every seq the station's spool handed out (seq is
 assigned in the same transaction that stores the event, so 1..last is exactly what was produced); delivered
@@ -130,7 +131,8 @@ POISON = {  # what an adversary (or a broken integration) publishes on the comma
 
 
 def send_poison(url: str) -> None:
-    """Each poison on cmd/reload and cmd/label, QoS 1 (the broker holds it for the station's session)."""
+    """Each poison on cmd/reload and cmd/label, QoS 1 (the broker holds it for the station's session), then one
+    valid reload: the station must still hear it ("command reload received" in its log)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -149,6 +151,9 @@ def send_poison(url: str) -> None:
                 info = client.publish(f"anomaly/{STATION}/cmd/{command}", payload, qos=1)
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(10)
+        info = client.publish(f"anomaly/{STATION}/cmd/reload", b"{}", qos=1)
+        with contextlib.suppress(RuntimeError, ValueError):
+            info.wait_for_publish(10)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -222,6 +227,7 @@ cameras:
   - {{id: cam0, source: {camera.path}, live: true, stale_timeout_s: 3, reopen_initial_s: 0.2, reopen_max_s: 1}}
 events: {{k: 3, n: 5, close_after: 5, update_interval_s: 0.5, cooldown_s: 0.5}}
 mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
+collect: {{enabled: true, dir: {work / 'collect'}, max_mb: 64, normal_every_s: 30}}
 """, encoding="utf-8")
     env = {**os.environ, "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;4096|analyzeduration;0",
            "PYTHONPATH": str(ROOT)}
@@ -238,7 +244,7 @@ mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
     def start_station() -> subprocess.Popen:
         counts["station_starts"] += 1
         log = open(work / f"station-{counts['station_starts']}.log", "w")  # noqa: SIM115 (kept by the child)
-        return subprocess.Popen([sys.executable, "-m", "edge.cli", "--config", str(cfg), "--engine", str(bundle),
+        return subprocess.Popen([sys.executable, "-m", "edge.cli", "--config", str(cfg), "--engine", str(bundle.parent),
                                  "--mqtt", broker.url], cwd=work, stderr=log, env=env)
 
     def sample(seconds: float) -> None:
@@ -349,9 +355,11 @@ mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
         if late and early:
             growth = max(late) - min(early)
     per_fault = by_fault(received, expected, windows)
+    logs = "".join(p.read_text(errors="replace") for p in sorted(work.glob("station-*.log")))
     result: dict[str, Any] = {
         "minutes": args.minutes, "seed": args.seed, **counts, "disk_full": disk_note,
-        "last_exit_code": exit_code,
+        "last_exit_code": exit_code, "reloads_heard": logs.count("command reload received"),
+        "tracebacks_in_logs": logs.count("Traceback"),
         "events_expected": expected, "events_delivered": len(seqs & set(range(1, expected + 1))),
         "events_lost": len(set(range(1, expected + 1)) - seqs), "duplicates_received": len(received) - len(keys),
         "events_started_never_ended": unended,
