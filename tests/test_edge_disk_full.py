@@ -12,11 +12,13 @@ import signal
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from edge_helpers import Collector, cli_command, validate, write_video
+from edge_helpers import Collector, cli_command, free_port, validate, write_video
+from prometheus_client.parser import text_string_to_metric_families
 from test_edge_faults import dedup, live_station, wait_line
 
 import edge.outbox
@@ -159,14 +161,22 @@ def test_the_wal_counts_toward_max_bytes(tmp_path: Path) -> None:
 
 
 # -- the whole station -----------------------------------------------------------------------------
+def scrape(port: int) -> dict[str, float]:
+    """The station's unlabelled Prometheus samples."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
+
+
 def test_a_station_on_a_full_disk_keeps_delivering_live_and_recovers(tmp_path: Path, small_disk: Path,
                                                                       mosquitto: str, toy_bundle: Path) -> None:
     """State dir on a 2 MB tmpfs, filled mid-run: every event of the run reaches a real subscriber live, stats
     and health say degraded and then ok, the spool stores again when the filler goes, exit 0, no traceback."""
     video = write_video(tmp_path / "clip.avi", [(5, 15)], 30, fps=10.0)  # an event every 3 s, looped
     cfg = live_station(tmp_path, "st-full", video)
+    port = free_port()
     text = cfg.read_text().replace(f"state_dir: {tmp_path / 'state'}", f"state_dir: {small_disk}")
-    cfg.write_text(text)
+    cfg.write_text(text + f"health: {{prometheus_port: {port}}}\n")
     with Collector(mosquitto, ["anomaly/st-full/#"]) as col:
         proc = subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", toy_bundle, "--mqtt",
                                  mosquitto], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
@@ -179,6 +189,7 @@ def test_a_station_on_a_full_disk_keeps_delivering_live_and_recovers(tmp_path: P
 
             assert col.wait_for(lambda ms: any(s["spool"] == "degraded" for s in stats(ms)), timeout=30), \
                 "stats never said the spool was degraded"
+            assert scrape(port)["edge_spool_degraded"] == 1.0
             during = len(col.events())
             assert col.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/event")]) >= during + 4,
                                 timeout=30), "no event went out live while the disk was full"
@@ -186,6 +197,8 @@ def test_a_station_on_a_full_disk_keeps_delivering_live_and_recovers(tmp_path: P
             freed = len(stats(col.messages))
             assert col.wait_for(lambda ms: any(s["spool"] == "ok" for s in stats(ms)[freed:]), timeout=60), \
                 "the spool did not recover when space returned"
+            metrics = scrape(port)
+            assert metrics["edge_spool_degraded"] == 0.0 and metrics["edge_spool_not_kept_total"] > 0
             after = len(col.events())
             assert col.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/event")]) >= after + 2,
                                 timeout=30)

@@ -59,6 +59,10 @@ health: {{prometheus_port: {port}}}
     assert samples["edge_events_total{camera=cam0,type=start}"] >= 1
     assert samples["edge_inference_seconds_count{}"] > 0 and samples["edge_capture_to_decision_seconds_count{}"] > 0
     assert samples["edge_spool_depth{}"] >= 0 and samples["edge_mqtt_connected{}"] == 1.0
+    assert samples["edge_spool_degraded{}"] == 0.0 and samples["edge_spool_not_kept_total{}"] == 0.0
+    assert samples["edge_workers_failed{}"] == 0.0
+    assert samples["edge_frames_undecodable_total{camera=cam0}"] == 0.0
+    assert samples["edge_camera_refits_total{camera=cam0}"] == 0.0
     assert f"edge_model_info{{backend=onnxruntime,model=toy,station=st-prom,version={toy_bundle.name}}}" in samples
 
 
@@ -113,4 +117,6 @@ def test_the_systemd_unit_uses_notify_watchdog_and_restart_on_failure() -> None:
     service = unit["Service"]
     assert service["Type"] == "notify" and service["Restart"] == "on-failure"
     assert int(service["WatchdogSec"]) > 0 and service["RestartPreventExitStatus"] == "2"
+    from edge.pipeline import EXIT_WORKER_DIED
+    assert str(EXIT_WORKER_DIED) not in service["RestartPreventExitStatus"].split()  # a dead worker is restarted
     assert "edge-run --config" in service["ExecStart"] and service["KillSignal"] == "SIGTERM"
