@@ -263,7 +263,8 @@ def resolve_bundle_dir(ref: str | Path, engines_root: Path | None = None) -> Pat
         path = engines_root / str(ref)
     if not path.exists():
         where = f" or under {engines_root}" if engines_root is not None else ""
-        raise BundleError(f"{ref}: no bundle here{where}; train one with 'edge-train fit' or pass --engine DIR")
+        raise BundleError(f"{ref}: no bundle here{where}; name a bundle folder engines/<model>/<version>, a model "
+                          "folder engines/<model> or a model's name, or train one with 'edge-train fit'")
     if (path / MANIFEST).exists():
         return path
     current = path / CURRENT
