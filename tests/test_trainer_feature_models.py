@@ -208,3 +208,19 @@ def test_taps_config_is_checked_against_the_backbone(tmp_path: Path) -> None:
         parse_train_config("padim:\n  layers: [3, 4]\n", source=str(tmp_path / "t.yaml"))
     with pytest.raises(ConfigError, match="spade.k"):
         parse_train_config("spade: {k: 0}\n")
+
+
+def test_a_batch_too_large_for_the_distance_bound_is_lowered_not_fatal(tmp_path: Path) -> None:
+    """PaDiM's distance intermediate grows with the batch: at the shipped defaults (160 px, batch 16) it exceeded
+    export.max_distance_elements and the fit ended at export; the export now takes the largest batch that fits."""
+    data = make_dataset(tmp_path / "ds", n_train=12, n_test_good=4, n_test_defect=4, size=64, seed=3)
+    per_image = (64 // 4) ** 2 * 100  # positions at stride 4 x padim.channels
+    cfg = parse_train_config("model: padim\ninput: {height: 64, width: 64}\nreport: {overlays: 0}\n"
+                             f"export: {{max_batch: 8, max_distance_elements: {3 * per_image}}}\n")
+    lines: list[str] = []
+    bundle = load_bundle(fit_bundle(cfg, data, tmp_path / "engines", log=lines.append))
+    assert bundle.manifest["input"]["max_batch"] == 3
+    report = json.loads((bundle.path / "report.json").read_text())
+    assert report["export"]["max_batch"] == 3
+    assert report["export"]["largest_distance_tensor_elements"] <= 3 * per_image
+    assert any("export.max_batch lowered from 8 to 3" in note for note in report["notes"])

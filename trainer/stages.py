@@ -245,6 +245,12 @@ def export_graphs(run: FitRun) -> None:
     model, which is not kept; fit again.
     """
     cfg, model = run.cfg, _need(run.model, "the fitted model", "export", "fit")
+    limit = model.export_batch_limit(cfg.export.max_distance_elements)
+    if limit is not None and 1 <= limit < cfg.export.max_batch:
+        run.note(f"export.max_batch lowered from {cfg.export.max_batch} to {limit}: at a larger batch the graph's "
+                 f"largest intermediate would exceed export.max_distance_elements {cfg.export.max_distance_elements}; "
+                 "the station scores in batches of at most this size")
+        cfg.export.max_batch = limit
     bounds = model.export_checks(cfg.export.max_batch, cfg.export.max_distance_elements)
     run.bundle_dir = bundle_dir = new_version_dir(run.engines_root, cfg.model)
     run.module = module = model.export_module()

@@ -164,6 +164,11 @@ class AnomalyModel(ABC):
         """Validate that the export stays within bounds at ``max_batch``; returns what was checked."""
         return {}
 
+    def export_batch_limit(self, max_elements: int) -> Optional[int]:
+        """The largest batch whose intermediates stay within ``max_elements``; None when the batch is not bounded
+        by it. The export stage lowers export.max_batch to it (with a note) rather than fail after the fit."""
+        return None
+
     def set_score_range(self, low: float, high: float) -> None:
         """Scale exported scores to (raw - low) / (high - low); only for models with ``scales_scores``."""
         raise NotImplementedError(f"{self.name} does not scale its scores")
