@@ -151,7 +151,9 @@ def _run(args: argparse.Namespace) -> int:
         station.backend.close()
         station.outbox.close()
     log.info("stopped after %d frames, %d events", result.frames, result.events)
-    if station.site.calibrating:
+    if station.site.calibrating and station.site.warming_up:
+        log.info("warm-up calibration incomplete: nothing stored; the next start warms up again")
+    elif station.site.calibrating:
         cal = station.site.calibrator
         assert cal is not None  # calibrating means a calibrator
         print(f"edge-run: error: on-site calibration incomplete: {len(cal.scores)} of the {cal.frames} frames "

@@ -315,3 +315,10 @@ def test_edge_run_scores_a_folder_of_images_end_to_end(tmp_path: Path, mosquitto
     assert_seq_monotonic(events)
     final = got["stats"][-1]["cameras"]["line"]
     assert final["frames_processed"] == 40 and final["dropped"] == 0  # a recording loses nothing
+
+
+def test_an_opencv_error_that_repeats_the_url_is_logged_as_one_line_without_its_password() -> None:
+    from edge.sources.capture import _one_line
+
+    line = _one_line(RuntimeError("OpenCV(4.9) error: cannot open rtsp://admin:s3cret@cam.local/stream\n  in line 2"))
+    assert "s3cret" not in line and "\n" not in line and "cam.local" in line

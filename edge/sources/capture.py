@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from core.preprocess import DEFAULT_RESIZE, RESIZE_MODES, resize_frame
-from edge.config import CameraConfig
+from edge.config import CameraConfig, redact_secrets
 from edge.sources.frames import Frame, FrameQueue
 from edge.sources.mjpeg import PacketDecoder
 from edge.sources.opencv import quiet_opencv
@@ -94,7 +94,7 @@ class CameraSource:
                 cap = self.kind.open(self.cam.source, self.cam.stale_timeout_s)
             except Exception as exc:  # a kind's open raised instead of answering None: not opened all the same
                 log.warning("camera '%s': opening %s as a %s source raised %s: %s", self.cam.id,
-                            self.cam.shown_source, self.kind.name, type(exc).__name__, exc)
+                            self.cam.shown_source, self.kind.name, type(exc).__name__, _one_line(exc))
                 return
             if cap is not None:
                 attempt.keep(cap)
@@ -368,6 +368,7 @@ class CameraSource:
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one bounded log line (OpenCV's messages run over several)."""
-    text = " ".join(str(exc).split())
+    """An exception as one bounded log line (OpenCV's messages run over several), credentials masked: an OpenCV or
+    GStreamer error can repeat the source URL with its password."""
+    text = " ".join(redact_secrets(str(exc)).split())
     return (text[:limit - 1] + "…" if len(text) > limit else text) or type(exc).__name__
