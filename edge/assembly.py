@@ -16,9 +16,10 @@ from typing import Optional
 from core.backend import Backend
 from core.bundle import Bundle, load_bundle
 from core.errors import UserError
+from core.site_calibration import calibration_path
 from edge.backends import create_backend
 from edge.batchsize import BatchSize, fastest_batch
-from edge.calibration import SiteThreshold, calibration_path
+from edge.calibration import SiteThreshold
 from edge.collect import Collection, open_collection
 from edge.config import StationConfig
 from edge.health import Metrics, StationGauges

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,37 +22,10 @@ import numpy as np
 from core.bundle import Bundle
 from core.errors import UserError
 from core.files import atomic_write_text
+from core.site_calibration import CALIBRATION_FORMAT, SiteCalibration, load_site_calibration
 from core.thresholds import normal_calibration
 
-CALIBRATION_FORMAT = 1
-
 log = logging.getLogger("edge.calibration")
-
-
-@dataclass(frozen=True)
-class SiteCalibration:
-    """The station's threshold and good-part statistics, measured on its own stream, for one bundle version."""
-
-    model: str
-    model_version: str
-    threshold: float
-    baseline: float  # median score of the good frames: where the close level's band starts
-    sigma: float  # their standard deviation: the unit of the drift alarm
-    frames: int
-    quantile: float
-    margin: float
-    sigmas: float
-    created: str  # ISO-8601 UTC
-
-    def applies_to(self, bundle: Bundle) -> bool:
-        return (self.model, self.model_version) == (bundle.model_name, bundle.version)
-
-    def describe(self) -> str:
-        return f"on-site calibration of {self.frames} frames, {self.created}"
-
-
-def calibration_path(state_dir: str | Path, station: str) -> Path:
-    return Path(state_dir) / f"{station}.calibration.json"
 
 
 def site_calibration(scores: np.ndarray, bundle: Bundle, quantile: float, margin: float,
@@ -78,34 +50,6 @@ def clear_site_calibration(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def load_site_calibration(path: Path) -> Optional[SiteCalibration]:
-    """The stored calibration, None when there is none; a file that cannot be read as one is a UserError."""
-    fix = "delete it to run on the bundle's threshold, or re-run edge-run --calibrate N on good parts"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the on-site calibration ({exc}); {fix}") from None
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
-            raise ValueError(f"not a calibration file of format {CALIBRATION_FORMAT}")
-        names = {f.name for f in fields(SiteCalibration)}
-        missing = sorted(names - data.keys())
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-        cal = SiteCalibration(model=str(data["model"]), model_version=str(data["model_version"]),
-                              threshold=float(data["threshold"]), baseline=float(data["baseline"]),
-                              sigma=float(data["sigma"]), frames=int(data["frames"]), quantile=float(data["quantile"]),
-                              margin=float(data["margin"]), sigmas=float(data["sigmas"]), created=str(data["created"]))
-        if not all(math.isfinite(v) for v in (cal.threshold, cal.baseline, cal.sigma)) or cal.sigma < 0:
-            raise ValueError("threshold, baseline or sigma is not a finite number")
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{path}: not a valid on-site calibration ({exc}); {fix}") from None
-    return cal
 
 
 @dataclass(frozen=True)

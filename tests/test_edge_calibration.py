@@ -35,18 +35,11 @@ from edge_helpers import (
 from core import thresholds
 from core.bundle import load_bundle
 from core.errors import UserError
+from core.site_calibration import SiteCalibration, calibration_path, load_site_calibration
 from edge import calibration as edge_calibration
 from edge.backends import create_backend
 from edge.batchsize import BatchSize
-from edge.calibration import (
-    SiteCalibration,
-    SiteThreshold,
-    calibration_path,
-    choose_threshold,
-    load_site_calibration,
-    save_site_calibration,
-    site_calibration,
-)
+from edge.calibration import SiteThreshold, choose_threshold, save_site_calibration, site_calibration
 from edge.config import CameraConfig, StationConfig
 from edge.outbox import open_outbox
 from edge.pipeline import RunResult, Station

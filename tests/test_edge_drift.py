@@ -16,7 +16,7 @@ from edge_helpers import Collector, check_payloads, run_cli, validate, wait_stop
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge.calibration import calibration_path, load_site_calibration
+from core.site_calibration import calibration_path, load_site_calibration
 from edge.drift import DriftMonitor
 from edge.mqtt import parse_mqtt_url
 

@@ -247,7 +247,8 @@ def test_retrain_judges_the_champion_at_its_stations_on_site_threshold(champion:
     """With --state-dir, the champion's false alarms and misses are counted at the threshold the station calibrated
     it to (edge-run --calibrate), not at the bundle's (issue 21 H)."""
     from core.bundle import promote
-    from edge.calibration import calibration_path, save_site_calibration, site_calibration
+    from core.site_calibration import calibration_path
+    from edge.calibration import save_site_calibration, site_calibration
 
     _, champ_dir = champion
     model_dir = tmp_path / "engines" / champ_dir.parent.name

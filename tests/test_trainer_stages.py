@@ -20,8 +20,9 @@ from core.bundle import CURRENT, MANIFEST, ONNX_FP16, ONNX_FP32, ONNX_SCORE, loa
 from core.errors import UserError
 from core.files import sha256_file
 from core.preprocess import resize_frame
+from core.site_calibration import calibration_path
 from core.thresholds import normal_calibration
-from edge.calibration import calibration_path, save_site_calibration, site_calibration
+from edge.calibration import save_site_calibration, site_calibration
 from trainer.config import TrainConfig
 from trainer.data import fingerprint, list_images, train_paths
 from trainer.evaluate import metrics_from_scores
