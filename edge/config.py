@@ -185,7 +185,7 @@ class TlsConfig:
 
 @dataclass
 class MqttConfig:
-    """Broker connection and what is published (see DESIGN.md, MQTT contract)."""
+    """Broker connection and what is published (see docs/mqtt.md, the MQTT contract)."""
 
     url: str = "mqtt://localhost:1883"
     prefix: str = "anomaly"

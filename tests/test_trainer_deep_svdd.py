@@ -4,7 +4,7 @@ clip with the bundle; the network has no bias and no affine BatchNorm, the centr
 soft-boundary objective and radius, and --resume across the two phases.
 
 The planted anomaly is a foreign object (a stray nut): Deep SVDD scores the whole image by one representation,
-which is what it is for (surface defects are the patch models' job; see README). Grey 64 px input (the paper's
+which is what it is for (surface defects are the patch models' job; see docs/training.md). Grey 64 px input (the paper's
 MNIST network, 8 and 4 channels) and a short recipe: 10 pre-training and 10 one-class epochs at batch 32 on 160
 parts (40 held out): the file takes 29 s on the quiet 2-core VM, about 2 minutes at load average 9; with 96
 parts and 5 + 10 epochs at batch 16 the image AUROC was 0.50-0.64, with this recipe 0.80-0.84. Labelled

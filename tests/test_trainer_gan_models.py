@@ -8,7 +8,7 @@ The accuracy runs (95 s for GANomaly, as long again for Skip-GANomaly on two cor
 test-slow`); the contract tests use a 3-epoch fit of each.
 Labelled defects in DIR/val make the loop keep the epoch with the best validation AUROC (never DIR/test).
 The planted anomaly is a foreign object (a stray nut on the part): GANomaly-like models score whole images,
-which is what they are for (surface scratches are the patch models' job; see README).
+which is what they are for (surface scratches are the patch models' job; see docs/training.md).
 """
 
 from __future__ import annotations

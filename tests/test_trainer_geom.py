@@ -7,8 +7,8 @@ The planted anomaly is the kind GEOM is for: another object. The normal images a
 Debian package's files, as tests/test_protocol.py reads them), the anomalies garments of the other nine classes.
 On the generated parts GEOM does not work: they are nearly symmetric under its flips and 90-degree rotations, so
 its classifier has little to learn, and a stray nut left it at chance (image AUROC 0.38 to 0.54, 32 px, measured
-while writing this; README). The recipe is the paper's with a narrow network (WRN-10-1 instead of WRN-10-4) and
-2/3 of an epoch over the 72x set (per_image 12, batch 4, 3 loop epochs) on 100 images at 32 px.
+while writing this; docs/training.md). The recipe is the paper's with a narrow network (WRN-10-1 instead of
+WRN-10-4) and 2/3 of an epoch over the 72x set (per_image 12, batch 4, 3 loop epochs) on 100 images at 32 px.
 """
 
 from __future__ import annotations

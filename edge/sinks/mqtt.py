@@ -1,4 +1,4 @@
-"""The MQTT sink (docs/DESIGN.md, MQTT contract), on paho-mqtt 2.x with its network thread, MQTT 5.
+"""The MQTT sink (docs/mqtt.md, the MQTT contract), on paho-mqtt 2.x with its network thread, MQTT 5.
 
 Events and snapshots reach the broker from the durable outbox (edge/outbox.py): the station writes them there,
 a sender thread hands at most ``max_inflight`` of them to paho while connected, each on the topic

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # this module stays torch-free, so a wrong --model answers be
 
     from trainer.frames import TrainingData
 
-# What a model catches (``AnomalyModel.catches``), listed by ``edge-train fit --help`` and the README.
+# What a model catches (``AnomalyModel.catches``), listed by ``edge-train fit --help`` and docs/training.md.
 SURFACE_DEFECTS = "patch features: local surface defects (scratches, spots, cracks)"
 FOREIGN_OBJECTS = "image-level: wrong or foreign objects, whole-image departures"
 
