@@ -13,15 +13,14 @@ lazily: a CPU station never loads them.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional, TypeVar
 
 from core.backend import Backend, BackendUnavailable, check_frames
 from core.bundle import Bundle
 from core.errors import UserError
+from core.plugins import import_all_modules
 
 __all__ = ["Backend", "BackendEntry", "BackendOptions", "BackendUnavailable", "backend_names", "check_frames",
            "choose_backend", "create_backend", "get_backend", "register_backend", "resolve_backend_name",
@@ -62,7 +61,6 @@ class BackendEntry:
 
 
 _BACKENDS: dict[str, BackendEntry] = {}
-_DISCOVERED = False
 
 
 def _always_available() -> Optional[str]:
@@ -88,11 +86,7 @@ def register_backend(name: str, *, unavailable: Availability = _always_available
 
 
 def _discover() -> None:
-    global _DISCOVERED
-    if not _DISCOVERED:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _DISCOVERED = True
+    import_all_modules(__name__)
 
 
 def backend_names() -> tuple[str, ...]:

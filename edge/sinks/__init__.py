@@ -12,12 +12,11 @@ edge/config.py (documented in config/station.yaml).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from core.errors import UserError
+from core.plugins import import_all_modules
 from edge.config import StationConfig
 from edge.outbox import Outbox
 
@@ -96,7 +95,6 @@ SinkFactory = Callable[[SinkContext], Sink]
 SettingsCheck = Callable[[StationConfig], None]
 _SINKS: dict[str, SinkFactory] = {}
 _CHECKS: dict[str, SettingsCheck] = {}
-_DISCOVERED = False
 
 
 def register_sink(name: str, check: Optional[SettingsCheck] = None) -> Callable[[SinkFactory], SinkFactory]:
@@ -116,11 +114,7 @@ def register_sink(name: str, check: Optional[SettingsCheck] = None) -> Callable[
 
 
 def _discover() -> None:
-    global _DISCOVERED
-    if not _DISCOVERED:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _DISCOVERED = True
+    import_all_modules(__name__)
 
 
 def sink_names() -> list[str]:

@@ -12,12 +12,11 @@ the station config has that key) names one outright.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from core.errors import UserError
+from core.plugins import import_all_modules
 from edge.config import CameraConfig, redact_secrets
 
 
@@ -70,7 +69,6 @@ class SourceKind(ABC):
 
 
 _KINDS: dict[str, SourceKind] = {}
-_DISCOVERED = False
 K = TypeVar("K", bound=type[SourceKind])
 
 
@@ -90,13 +88,7 @@ def register_source(name: str) -> Callable[[K], K]:
 
 
 def _discover() -> None:
-    global _DISCOVERED
-    if not _DISCOVERED:
-        from edge.sources import kinds
-
-        for info in pkgutil.iter_modules(kinds.__path__):
-            importlib.import_module(f"{kinds.__name__}.{info.name}")
-        _DISCOVERED = True
+    import_all_modules("edge.sources.kinds")
 
 
 def source_kinds() -> list[str]:
