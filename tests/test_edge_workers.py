@@ -114,3 +114,36 @@ def test_a_healthy_run_reports_no_failed_worker(tmp_path: Path, mosquitto: str, 
     assert "worker died" not in run.stderr and last["workers"] == {"failed": []}
     assert last["spool"] == "ok" and last["spool_not_kept"] == 0
     assert last["cameras"]["cam0"]["undecodable"] == 0 and last["cameras"]["cam0"]["refits"] == 0
+
+
+def test_paho_network_thread_that_dies_stops_the_station_with_exit_4(tmp_path: Path, mosquitto: str,
+                                                                     toy_engines: Path) -> None:
+    """A command handler raising what the MQTT callbacks' guard (Exception) cannot catch kills paho's network
+    thread: the station says so, stops and exits 4, and SCADA sees the station go away (the will, 'offline',
+    since nothing more reaches the broker)."""
+    import paho.mqtt.publish as mqtt_publish
+
+    from edge.mqtt import parse_mqtt_url
+
+    video = write_video(tmp_path / "clip.avi", [(5, 15)], 30, fps=10.0)
+    cfg = live_station(tmp_path, "st-deaf", video)
+    script = ("import sys; import edge.swap; "
+              "edge.swap.BundleWatcher.request_reload = lambda self: (_ for _ in ()).throw(SystemExit('bye')); "
+              "from edge.cli import run_main; sys.exit(run_main(sys.argv[1:]))")
+    url = parse_mqtt_url(mosquitto)
+    with Collector(mosquitto, ["anomaly/st-deaf/status"]) as col:
+        proc = subprocess.Popen([sys.executable, "-c", script, "--config", str(cfg), "--engine",
+                                 str(toy_engines / "toy"), "--mqtt", mosquitto], cwd=tmp_path,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert col.wait_for(lambda ms: any(m.payload == b"online" for m in ms), timeout=30)
+            mqtt_publish.single("anomaly/st-deaf/cmd/reload", b"{}", qos=1, hostname=url.host, port=url.port)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert col.wait_for(lambda ms: ms[-1].payload in (b"offline", b"stopped"), timeout=30), \
+            [m.payload for m in col.messages]
+    assert proc.returncode == EXIT_WORKER_DIED, err
+    died = [line for line in err.splitlines() if "worker died: sink mqtt" in line]
+    assert len(died) == 1 and "network thread" in died[0], err
