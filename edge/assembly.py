@@ -92,6 +92,7 @@ def build_station(cfg: StationConfig, options: StationOptions) -> Station:
         outbox.close()
         raise
     _log_startup(station)
+    station.site.tell()
     return station
 
 

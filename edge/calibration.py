@@ -136,6 +136,7 @@ class SiteThreshold:
         self.warm_up_frames = warm_up_frames
         self.warming_up = False  # the calibration in progress is the warm-up, not the operator's --calibrate
         self._said: Optional[tuple[str, str]] = None  # the bundle version last warned about
+        self._notices: list[str] = []  # warnings kept until the station has started (``tell``)
         try:
             self.stored = load_site_calibration(path)
         except UserError as exc:
@@ -164,17 +165,25 @@ class SiteThreshold:
         version = (bundle.model_name, bundle.version)
         if self.warm_up_frames:
             self.calibrator, self.warming_up = Calibrator(self.warm_up_frames), True
-            log.warning("no on-site calibration for %s %s on this station: warming up, the first %d frames are taken "
-                        "as good parts and set its threshold (calibration.warm_up_frames); no events until then",
-                        bundle.model_name, bundle.version, self.warm_up_frames)
+            self._notices.append(
+                f"no on-site calibration for {bundle.model_name} {bundle.version} on this station: warming up, the "
+                f"first {self.warm_up_frames} frames are taken as good parts and set its threshold "
+                "(calibration.warm_up_frames); no events until then")
         elif self._said != version:
-            log.warning("no on-site calibration for %s %s on this station: it runs at the bundle's threshold %.6g, "
-                        "set on the trainer's images; another camera, codec or light moves good parts' scores and "
-                        "may raise false events. With good parts in view, run edge-run --calibrate N (N good "
-                        "frames, a few hundred) with this station's arguments, or set calibration.warm_up_frames "
-                        "to have the station calibrate at start by itself", bundle.model_name, bundle.version,
-                        bundle.threshold)
+            self._notices.append(
+                f"no on-site calibration for {bundle.model_name} {bundle.version} on this station: it runs at the "
+                f"bundle's threshold {bundle.threshold:.6g}, set on the trainer's images; another camera, codec or "
+                "light moves good parts' scores and may raise false events. With good parts in view, run edge-run "
+                "--calibrate N (N good frames, a few hundred) with this station's arguments, or set "
+                "calibration.warm_up_frames to have the station calibrate at start by itself")
         self._said = version
+
+    def tell(self) -> None:
+        """Log the warnings kept since the last call. Kept, not logged at once: a start that fails afterwards (a
+        camera that will not open) must still end in one line."""
+        for notice in self._notices:
+            log.warning("%s", notice)
+        self._notices.clear()
 
     def startup_text(self, choice: ThresholdChoice) -> str:
         """The start-up line's ``threshold ...`` part: which threshold is in force and why."""

@@ -327,6 +327,7 @@ class Station:
         self.stats.model, self.stats.model_version = bundle.model_name, bundle.version
         log.info("model swapped: %s %s -> %s %s, %s", old.model_name, old.version, bundle.model_name,
                  bundle.version, self.site.startup_text(self.choice))
+        self.site.tell()
 
     def _process(self, batch: list[Frame]) -> None:
         hw = self.bundle.input_hw

@@ -302,6 +302,7 @@ def run_in_process(tmp_path: Path, bundle_dir: Path, clip: Path, warm_up_frames:
         station = Station(cfg, bundle, backend, outbox, [], site, batch,
                           StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, batch))
         station.open_cameras()
+        site.tell()  # as build_station does once the station has started
         return station, station.run()
     finally:
         backend.close()
