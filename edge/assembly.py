@@ -68,7 +68,7 @@ def build_station(cfg: StationConfig, options: StationOptions) -> Station:
     batch = BatchSize(_batch_limit(cfg, bundle))
     c = cfg.calibration
     site = SiteThreshold(calibration_path(cfg.state_dir, cfg.station), cfg.engine.threshold, c.quantile, c.margin,
-                         c.sigmas, calibrate_frames=options.calibrate)
+                         c.sigmas, calibrate_frames=options.calibrate, warm_up_frames=c.warm_up_frames)
     make_backend = BackendMaker(cfg, batch)
     backend = make_backend(bundle)
     outbox = open_outbox(cfg.state_dir, cfg.station, cfg.sinks, cfg.spool.max_bytes, cfg.spool.max_age_s)

@@ -357,3 +357,19 @@ def test_warm_up_starts_again_for_a_swapped_in_version_and_not_for_the_operators
     assert operator.calibrator.frames == 10  # --calibrate N wins over the warm-up
     with pytest.raises(UserError, match="warm_up_frames 1"):
         SiteThreshold(tmp_path / "x.json", None, 0.99, 0.5, 3.0, warm_up_frames=1)
+
+
+def test_edge_run_warms_up_by_itself_when_the_config_asks(tmp_path: Path, mosquitto: str) -> None:
+    """calibration.warm_up_frames through the real edge-run: the false events of a cold start (good parts score
+    0.08 against the trainer's 0.05) do not happen; the first 60 frames set the threshold, stored for the version."""
+    bundle_dir = make_toy_bundle(tmp_path / "engines", threshold=0.05)
+    clip = write_lit_video(tmp_path / "line.avi", 200, lit=[(150, 175, 90)], seed=4)
+    config = station_yaml(tmp_path, "st-warm-run", "calibration:\n  warm_up_frames: 60\n")
+    proc, got = stream(mosquitto, "st-warm-run", ["--config", str(config), "--engine", str(bundle_dir),
+                                                  "--camera", str(clip)])
+    assert proc.returncode == 0, proc.stderr
+    assert "warming up, the first 60 frames" in proc.stderr
+    starts = [e["frame"] for e in got["event"] if e["type"] == "start"]
+    assert starts and all(frame >= 150 for frame in starts), starts
+    stored = load_site_calibration(calibration_path(tmp_path / "state", "st-warm-run"))
+    assert stored is not None and stored.frames == 60 and stored.model_version == bundle_dir.name
