@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,10 +172,17 @@ class SmallDisk:
         self.filler = path / "filler"
 
     def fill(self) -> None:
-        with open(self.filler, "wb") as fh, contextlib.suppress(OSError):
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
+        """Unbuffered, in ever smaller blocks: not a byte left (a 64 KB block that did not fit leaves room for a
+        spool that reuses its WAL)."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for size in (1 << 20, 1 << 16, 1 << 12, 1):
+                block = b"\0" * size
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, block)
+        finally:
+            os.close(fd)
 
     def free(self) -> None:
         with contextlib.suppress(OSError):
@@ -239,6 +247,7 @@ collect: {{enabled: true, dir: {work / 'collect'}, max_mb: 64, normal_every_s: 3
               "size_switches": 0, "disk_full_s": 0}
     windows: list[tuple[str, float, float]] = []  # (fault kind, wall-clock start, end)
     rss: list[tuple[float, float]] = []  # (seconds into the station process, MB)
+    rss_by_start: dict[int, list[tuple[float, float]]] = {}  # the same, per station process
     high_water = 0
 
     def start_station() -> subprocess.Popen:
@@ -256,6 +265,7 @@ collect: {{enabled: true, dir: {work / 'collect'}, max_mb: 64, normal_every_s: 3
             mb = rss_mb(station.pid)
             if mb is not None:
                 rss.append((time.monotonic() - station_t0, mb))
+                rss_by_start.setdefault(counts["station_starts"], []).append((time.monotonic() - station_t0, mb))
             left = end - time.monotonic()
             if left <= 0:
                 return
@@ -347,25 +357,33 @@ collect: {{enabled: true, dir: {work / 'collect'}, max_mb: 64, normal_every_s: 3
         if s not in seen:
             seen.add(s)
             first_seen.append(s)
-    # memory: growth between 60 s into a station process and its end, worst over processes
+    # memory: the peak after 60 s into a station process over its 55-65 s (transient: a 10 MB poison is held
+    # while it is read), worst over processes
     growth = 0.0
     if rss:
         late = [mb for t, mb in rss if t >= 60]
         early = [mb for t, mb in rss if 55 <= t <= 65]
         if late and early:
             growth = max(late) - min(early)
+    # what stays: the median of a process's last 10 s against its 55-65 s, for every process that lived 2 min
+    settled = [statistics.median([mb for t, mb in series if t >= series[-1][0] - 10])
+               - statistics.median([mb for t, mb in series if 55 <= t <= 65])
+               for series in rss_by_start.values() if series[-1][0] >= 120]
     per_fault = by_fault(received, expected, windows)
     logs = "".join(p.read_text(errors="replace") for p in sorted(work.glob("station-*.log")))
     result: dict[str, Any] = {
         "minutes": args.minutes, "seed": args.seed, **counts, "disk_full": disk_note,
         "last_exit_code": exit_code, "reloads_heard": logs.count("command reload received"),
         "tracebacks_in_logs": logs.count("Traceback"),
+        "spool_degraded_lines": logs.count("cannot store ("), "spool_recovered_lines": logs.count("storing again"),
         "events_expected": expected, "events_delivered": len(seqs & set(range(1, expected + 1))),
         "events_lost": len(set(range(1, expected + 1)) - seqs), "duplicates_received": len(received) - len(keys),
         "events_started_never_ended": unended,
         "delivered_in_seq_order": first_seen == sorted(first_seen),
         "spool_high_water": high_water, "rss_mb_max": round(max((mb for _, mb in rss), default=0.0), 1),
-        "rss_growth_mb_after_60s": round(growth, 1), "workdir": str(work), "by_fault": per_fault,
+        "rss_growth_mb_after_60s": round(growth, 1),
+        "rss_settled_growth_mb": round(max(settled), 1) if settled else None, "workdir": str(work),
+        "by_fault": per_fault,
     }
     width = max(len(k) for k in result)
     print(f"soak: {args.minutes:g} min, seed {args.seed}, work dir {work}")

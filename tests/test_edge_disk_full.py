@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import signal
 import sqlite3
@@ -55,12 +56,15 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def fill(folder: Path) -> Path:
     """Write zeros into ``folder`` until the disk is full; returns the filler file."""
     filler = folder / "filler"
-    with open(filler, "wb") as fh:
-        block = b"\0" * 65536
-        with contextlib.suppress(OSError):
-            while True:
-                fh.write(block)
-                fh.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1):  # unbuffered, ever smaller: not a byte left
+            block = b"\0" * size
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, block)
+    finally:
+        os.close(fd)
     return filler
 
 
