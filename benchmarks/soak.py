@@ -14,9 +14,11 @@ left up until everything is delivered. Expected events are every seq the station
 assigned in the same transaction that stores the event, so 1..last is exactly what was produced); delivered
 is what the subscriber received, de-duplicated on (event_id, type, seq). Each event is put down to the fault
 in force when its frame was taken (a lost one: when its nearest delivered predecessor was), or ``none``; the
-table shows expected / delivered / lost per fault kind. No station kill or broker restart is scheduled while the
-disk is full or in the 40 s after (the spool's retry back-off): a restart then would lose what was only in memory,
-which the station says it does. Prints one table.
+table shows expected / delivered / lost per fault kind. ``spool.max_mb`` is 4: the WAL is then checkpointed at
+512 KB, so a full disk reaches the spool's writes at once (with the default 256 MB a WAL already grown to SQLite's
+4 MB autocheckpoint is reused in place, and the spool stores on through a full disk). No station kill or broker
+restart is scheduled while the disk is full or in the 40 s after (the spool's retry back-off): a restart then would
+lose what was only in memory, which the station says it does. Prints one table.
 """
 
 from __future__ import annotations
@@ -236,6 +238,7 @@ cameras:
 events: {{k: 3, n: 5, close_after: 5, update_interval_s: 0.5, cooldown_s: 0.5}}
 mqtt: {{stats_interval_s: 2, flush_timeout_s: 5, reconnect_max_s: 2}}
 collect: {{enabled: true, dir: {work / 'collect'}, max_mb: 64, normal_every_s: 30}}
+spool: {{max_mb: 4}}
 """, encoding="utf-8")
     env = {**os.environ, "OPENCV_FFMPEG_CAPTURE_OPTIONS": "probesize;4096|analyzeduration;0",
            "PYTHONPATH": str(ROOT)}

@@ -364,6 +364,9 @@ class Outbox:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
                            (_meta(db, "dropped") + self._unwritten_drops,))
 
+        if self._conn is not None:  # a WAL that filled the disk itself is reused from its start after this
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if not self._transaction(work):
             return
         moved, since = len(self._held), self.degraded_since
