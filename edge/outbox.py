@@ -1,5 +1,6 @@
 """The station's durable outbox: every event and snapshot is on disk before any sink sees it, and leaves only
-when every configured sink has acknowledged it (docs/DESIGN.md, processing contract).
+when every configured sink has acknowledged it (docs/DESIGN.md, processing contract). Its file, the records
+and their format are edge/outbox_file.py's.
 
 A record is protocol-neutral: its kind (``event`` or ``snapshot``), camera, an idempotency key (``event_id:
 type:seq`` for an event, ``event_id:snapshot`` for a snapshot), the payload bytes (an event's JSON, a snapshot's
@@ -18,21 +19,11 @@ States of a record, per sink:
 - *deleted*: when every sink named at open has a ``deliveries`` row for it. One sink's outage therefore never
   loses another's records and never blocks it: each sink walks the records it has not settled, oldest first.
 
-SQLite, because it is the embedded store with the best-proven crash behaviour (atomic commits, tested
-against power loss), ships with Python, and one file is easy to inspect (``sqlite3 STATION.spool.sqlite``).
-WAL mode with ``synchronous=FULL``: a committed event survives a power cut, and the capture threads'
-readers never block the writer. One file per station also holds the per-station ``seq`` (so it is
-assigned and the event stored in one transaction: a crash can never send two events with one seq) and
-the events that are open (so a restarted station can end them with reason ``restart``).
-
 Bounded by size and age: when a new record would exceed ``max_bytes`` or a record is older than
 ``max_age_s``, the oldest records go first, whoever still waits for them; every drop is counted (persistently)
 and logged. A file SQLite cannot read is moved aside (``*.corrupt-<time>``) with one line, and a fresh one
 started; its seq floor is salvaged when possible, otherwise taken from the clock (milliseconds since the epoch:
 far above any seq a station can have reached one event at a time), so seq never goes back.
-
-A spool of earlier versions (table ``outbox`` of MQTT topics) is migrated on open: each message becomes a
-record whose kind and camera are read from its topic, so what it held is still sent.
 
 A full or read-only disk is a state, not a crash (``state`` ``degraded``, ``problem`` says why): a record that
 cannot be stored is held in a bounded memory queue that the sinks read after the stored records (ids stay one
@@ -61,56 +52,30 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from core.errors import UserError
+from edge.outbox_file import (
+    OUTCOMES,
+    SCHEMA,
+    Record,
+    connect,
+    encode_snapshot,
+    event_key,
+    is_storage_error,
+    migrate_topic_outbox,
+    move_aside,
+    placeholders,
+    read_meta,
+    salvage_seq,
+)
 from edge.state import StationLock, legacy_seq
 
 log = logging.getLogger("edge.outbox")
 
-KINDS = ("event", "snapshot")
-OUTCOMES = ("delivered", "refused", "skipped")
 EXPIRE_EVERY_S = 60.0
 RETRY_MIN_S = 1.0  # a failed store is retried after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
 MEMORY_RECORDS = 2000  # records held in memory while the spool cannot store them (bytes: max_bytes, at most 64 MB)
 MEMORY_BYTES = 64 * 2**20
 WAL_MIN_BYTES = 64 * 2**10  # the WAL is checkpointed when it passes max(this, max_bytes / 8)
-# what a full, read-only or vanished disk answers; anything else on open is a file SQLite cannot read (corrupt)
-_STORAGE_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM",
-                   "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_NOMEM")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    camera TEXT NOT NULL,
-    key TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    created REAL NOT NULL,
-    size INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    record_id INTEGER NOT NULL,
-    sink TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    at REAL NOT NULL,
-    PRIMARY KEY (record_id, sink)
-);
-CREATE TABLE IF NOT EXISTS open_events (event_id TEXT PRIMARY KEY, camera TEXT NOT NULL, payload TEXT NOT NULL);
-"""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One stored event or snapshot, as a sink receives it."""
-
-    id: int
-    kind: str
-    camera: str
-    key: str
-    payload: bytes
-    created: float
-
-
 @dataclass
 class _Held:
     """A record the spool could not store, and the sinks that have settled it so far."""
@@ -119,22 +84,11 @@ class _Held:
     settled: dict[str, str] = field(default_factory=dict)
 
 
-def is_storage_error(exc: sqlite3.Error) -> bool:
-    """A full, read-only or missing disk (retry later), as opposed to a file SQLite cannot read."""
-    name = getattr(exc, "sqlite_errorname", None) or ""
-    return name.startswith(_STORAGE_ERRORS) or (not name and "disk" in str(exc))
-
-
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def event_key(payload: dict[str, Any]) -> str:
-    """What a receiver de-duplicates an event on: ``event_id:type:seq``."""
-    return f"{payload['event_id']}:{payload['type']}:{payload['seq']}"
 
 
 class Outbox:
@@ -191,11 +145,7 @@ class Outbox:
 
     # -- opening ------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=5.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(f"PRAGMA journal_size_limit={self._wal_limit}")  # a checkpoint shrinks the WAL back to this
-        return db
+        return connect(self.path, self._wal_limit)
 
     @property
     def _wal_limit(self) -> int:
@@ -209,25 +159,21 @@ class Outbox:
             ok = db.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(ok)
-            db.executescript(_SCHEMA)
-            _migrate_topic_outbox(db, self.path)
+            db.executescript(SCHEMA)
+            migrate_topic_outbox(db, self.path)
             return self._started(db)
         except sqlite3.DatabaseError as exc:
             if is_storage_error(exc):
                 self._start_degraded(exc)
                 return None
-            seq_floor = self._salvage_seq()
-            moved = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(self.path) + suffix)
-                if src.exists():
-                    src.replace(Path(str(moved) + suffix))
+            seq_floor = salvage_seq(self.path)
+            moved = move_aside(self.path)
             seq_floor = seq_floor or int(time.time() * 1000)
             log.error("spool %s is unreadable (%s); moved it to %s and started a fresh one (seq continues "
                       "from %d); the events in it were not sent", self.path, exc, moved.name, seq_floor)
         try:
             db = self._connect()
-            db.executescript(_SCHEMA)
+            db.executescript(SCHEMA)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (seq_floor,))
             return self._started(db)
         except sqlite3.Error as exc:
@@ -238,7 +184,7 @@ class Outbox:
 
     def _started(self, db: sqlite3.Connection) -> sqlite3.Connection:
         """Read seq and the next record id, and prove the file can be written (a degraded start otherwise)."""
-        self._seq = _meta(db, "seq")
+        self._seq = read_meta(db, "seq")
         row = db.execute("SELECT MAX(seq) FROM sqlite_sequence WHERE name = 'records'").fetchone()
         top = db.execute("SELECT MAX(id) FROM records").fetchone()
         self._next_id = max(int(row[0] or 0) if row else 0, int(top[0] or 0)) + 1
@@ -254,22 +200,10 @@ class Outbox:
         """The disk refuses writes at start: what the last run sent from memory may carry seqs above the stored
         one, so seq and record ids continue from the clock (ms since the epoch: above anything handed out)."""
         floor = int(time.time() * 1000)
-        self._seq = max(self._seq, self._salvage_seq(), floor)
+        self._seq = max(self._seq, salvage_seq(self.path), floor)
         self._next_id = max(self._next_id, floor)
         with self._lock:
             self._degrade_locked(exc)
-
-    def _salvage_seq(self) -> int:
-        """The last seq of an unreadable file, when SQLite can still read that much of it."""
-        try:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-            try:
-                row = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
-                return int(row[0]) if row else 0
-            finally:
-                db.close()
-        except (sqlite3.Error, TypeError, ValueError):
-            return 0
 
     def close(self) -> None:
         with self._lock:
@@ -311,7 +245,7 @@ class Outbox:
         if db is None:
             try:
                 db = self._conn = self._connect()
-                db.executescript(_SCHEMA)
+                db.executescript(SCHEMA)
             except sqlite3.Error as exc:
                 self._conn = None
                 self._degrade_locked(exc)
@@ -341,7 +275,7 @@ class Outbox:
         one transaction; state ``ok`` again when it commits."""
 
         def work(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (max(self._seq, _meta(db, "seq")),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (max(self._seq, read_meta(db, "seq")),))
             for event_id, change in self._open_changes.items():
                 if change is None:
                     db.execute("DELETE FROM open_events WHERE event_id = ?", (event_id,))
@@ -362,7 +296,7 @@ class Outbox:
             self._delete_settled_locked(db)
             if self._unwritten_drops:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
-                           (_meta(db, "dropped") + self._unwritten_drops,))
+                           (read_meta(db, "dropped") + self._unwritten_drops,))
 
         if self._conn is not None:  # a WAL that filled the disk itself is reused from its start after this
             with contextlib.suppress(sqlite3.Error):
@@ -407,7 +341,7 @@ class Outbox:
 
     # -- counters -----------------------------------------------------------------------------------
     def _meta(self, key: str) -> int:
-        return _meta(self._db, key) if self._conn is not None else 0
+        return read_meta(self._db, key) if self._conn is not None else 0
 
     def _recount_locked(self) -> None:
         if self._conn is None:
@@ -502,25 +436,8 @@ class Outbox:
 
     def add_snapshot(self, camera: str, event_id: str, jpeg: bytes, meta: Optional[dict[str, Any]] = None) -> None:
         """Store the JPEG of an event's peak frame (no seq of its own), with ``meta`` (the peak's score, frame,
-        ts: what lets an operator match the picture to its event) stored before it; see split_snapshot."""
-        data = json.dumps(meta, separators=(",", ":")).encode() + b"\0" + jpeg if meta else jpeg
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._insert("snapshot", camera, f"{event_id}:snapshot", data)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._enforce_size_locked()
-
-    def _insert(self, kind: str, camera: str, key: str, data: bytes) -> None:
-        """Store one record inside the caller's transaction (its id: the next of the one rising sequence)."""
-        record = Record(self._next_id, kind, camera, key, data, time.time())
-        self._write_record(self._db, record)
-        self._next_id = record.id + 1
-        self._bytes += len(data)
-        self._depth += 1
+        ts: what lets an operator match the picture to its event); held in memory when the disk refuses."""
+        self._store_record("snapshot", camera, f"{event_id}:snapshot", encode_snapshot(jpeg, meta))
 
     def _store_record(self, kind: str, camera: str, key: str, data: bytes) -> None:
         """Store one record in a transaction of its own, or hold it in memory when the disk refuses (for
@@ -615,7 +532,7 @@ class Outbox:
                                  (record_id, sink, outcome, time.time()))
                 result["fresh"] = cur.rowcount == 1
                 settled_by = db.execute(
-                    f"SELECT COUNT(*) FROM deliveries WHERE record_id = ? AND sink IN ({_marks(self.sinks)})",
+                    f"SELECT COUNT(*) FROM deliveries WHERE record_id = ? AND sink IN ({placeholders(self.sinks)})",
                     (record_id, *self.sinks)).fetchone()[0]
                 result["done"] = int(settled_by) >= len(self.sinks)
                 if result["done"]:
@@ -700,7 +617,7 @@ class Outbox:
         """Records every configured sink has settled (left behind when a sink was removed from the config)."""
         db = db or self._db
         assert db is not None
-        done = (f"(SELECT record_id FROM deliveries WHERE sink IN ({_marks(self.sinks)}) GROUP BY record_id "
+        done = (f"(SELECT record_id FROM deliveries WHERE sink IN ({placeholders(self.sinks)}) GROUP BY record_id "
                 "HAVING COUNT(*) >= ?)")
         args = (*self.sinks, len(self.sinks))
         db.execute(f"DELETE FROM records WHERE id IN {done}", args)
@@ -713,7 +630,7 @@ class Outbox:
 
     def _db_drops(self, count: int) -> None:
         if not self._transaction(lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
-                                                       (_meta(db, "dropped") + count,))):
+                                                       (read_meta(db, "dropped") + count,))):
             self._unwritten_drops += count
 
     def _note_drops(self, count: int, why: str) -> None:
@@ -725,45 +642,6 @@ class Outbox:
         (log.warning if loud else log.debug)(
             "spool %s: dropped the %d oldest unsent record(s), %s (%d dropped this run)",
             self.path.name, count, why, self.dropped_this_run)
-
-
-def _meta(db: sqlite3.Connection, key: str) -> int:
-    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _marks(values: Sequence[str]) -> str:
-    return ", ".join("?" for _ in values)
-
-
-def _migrate_topic_outbox(db: sqlite3.Connection, path: Path) -> None:
-    """Turn the MQTT-topic ``outbox`` table of earlier versions into records (kind and camera from the topic
-    ``{prefix}/{station}/{camera}/{kind}``), keeping ids, order and creation times, in one transaction."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone() is None:
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        moved = 0
-        for record_id, topic, payload, created in db.execute(
-                "SELECT id, topic, payload, created FROM outbox ORDER BY id").fetchall():
-            camera, kind = str(topic).rsplit("/", 2)[-2:]
-            data = bytes(payload)
-            key = f"legacy:{record_id}"
-            if kind == "event":
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    key = event_key(json.loads(data))
-            elif kind != "snapshot":
-                continue  # nothing else was ever spooled
-            db.execute("INSERT INTO records (id, kind, camera, key, payload, created, size) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (int(record_id), kind, camera, key, data, float(created), len(data)))
-            moved += 1
-        db.execute("DROP TABLE outbox")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    log.info("spool %s: moved %d unsent message(s) of an earlier version into the outbox", path.name, moved)
 
 
 def open_outbox(state_dir: str | Path, station: str, sinks: Sequence[str], max_bytes: int,
@@ -779,18 +657,3 @@ def open_outbox(state_dir: str | Path, station: str, sinks: Sequence[str], max_b
         raise
     outbox.ensure_seq_at_least(legacy_seq(state_dir, station))
     return outbox
-
-
-def split_snapshot(payload: bytes) -> tuple[dict[str, Any], bytes]:
-    """A snapshot record's (meta, JPEG): add_snapshot stores ``<JSON meta>\\0<JPEG>``; a record of an earlier
-    version is the bare JPEG (meta ``{}``)."""
-    if payload[:1] == b"{":
-        head, sep, jpeg = payload.partition(b"\0")
-        if sep:
-            try:
-                meta = json.loads(head)
-            except ValueError:
-                meta = None
-            if isinstance(meta, dict):
-                return meta, jpeg
-    return {}, payload

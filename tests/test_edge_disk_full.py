@@ -24,6 +24,7 @@ from test_edge_faults import dedup, live_station, wait_line
 
 import edge.outbox
 from edge.outbox import Outbox
+from edge.outbox_file import split_snapshot
 
 MQTT = ("mqtt",)
 
@@ -233,3 +234,24 @@ def test_a_station_on_a_full_disk_keeps_delivering_live_and_recovers(tmp_path: P
     last = [json.loads(m.payload) for m in messages if m.topic.endswith("/stats")][-1]
     assert last["spool"] == "ok" and last["spool_not_kept"] > 0
     print(f"{len(seqs)} events delivered, {last['spool_not_kept']} sent from memory while the disk was full")
+
+
+def test_a_snapshot_on_a_full_disk_is_held_in_memory_not_raised(tmp_path: Path, fast_retry: None) -> None:
+    """With snapshots on, a full disk raised "cannot rollback - no transaction is active" out of add_snapshot
+    into the station loop; a snapshot is now held in memory like an event, and stored when room returns."""
+    box = Outbox(tmp_path / "st.spool.sqlite", MQTT, max_bytes=10**7, max_age_s=3600)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        box._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))
+        box.add_snapshot("cam0", "e1", b"\xff\xd8jpeg" * 500, {"score": 0.9, "frame": 12})
+        assert box.state == "degraded" and box.not_kept == 1
+        held = box.pending("mqtt", 0, 10)
+        assert [r.kind for r in held] == ["snapshot"] and split_snapshot(held[0].payload)[0]["frame"] == 12
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        time.sleep(0.1)
+        box.pending("mqtt", 0, 1)
+        assert box.state == "ok" and [r.id for r in box.pending("mqtt", 0, 10)] == [held[0].id]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        box.close()

@@ -47,7 +47,8 @@ from core.errors import UserError
 from core.payloads import PayloadRefused, parse_network_json, payload_problem, shown
 from edge.config import MqttConfig, StationConfig
 from edge.mqtt import describe_tls_failure, new_client, parse_mqtt_url, tls_context
-from edge.outbox import Outbox, Record, split_snapshot
+from edge.outbox import Outbox
+from edge.outbox_file import Record, split_snapshot
 from edge.sinks import CommandHandler, SinkContext, register_sink
 
 log = logging.getLogger("edge.mqtt")

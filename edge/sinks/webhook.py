@@ -35,7 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 from core.errors import UserError
 from edge.config import StationConfig, WebhookConfig, redact_secrets
-from edge.outbox import Outbox, Record, split_snapshot
+from edge.outbox import Outbox
+from edge.outbox_file import Record, split_snapshot
 from edge.sinks import SinkContext, register_sink
 
 log = logging.getLogger("edge.webhook")
