@@ -181,6 +181,19 @@ def test_the_mqtt_sender_survives_an_outbox_error(tmp_path: Path, mosquitto: str
 
 
 # -- the whole station ----------------------------------------------------------------------------------
+def _dropped_in_stats(message: Any) -> int:
+    """Command messages a stats message (that satisfies the stats schema) counts as dropped: refused by the bounded
+    check (reload) or ignored as unknown (label without collection, x); -1 for anything else."""
+    if not message.topic.endswith("/stats"):
+        return -1
+    stats = json.loads(message.payload)
+    assert payload_problem("stats", stats) is None, payload_problem("stats", stats)
+    mqtt_stats = stats["sinks"]["mqtt"]
+    if mqtt_stats.get("commands_refused", 0) < len(POISON):
+        return -1
+    return int(mqtt_stats["commands_refused"] + mqtt_stats["commands_ignored"])
+
+
 def test_a_station_answers_and_publishes_after_poison_also_after_a_restart(tmp_path: Path, mosquitto_bin: str) -> None:
     """edge-run on a persistent session: poison on every command topic, then a reload and a defect; stopped
     and started again on the same session: it answers again, the poison does not come back."""
@@ -196,7 +209,7 @@ def test_a_station_answers_and_publishes_after_poison_also_after_a_restart(tmp_p
     base = "anomaly/st-pz"
     try:
         for run in range(2):
-            with Collector(broker.url, [f"{base}/+/event", f"{base}/status"]) as col:
+            with Collector(broker.url, [f"{base}/+/event", f"{base}/status", f"{base}/stats"]) as col:
                 proc = subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", "toy",
                                          "--mqtt", broker.url], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
                 try:
@@ -206,6 +219,9 @@ def test_a_station_answers_and_publishes_after_poison_also_after_a_restart(tmp_p
                                                   for body in POISON.values()])
                     _publish_all(broker.url, [(f"{base}/cmd/reload", b"{}")])
                     assert col.wait_for(lambda ms: sum(m.topic.endswith("/event") for m in ms) >= 2, timeout=60)
+                    if run == 0:  # the published stats count what was refused (and are valid stats)
+                        assert col.wait_for(lambda ms: any(_dropped_in_stats(m) >= 3 * len(POISON) for m in ms),
+                                            timeout=30)
                     _, err = proc.communicate(timeout=60)
                 finally:
                     if proc.poll() is None:

@@ -206,7 +206,7 @@ class MqttSink:
 
     def stats(self) -> dict[str, Any]:
         return {"depth": self.pending, "delivered": self.delivered, "failed": self.failed,
-                "connected": self.connected}
+                "connected": self.connected, **self.counters()}
 
     def describe(self) -> str:
         ack = f" (events kept until the consumer acknowledges them on {self.ack_topic})" if self.cfg.consumer_ack \
