@@ -456,3 +456,37 @@ def write_labelled_holdout(root: Path, clip: Path, defects: list[tuple[int, int]
         cv2.imwrite(str(root / "test" / label / f"{i:04d}.png"), frame)
         i += 1
     return root
+
+
+def read_all(cam: Any, hw: tuple[int, int] = (16, 16), keep_original: bool = False,
+             timeout: float = 30.0) -> tuple[list[Any], Any]:
+    """Every frame a capture source (edge.sources.CameraSource of ``cam``) delivers until it ends, and the source."""
+    from edge.sources import CameraSource, FrameQueue, describe_open_failure
+
+    queue = FrameQueue(1000)
+    src = CameraSource(cam, hw, queue, keep_original=keep_original)
+    assert src.open(), describe_open_failure(cam)
+    src.start()
+    frames: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while not queue.finished and time.monotonic() < deadline:
+        with queue.cond:
+            item = queue.get_nowait()
+            if item is None:
+                queue.cond.wait(0.05)
+        if item is not None:
+            frames.append(item)
+    src.stop()
+    src.join()
+    assert queue.finished, "the source never ended"
+    return frames, src
+
+
+def event_maker(kind: str, event_id: str = "e1") -> Callable[[int], dict[str, Any]]:
+    """What Outbox.add_event takes: the event payload of ``kind`` for the seq it assigns."""
+    def make(seq: int) -> dict[str, Any]:
+        payload: dict[str, Any] = {"event_id": event_id, "type": kind, "seq": seq, "frame": seq}
+        if kind == "end":
+            payload["reason"] = "cleared"
+        return payload
+    return make

@@ -9,31 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from edge_helpers import FifoCamera
+from edge_helpers import FifoCamera, read_all
 
 from edge.config import CameraConfig
-from edge.sources import CameraSource, Frame, FrameQueue, compressed_packets, reduced_decode_flag
+from edge.sources import CameraSource, FrameQueue, compressed_packets, reduced_decode_flag
 from trainer.synthetic import write_clip
-
-
-def read_all(cam: CameraConfig, hw: tuple[int, int], keep_original: bool = False,
-             timeout: float = 30.0) -> tuple[list[Frame], CameraSource]:
-    queue = FrameQueue(1000)
-    src = CameraSource(cam, hw, queue, keep_original=keep_original)
-    assert src.open()
-    src.start()
-    frames: list[Frame] = []
-    deadline = time.monotonic() + timeout
-    while not queue.finished and time.monotonic() < deadline:
-        with queue.cond:
-            item = queue.get_nowait()
-            if item is None:
-                queue.cond.wait(0.05)
-        if item is not None:
-            frames.append(item)
-    src.stop()
-    src.join()
-    return frames, src
 
 
 def test_reduced_decode_flag_covers_the_model_input() -> None:

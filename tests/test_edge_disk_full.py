@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from edge_helpers import Collector, cli_command, free_port, validate, write_video
+from edge_helpers import Collector, cli_command, event_maker, free_port, validate, write_video
 from prometheus_client.parser import text_string_to_metric_families
 from test_edge_faults import dedup, live_station, wait_line
 
@@ -29,13 +29,6 @@ from edge.outbox_file import split_snapshot
 MQTT = ("mqtt",)
 
 
-def event(kind: str, event_id: str = "e1") -> Any:
-    def make(seq: int) -> dict[str, Any]:
-        payload: dict[str, Any] = {"event_id": event_id, "type": kind, "seq": seq, "frame": seq}
-        if kind == "end":
-            payload["reason"] = "cleared"
-        return payload
-    return make
 
 
 @pytest.fixture
@@ -78,10 +71,10 @@ def fast_retry(monkeypatch: pytest.MonkeyPatch) -> None:
 def exercise_a_full_disk(box: Outbox, make_full: Any, make_room: Any) -> None:
     """Events before, during and after a full disk: nothing raises, seq rises, the sinks see every record in id
     order (stored ones, then the ones held in memory), settling works in both, and recovery stores what waits."""
-    assert box.add_event("cam0", event("start"))["seq"] == 1
+    assert box.add_event("cam0", event_maker("start"))["seq"] == 1
     first = box.pending("mqtt", 0, 10)
     make_full()
-    seqs = [box.add_event("cam0", event("update"))["seq"] for _ in range(40)]
+    seqs = [box.add_event("cam0", event_maker("update"))["seq"] for _ in range(40)]
     assert seqs == list(range(2, 42))
     assert box.state == "degraded" and box.problem and box.not_kept > 0
     records = box.pending("mqtt", 0, 100)
@@ -98,7 +91,7 @@ def exercise_a_full_disk(box: Outbox, make_full: Any, make_room: Any) -> None:
     box.pending("mqtt", 0, 1)  # a sink's poll retries the store when it is due
     assert box.state == "ok" and box.problem is None
     assert [r.id for r in box.pending("mqtt", 0, 100)] == [r.id for r in records[10:]]  # now stored, same ids
-    assert box.add_event("cam0", event("end"))["seq"] == 42
+    assert box.add_event("cam0", event_maker("end"))["seq"] == 42
     path = box.path
     box.close()
     again = Outbox(path, MQTT, max_bytes=10**7, max_age_s=3600)  # what waited survives a restart
@@ -134,12 +127,12 @@ def test_a_spool_that_cannot_be_written_at_start_starts_degraded_and_seq_never_g
         small_disk: Path, fast_retry: None) -> None:
     path = small_disk / "st.spool.sqlite"
     box = Outbox(path, MQTT, max_bytes=10**7, max_age_s=3600)
-    box.add_event("cam0", event("start"))
+    box.add_event("cam0", event_maker("start"))
     box.close()
     filler = fill(small_disk)
     box = Outbox(path, MQTT, max_bytes=10**7, max_age_s=3600)  # no exception: a degraded start
     assert box.state == "degraded"
-    seq = box.add_event("cam0", event("update"))["seq"]
+    seq = box.add_event("cam0", event_maker("update"))["seq"]
     assert seq >= int((time.time() - 60) * 1000)  # from the clock: above anything a crashed run sent from memory
     assert [json.loads(r.payload)["seq"] for r in box.pending("mqtt", 0, 10)][-1] == seq
     filler.unlink()

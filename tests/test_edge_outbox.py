@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edge_helpers import event_maker
 
 from core.errors import UserError
 from edge.outbox import Outbox, open_outbox
@@ -22,22 +23,16 @@ MQTT = ("mqtt",)
 
 SHM_BYTES = 32768  # SQLite's WAL index (-shm) of one 32 KiB region
 
-def event(kind: str, event_id: str = "e1") -> Any:
-    def make(seq: int) -> dict[str, Any]:
-        payload: dict[str, Any] = {"event_id": event_id, "type": kind, "seq": seq, "frame": seq}
-        if kind == "end":
-            payload["reason"] = "cleared"
-        return payload
-    return make
+
 
 
 def test_seq_order_acks_and_open_events_survive_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "st.spool.sqlite"
     box = Outbox(path, MQTT, max_bytes=10**6, max_age_s=3600)
-    assert box.add_event("cam0", event("start"))["seq"] == 1
-    assert box.add_event("cam0", event("update"))["seq"] == 2
+    assert box.add_event("cam0", event_maker("start"))["seq"] == 1
+    assert box.add_event("cam0", event_maker("update"))["seq"] == 2
     box.add_snapshot("cam0", "e1", b"\xff\xd8jpeg")
-    assert box.add_event("cam1", event("start", "e2"))["seq"] == 3
+    assert box.add_event("cam1", event_maker("start", "e2"))["seq"] == 3
     assert box.depth == 4
     first = box.pending("mqtt", 0, 10)
     assert [(r.kind, r.camera) for r in first] == [("event", "cam0"), ("event", "cam0"), ("snapshot", "cam0"),
@@ -53,7 +48,7 @@ def test_seq_order_acks_and_open_events_survive_a_reopen(tmp_path: Path) -> None
     open_now = box.open_events()
     assert [(cam, p["event_id"], p["type"], p["seq"]) for cam, p in open_now] == \
         [("cam0", "e1", "update", 2), ("cam1", "e2", "start", 3)]  # the last message of each open event
-    assert box.add_event("cam0", event("end"))["seq"] == 4
+    assert box.add_event("cam0", event_maker("end"))["seq"] == 4
     assert [p["event_id"] for _, p in box.open_events()] == ["e2"]
     box.close()
 
@@ -62,7 +57,7 @@ def test_a_record_leaves_only_when_every_sink_has_settled_it(tmp_path: Path) -> 
     path = tmp_path / "st.spool.sqlite"
     box = Outbox(path, ("mqtt", "webhook"), max_bytes=10**6, max_age_s=3600)
     for kind in ("start", "update", "end"):
-        box.add_event("cam0", event(kind))
+        box.add_event("cam0", event_maker(kind))
     ids = [r.id for r in box.pending("mqtt", 0, 10)]
     for i in ids:  # MQTT delivers everything while the webhook's receiver is down
         box.ack(i, "mqtt")
@@ -103,7 +98,7 @@ def test_a_spool_of_an_earlier_version_is_migrated_and_still_sent(tmp_path: Path
     assert [(r.id, r.kind, r.camera, r.key) for r in got] == [(5, "event", "cam2", "e7:start:7"),
                                                                (6, "snapshot", "cam2", "legacy:6")]
     assert got[0].payload == start and box.seq == 7 and [c for c, _ in box.open_events()] == ["cam2"]
-    assert box.add_event("cam2", event("end", "e7"))["seq"] == 8
+    assert box.add_event("cam2", event_maker("end", "e7"))["seq"] == 8
     assert box.pending("mqtt", 6, 10)[0].id == 7  # ids continue after the migrated ones
     box.close()
     with sqlite3.connect(path) as db:
@@ -119,7 +114,7 @@ def test_a_payload_that_fails_to_build_leaves_no_trace(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         box.add_event("cam0", broken)
     assert box.seq == 0 and box.depth == 0 and box.open_events() == []
-    assert box.add_event("cam0", event("start"))["seq"] == 1
+    assert box.add_event("cam0", event_maker("start"))["seq"] == 1
 
 
 def test_size_bound_drops_the_oldest_first_and_counts_them(tmp_path: Path,
@@ -146,8 +141,8 @@ def test_size_bound_drops_the_oldest_first_and_counts_them(tmp_path: Path,
 def test_age_bound_drops_old_records(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     box = Outbox(path, MQTT, max_bytes=10**6, max_age_s=3600)
-    box.add_event("cam0", event("start"))
-    box.add_event("cam0", event("end"))
+    box.add_event("cam0", event_maker("start"))
+    box.add_event("cam0", event_maker("end"))
     box.close()
     with sqlite3.connect(path) as db:  # the first record was written two hours ago
         db.execute("UPDATE records SET created = ? WHERE id = 1", (time.time() - 7200,))
@@ -168,13 +163,13 @@ def test_a_corrupt_spool_is_moved_aside_and_seq_never_goes_back(tmp_path: Path,
     assert "unreadable" in line and moved[0].name in line
     # Nothing could be salvaged, so seq continues from the clock (ms since the epoch): above anything sent.
     assert box.seq >= int((time.time() - 60) * 1000)
-    assert box.add_event("cam0", event("start"))["seq"] == box.seq
+    assert box.add_event("cam0", event_maker("start"))["seq"] == box.seq
 
 
 def test_open_outbox_carries_over_the_json_counter_and_holds_the_station(tmp_path: Path) -> None:
     (tmp_path / "st.seq.json").write_text('{"seq": 41}\n')
     box = open_outbox(tmp_path, "st", MQTT, 10**6, 3600)
-    assert box.add_event("cam0", event("start"))["seq"] == 42
+    assert box.add_event("cam0", event_maker("start"))["seq"] == 42
     with pytest.raises(UserError, match="another edge-run for station 'st'"):
         open_outbox(tmp_path, "st", MQTT, 10**6, 3600)
     box.close()

@@ -16,6 +16,7 @@ from edge_helpers import (
     check_events,
     check_payloads,
     make_frame,
+    read_all,
     run_cli,
     wait_stopped,
 )
@@ -26,7 +27,6 @@ from edge.sources import (
     FILE_FPS_FALLBACK,
     CameraSource,
     Capture,
-    Frame,
     FrameQueue,
     SourceKind,
     describe_open_failure,
@@ -73,28 +73,6 @@ class ToyKind(SourceKind):
 
     def frame_rate(self, capture: Capture) -> Optional[float]:
         return 10.0
-
-
-def read_all(cam: CameraConfig, hw: tuple[int, int] = (16, 16), timeout: float = 30.0
-             ) -> tuple[list[Frame], CameraSource]:
-    """Every frame a source delivers until it ends."""
-    queue = FrameQueue(1000)
-    src = CameraSource(cam, hw, queue)
-    assert src.open(), describe_open_failure(cam)
-    src.start()
-    frames: list[Frame] = []
-    deadline = time.monotonic() + timeout
-    while not queue.finished and time.monotonic() < deadline:
-        with queue.cond:
-            item = queue.get_nowait()
-            if item is None:
-                queue.cond.wait(0.05)
-        if item is not None:
-            frames.append(item)
-    src.stop()
-    src.join()
-    assert queue.finished, "the source never ended"
-    return frames, src
 
 
 def grey(image: np.ndarray) -> int:
