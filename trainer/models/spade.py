@@ -236,6 +236,13 @@ class Spade(AnomalyModel):
         return {"n_train_images": len(self.images), "image_dim": self.image_dim, "patch_dim": self.patch_dim,
                 "patch_grid": list(self.grid), "k": k, "map_neighbours": n_map, "feature_seconds": round(seconds, 3)}
 
+    def export_batch_limit(self, max_elements: int) -> Optional[int]:
+        """Every distance grows with the batch: at 160 px ([4, 7] map taps, 400 patches a frame) the 400 x 400
+        patch distances of a batch of 16 exceed the default bound, and 13 fit."""
+        assert self.images is not None and self.patches is not None
+        patches = int(self.patches.shape[1])
+        return max_elements // max(len(self.images), patches * patches, (self.patch_dim + 1) * patches)
+
     def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
         """Distances batch x M (images) and batch x P x P (patches) within ``max_elements``; the banks in a file."""
         assert self.images is not None and self.patches is not None
