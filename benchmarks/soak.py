@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from edge_helpers import Collector, Mosquitto, free_port, make_toy_bundle, mosquitto_binary  # noqa: E402
+from edge_helpers import Collector, Mosquitto, fill_disk, free_port, make_toy_bundle, mosquitto_binary  # noqa: E402
 
 STATION = "soak"
 
@@ -174,17 +174,7 @@ class SmallDisk:
         self.filler = path / "filler"
 
     def fill(self) -> None:
-        """Unbuffered, in ever smaller blocks: not a byte left (a 64 KB block that did not fit leaves room for a
-        spool that reuses its WAL)."""
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            for size in (1 << 20, 1 << 16, 1 << 12, 1):
-                block = b"\0" * size
-                with contextlib.suppress(OSError):
-                    while True:
-                        os.write(fd, block)
-        finally:
-            os.close(fd)
+        fill_disk(self.filler)
 
     def free(self) -> None:
         with contextlib.suppress(OSError):

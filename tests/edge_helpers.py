@@ -490,3 +490,20 @@ def event_maker(kind: str, event_id: str = "e1") -> Callable[[int], dict[str, An
             payload["reason"] = "cleared"
         return payload
     return make
+
+
+def fill_disk(filler: Path) -> Path:
+    """Write zeros to ``filler`` until its disk is full; returns it. Unbuffered, in ever smaller blocks: not a byte
+    is left (a 64 KB block that did not fit leaves room for a spool that reuses its WAL)."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1):
+            block = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler

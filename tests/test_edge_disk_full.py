@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import signal
 import sqlite3
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from edge_helpers import Collector, cli_command, event_maker, free_port, validate, write_video
+from edge_helpers import Collector, cli_command, event_maker, fill_disk, free_port, validate, write_video
 from prometheus_client.parser import text_string_to_metric_families
 from test_edge_faults import dedup, live_station, wait_line
 
@@ -48,18 +47,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(folder: Path) -> Path:
-    """Write zeros into ``folder`` until the disk is full; returns the filler file."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for size in (1 << 20, 1 << 16, 1 << 12, 1):  # unbuffered, ever smaller: not a byte left
-            block = b"\0" * size
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, block)
-    finally:
-        os.close(fd)
-    return filler
+    """Fill ``folder``'s disk; returns the filler file."""
+    return fill_disk(folder / "filler")
 
 
 @pytest.fixture
