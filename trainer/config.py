@@ -20,6 +20,7 @@ import yaml
 from core.configfile import load_config, parse_config
 from core.errors import UserError
 from core.preprocess import RESIZE_MODES
+from core.thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_POLICY, DEFAULT_RECALL, Policy
 from trainer.models.base import (
     AnomalyModel,
     ModelDefaults,
@@ -38,6 +39,8 @@ DEFAULT_MODEL = "patchcore"  # the one place the default model is named (tests/t
 BEGIN_MODELS = "# ---- model sections: generated from the models' settings by `edge-train config --dump`; edit the"
 BEGIN_MODELS_2 = "# ---- defaults and docs in trainer/models/<model>.py, then regenerate ----"
 END_MODELS = "# ---- end of the generated model sections ----"
+# calibration.method, from before calibration.policy: what each value is read as
+LEGACY_METHODS = {"auto": DEFAULT_POLICY, "f1": "best-f1", "quantile": "quantile"}
 COMMENT_COLUMN = 26  # where a key's comment starts in config/train.yaml
 LINE_WIDTH = 118
 
@@ -93,25 +96,45 @@ class BackboneConfig:
 
 @dataclass
 class CalibrationConfig:
-    """How the score threshold is chosen."""
+    """How the score threshold (the operating point a station acts on) is chosen: core/thresholds.py's policies."""
 
     holdout_fraction: float = 0.2
-    method: str = "auto"
+    policy: str = DEFAULT_POLICY
+    target_false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
+    target_recall: float = DEFAULT_RECALL
     quantile: float = 0.99
     margin: float = 0.5
     sigmas: float = 3.0
+    method: Optional[str] = None  # before calibration.policy: auto = the default policy, f1 = best-f1, quantile
 
     def validate(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.9:
             raise ValueError("calibration.holdout_fraction must be in (0, 0.9)")
-        if self.method not in ("auto", "f1", "quantile"):
-            raise ValueError("calibration.method must be auto, f1 or quantile")
+        if self.method not in (None, *LEGACY_METHODS):
+            raise ValueError("calibration.method is replaced by calibration.policy: write policy: false-alarm-rate, "
+                             "recall, best-f1 or quantile instead")
+        if self.method in ("f1", "quantile") and self.policy != DEFAULT_POLICY:
+            raise ValueError(f"calibration.method {self.method} and calibration.policy {self.policy} are both set: "
+                             f"keep only policy (method {self.method} is policy {LEGACY_METHODS[self.method]})")
         if not 0.5 <= self.quantile <= 1.0:
             raise ValueError("calibration.quantile must be in [0.5, 1]")
         if self.margin < 0:
             raise ValueError("calibration.margin must be >= 0")
         if self.sigmas < 0:
             raise ValueError("calibration.sigmas must be >= 0")
+        self.rule()  # the policy's name and targets
+
+    def rule(self) -> Policy:
+        """The policy in force: ``policy``, or what a config written before policies meant by ``method``."""
+        name = LEGACY_METHODS[self.method] if self.method in ("f1", "quantile") else self.policy
+        return Policy(name, self.target_false_alarm_rate, self.target_recall, self.quantile, self.margin, self.sigmas)
+
+    def legacy_note(self) -> Optional[str]:
+        """What a config's ``method`` key is read as, for the fit's notes; None without one."""
+        if self.method is None:
+            return None
+        return (f"calibration.method {self.method} (a key from before calibration.policy) is read as "
+                f"calibration.policy {LEGACY_METHODS[self.method]}; write that instead")
 
 
 @dataclass
