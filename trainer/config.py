@@ -45,17 +45,23 @@ COMMENT_COLUMN = 26  # where a key's comment starts in config/train.yaml
 LINE_WIDTH = 118
 
 
+MAX_TILES = 8  # input.tiles per side: 8 x 8 tiles of 160 px is a 1280 px frame, 64 model passes a frame
+
+
 @dataclass
 class InputConfig:
     """Model input size and how frames are fitted to it on the host (the edge fits them the same way).
 
     None = the model's own default size (its ``ModelDefaults.input_size``), filled in by ``resolve``.
+    ``tiles`` = [rows, cols] (trainer/tiling.py): the station sends frames of rows*height x cols*width
+    (``frame_hw``), and the exported graph scores their tiles of height x width (``hw``) in one batch.
     """
 
     height: Optional[int] = None
     width: Optional[int] = None
     resize: str = "stretch"
     channels: str = "auto"
+    tiles: Optional[List[int]] = None
 
     def validate(self) -> None:
         if self.channels not in ("auto", "gray", "colour"):
@@ -69,13 +75,29 @@ class InputConfig:
                 raise ValueError("input height and width must be multiples of 16 (the backbone's stride)")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"input.resize must be one of {', '.join(RESIZE_MODES)}")
+        if self.tiles is not None and (len(self.tiles) != 2 or not all(1 <= t <= MAX_TILES for t in self.tiles)):
+            raise ValueError(f"input.tiles must be [rows, cols], each 1..{MAX_TILES} (e.g. [2, 2]), or null: no tiling")
 
     @property
     def hw(self) -> tuple[int, int]:
-        """(height, width); only valid after TrainConfig.resolve filled in the model's defaults."""
+        """(height, width) of the model's input (a tile's, with tiling); only valid after TrainConfig.resolve
+        filled in the model's defaults."""
         if self.height is None or self.width is None:
             raise RuntimeError("input size not resolved: call TrainConfig.resolve(model_class) first")
         return self.height, self.width
+
+    @property
+    def tile_grid(self) -> Optional[tuple[int, int]]:
+        """(rows, cols) with tiling, else None."""
+        return None if self.tiles is None else (int(self.tiles[0]), int(self.tiles[1]))
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        """(height, width) of the frames the station sends and the exported graph takes: ``hw`` without tiling,
+        rows*height x cols*width with it."""
+        h, w = self.hw
+        rows, cols = self.tile_grid or (1, 1)
+        return h * rows, w * cols
 
 
 @dataclass
