@@ -5,6 +5,8 @@ station's own ``resize_frame`` and handed over as uint8 BGR [B,H,W,3], exactly w
 engine. The order of every epoch is a pure function of (seed, epoch), so an interrupted run resumes with the
 same batches. Under DistributedDataParallel each rank reads its own part of every batch of the same permutation.
 With codec-robust training on (trainer/degrade.py), a loader also yields degraded copies of each still.
+With tiling (``input.tiles``, trainer/tiling.py), each image is fitted to the full frame size and cut into the
+tiles the exported graph cuts, so a model learns tiles; ``whole=True`` loaders give the frames a station sends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from core.preprocess import resize_frame
 from trainer.data import ImageSet, read_image, read_original
 from trainer.degrade import DRAWN, Degradation, expand
+from trainer.tiling import frame_size, split_tiles
 
 # (frame uint8 [H,W,3] BGR, rng) -> frame of the same shape: a model's training-time augmentation.
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -31,12 +34,14 @@ class FrameDataset(Dataset):
 
     ``items`` are (path, copy): copy 0 is the image as it is, copy k > 0 a seeded draw of ``degradation``
     applied at the image's own resolution before it is fitted to the model input (as a station decodes,
-    then resizes).
+    then resizes). ``tiles`` = (rows, cols): ``hw`` is the frame (rows*h x cols*w) and an item is its
+    rows*cols tiles [R*C, h, w, 3] (``collate_tiles`` joins them into one batch of tiles).
     """
 
     def __init__(self, items: Sequence[tuple[Path, int]], hw: tuple[int, int], resize: str = "stretch",
                  augment: Optional[Augment] = None, seed: int = 0,
-                 degradation: Optional[Degradation] = None, degraded_share: float = 0.0) -> None:
+                 degradation: Optional[Degradation] = None, degraded_share: float = 0.0,
+                 tiles: Optional[tuple[int, int]] = None) -> None:
         self.items = list(items)
         self.hw = hw
         self.resize = resize
@@ -44,6 +49,7 @@ class FrameDataset(Dataset):
         self.seed = seed
         self.degradation = degradation
         self.degraded_share = degraded_share  # for DRAWN items: the chance an epoch shows the degraded one
+        self.tiles = tiles
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -60,9 +66,21 @@ class FrameDataset(Dataset):
             frame = resize_frame(image, self.hw, self.resize)
         else:
             frame = read_image(path, self.hw, self.resize)
+        if self.tiles is not None:
+            # each tile is a model input: the augmentation (written for one input) sees each on its own
+            tiles = split_tiles(frame[None], self.tiles)
+            if self.augment is not None:
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                tiles = np.stack([self.augment(t, rng) for t in tiles])
+            return torch.from_numpy(tiles)
         if self.augment is not None:
             frame = self.augment(frame, np.random.default_rng([self.seed, self.epoch, index]))
         return torch.from_numpy(np.ascontiguousarray(frame))
+
+
+def collate_tiles(items: list[torch.Tensor]) -> torch.Tensor:
+    """A batch of tiled images: their tiles [R*C, h, w, 3] each, one after the other, as one batch of tiles."""
+    return torch.cat(items)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -108,6 +126,10 @@ class TrainingData:
     threshold. ``val`` is DIR/val (good + defect images) when the user supplied one. ``degraded_copies`` > 0
     (with ``degradation``): every loader also yields that many degraded copies of each still (the model's
     memory and statistics, the loop's validation and the calibration hold-out all see the station's codec).
+    ``hw`` is the model's input. ``tiles`` = (rows, cols) (trainer/tiling.py): the station's frame is
+    ``frame_hw`` = rows*h x cols*w, cut into tiles of ``hw`` inside the graph; a loader then gives each image's
+    tiles (what the model learns from and scores), ``whole=True`` the frames (what the tiled graph scores), and
+    ``read`` the frames.
     """
 
     fit_paths: list[Path]
@@ -119,31 +141,46 @@ class TrainingData:
     seed: int = 0
     degradation: Optional[Degradation] = None
     degraded_copies: int = 0
+    tiles: Optional[tuple[int, int]] = None
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        """The frame a station sends: ``hw`` without tiling, rows*h x cols*w with it."""
+        return frame_size(self.hw, self.tiles)
 
     def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
                augment: Optional[Augment] = None, pin_memory: bool = False,
-               shard: tuple[int, int] = (0, 1), per_epoch: bool = False) -> DataLoader:
-        """Batches of uint8 [B,H,W,3] frames of ``paths`` (and their degraded copies, see the class);
+               shard: tuple[int, int] = (0, 1), per_epoch: bool = False, whole: bool = False) -> DataLoader:
+        """Batches of uint8 [B,H,W,3] model inputs of ``paths`` (and their degraded copies, see the class);
         call ``set_epoch(loader, e)`` before each epoch.
 
         ``shard`` = (rank, world size): this rank's part of every batch (``EpochBatches``). ``per_epoch``
         (the training loader of models trained by epochs): stills are drawn clean or degraded each epoch
-        instead of adding copies, so an epoch costs the same with codec-robust training on.
+        instead of adding copies, so an epoch costs the same with codec-robust training on. With ``tiles``
+        a batch of ``batch_size`` images is their rows*cols tiles each, unless ``whole``: the frames
+        [B, *frame_hw, 3] the exported (tiled) graph takes.
         """
         copies = self.degraded_copies if self.degradation is not None else 0
-        dataset = FrameDataset(expand(paths, copies, per_epoch), self.hw, self.resize, augment, self.seed,
-                               self.degradation, copies / (1 + copies))
+        tiles = None if whole else self.tiles
+        dataset = FrameDataset(expand(paths, copies, per_epoch), self.frame_hw, self.resize, augment, self.seed,
+                               self.degradation, copies / (1 + copies), tiles)
         batches = EpochBatches(len(dataset), batch_size, shuffle, self.seed, drop_last, *shard)
         workers = min(self.workers, max(0, len(dataset) // max(batch_size, 1)))
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                          collate_fn=collate_tiles if tiles is not None else None,
                           worker_init_fn=_quiet_worker if workers else None, pin_memory=pin_memory,
                           persistent_workers=False)
 
     def read(self, paths: Sequence[Path]) -> np.ndarray:
-        """A few images as one uint8 array, as they are (parity frames, plots): not for whole training sets."""
+        """A few images as one uint8 array of frames at ``frame_hw``, as a station sends them (parity frames,
+        plots): not for whole training sets. ``model_inputs`` cuts them into what the model scores."""
         if not paths:
-            return np.zeros((0, *self.hw, 3), np.uint8)
-        return np.stack([read_image(p, self.hw, self.resize) for p in paths])
+            return np.zeros((0, *self.frame_hw, 3), np.uint8)
+        return np.stack([read_image(p, self.frame_hw, self.resize) for p in paths])
+
+    def model_inputs(self, frames: np.ndarray) -> np.ndarray:
+        """Frames at ``frame_hw`` as the model's inputs: their tiles with tiling, else the frames themselves."""
+        return frames if self.tiles is None else split_tiles(frames, self.tiles)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

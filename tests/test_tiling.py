@@ -1,0 +1,185 @@
+"""Tiling (trainer/tiling.py): frames cut into tiles inside the exported graph, scored in one batch, maps stitched.
+
+A 2 x 3 grid of 64 px tiles (frames of 128 x 192, a grid that is not square, so rows and columns cannot be
+swapped unnoticed): the cut and the stitch against numpy, the training tiles against the graph's, and PatchCore
+fitted on tiles, exported tiled and scored through ONNX Runtime: a planted defect lands in its tile, any batch
+size gives the same answers, FP16 agrees with FP32 and the graphs pass the TensorRT readiness check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trainer import export as ex
+from trainer.config import TrainConfig, parse_train_config
+from trainer.data import load_test, train_paths
+from trainer.evaluate import evaluate_onnx
+from trainer.frames import TrainingData
+from trainer.models import RunOptions, create_model
+from trainer.synthetic import make_dataset, render_part
+from trainer.tensorrt_readiness import check_graph, fp16_parity
+from trainer.tiling import (
+    TiledExport,
+    check_tiles,
+    split_tiles,
+    stitched_map_shape,
+    tiled_module,
+    tiled_scopes,
+    tiles_per_frame,
+)
+
+TILE = 64
+GRID = (2, 3)
+FRAME = (TILE * GRID[0], TILE * GRID[1])  # (128, 192)
+MAX_BATCH = 4
+
+
+class TileProbe(nn.Module):
+    """An export module that shows what it was given: score = a tile's mean of channel 0, map = channel 0."""
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = frames.to(torch.float32)[..., 0]
+        return x.mean((1, 2)), x
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *FRAME, 3), dtype=np.uint8)
+
+
+def test_the_graph_cuts_and_stitches_as_numpy_does(tmp_path: Path) -> None:
+    frames = _frames(3)
+    module = TiledExport(TileProbe(), GRID, (TILE, TILE), (TILE, TILE))
+    score, amap = module(torch.from_numpy(frames))
+    tiles = split_tiles(frames, GRID)  # frame n's tile (r, c) at n*6 + r*3 + c
+    assert tiles.shape == (3 * 6, TILE, TILE, 3)
+    np.testing.assert_array_equal(tiles[1 * 6 + 1 * 3 + 2], frames[1, TILE:, 2 * TILE:])
+    np.testing.assert_array_equal(amap.numpy(), frames[..., 0].astype(np.float32))  # stitched back in place
+    means = tiles[..., 0].astype(np.float64).mean((1, 2)).reshape(3, 6)
+    np.testing.assert_allclose(score.numpy(), means.max(1), rtol=1e-6)  # the frame's score: its highest tile
+    # the same through ONNX Runtime, at batch 1 and at a batch the example never had
+    path = tmp_path / "probe.onnx"
+    ex.export_onnx(module, path, FRAME)
+    for n in (1, 3):
+        s, m = ex.run_onnx(ex.onnx_scorer(path, MAX_BATCH), frames[:n])
+        np.testing.assert_array_equal(m, frames[:n, ..., 0].astype(np.float32))
+        np.testing.assert_allclose(s, means.max(1)[:n], rtol=1e-6)
+
+
+def test_tile_geometry_and_bad_grids() -> None:
+    assert check_tiles(None) is None and check_tiles([2, 3]) == (2, 3)
+    assert tiles_per_frame(None) == 1 and tiles_per_frame(GRID) == 6
+    assert stitched_map_shape((40, 40), GRID) == (80, 120) and stitched_map_shape((40, 40), None) == (40, 40)
+    assert tiled_scopes(("/distance/",), GRID) == ("/inner/distance/",)
+    assert tiled_scopes(("/distance/",), None) == ("/distance/",)
+    inner = TileProbe()
+    assert tiled_module(inner, None, (TILE, TILE), (TILE, TILE)) is inner
+    bad_grids: list[list[Any]] = [[2], [0, 2], [2, 9], [2.0, 2]]
+    for bad in bad_grids:
+        with pytest.raises(ValueError, match=r"input\.tiles"):
+            check_tiles(bad)
+    with pytest.raises(ValueError, match="do not cut into 2x3 tiles"):
+        split_tiles(np.zeros((1, 129, 192, 3), np.uint8), GRID)
+
+
+def test_config_reads_tiles_and_says_what_is_wrong() -> None:
+    cfg = parse_train_config(f"input: {{height: {TILE}, width: {TILE}, tiles: [2, 3]}}\n")
+    assert cfg.input.hw == (TILE, TILE) and cfg.input.tile_grid == GRID and cfg.input.frame_hw == FRAME
+    assert parse_train_config(f"input: {{height: {TILE}, width: {TILE}}}\n").input.frame_hw == (TILE, TILE)
+    with pytest.raises(Exception, match=r"<train config>:1: input\.tiles must be \[rows, cols\], each 1\.\.8"):
+        parse_train_config("input: {tiles: [0, 3]}\n")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated parts drawn at the frame's size: good ones to learn from, good and defective ones to test."""
+    return make_dataset(tmp_path_factory.mktemp("tiles") / "ds", n_train=16, n_test_good=8, n_test_defect=8,
+                        size=FRAME, seed=3)
+
+
+def test_training_sees_the_tiles_the_graph_cuts(parts: Path) -> None:
+    paths = train_paths(parts)[:5]
+    data = TrainingData(fit_paths=paths, holdout_paths=[], hw=(TILE, TILE), tiles=GRID)
+    assert data.frame_hw == FRAME
+    frames = data.read(paths)  # what a station sends: whole frames
+    assert frames.shape == (5, *FRAME, 3)
+    batches = [b.numpy() for b in data.loader(paths, batch_size=2)]
+    assert [len(b) for b in batches] == [12, 12, 6]  # 2 images of 6 tiles a batch
+    np.testing.assert_array_equal(np.concatenate(batches), split_tiles(frames, GRID))
+    np.testing.assert_array_equal(np.concatenate(batches), data.model_inputs(frames))
+    whole = np.concatenate([b.numpy() for b in data.loader(paths, batch_size=2, whole=True)])
+    np.testing.assert_array_equal(whole, frames)
+
+
+@pytest.fixture(scope="module")
+def tiled(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """PatchCore fitted on the 64 px tiles of the training frames, exported as a tiled graph (FP32 and FP16)."""
+    cfg = TrainConfig()
+    cfg.input.height = cfg.input.width = TILE
+    cfg.input.tiles = list(GRID)
+    cfg.batch_size = 8
+    model = create_model("patchcore", cfg)
+    data = TrainingData(fit_paths=train_paths(parts), holdout_paths=[], hw=cfg.input.hw, tiles=cfg.input.tile_grid)
+    model.fit(data, run=RunOptions(device="cpu", amp=False, progress=False))
+    module = tiled_module(model.export_module(), cfg.input.tile_grid, cfg.input.hw, model.map_shape())
+    out = tmp_path_factory.mktemp("tiled")
+    fp32, fp16 = out / "model.onnx", out / "model.fp16.onnx"
+    ex.export_onnx(module, fp32, cfg.input.frame_hw)
+    scopes = tiled_scopes(model.fp32_scopes, cfg.input.tile_grid)
+    info = ex.convert_fp16(fp32, fp16, scopes)
+    return {"module": module, "fp32": fp32, "fp16": fp16, "scopes": scopes, "info": info}
+
+
+def _tile_of(point: tuple[int, int]) -> tuple[int, int]:
+    return point[0] // TILE, point[1] // TILE
+
+
+def test_a_planted_defect_lights_up_its_own_tile(tiled: dict[str, Any]) -> None:
+    scorer = ex.onnx_scorer(tiled["fp32"], MAX_BATCH)
+    hits = 0
+    for seed in range(4):
+        # the same part with and without a defect (the defect draws from its own stream)
+        clean, _ = render_part(np.random.default_rng(100 + seed), FRAME, None)
+        defect, mask = render_part(np.random.default_rng(100 + seed), FRAME, "spot")
+        assert mask.any()
+        scores, maps = ex.run_onnx(scorer, np.stack([clean, defect]))
+        assert maps.shape == (2, *FRAME)
+        assert scores[1] > scores[0]
+        peak = np.unravel_index(int(np.argmax(maps[1])), FRAME)
+        grown = cv2.dilate(mask, np.ones((9, 9), np.uint8))  # the map is smoothed: the peak may sit at the edge
+        hits += int(grown[peak] > 0 or _tile_of((int(peak[0]), int(peak[1]))) in
+                    {_tile_of((int(y), int(x))) for y, x in zip(*np.nonzero(mask), strict=True)})
+    assert hits == 4
+
+
+def test_tiled_graph_evaluates_and_any_batch_gives_the_same_answer(tiled: dict[str, Any], parts: Path) -> None:
+    test = load_test(parts, FRAME)
+    assert test is not None and test.masks is not None
+    ev = evaluate_onnx(tiled["fp32"], test, threshold=1e9, batch=MAX_BATCH)
+    assert ev.metrics["image_auroc"] >= 0.9 and ev.metrics["pixel_auroc"] >= 0.9
+    assert ev.maps is not None and ev.maps.shape == (len(test), *FRAME)
+    for batch in (1, 3):
+        s, m = ex.run_onnx(ex.onnx_scorer(tiled["fp32"], batch), test.images)
+        np.testing.assert_allclose(s, ev.scores, rtol=1e-5)
+        np.testing.assert_allclose(m, ev.maps, rtol=1e-4, atol=1e-4 * float(np.abs(ev.maps).max()))
+    with torch.no_grad():  # the graph computes what the torch module does
+        ref, _ = tiled["module"](torch.from_numpy(test.images[:4]))
+    np.testing.assert_allclose(ev.scores[:4], ref.numpy(), rtol=1e-4)
+
+
+def test_tiled_graphs_are_tensorrt_ready_and_fp16_agrees(tiled: dict[str, Any], parts: Path) -> None:
+    assert tiled["info"]["fp32_nodes"] and all(n.startswith("/inner/distance/") for n in tiled["info"]["fp32_nodes"])
+    for path, scopes in ((tiled["fp32"], ()), (tiled["fp16"], tiled["scopes"])):
+        result = check_graph(path, MAX_BATCH, scopes)
+        assert result.ready, "\n".join(result.problems)
+        assert "Loop" not in result.op_counts and "Scan" not in result.op_counts
+    test = load_test(parts, FRAME)
+    assert test is not None
+    parity = fp16_parity(tiled["fp32"], tiled["fp16"], test.images, test.labels, MAX_BATCH)
+    assert parity["ok"], parity
