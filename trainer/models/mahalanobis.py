@@ -1,5 +1,5 @@
 """Mahalanobis AD (Rippel et al., "Modeling the Distribution of Normal Data in Pre-Trained Deep Features for
-Anomaly Detection", ICPR 2020) on EfficientNet-Lite0.
+Anomaly Detection", ICPR 2020) on the configured backbone (EfficientNet-Lite0 by default).
 
 Features: the global average pool of each backbone level in ``mahalanobis.stages`` (default all nine of Lite0,
 as the paper uses all nine of EfficientNet-B4: the stem, the last block of each of the seven stages and the
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.backbones import check_taps, load_efficientnet_lite0
-from trainer.features import BackboneTaps, pooled
+from trainer.backbones import check_tap_list
+from trainer.features import BackboneTaps, config_taps, pooled
 from trainer.gaussian import MahalanobisDistance, ledoit_wolf, whitening
 from trainer.ingraph import MapBlur
 from trainer.models import (
@@ -75,14 +75,14 @@ class MahalanobisSettings(ModelSettings):
     """Mahalanobis AD (Rippel et al. 2020): one Gaussian (Ledoit-Wolf shrinkage) of pooled features per backbone
     level."""
 
-    stages: List[int] = setting(
-        [-1, 0, 2, 4, 7, 10, 14, 15, 16], "levels: -1 = stem, then the last block of each stage, 16 = head (all "
-        "nine, as the paper uses all nine of EfficientNet-B4); score = sum of their distances")
+    stages: Union[List[int], str] = setting(
+        "auto", "levels, or auto = every level of the backbone (Lite0: the stem, the last block of each stage and "
+        "the head, nine in all, as the paper uses all nine of EfficientNet-B4); score = sum of their distances")
     blur_sigma: float = setting(4.0, "blur of the coarse map (the deepest level's per-position distances), pixels; "
                                 "0 = off")
 
     def validate(self) -> None:
-        check_taps(self.stages, "mahalanobis.stages")
+        check_tap_list(self.stages, "mahalanobis.stages")
         if self.blur_sigma < 0:
             raise ValueError("mahalanobis.blur_sigma must be >= 0")
 
@@ -100,7 +100,8 @@ class MahalanobisAD(AnomalyModel):
         super().__init__(config)
         self.cfg: MahalanobisSettings = config.settings_for(self.name)
         self.hw = config.input.hw
-        self.taps = BackboneTaps(load_efficientnet_lite0(config.backbone.weights), self.cfg.stages).eval()
+        self.taps = config_taps(config.backbone, self.cfg.stages, "all", "mahalanobis.stages").eval()
+        self.stages = list(self.taps.taps)
         with torch.no_grad():
             maps = self.taps(torch.zeros(1, *self.hw, 3, dtype=torch.uint8))
         self.dims = [int(m.shape[1]) for m in maps]
@@ -126,7 +127,7 @@ class MahalanobisAD(AnomalyModel):
             raise UserError("mahalanobis: no training images to fit on; add images to train/good")
         t_feat = time.monotonic() - t0
         levels, shrinkage = [], []
-        for tap, chunk in zip(self.cfg.stages, chunks, strict=True):
+        for tap, chunk in zip(self.stages, chunks, strict=True):
             mu, cov, s = ledoit_wolf(torch.cat(chunk))
             whiten = whitening(cov, f"mahalanobis level {tap}")
             levels.append(MahalanobisDistance(mu[None], whiten[None]))
@@ -136,7 +137,7 @@ class MahalanobisAD(AnomalyModel):
         n = sum(len(c) for c in chunks[0])
         log(f"mahalanobis: {n} images, {len(levels)} levels ({'+'.join(map(str, self.dims))} dims), Ledoit-Wolf "
             f"shrinkage {shrinkage} ({time.monotonic() - t0:.1f}s)")
-        return {"n_train_images": n, "stages": list(self.cfg.stages), "dims": self.dims, "shrinkage": shrinkage,
+        return {"n_train_images": n, "stages": self.stages, "dims": self.dims, "shrinkage": shrinkage,
                 "feature_seconds": round(t_feat, 3), "gaussian_seconds": round(time.monotonic() - t0 - t_feat, 3)}
 
     def export_batch_limit(self, max_elements: int) -> Optional[int]:

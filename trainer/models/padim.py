@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.backbones import check_taps, load_efficientnet_lite0
-from trainer.features import BackboneTaps, tap_channels
+from trainer.backbones import check_tap_list
+from trainer.features import BackboneTaps, config_taps
 from trainer.gaussian import GaussianSums, MahalanobisDistance, whitening
 from trainer.ingraph import MapBlur
 from trainer.models import (
@@ -90,9 +90,9 @@ class PadimExport(nn.Module):
 class PadimSettings(ModelSettings):
     """PaDiM (Defard et al. 2021): a Gaussian of the patch features at every position of the finest tap's grid."""
 
-    layers: List[int] = setting(
-        [2, 4, 7], "Lite0 taps, finer first: 24 + 40 + 80 = 144 channels at stride 4, 8, 16 (backbone.layers' "
-        "default [2, 4] plus the stride-16 block, as the paper takes three ResNet stages); the grid is the first's")
+    layers: Union[List[int], str] = setting(
+        "auto", "taps, finer first, or auto: the stride 4, 8 and 16 levels, as the paper takes three ResNet stages "
+        "(Lite0: [2, 4, 7], 24 + 40 + 80 = 144 channels; WideResNet-50: [1, 2, 3], 1 792); the grid is the first's")
     channels: int = setting(
         100, "channels kept of the concatenated taps by a seeded random selection (the paper's 100); 0 = all. The "
         "Gaussians are graph constants of positions x channels^2 floats: 64 MB at 160 px")
@@ -100,7 +100,7 @@ class PadimSettings(ModelSettings):
     blur_sigma: float = setting(4.0, "Gaussian blur of the anomaly map, in input pixels (the paper's 4); 0 = off")
 
     def validate(self) -> None:
-        check_taps(self.layers, "padim.layers")
+        check_tap_list(self.layers, "padim.layers")
         if self.channels < 0:
             raise ValueError("padim.channels must be >= 0 (0 = every concatenated channel)")
         if self.covariance_eps <= 0 or self.blur_sigma < 0:
@@ -125,15 +125,15 @@ class Padim(AnomalyModel):
         super().__init__(config)
         self.cfg: PadimSettings = config.settings_for(self.name)
         self.hw = config.input.hw
-        layers = tuple(self.cfg.layers)
-        total = sum(tap_channels(layers))
+        taps = config_taps(config.backbone, self.cfg.layers, "three", "padim.layers")
+        layers = taps.taps
+        total = sum(taps.channels())
         if self.cfg.channels > total:
             raise UserError(f"padim.channels {self.cfg.channels}: the taps {list(layers)} have only {total} "
                             "channels; lower it (0 = all)")
         generator = torch.Generator().manual_seed(int(config.seed))
         keep = self.cfg.channels or total
         index = torch.randperm(total, generator=generator)[:keep].sort().values
-        taps = BackboneTaps(load_efficientnet_lite0(config.backbone.weights), layers)
         self.features = PositionFeatures(taps, index).eval()
         with torch.no_grad():
             probe = self.features(torch.zeros(1, *self.hw, 3, dtype=torch.uint8))

@@ -1,4 +1,4 @@
-"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022) on Lite0 features.
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022) on a backbone's taps.
 
 Patch embeddings: two backbone levels (stride 8 and 16), each locally aggregated by a k x k average
 pool, the coarser one upsampled to the finer grid, concatenated (optionally randomly projected).
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from trainer import distributed
-from trainer.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, load_efficientnet_lite0
+from trainer.backbones import Backbone, load_backbone, resolve_taps
 from trainer.ingraph import ImageNetInput, MapBlur
 from trainer.models import (
     SURFACE_DEFECTS,
@@ -54,13 +54,13 @@ class FrameFeatures(nn.Module):
 
     projection: Optional[torch.Tensor]
 
-    def __init__(self, backbone: EfficientNetLite0, layers: tuple[int, int], neighbourhood: int,
+    def __init__(self, backbone: Backbone, layers: tuple[int, int], neighbourhood: int,
                  projection: Optional[torch.Tensor] = None):
         super().__init__()
         self.backbone = backbone.eval()
         self.layers = tuple(layers)
         self.neighbourhood = neighbourhood
-        self.input = ImageNetInput(IMAGENET_MEAN, IMAGENET_STD)
+        self.input = ImageNetInput(backbone.mean, backbone.std)
         if projection is not None:
             self.register_buffer("projection", projection.reshape(*projection.shape, 1, 1).clone())
         else:
@@ -244,9 +244,12 @@ class PatchCore(AnomalyModel):
         self.cfg: PatchCoreSettings = config.settings_for(self.name)
         self.hw = config.input.hw
         self.generator = torch.Generator().manual_seed(int(config.seed))
-        backbone = load_efficientnet_lite0(config.backbone.weights)
-        layers = tuple(config.backbone.layers)
-        in_dim = self._tap_channels(backbone, layers)
+        chosen = resolve_taps(config.backbone.name, config.backbone.layers, "patch", "backbone.layers", at_least=2)
+        if len(chosen) != 2:
+            raise UserError(f"backbone.layers {chosen}: PatchCore takes two taps, finer first")
+        layers = (chosen[0], chosen[1])
+        backbone = load_backbone(config.backbone.name, config.backbone.weights, layers)
+        in_dim = sum(backbone.channels(layers))
         projection = None
         if 0 < self.cfg.projection_dim < in_dim:
             projection = torch.randn(self.cfg.projection_dim, in_dim, generator=self.generator)
@@ -258,10 +261,6 @@ class PatchCore(AnomalyModel):
         self.grid = (int(probe.shape[2]), int(probe.shape[3]))
         self.bank: Optional[torch.Tensor] = None
         self._export: Optional[PatchCoreExport] = None
-
-    @staticmethod
-    def _tap_channels(backbone: EfficientNetLite0, layers: tuple[int, ...]) -> int:
-        return sum(int(backbone._blocks[i]._bn2.num_features) for i in layers)  # type: ignore[union-attr,misc,arg-type]
 
     def map_shape(self) -> tuple[int, int]:
         return self.hw

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from trainer.backbones import check_taps, load_efficientnet_lite0
+from trainer.backbones import check_tap_list, load_backbone, resolve_taps
 from trainer.features import BackboneTaps, pooled
 from trainer.ingraph import MapBlur
 from trainer.models import (
@@ -159,20 +159,21 @@ class SpadeExport(nn.Module):
 class SpadeSettings(ModelSettings):
     """SPADE (Cohen & Hoshen 2020): kNN of whole-image features; the map from patch kNN among the nearest images."""
 
-    stages: List[int] = setting(
-        [14, 15, 16], "taps globally average-pooled and concatenated into the image feature: the last two stages "
-        "and the head (16), 192 + 320 + 1280 dims (-1 = stem, 0..15 = blocks)")
+    stages: Union[List[int], str] = setting(
+        "auto", "taps globally average-pooled and concatenated into the image feature, or auto: the deepest levels "
+        "(Lite0: the last two stages and the head, [14, 15, 16], 192 + 320 + 1280 dims)")
     k: int = setting(50, "nearest training images averaged into the score (the paper's 50; all when fewer)")
-    map_layers: List[int] = setting([4, 7], "taps of the patch features for the map: 40 + 80 channels on the "
-                                    "stride-8 grid")
+    map_layers: Union[List[int], str] = setting(
+        "auto", "taps of the patch features for the map, or auto: stride 8 and 16 (Lite0: [4, 7], 40 + 80 "
+        "channels on the stride-8 grid)")
     map_neighbours: int = setting(
         10, "the map compares each patch with the patches of this many nearest images (at most k): its cost grows "
         "as neighbours x patches^2; 50 is the paper's form")
     blur_sigma: float = setting(4.0, "Gaussian blur of the anomaly map, in input pixels; 0 = off")
 
     def validate(self) -> None:
-        check_taps(self.stages, "spade.stages")
-        check_taps(self.map_layers, "spade.map_layers")
+        check_tap_list(self.stages, "spade.stages")
+        check_tap_list(self.map_layers, "spade.map_layers")
         if self.k < 1 or self.map_neighbours < 1:
             raise ValueError("spade.k and spade.map_neighbours must be >= 1")
         if self.blur_sigma < 0:
@@ -193,8 +194,11 @@ class Spade(AnomalyModel):
         super().__init__(config)
         self.cfg: SpadeSettings = config.settings_for(self.name)
         self.hw = config.input.hw
-        stages, map_layers = tuple(self.cfg.stages), tuple(self.cfg.map_layers)
-        taps = BackboneTaps(load_efficientnet_lite0(config.backbone.weights), sorted(set(stages) | set(map_layers)))
+        name = config.backbone.name
+        stages = tuple(resolve_taps(name, self.cfg.stages, "top", "spade.stages"))
+        map_layers = tuple(resolve_taps(name, self.cfg.map_layers, "map", "spade.map_layers"))
+        both = sorted(set(stages) | set(map_layers))
+        taps = BackboneTaps(load_backbone(name, config.backbone.weights, both), both)
         self.features = SpadeFeatures(taps, stages, map_layers).eval()
         with torch.no_grad():
             image, patch = self.features(torch.zeros(1, *self.hw, 3, dtype=torch.uint8))
