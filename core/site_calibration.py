@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -35,12 +35,19 @@ class SiteCalibration:
     margin: float
     sigmas: float
     created: str  # ISO-8601 UTC
+    # the policy it was chosen by (core/thresholds.py); files written before policies used the quantile rule
+    policy: str = "quantile"
+    target: Optional[float] = None  # the policy's target false-alarm rate or recall; None for quantile / best-f1
+    defects: int = 0  # labelled defect frames of this version it saw (the station's collected labels)
+    expected_false_alarm_rate: Optional[float] = None
+    expected_recall: Optional[float] = None  # on those defects; None without any
 
     def applies_to(self, bundle: Bundle) -> bool:
         return (self.model, self.model_version) == (bundle.model_name, bundle.version)
 
     def describe(self) -> str:
-        return f"on-site calibration of {self.frames} frames, {self.created}"
+        defects = f" and {self.defects} labelled defects" if self.defects else ""
+        return f"on-site calibration of {self.frames} frames{defects}, policy {self.policy}, {self.created}"
 
 
 def calibration_path(state_dir: str | Path, station: str) -> Path:
@@ -66,16 +73,25 @@ def load_site_calibration(path: Path) -> Optional[SiteCalibration]:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
             raise ValueError(f"not a calibration file of format {CALIBRATION_FORMAT}")
-        names = {f.name for f in fields(SiteCalibration)}
+        names = {f.name for f in fields(SiteCalibration) if f.default is MISSING}
         missing = sorted(names - data.keys())
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
         cal = SiteCalibration(model=str(data["model"]), model_version=str(data["model_version"]),
                               threshold=float(data["threshold"]), baseline=float(data["baseline"]),
                               sigma=float(data["sigma"]), frames=int(data["frames"]), quantile=float(data["quantile"]),
-                              margin=float(data["margin"]), sigmas=float(data["sigmas"]), created=str(data["created"]))
+                              margin=float(data["margin"]), sigmas=float(data["sigmas"]), created=str(data["created"]),
+                              policy=str(data.get("policy", "quantile")), target=_optional(data.get("target")),
+                              defects=int(data.get("defects", 0)),
+                              expected_false_alarm_rate=_optional(data.get("expected_false_alarm_rate")),
+                              expected_recall=_optional(data.get("expected_recall")))
         if not all(math.isfinite(v) for v in (cal.threshold, cal.baseline, cal.sigma)) or cal.sigma < 0:
             raise ValueError("threshold, baseline or sigma is not a finite number")
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path}: not a valid on-site calibration ({exc}); {fix}") from None
     return cal
+
+
+def _optional(value: object) -> Optional[float]:
+    """A float field a file may leave out or null."""
+    return None if value is None else float(value)  # type: ignore[arg-type]

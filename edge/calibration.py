@@ -1,11 +1,14 @@
-"""Score thresholds from good parts' scores, and the station's own (on-site) calibration.
+"""The station's own (on-site) calibration: the trainer's calibration policy applied to the station's stream.
 
-One rule for trainer and station alike (trainer/calibrate.py imports it from here): a high quantile of normal
-scores plus a margin, and at least their mean + k·σ. A bundle is calibrated on the trainer's held-out stills;
-a live stream (another codec, other light, a nudged camera) moves good parts' scores, so ``edge-run
---calibrate N`` applies the same rule to N frames of the station's own stream that the operator declares good.
-That result is station state (``state_dir/<station>.calibration.json``), never written into the bundle, which
-stays immutable; it records the bundle version it belongs to and applies to that version only.
+A bundle is calibrated on the trainer's held-out stills; a live stream (another codec, other light, a nudged
+camera) moves good parts' scores, so ``edge-run --calibrate N`` applies the same policy (core/thresholds.py, the
+functions trainer/calibrate.py uses) to N frames of the station's own stream that the operator declares good:
+by default the policy the bundle was calibrated with (its manifest's ``calibration.policy``: a target
+false-alarm rate unless the trainer was told otherwise). A policy that chooses on labelled defects (``recall``,
+``best-f1``) takes the peak frames of the events operators labelled as defects of this bundle version
+(``<collect dir>/test/<kind>/``, scores from their sidecars); without any it falls back to the false-alarm-rate
+target and says so. That result is station state (``state_dir/<station>.calibration.json``), never written into
+the bundle, which stays immutable; it records the bundle version it belongs to and applies to that version only.
 """
 
 from __future__ import annotations
@@ -22,20 +25,74 @@ import numpy as np
 from core.bundle import Bundle
 from core.errors import UserError
 from core.files import atomic_write_text
-from core.site_calibration import CALIBRATION_FORMAT, SiteCalibration, load_site_calibration
-from core.thresholds import normal_calibration
+from core.site_calibration import CALIBRATION_FORMAT, SUFFIX, SiteCalibration, load_site_calibration
+from core.thresholds import (
+    FALSE_ALARM_RATE,
+    QUANTILE,
+    RECALL,
+    Policy,
+    normal_calibration,
+    recorded_policy,
+)
+from core.thresholds import choose_threshold as choose_by_policy
+
+__all__ = ["normal_calibration", "labelled_defect_scores", "site_calibration", "station_policy"]
 
 log = logging.getLogger("edge.calibration")
 
 
-def site_calibration(scores: np.ndarray, bundle: Bundle, quantile: float, margin: float,
-                     sigmas: float) -> SiteCalibration:
-    """The station's calibration of ``bundle`` from scores of frames the operator declared good."""
-    cal = normal_calibration(scores, quantile, margin, sigmas)
+def station_policy(bundle: Bundle, policy: Optional[Policy] = None, quantile: Optional[float] = None,
+                   margin: Optional[float] = None, sigmas: Optional[float] = None) -> tuple[Policy, str]:
+    """(the policy an on-site calibration of ``bundle`` applies, where it comes from): ``policy`` when given; the
+    quantile rule when the station config sets calibration.quantile, margin or sigmas (configs from before
+    policies); else the policy recorded in the bundle's calibration; else the default policy."""
+    if policy is not None:
+        return policy, "the station config's calibration.policy"
+    if quantile is not None or margin is not None or sigmas is not None:
+        return (Policy(QUANTILE, quantile=0.99 if quantile is None else quantile,
+                       margin=0.5 if margin is None else margin, sigmas=3.0 if sigmas is None else sigmas),
+                "calibration.quantile/margin/sigmas of the station config")
+    recorded = recorded_policy(bundle.manifest.get("calibration", {}))
+    if recorded is not None:
+        return recorded, "the bundle's calibration policy"
+    return Policy(), "the default policy (the bundle records none)"
+
+
+def labelled_defect_scores(labels_dir: Optional[Path], bundle: Bundle) -> np.ndarray:
+    """Scores of the events operators labelled as defects (``labels_dir/test/<kind>/``, the peak frame's sidecar)
+    that ``bundle``'s very version scored; empty without any. Another version's scores mean nothing here."""
+    scores: list[float] = []
+    test = labels_dir / "test" if labels_dir is not None else None
+    if test is None or not test.is_dir():
+        return np.zeros(0)
+    for kind in sorted(p for p in test.iterdir() if p.is_dir() and p.name != "good"):
+        for sidecar in sorted(kind.glob("*.json")):
+            try:
+                meta = json.loads(sidecar.read_text(encoding="utf-8"))
+                if (meta.get("peak") and meta.get("model") == bundle.model_name
+                        and meta.get("model_version") == bundle.version):
+                    scores.append(float(meta["score"]))
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # a sidecar that cannot be read is no label
+    return np.asarray(scores, np.float64)
+
+
+def site_calibration(scores: np.ndarray, bundle: Bundle, quantile: float = 0.99, margin: float = 0.5,
+                     sigmas: float = 3.0, *, policy: Optional[Policy] = None,
+                     defect_scores: Optional[np.ndarray] = None) -> SiteCalibration:
+    """The station's calibration of ``bundle`` by ``policy`` (else the quantile rule of ``quantile``, ``margin``,
+    ``sigmas``) from scores of frames the operator declared good, and of labelled defects when there are some."""
+    rule = policy if policy is not None else Policy(QUANTILE, quantile=quantile, margin=margin, sigmas=sigmas)
+    defects = defect_scores if defect_scores is not None and len(defect_scores) else None
+    cal = choose_by_policy(rule, scores, defects)
+    target = {FALSE_ALARM_RATE: rule.target_false_alarm_rate, RECALL: rule.target_recall}.get(rule.name)
     return SiteCalibration(model=bundle.model_name, model_version=bundle.version, threshold=float(cal["threshold"]),
                            baseline=cal["normal_median"], sigma=cal["normal_std"], frames=int(cal["n_normal"]),
-                           quantile=quantile, margin=margin, sigmas=sigmas,
-                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                           quantile=rule.quantile, margin=rule.margin, sigmas=rule.sigmas,
+                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), policy=rule.name,
+                           target=target, defects=int(cal["n_anomalous"]),
+                           expected_false_alarm_rate=float(cal["expected_false_alarm_rate"]),
+                           expected_recall=cal.get("expected_recall"))
 
 
 def save_site_calibration(path: Path, cal: SiteCalibration) -> None:
@@ -122,11 +179,16 @@ class SiteThreshold:
     default: the warm-up takes those frames as good parts, which only the operator can vouch for.
     """
 
-    def __init__(self, path: Path, config_threshold: Optional[float], quantile: float, margin: float, sigmas: float,
-                 calibrate_frames: Optional[int] = None, warm_up_frames: int = 0) -> None:
+    def __init__(self, path: Path, config_threshold: Optional[float], quantile: Optional[float] = None,
+                 margin: Optional[float] = None, sigmas: Optional[float] = None,
+                 calibrate_frames: Optional[int] = None, warm_up_frames: int = 0, policy: Optional[Policy] = None,
+                 labels_dir: Optional[Path] = None) -> None:
         self.path = path
         self.config_threshold = config_threshold
-        self.rule = (quantile, margin, sigmas)
+        self.rule = (quantile, margin, sigmas)  # set: the quantile rule of configs from before policies
+        self.policy = policy  # None: the bundle's own policy
+        # where operators' labelled events are (the default collect.dir, beside the calibration file)
+        self.labels_dir = labels_dir if labels_dir is not None else path.parent / "collect" / path.name[:-len(SUFFIX)]
         if calibrate_frames is not None and calibrate_frames < 2:
             raise UserError(f"--calibrate {calibrate_frames}: calibration needs at least 2 frames (a few hundred "
                             "show the tail of good parts' scores)")
@@ -202,18 +264,40 @@ class SiteThreshold:
         if not self.calibrator.done:
             return None
         self.warming_up = False
-        quantile, margin, sigmas = self.rule
         scores = np.asarray(self.calibrator.scores, np.float64)
-        cal = site_calibration(scores, bundle, quantile, margin, sigmas)
+        cal = self._calibrate(scores, bundle)
         save_site_calibration(self.path, cal)
         self.stored = cal
         choice = self.choose(bundle)
-        log.info("on-site calibration of %s %s: %d good frames, median %.6g, σ %.4g, 0.99 quantile %.6g: threshold "
-                 "%.6g (the bundle's %.6g), stored in %s; %s", bundle.model_name, bundle.version, cal.frames,
-                 cal.baseline, cal.sigma, float(np.quantile(scores, 0.99)), cal.threshold, bundle.threshold,
-                 self.path, "in force from now" if choice.source == "on-site"
+        recall = ("" if cal.expected_recall is None else
+                  f", expected recall {cal.expected_recall:.1%} of {cal.defects} labelled defects")
+        log.info("on-site calibration of %s %s: %d good frames, median %.6g, σ %.4g: threshold %.6g by policy %s "
+                 "(the bundle's %.6g), expected false-alarm rate %.2f%%%s, stored in %s; %s", bundle.model_name,
+                 bundle.version, cal.frames, cal.baseline, cal.sigma, cal.threshold, cal.policy, bundle.threshold,
+                 100 * (cal.expected_false_alarm_rate or 0.0), recall, self.path,
+                 "in force from now" if choice.source == "on-site"
                  else f"engine.threshold {choice.threshold:.6g} of the station config stays in force")
+        if cal.expected_recall is not None and cal.expected_recall < 0.5:
+            log.warning("WARNING: %d of the %d defects operators labelled for %s %s score below the on-site "
+                        "threshold %.6g: the station would miss most defects like them; see docs/station.md, "
+                        "\"On-site calibration\"", round(cal.defects * (1 - cal.expected_recall)), cal.defects,
+                        bundle.model_name, bundle.version, cal.threshold)
         return choice
+
+    def _calibrate(self, scores: np.ndarray, bundle: Bundle) -> SiteCalibration:
+        """The calibration of ``bundle`` from the good frames' ``scores`` by the station's policy; a policy that
+        needs labelled defects and finds none of this version falls back to its false-alarm-rate target."""
+        quantile, margin, sigmas = self.rule
+        policy, source = station_policy(bundle, self.policy, quantile, margin, sigmas)
+        defects = labelled_defect_scores(self.labels_dir, bundle)
+        if policy.needs_defects and not defects.size:
+            fallback = Policy(FALSE_ALARM_RATE, policy.target_false_alarm_rate)
+            log.warning("on-site calibration: policy %s (%s) chooses on labelled defects and operators have labelled "
+                        "none of %s %s in %s: the threshold is set for %s on the good frames instead; label events "
+                        "as defects (edge-run label) and calibrate again to use them", policy.describe(), source,
+                        bundle.model_name, bundle.version, self.labels_dir / "test", fallback.describe())
+            policy = fallback
+        return site_calibration(scores, bundle, policy=policy, defect_scores=defects)
 
     def swapped(self, bundle: Bundle) -> ThresholdChoice:
         """A new bundle version runs: the old version's calibration is cleared (re-run --calibrate N for the new

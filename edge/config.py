@@ -145,15 +145,17 @@ class EventsConfig:
 
 @dataclass
 class SiteCalibrationConfig:
-    """The rule of ``edge-run --calibrate N`` (the trainer's: quantile + margin, at least mean + sigmas x std)."""
+    """``edge-run --calibrate N``: the bundle's calibration policy (core/thresholds.py), unless quantile, margin or
+    sigmas are set: then the quantile rule of configs from before policies (quantile + margin, mean + sigmas x std)."""
 
-    quantile: float = 0.99
-    margin: float = 0.5
-    sigmas: float = 3.0
+    quantile: Optional[float] = None  # None: the bundle's policy; set (any of the three): the quantile rule
+    margin: Optional[float] = None
+    sigmas: Optional[float] = None
     warm_up_frames: int = 0  # > 0: a version without on-site calibration calibrates on its first N frames by itself
 
     def validate(self) -> None:
-        if not 0.5 <= self.quantile <= 1.0 or self.margin < 0 or self.sigmas < 0:
+        if (self.quantile is not None and not 0.5 <= self.quantile <= 1.0) or (self.margin or 0.0) < 0 \
+                or (self.sigmas or 0.0) < 0:
             raise ValueError("calibration.quantile must be in [0.5, 1], calibration.margin and calibration.sigmas >= 0")
         if self.warm_up_frames < 0 or self.warm_up_frames == 1:
             raise ValueError("calibration.warm_up_frames must be 0 (off) or at least 2 frames")

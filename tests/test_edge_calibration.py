@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from edge_helpers import (
     Collector,
@@ -28,14 +29,16 @@ from edge_helpers import (
     cli_command,
     make_toy_bundle,
     run_cli,
+    toy_model,
     wait_stopped,
     write_lit_video,
 )
 
 from core import thresholds
-from core.bundle import load_bundle
+from core.bundle import Bundle, load_bundle, new_version_dir, write_manifest
 from core.errors import UserError
 from core.site_calibration import SiteCalibration, calibration_path, load_site_calibration
+from core.thresholds import Policy, quantile_threshold, rate_threshold, recall_threshold
 from edge import calibration as edge_calibration
 from edge.backends import create_backend
 from edge.batchsize import BatchSize
@@ -74,12 +77,16 @@ def startup_line(stderr: str) -> str:
 
 
 # -- the rule and the state file ------------------------------------------------------------------------
-def test_station_and_trainer_share_one_threshold_rule() -> None:
+def test_station_and_trainer_share_one_threshold_rule(toy_bundle: Path) -> None:
     assert trainer_calibrate.quantile_threshold is thresholds.quantile_threshold
     assert edge_calibration.normal_calibration is thresholds.normal_calibration
     scores = np.random.default_rng(3).normal(20.0, 1.5, 400)
-    assert trainer_calibrate.calibrate(scores, "quantile", 0.99, 0.5, 3.0) == \
-        thresholds.normal_calibration(scores, 0.99, 0.5, 3.0)
+    bundle = load_bundle(toy_bundle)
+    for policy in (Policy(), Policy("false-alarm-rate", 0.05), Policy("quantile")):
+        trainer = trainer_calibrate.calibrate(scores, policy)
+        assert site_calibration(scores, bundle, policy=policy).threshold == trainer["threshold"]
+    assert trainer_calibrate.calibrate(scores, Policy("quantile")) == thresholds.normal_calibration(scores, 0.99, 0.5,
+                                                                                                      3.0)
 
 
 def test_calibration_file_round_trip_and_corrupt_files(tmp_path: Path, toy_bundle: Path) -> None:
@@ -373,3 +380,106 @@ def test_edge_run_warms_up_by_itself_when_the_config_asks(tmp_path: Path, mosqui
     assert starts and all(frame >= 150 for frame in starts), starts
     stored = load_site_calibration(calibration_path(tmp_path / "state", "st-warm-run"))
     assert stored is not None and stored.frames == 60 and stored.model_version == bundle_dir.name
+
+
+# -- the calibration policy on site (issue 22, part 3) --------------------------------------------------
+def policy_bundle(engines: Path, calibration: dict) -> Path:
+    """A toy bundle (real ONNX graph) whose manifest records the trainer's calibration policy."""
+    bundle_dir = new_version_dir(engines, "toy")
+    onnx.save(toy_model((32, 32)), str(bundle_dir / "model.onnx"))
+    write_manifest(bundle_dir, model_name="toy", input_spec={"height": 32, "width": 32},
+                   outputs=[{"name": "score", "dtype": "float32", "shape": ["N"]},
+                            {"name": "anomaly_map", "dtype": "float32", "shape": ["N", 32, 32]}],
+                   calibration={"threshold": 0.1, "method": calibration["policy"], **calibration},
+                   training_data={"count": 0, "hash": "none"}, metrics={})
+    return bundle_dir
+
+
+def label_defects(collect: Path, bundle: Bundle, scores: list, kind: str = "scratch") -> None:
+    """Frames of events an operator labelled as defects, as edge/labels.py leaves them: test/<kind>/ with each
+    frame's sidecar (the peak frame's score is the event's); a non-peak frame and another version's peak beside."""
+    folder = collect / "test" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, score in enumerate(scores):
+        for peak, version, s in ((True, bundle.version, score), (False, bundle.version, 0.0),
+                                 (True, "19990101T000000Z", 0.0)):
+            name = f"20261207T000000.{i:03d}_cam0_{i}_{int(peak)}_{version[:4]}"
+            (folder / f"{name}.png").write_bytes(b"")
+            (folder / f"{name}.json").write_text(json.dumps(
+                {"score": s, "model": "toy", "model_version": version, "kind": "event", "peak": peak,
+                 "event_id": f"e{i}"}), encoding="utf-8")
+
+
+def calibrate_on(site: SiteThreshold, bundle: Bundle, scores: np.ndarray) -> SiteCalibration:
+    """Feed ``scores`` as the operator's good frames; the stored calibration."""
+    site.choose(bundle)
+    for s in scores:
+        site.add(float(s), bundle)
+    assert not site.calibrating and site.stored is not None
+    return site.stored
+
+
+def test_on_site_calibration_applies_the_bundles_policy(tmp_path: Path, toy_bundle: Path) -> None:
+    good = np.random.default_rng(7).normal(0.08, 0.01, 50)
+    five = load_bundle(policy_bundle(tmp_path / "engines", {"policy": "false-alarm-rate",
+                                                           "target_false_alarm_rate": 0.05}))
+    cal = calibrate_on(SiteThreshold(tmp_path / "a.calibration.json", None, calibrate_frames=50), five, good)
+    assert (cal.policy, cal.target, cal.defects) == ("false-alarm-rate", 0.05, 0)
+    assert cal.threshold == rate_threshold(good, 0.05)[0] and cal.expected_false_alarm_rate == pytest.approx(0.05)
+    assert load_site_calibration(tmp_path / "a.calibration.json") == cal
+    # a bundle from before policies: the default policy, a 1 % false-alarm rate
+    old = calibrate_on(SiteThreshold(tmp_path / "b.calibration.json", None, calibrate_frames=50),
+                       load_bundle(toy_bundle), good)
+    assert old.policy == "false-alarm-rate" and old.threshold == rate_threshold(good, 0.01)[0] > cal.threshold
+    # a station config that sets the quantile rule's keys keeps the rule it had
+    rule = calibrate_on(SiteThreshold(tmp_path / "c.calibration.json", None, 0.99, 0.5, 3.0, calibrate_frames=50),
+                        five, good)
+    assert rule.policy == "quantile" and rule.threshold == quantile_threshold(good, 0.99, 0.5, 3.0)
+
+
+def test_on_site_recall_policy_uses_the_defects_operators_labelled(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    bundle = load_bundle(policy_bundle(tmp_path / "engines", {"policy": "recall", "target_recall": 0.8}))
+    good = np.random.default_rng(8).normal(0.08, 0.01, 40)
+    defects = [0.09, 0.2, 0.3, 0.4, 0.5]
+    collect = tmp_path / "collect" / "st"
+    label_defects(collect, bundle, defects)
+    cal = calibrate_on(SiteThreshold(tmp_path / "st.calibration.json", None, calibrate_frames=40), bundle, good)
+    assert (cal.policy, cal.target, cal.defects) == ("recall", 0.8, 5)  # peaks of this version only
+    assert cal.threshold == recall_threshold(good, np.array(defects), 0.8) and 0.09 < cal.threshold < 0.2
+    assert cal.expected_recall == 0.8 and "policy recall" in caplog.text
+
+    caplog.clear()  # nothing labelled: the false-alarm-rate target on the good frames, said loudly
+    bare = calibrate_on(SiteThreshold(tmp_path / "bare.calibration.json", None, calibrate_frames=40), bundle, good)
+    assert bare.policy == "false-alarm-rate" and bare.threshold == rate_threshold(good, 0.01)[0]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("operators have labelled none of toy" in m and "edge-run label" in m for m in warned), warned
+
+
+def test_on_site_calibration_warns_when_most_labelled_defects_fall_below(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    bundle = load_bundle(policy_bundle(tmp_path / "engines", {"policy": "false-alarm-rate",
+                                                             "target_false_alarm_rate": 0.01}))
+    good = np.random.default_rng(9).normal(0.08, 0.01, 40)
+    label_defects(tmp_path / "collect" / "st", bundle, [0.085, 0.09, 0.095, 0.5])  # 3 of 4 among good parts
+    cal = calibrate_on(SiteThreshold(tmp_path / "st.calibration.json", None, calibrate_frames=40), bundle, good)
+    assert cal.defects == 4 and cal.expected_recall == 0.25
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("WARNING: 3 of the 4 defects operators labelled") for m in warned), warned
+
+
+def test_edge_run_calibrates_by_the_bundles_policy_with_the_stations_labels(tmp_path: Path, mosquitto: str) -> None:
+    """Through the real edge-run: a bundle fitted with policy best-f1, a station whose operators labelled
+    defects of it (in the default collection folder): --calibrate N uses them, the log and the stored file say so."""
+    bundle_dir = policy_bundle(tmp_path / "engines", {"policy": "best-f1"})
+    label_defects(tmp_path / "state" / "collect" / "st-policy", load_bundle(bundle_dir), [0.3, 0.35, 0.4])
+    clip = write_lit_video(tmp_path / "good.avi", 40, seed=3)
+    cfg = station_yaml(tmp_path, "st-policy")
+    proc, got = stream(mosquitto, "st-policy", ["--config", cfg, "--camera", clip, "--engine", bundle_dir,
+                                                "--calibrate", "40"])
+    assert proc.returncode == 0, proc.stderr
+    stored = load_site_calibration(calibration_path(tmp_path / "state", "st-policy"))
+    assert stored is not None and (stored.policy, stored.defects, stored.expected_recall) == ("best-f1", 3, 1.0)
+    assert "by policy best-f1" in proc.stderr and "expected recall 100.0% of 3 labelled defects" in proc.stderr
+    assert stored.baseline < stored.threshold < 0.3 and got["stats"][-1]["calibration"]["source"] == "on-site"

@@ -1,11 +1,10 @@
-"""Score threshold calibration and the normal/validation split it needs.
+"""Score threshold calibration by ``calibration.policy`` and the normal/validation split it needs.
 
-Normal-only data: a high quantile of held-out normal scores plus a margin, never the minimum (a threshold
-at the lowest normal score flags nearly every good part: a bug users of a widely used library hit). That
-rule lives in edge/calibration.py, so a station calibrating on its own stream applies the very same one.
-Labelled validation data with defects: the F1-optimal threshold. Either way the calibration dict also
-carries normalisation constants of the normal scores, so the edge can show a scaled score and an operator
-can move the threshold at run time without re-exporting.
+The policies live in core/thresholds.py, so a station calibrating on its own stream applies the very same
+rules. Here: the trainer's inputs (held-out normals; DIR/val/good joins them, DIR/val/<defect> are the labelled
+defects) and its user-facing errors, and the lines a fit prints about the operating point it ships: the
+false-alarm rate it expects always, the recall it expects when there are labelled defects, and a WARNING when
+most labelled defects fall below the threshold.
 """
 
 from __future__ import annotations
@@ -13,12 +12,19 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 from core.errors import UserError
-from core.thresholds import normal_calibration, normalisation, quantile_threshold
+from core.thresholds import (
+    MOST_MISSED,
+    NeedsDefects,
+    Policy,
+    choose_threshold,
+    f1_threshold,
+    normalisation,
+    quantile_threshold,
+)
 
-__all__ = ["calibrate", "f1_threshold", "normalisation", "quantile_threshold", "split_holdout"]
+__all__ = ["calibrate", "expectation_lines", "f1_threshold", "normalisation", "quantile_threshold", "split_holdout"]
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,46 +37,43 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) maximising F1 of ``score >= threshold`` on labelled scores.
-
-    The threshold is placed halfway between the chosen score and the next lower score, so it is not
-    sitting exactly on one sample.
-    """
-    scores = np.asarray(scores, np.float64)
-    labels = np.asarray(labels).astype(int)
-    if labels.min() == labels.max():
-        raise ValueError("F1 calibration needs both normal and anomalous scores")
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    best = int(np.argmax(f1))
-    thr = float(thresholds[best])
-    below = scores[scores < thr]
-    if below.size:
-        thr = 0.5 * (thr + float(below.max()))
-    return thr, float(f1[best])
-
-
-def calibrate(normal_scores: np.ndarray, method: str = "auto", quantile: float = 0.99, margin: float = 0.5,
-              sigmas: float = 3.0, val_scores: Optional[np.ndarray] = None,
+def calibrate(normal_scores: np.ndarray, policy: Policy, val_scores: Optional[np.ndarray] = None,
               val_labels: Optional[np.ndarray] = None) -> dict[str, Any]:
-    """The manifest's calibration dict: threshold, method and normalisation constants.
+    """The manifest's calibration dict: threshold, policy, expected rates and normalisation constants.
 
-    ``normal_scores``: held-out normal images (not in the model). ``val_scores``/``val_labels``: optional
-    labelled validation data (DIR/val); used for F1 when it holds defects and ``method`` is auto or f1.
+    ``normal_scores``: held-out normal images (not in the model). ``val_scores``/``val_labels``: optional labelled
+    validation data (DIR/val): its good images join the normals, its defects are the labelled defects every
+    policy reports recall on and ``recall`` / ``best-f1`` choose on.
     """
-    normal_scores = np.asarray(normal_scores, np.float64)
-    has_defects = val_labels is not None and len(val_labels) > 0 and int(np.max(val_labels)) == 1
-    if method == "f1" and not has_defects:
-        raise UserError("calibration.method is f1 but there are no defect images in DIR/val/<defect>/; "
-                        "add some or set calibration.method: quantile")
-    if not (has_defects and method in ("auto", "f1")):
-        return normal_calibration(normal_scores, quantile, margin, sigmas)  # the rule the station uses on site
-    assert val_scores is not None and val_labels is not None
-    scores = np.concatenate([normal_scores, np.asarray(val_scores, np.float64)])
-    labels = np.concatenate([np.zeros(len(normal_scores), int), np.asarray(val_labels, int)])
-    thr, f1 = f1_threshold(scores, labels)
-    out: dict[str, Any] = {"threshold": float(thr), "method": "f1", "validation_f1": f1,
-                           "n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum())}
-    out.update(normalisation(scores[labels == 0]))
-    return out
+    normal = np.asarray(normal_scores, np.float64)
+    defects: Optional[np.ndarray] = None
+    if val_scores is not None and val_labels is not None and len(val_labels):
+        v, y = np.asarray(val_scores, np.float64), np.asarray(val_labels).astype(int)
+        normal = np.concatenate([normal, v[y == 0]])
+        defects = v[y == 1] if (y == 1).any() else None
+    try:
+        return choose_threshold(policy, normal, defects)
+    except NeedsDefects:
+        raise UserError(
+            f"calibration.policy is {policy.name} but there are no labelled defect images: put some in "
+            "DIR/val/<defect>/ (and good ones in DIR/val/good/), or set calibration.policy: false-alarm-rate "
+            "(with calibration.target_false_alarm_rate)") from None
+
+
+def expectation_lines(calibration: dict[str, Any]) -> tuple[list[str], Optional[str]]:
+    """(the fit log's lines on the shipped operating point, the warning when most labelled defects fall below it)."""
+    c = calibration
+    lines = [f"expected false-alarm rate at the threshold {c['threshold']:.4g}: {c['expected_false_alarm_rate']:.2%} "
+             f"of good parts ({c.get('estimator', 'sample share')} of {c['n_normal']} held-out normal scores; "
+             f"{c['holdout_false_alarms']} of them at or above it)"]
+    warning = None
+    if c.get("n_anomalous"):
+        lines.append(f"expected recall at the threshold: {c['expected_recall']:.1%} of {c['n_anomalous']} labelled "
+                     f"defects (precision {c['precision']:.1%}, F1 {c['f1']:.3f} on the hold-out and DIR/val)")
+        if c.get("most_defects_missed"):
+            warning = (f"WARNING: {1 - c['expected_recall']:.0%} of the {c['n_anomalous']} labelled defects score "
+                       f"below the threshold {c['threshold']:.4g} (recall {c['expected_recall']:.1%} < "
+                       f"{MOST_MISSED:.0%}): the station would miss most defects like them. Look at the report's "
+                       "operating curve and choose calibration.policy recall or best-f1, or a higher "
+                       "calibration.target_false_alarm_rate")
+    return lines, warning
