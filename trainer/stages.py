@@ -208,6 +208,7 @@ def fit_model(run: FitRun) -> None:
     run.log(f"fitting {cfg.model} on {len(data.fit_paths)} images; {len(data.holdout_paths)} held out for "
             "calibration")
     model = model_cls(cfg)
+    model.preflight(fitted_frames(data), cfg.export.max_batch, cfg.export.max_distance_elements)  # bounds, at once
     options = RunOptions(device=cfg.device, amp=cfg.training.amp, select=cfg.training.select,
                          checkpoint_dir=run.engines_root / cfg.model / CHECKPOINTS, resume=run.resume,
                          fingerprint=run_fingerprint(asdict(cfg), str(run.training_data["sha256"])),
@@ -221,6 +222,13 @@ def fit_model(run: FitRun) -> None:
     run.model = model
     if model.scales_scores:
         _scale_scores(run, model, data)
+
+
+def fitted_frames(data: TrainingData) -> int:
+    """How many frames the model is fitted on: the fit images, their codec copies, and each one's tiles."""
+    copies = data.degraded_copies if data.degradation is not None else 0
+    tiles = data.tiles[0] * data.tiles[1] if data.tiles else 1
+    return len(data.fit_paths) * (1 + copies) * tiles
 
 
 def _scale_scores(run: FitRun, model: AnomalyModel, data: TrainingData) -> None:

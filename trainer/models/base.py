@@ -164,10 +164,31 @@ class AnomalyModel(ABC):
         """Validate that the export stays within bounds at ``max_batch``; returns what was checked."""
         return {}
 
-    def export_batch_limit(self, max_elements: int) -> Optional[int]:
+    def export_batch_limit(self, max_elements: int, n_images: Optional[int] = None) -> Optional[int]:
         """The largest batch whose intermediates stay within ``max_elements``; None when the batch is not bounded
-        by it. The export stage lowers export.max_batch to it (with a note) rather than fail after the fit."""
+        by it. The export stage lowers export.max_batch to it (with a note) rather than fail after the fit.
+        ``n_images``: the frames the fit will hold, for a limit known before the fit (None: the fitted model's)."""
         return None
+
+    def size_checks(self, n_images: int) -> None:
+        """A UserError when fitting ``n_images`` frames would make something the export cannot hold (a feature
+        bank past an ONNX file's 2 GB); called before the fit, so the user hears it at once."""
+        return None
+
+    def preflight(self, n_images: int, max_batch: int, max_elements: int) -> int:
+        """Before anything is fitted: the export bounds this model meets with ``n_images`` fitted frames (the data's
+        size is known then). Returns the export batch the export stage will use (``max_batch``, or lower where the
+        bound asks: that stage says so); raises a UserError for a bound that cannot be met, at once rather than
+        after minutes of fitting."""
+        self.size_checks(n_images)
+        limit = self.export_batch_limit(max_elements, n_images)
+        if limit is None or limit >= max_batch:
+            return max_batch
+        if limit < 1:
+            raise UserError(f"{self.name}: one frame's largest intermediate already exceeds "
+                            f"export.max_distance_elements {max_elements} at input {self.config.input.height}x"
+                            f"{self.config.input.width}; lower the input size or raise export.max_distance_elements")
+        return limit
 
     def set_score_range(self, low: float, high: float) -> None:
         """Scale exported scores to (raw - low) / (high - low); only for models with ``scales_scores``."""

@@ -469,6 +469,10 @@ class DeepSvdd(EpochModel):
     def map_shape(self) -> tuple[int, int]:
         return self.hw
 
+    def export_batch_limit(self, max_elements: int, n_images: Optional[int] = None) -> Optional[int]:
+        """The first level's feature map grows with the batch."""
+        return max_elements // (self.widths[0] * self.hw[0] * self.hw[1])
+
     def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
         """The largest intermediate: the first level's feature map at ``max_batch``."""
         largest = max_batch * self.widths[0] * self.hw[0] * self.hw[1]

@@ -293,6 +293,10 @@ class Geom(EpochModel):
     def map_shape(self) -> tuple[int, int]:
         return self.size, self.size
 
+    def export_batch_limit(self, max_elements: int, n_images: Optional[int] = None) -> Optional[int]:
+        """The T copies of every frame go through the network at once: TensorRT's 2^31 elements bound the batch."""
+        return (ELEMENT_LIMIT - 1) // (self.count * max(self.net.widths[:2]) * self.size * self.size)
+
     def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
         """The T copies of every frame go through the network at once: its widest activations within 2^31."""
         widest = max(self.net.widths[:2]) * self.size * self.size

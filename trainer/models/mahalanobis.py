@@ -140,7 +140,7 @@ class MahalanobisAD(AnomalyModel):
         return {"n_train_images": n, "stages": self.stages, "dims": self.dims, "shrinkage": shrinkage,
                 "feature_seconds": round(t_feat, 3), "gaussian_seconds": round(time.monotonic() - t0 - t_feat, 3)}
 
-    def export_batch_limit(self, max_elements: int) -> Optional[int]:
+    def export_batch_limit(self, max_elements: int, n_images: Optional[int] = None) -> Optional[int]:
         """The map's batch x positions x deepest dims grows with the batch."""
         return max_elements // max(self.grid[0] * self.grid[1] * self.dims[-1], max(self.dims))
 

@@ -168,10 +168,18 @@ class Padim(AnomalyModel):
                 "feature_dim": self.dim, "layers": list(self.cfg.layers), "covariance_eps": self.cfg.covariance_eps,
                 "feature_seconds": round(t_feat, 3), "gaussian_seconds": round(t_fit, 3)}
 
-    def export_batch_limit(self, max_elements: int) -> Optional[int]:
+    def export_batch_limit(self, max_elements: int, n_images: Optional[int] = None) -> Optional[int]:
         """The distance's P x batch x d intermediate grows with the batch: at 160 px ([2, 4, 7] taps, 1 600
-        positions x 100 channels) a batch of 16 exceeds the default bound and 13 fits."""
+        positions x 100 channels) a batch of 16 exceeds the default bound and 13 fits (whatever the data)."""
         return max_elements // (self.grid[0] * self.grid[1] * self.dim)
+
+    def size_checks(self, n_images: int) -> None:
+        """The Gaussians (positions x channels^2 constants) must fit an ONNX file, whatever the data."""
+        constants = self.grid[0] * self.grid[1] * self.dim * (self.dim + 1)
+        if 4 * constants > PROTOBUF_LIMIT * 0.9:
+            raise UserError(f"padim: {self.grid[0] * self.grid[1]} positions x {self.dim}^2 covariance constants "
+                            f"({4 * constants / 1e9:.1f} GB) do not fit an ONNX file; lower padim.channels or the "
+                            "input size")
 
     def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
         """The P x batch x d intermediate within ``max_elements``; the constants within an ONNX file."""
@@ -180,11 +188,8 @@ class Padim(AnomalyModel):
         if largest > max_elements:
             raise UserError(f"export.max_batch {max_batch} x {positions} positions x {self.dim} channels exceeds "
                             f"export.max_distance_elements {max_elements}; lower export.max_batch or the input size")
+        self.size_checks(0)
         constants = positions * self.dim * (self.dim + 1)
-        if 4 * constants > PROTOBUF_LIMIT * 0.9:
-            raise UserError(f"padim: {positions} positions x {self.dim}^2 covariance constants "
-                            f"({4 * constants / 1e9:.1f} GB) do not fit an ONNX file; lower padim.channels or the "
-                            "input size")
         return {"max_batch": max_batch, "positions": positions, "feature_dim": self.dim,
                 "largest_distance_tensor_elements": largest, "max_distance_elements": max_elements,
                 "gaussian_constant_elements": constants, "gaussian_constant_mb_fp32": round(4 * constants / 1e6, 1)}

@@ -310,6 +310,10 @@ class PatchCore(AnomalyModel):
                 "patch_grid": list(self.grid), "bank_size": len(self.bank), "coreset_ratio": self.cfg.coreset_ratio,
                 "feature_seconds": round(t_feat, 3), "coreset_seconds": round(t_core, 3), "processes": shard.world}
 
+    def export_batch_limit(self, max_elements: int, n_images: Optional[int] = None) -> Optional[int]:
+        """The bank is chunked to the bound, but one chunk row per patch of the batch must fit it."""
+        return max_elements // (self.grid[0] * self.grid[1])
+
     def _chunk(self, max_batch: int, max_elements: int) -> int:
         assert self.bank is not None
         rows = max_batch * self.grid[0] * self.grid[1]

@@ -240,12 +240,26 @@ class Spade(AnomalyModel):
         return {"n_train_images": len(self.images), "image_dim": self.image_dim, "patch_dim": self.patch_dim,
                 "patch_grid": list(self.grid), "k": k, "map_neighbours": n_map, "feature_seconds": round(seconds, 3)}
 
-    def export_batch_limit(self, max_elements: int) -> Optional[int]:
+    def export_batch_limit(self, max_elements: int, n_images: Optional[int] = None) -> Optional[int]:
         """Every distance grows with the batch: at 160 px ([4, 7] map taps, 400 patches a frame) the 400 x 400
-        patch distances of a batch of 16 exceed the default bound, and 13 fit."""
-        assert self.images is not None and self.patches is not None
-        patches = int(self.patches.shape[1])
-        return max_elements // max(len(self.images), patches * patches, (self.patch_dim + 1) * patches)
+        patch distances of a batch of 16 exceed the default bound, and 13 fit. Known before the fit: the
+        patches come from the input size, the bank's images from the data."""
+        if n_images is None:
+            assert self.images is not None
+            n_images = len(self.images)
+        patches = self.grid[0] * self.grid[1]
+        return max_elements // max(n_images, patches * patches, (self.patch_dim + 1) * patches)
+
+    def size_checks(self, n_images: int) -> None:
+        """The feature banks are graph constants: ``n_images`` of them must fit an ONNX file."""
+        constants = self._bank_constants(n_images)
+        if 4 * constants > PROTOBUF_LIMIT * 0.9:
+            raise UserError(f"spade: the feature banks of {n_images} training images ({4 * constants / 1e9:.1f} GB) "
+                            "do not fit an ONNX file; train on fewer images (at most "
+                            f"{int(PROTOBUF_LIMIT * 0.9 / 4 / self._bank_constants(1))}) or lower the input size")
+
+    def _bank_constants(self, n_images: int) -> int:
+        return n_images * (self.image_dim + 1 + (self.patch_dim + 1) * self.grid[0] * self.grid[1])
 
     def export_checks(self, max_batch: int, max_elements: int) -> dict[str, Any]:
         """Distances batch x M (images) and batch x P x P (patches) within ``max_elements``; the banks in a file."""
@@ -256,10 +270,8 @@ class Spade(AnomalyModel):
             raise UserError(f"spade: export.max_batch {max_batch} gives a {largest}-element distance tensor "
                             f"({n_images} training images, {patches} patches a frame), above "
                             f"export.max_distance_elements {max_elements}; lower export.max_batch or the input size")
-        constants = n_images * (self.image_dim + 1 + (self.patch_dim + 1) * patches)
-        if 4 * constants > PROTOBUF_LIMIT * 0.9:
-            raise UserError(f"spade: the feature banks of {n_images} training images ({4 * constants / 1e9:.1f} GB) "
-                            "do not fit an ONNX file; train on fewer images or lower the input size")
+        self.size_checks(n_images)
+        constants = self._bank_constants(n_images)
         k, n_map = self._k()
         return {"max_batch": max_batch, "bank_images": n_images, "patches_per_frame": patches, "k": k,
                 "map_neighbours": n_map, "largest_distance_tensor_elements": largest,
