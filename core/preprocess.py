@@ -23,6 +23,28 @@ def _scale(image: np.ndarray, h: int, w: int) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def to_bgr8(image: np.ndarray) -> np.ndarray:
+    """uint8 BGR [H,W,3] from a grey, BGR or BGRA frame of 8 or 16 bits, as cv2.imread(IMREAD_COLOR) reads files.
+
+    Grey is replicated to three channels (B = G = R): the pretrained backbones take ImageNet RGB, and the models
+    that work in grey (input.channels: gray) take its luma back exactly. 16 bits keep their top byte (>> 8),
+    what imread does, so a 16-bit camera frame and its PNG on disk give the model the same pixels.
+    """
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 or uint16, not {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"frames must be [H,W], [H,W,1], [H,W,3] or [H,W,4], not {list(image.shape)}")
+    return image
+
+
 def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RESIZE) -> np.ndarray:
     """To the model's H×W, uint8 BGR, fitted by ``mode`` (core.bundle.RESIZE_MODES).
 
@@ -30,14 +52,12 @@ def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RES
     stretch: to H×W whatever the aspect ratio. letterbox: scaled to fit inside H×W keeping the aspect
     ratio, centred, black (0) bars on the two sides it does not reach. crop: the centre region of the
     frame with the input's aspect ratio, scaled to H×W (scaling to cover H×W, then cropping the centre).
-    Gray and BGRA frames become BGR.
+    Grey frames ([H,W] or [H,W,1]) become BGR with B = G = R, BGRA frames BGR, and 16-bit frames 8-bit by
+    the top byte (``to_bgr8``): what the trainer's cv2.imread(IMREAD_COLOR) makes of the same image file.
     """
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, not {mode!r}")
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    elif image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    image = to_bgr8(image)
     h, w = hw
     ih, iw = image.shape[:2]
     if mode == "letterbox" and (ih, iw) != (h, w):

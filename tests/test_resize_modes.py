@@ -262,3 +262,50 @@ mqtt:
     assert inside and all(abs(stretch[e["frame"]] - e["score"]) > 0.03 for e in inside)
     end = events[-1]
     assert end["peak_score"] == pytest.approx(letterbox[start["frame"]:end["frame"] + 1].max(), abs=2e-6)
+
+
+# -- grey and 16-bit images: the trainer's reader and the station's frames agree ----------------------------
+def _grey(depth: type, shape: tuple[int, int] = (90, 140), seed: int = 5) -> np.ndarray:
+    top = 256 if depth is np.uint8 else 65536
+    return np.random.default_rng(seed).integers(0, top, size=shape).astype(depth)
+
+
+@pytest.mark.parametrize("depth", [np.uint8, np.uint16])
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_a_grey_image_reaches_the_model_alike_from_disk_and_from_a_camera(tmp_path: Path, depth: type,
+                                                                         mode: str) -> None:
+    from edge.sources.kinds.folder import FolderCapture
+    from trainer.data import read_image
+
+    grey = _grey(depth)
+    path = tmp_path / "grey.png"
+    assert cv2.imwrite(str(path), grey)
+    hw = (64, 64)
+    trained = read_image(path, hw, mode)  # what the trainer fits on
+    ok, from_folder = FolderCapture([path]).read()  # a station reading the folder
+    assert ok and from_folder is not None
+    seen = [resize_frame(from_folder, hw, mode), resize_frame(grey, hw, mode), resize_frame(grey[..., None], hw, mode)]
+    for frame in seen:  # and a camera delivering [H,W] or [H,W,1] grey, 8 or 16 bits
+        assert frame.dtype == np.uint8 and np.array_equal(frame, trained)
+    # grey replicated: B = G = R, so ImageNet-RGB backbones see grey in all three channels and the models that
+    # work in grey (input.channels: gray) get the grey value back from the luma exactly
+    assert np.array_equal(trained[..., 0], trained[..., 1]) and np.array_equal(trained[..., 1], trained[..., 2])
+    top_byte = (grey >> 8).astype(np.uint8) if depth is np.uint16 else grey
+    assert np.array_equal(resize_frame(grey, grey.shape, mode)[..., 0], top_byte)
+
+
+def test_grey_luma_in_the_graph_is_the_grey_value() -> None:
+    import torch
+
+    from trainer.ingraph import FrameInput
+
+    frame = resize_frame(_grey(np.uint8), (64, 64))
+    luma = FrameInput(1)(torch.from_numpy(frame[None]))[0, 0].numpy()
+    np.testing.assert_allclose((luma + 1.0) * 127.5, frame[..., 0].astype(np.float32), atol=1e-3)
+
+
+def test_frames_of_other_types_and_shapes_are_refused_in_one_line() -> None:
+    with pytest.raises(ValueError, match="frames must be uint8 or uint16, not float32"):
+        resize_frame(np.zeros((8, 8, 3), np.float32), (8, 8))
+    with pytest.raises(ValueError, match=r"frames must be \[H,W\], \[H,W,1\], \[H,W,3\] or \[H,W,4\], not \[8, 8, 2\]"):
+        resize_frame(np.zeros((8, 8, 2), np.uint8), (8, 8))
