@@ -71,6 +71,19 @@ def test_the_cache_stays_within_its_bound_and_still_answers() -> None:
         FeatureCache(net, max_bytes=-1)
 
 
+def test_admit_after_two_keeps_only_frames_seen_again() -> None:
+    """Codec-robust training shows one-off degraded draws: they must not fill the cache."""
+    net = CountingConv()
+    cache = FeatureCache(net, max_bytes=1 << 20, admit_after=2)
+    clean, once = _frames(3, 2), _frames(3, 3)
+    cache(torch.cat([clean, once]))
+    assert len(cache) == 0
+    cache(clean)
+    assert len(cache) == 3 and net.frames_seen == 9
+    cache(clean)
+    assert net.frames_seen == 9 and cache.hits == 3
+
+
 def test_pack_and_unpack_round_trip() -> None:
     maps = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
     packed = pack_maps(maps)

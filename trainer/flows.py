@@ -10,7 +10,10 @@ features in host memory, bounded by ``max_bytes``. A frame whose bytes differ (a
 copy) is a different key, so the cache never returns features of another image; when the bound is reached it
 stops storing (first come, kept: under a shuffled loader an LRU bound smaller than the data set would evict
 every entry before its reuse, a kept prefix hits at a constant rate of bound / data) and the backbone runs for
-the rest.
+the rest. With codec-robust training each epoch shows a still degraded by a fresh draw half the time (a frame
+seen once, never again): ``admit_after=2`` stores a frame only at its second sighting (16 bytes a key to
+remember the first), so those draws never fill the cache, at the price of the backbone running twice per
+repeating frame.
 
 Log-likelihood: a flow maps x to z with log|det dz/dx| = the sum of its blocks' terms; under the standard normal
 prior log p(x) = sum(-0.5 z^2 - 0.5 log 2 pi) + log|det|. ``log_likelihood`` sums that over the dimensions a
@@ -58,14 +61,16 @@ class FeatureCache:
 
     ``extract`` must be deterministic per frame (a frozen backbone in eval mode) and batch-independent (no
     batch statistics). Results are kept on the CPU as float32 (``max_bytes`` bounds them) and returned on the
-    frames' device.
+    frames' device. ``admit_after``: the sighting of a frame at which its result is stored (1 = at once).
     """
 
-    def __init__(self, extract: Callable[[torch.Tensor], torch.Tensor], max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
+    def __init__(self, extract: Callable[[torch.Tensor], torch.Tensor], max_bytes: int, admit_after: int = 1) -> None:
+        if max_bytes < 0 or admit_after < 1:
+            raise ValueError("max_bytes must be >= 0 and admit_after >= 1")
         self.extract = extract
         self.max_bytes = int(max_bytes)
+        self.admit_after = int(admit_after)
+        self._sightings: dict[bytes, int] = {}
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -85,6 +90,11 @@ class FeatureCache:
             for j, i in enumerate(missing):
                 fresh[i] = out[j].cpu()
             for i in missing:
+                seen = self._sightings.get(keys[i], 0) + 1
+                if seen < self.admit_after:
+                    self._sightings[keys[i]] = seen
+                    continue
+                self._sightings.pop(keys[i], None)
                 size = fresh[i].numel() * fresh[i].element_size()
                 if keys[i] not in self._store and self.bytes + size <= self.max_bytes:
                     self._store[keys[i]] = fresh[i]
