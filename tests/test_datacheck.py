@@ -88,35 +88,41 @@ def _scan(sizes: dict[tuple[int, int], int], gray: int = 0) -> ImageScan:
 
 def test_several_sizes_under_stretch(mixed: list[Path]) -> None:
     got = size_warnings(scan_images(mixed), "train/good", (160, 160), "stretch")
-    assert got == ["train/good: images come in 3 sizes (64x48 ×5, 48x48 ×1, 80x45 ×1; 3 aspect ratios); each is "
-                   "fitted to 160x160 by input.resize: stretch (distorts the aspect ratio; letterbox or crop keep it)"]
+    assert got == ["train/good: images come in 3 sizes (64x48 ×5, 48x48 ×1, 80x45 ×1), aspect ratios 1.00 to 1.78; "
+                   "each is stretched to 160x160 (input.resize: stretch), distorting what is on it; input.resize: "
+                   "letterbox keeps the shapes (black bars), crop too (cuts the edges off)"]
 
 
-def test_several_sizes_listing_is_most_common_first_and_truncated() -> None:
+def test_many_sizes_are_given_as_a_range_in_one_line() -> None:
     scan = _scan({(640, 480): 37, (1280, 720): 80, (500, 500): 3, (320, 240): 2, (800, 600): 2, (1920, 1080): 1,
                   (100, 100): 1})
-    got = size_warnings(scan, "train/good", (160, 160), "stretch")
-    assert got == ["train/good: images come in 7 sizes (1280x720 ×80, 640x480 ×37, 500x500 ×3, 320x240 ×2, "
-                   "800x600 ×2 and 2 more; 3 aspect ratios); each is fitted to 160x160 by input.resize: stretch "
-                   "(distorts the aspect ratio; letterbox or crop keep it)"]
+    got = size_warnings(scan, "train/good", (160, 160), "letterbox")
+    assert got == ["train/good: images come in 7 sizes (100x100 to 1920x1080), aspect ratios 1.00 to 1.78; each is "
+                   "letterboxed into 160x160 (input.resize: letterbox): shapes kept, black bars fill the rest; "
+                   "input.resize: stretch fills the input instead (distorts)"]
+    many = _scan({(100 + i, 100 + 2 * i): 1 for i in range(300)})
+    (line,) = size_warnings(many, "train/good", (160, 160), "stretch")
+    assert "\n" not in line and len(line) < 300 and "300 sizes (100x100 to 399x698)" in line
 
 
 def test_several_sizes_with_the_inputs_aspect_ratio_or_an_aspect_keeping_mode() -> None:
     same = _scan({(640, 480): 4, (320, 240): 2})
-    assert size_warnings(same, "train/good", (120, 160), "stretch") == [
-        "train/good: images come in 2 sizes (640x480 ×4, 320x240 ×2; 1 aspect ratio); each is fitted to 160x120 "
-        "by input.resize: stretch (the aspect ratio is the input's, only the scale differs)"]
+    for mode in ("stretch", "letterbox", "crop"):
+        assert size_warnings(same, "train/good", (120, 160), mode) == [
+            "train/good: images come in 2 sizes (640x480 ×4, 320x240 ×2), aspect ratio 1.33; each is scaled to "
+            "160x120, whose aspect ratio they all have"]
     mixed = _scan({(640, 480): 4, (500, 500): 2})
-    assert "(keeps the aspect ratio, black bars fill the rest)" in size_warnings(mixed, "w", (64, 64), "letterbox")[0]
-    assert "(keeps the aspect ratio, the edges beyond it are cut off)" in size_warnings(mixed, "w", (64, 64),
-                                                                                          "crop")[0]
+    assert size_warnings(mixed, "w", (64, 64), "crop") == [
+        "w: images come in 2 sizes (640x480 ×4, 500x500 ×2), aspect ratios 1.00 to 1.33; each is cut to 64x64's "
+        "aspect ratio around its centre (input.resize: crop): shapes kept, the edges beyond are never seen; "
+        "input.resize: letterbox sees the whole image"]
 
 
 def test_one_size_warns_only_when_stretch_distorts_it_by_more_than_one_percent() -> None:
     wide = _scan({(640, 480): 10})
     assert size_warnings(wide, "test/good", (160, 160), "stretch") == [
         "test/good: images are 640x480 (aspect ratio 1.33) and are stretched to the model input 160x160 (aspect "
-        "ratio 1.00); input.resize letterbox or crop keep the aspect ratio"]
+        "ratio 1.00); input.resize: letterbox keeps their shape (black bars), crop too (cuts the edges off)"]
     assert size_warnings(wide, "test/good", (160, 160), "letterbox") == []
     assert size_warnings(wide, "test/good", (160, 160), "crop") == []
     assert size_warnings(wide, "test/good", (480, 640), "stretch") == []  # same aspect ratio, other scale
@@ -133,11 +139,13 @@ def test_size_warnings_refuse_an_unknown_mode() -> None:
 # -- grayscale -------------------------------------------------------------------------------------
 def test_grayscale_warning(mixed: list[Path]) -> None:
     assert grayscale_warning(scan_images(mixed), "train/good") == (
-        "train/good: 4 of 7 images are grayscale; converted to 3-channel BGR (B = G = R) as the station's "
-        "camera frames are")
+        "train/good: 4 of 7 images are grayscale; read as BGR with B = G = R, as the station does a grey camera's "
+        "frames: pretrained backbones see grey in all three channels, models trained from scratch learn colour "
+        "(input.channels: auto; gray makes them learn grey)")
     assert grayscale_warning(_scan({(8, 8): 120}, gray=120), "train/good") == (
-        "train/good: all 120 images are grayscale; converted to 3-channel BGR (B = G = R) as the station's "
-        "camera frames are")
+        "train/good: all 120 images are grayscale; read as BGR with B = G = R, as the station does a grey camera's "
+        "frames: pretrained backbones see grey in all three channels, models trained from scratch learn one grey "
+        "channel (input.channels: auto; colour keeps three)")
     one = str(grayscale_warning(_scan({(8, 8): 120}, gray=1), "test"))
     assert one.startswith("test: 1 of 120 images is grayscale;")
     assert str(grayscale_warning(_scan({(8, 8): 1}, gray=1), "val")).startswith("val: the one image is grayscale;")

@@ -30,6 +30,7 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L"
 ASPECT_TOLERANCE = 0.01  # an aspect ratio within 1 % of the input's is not worth a warning
 MIN_HOLDOUT = 30  # below about this many scores the mean + k·std floor of the threshold is noise
 MAX_NAMED = 5  # file names listed in a warning before "and N more"
+MAX_SIZES_LISTED = 3  # image sizes listed one by one in a warning; more are given as a range
 
 
 @dataclass
@@ -101,12 +102,37 @@ def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def size_warnings(scan: ImageScan, where: str, hw: tuple[int, int], resize: str) -> list[str]:
-    """Warn when images come in several sizes, or in one whose aspect ratio ``resize`` = stretch distorts.
+def _sizes_phrase(sizes: Counter[tuple[int, int]]) -> str:
+    """'3 sizes (64x48 ×5, 48x48 ×1, 80x45 ×1)' for a few, '263 sizes (100x62 to 600x600)' for many."""
+    if len(sizes) <= MAX_SIZES_LISTED:
+        ranked = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+        return f"{len(sizes)} sizes (" + ", ".join(f"{sw}x{sh} ×{n}" for (sw, sh), n in ranked) + ")"
+    by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
+    return f"{len(sizes)} sizes ({by_area[0][0]}x{by_area[0][1]} to {by_area[-1][0]}x{by_area[-1][1]})"
 
-    Every image is fitted to the model input (``hw`` = (height, width)) by the bundle's input.resize;
-    stretch changes the shape of parts whose aspect ratio differs from the input's, which the user should
-    choose knowingly. Sizes are written width x height, as image viewers show them.
+
+def _fitting(resize: str, w: int, h: int, distorts: bool) -> str:
+    """What ``resize`` does to images of other shapes than the input's, and the other choice, in one phrase."""
+    if not distorts:
+        return f"each is scaled to {w}x{h}, whose aspect ratio they all have"
+    if resize == "stretch":
+        return (f"each is stretched to {w}x{h} (input.resize: stretch), distorting what is on it; "
+                "input.resize: letterbox keeps the shapes (black bars), crop too (cuts the edges off)")
+    if resize == "letterbox":
+        return (f"each is letterboxed into {w}x{h} (input.resize: letterbox): shapes kept, black bars fill the "
+                "rest; input.resize: stretch fills the input instead (distorts)")
+    return (f"each is cut to {w}x{h}'s aspect ratio around its centre (input.resize: crop): shapes kept, the "
+            "edges beyond are never seen; input.resize: letterbox sees the whole image")
+
+
+def size_warnings(scan: ImageScan, where: str, hw: tuple[int, int], resize: str) -> list[str]:
+    """One line when images come in several sizes, or in one whose aspect ratio ``resize`` = stretch distorts:
+    what will happen to them and which key changes it.
+
+    Every image is fitted to the frame the station sends (``hw`` = (height, width): the model input, or the
+    whole tiled frame with input.tiles) by the bundle's input.resize; stretch changes the shape of parts
+    whose aspect ratio differs from the input's, which the user should choose knowingly. Sizes are written
+    width x height, as image viewers show them.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
@@ -114,42 +140,39 @@ def size_warnings(scan: ImageScan, where: str, hw: tuple[int, int], resize: str)
     target = _aspect(w, h)
     if not scan.sizes:
         return []
+    aspects = sorted({_aspect(sw, sh) for sw, sh in scan.sizes})
+    distorts = any(_differs(a, target) for a in aspects)
     if len(scan.sizes) > 1:
-        ranked = sorted(scan.sizes.items(), key=lambda kv: (-kv[1], kv[0]))
-        named = ", ".join(f"{sw}x{sh} ×{n}" for (sw, sh), n in ranked[:MAX_NAMED])
-        if len(ranked) > MAX_NAMED:
-            named += f" and {len(ranked) - MAX_NAMED} more"
-        aspects = {round(_aspect(sw, sh), 2) for sw, sh in scan.sizes}
-        if resize == "stretch":
-            if any(_differs(_aspect(sw, sh), target) for sw, sh in scan.sizes):
-                effect = "distorts the aspect ratio; letterbox or crop keep it"
-            else:
-                effect = "the aspect ratio is the input's, only the scale differs"
-        elif resize == "letterbox":
-            effect = "keeps the aspect ratio, black bars fill the rest"
+        if aspects[-1] / aspects[0] - 1.0 <= ASPECT_TOLERANCE:
+            shapes = f"aspect ratio {aspects[0]:.2f}"
         else:
-            effect = "keeps the aspect ratio, the edges beyond it are cut off"
-        return [f"{where}: images come in {len(scan.sizes)} sizes ({named}; "
-                f"{_plural(len(aspects), 'aspect ratio', 'aspect ratios')}); each is fitted to {w}x{h} by "
-                f"input.resize: {resize} ({effect})"]
+            shapes = f"aspect ratios {aspects[0]:.2f} to {aspects[-1]:.2f}"
+        return [f"{where}: images come in {_sizes_phrase(scan.sizes)}, {shapes}; "
+                f"{_fitting(resize, w, h, distorts)}"]
     sw, sh = next(iter(scan.sizes))
-    if resize == "stretch" and _differs(_aspect(sw, sh), target):
+    if resize == "stretch" and distorts:
         return [f"{where}: images are {sw}x{sh} (aspect ratio {_aspect(sw, sh):.2f}) and are stretched to the "
-                f"model input {w}x{h} (aspect ratio {target:.2f}); input.resize letterbox or crop keep the "
-                "aspect ratio"]
+                f"model input {w}x{h} (aspect ratio {target:.2f}); input.resize: letterbox keeps their shape "
+                "(black bars), crop too (cuts the edges off)"]
     return []
 
 
 def grayscale_warning(scan: ImageScan, where: str) -> Optional[str]:
-    """Say how many images are grayscale: they are converted to BGR like the station's frames, not refused."""
+    """Say how many images are grayscale and what the models make of them: read as BGR with B = G = R, as the
+    station converts a grey camera's frames (core/preprocess.py), so the pretrained backbones see grey in all
+    three ImageNet channels; the models trained from scratch learn one grey channel when every training image
+    is grey (input.channels: auto)."""
     n = len(scan.grayscale)
     if n == 0:
         return None
     if n == scan.count:
         what = "the one image is grayscale" if n == 1 else f"all {n} images are grayscale"
+        scratch = "models trained from scratch learn one grey channel (input.channels: auto; colour keeps three)"
     else:
         what = f"{n} of {scan.count} images {'is' if n == 1 else 'are'} grayscale"
-    return f"{where}: {what}; converted to 3-channel BGR (B = G = R) as the station's camera frames are"
+        scratch = "models trained from scratch learn colour (input.channels: auto; gray makes them learn grey)"
+    return (f"{where}: {what}; read as BGR with B = G = R, as the station does a grey camera's frames: pretrained "
+            f"backbones see grey in all three channels, {scratch}")
 
 
 def holdout_needed(quantile: float) -> int:
