@@ -242,3 +242,34 @@ def test_plots_draw_several_score_sets(fitted, independent, tmp_path) -> None:
     assert not rep.plot_roc(tmp_path / "none.png", [unlabelled]) and not (tmp_path / "none.png").exists()
     rep.plot_histogram(tmp_path / "stream.png", [unlabelled])
     assert_png(tmp_path / "stream.png")
+
+
+def test_fit_report_shows_the_operating_points(fitted, independent) -> None:
+    """operating_points.txt / operating_curve.png: what each threshold would do on the hold-out and on DIR/test,
+    the shipped one marked; DIR/test's rates checked against the independent onnxruntime scores."""
+    root, bundle = fitted
+    scores, _ = independent
+    report = json.loads((bundle / "report.json").read_text())
+    ops = report["operating_points"]
+    threshold = load_bundle(bundle).threshold
+    assert ops["threshold"] == threshold and ops["policy"] == "false-alarm-rate"
+    assert {"operating_curve.png", "operating_points.txt"} <= set(report["plots"])
+    assert_png(bundle / "operating_curve.png")
+    good = np.array([s for k, s in scores.items() if k.startswith("test/good/")])
+    bad = np.array([s for k, s in scores.items() if not k.startswith("test/good/")])
+    assert [r["threshold"] for r in ops["rows"]] == sorted((r["threshold"] for r in ops["rows"]), reverse=True)
+    for row in ops["rows"]:
+        t = row["threshold"]
+        assert row["test"]["false_alarm_rate"] == pytest.approx(np.mean(good >= t), abs=1e-9)
+        assert row["test"]["recall"] == pytest.approx(np.mean(bad >= t), abs=1e-9)
+        assert row["calibration"]["recall"] is None  # no DIR/val: no labelled defects to calibrate on
+    rules = [r["rule"] for r in ops["rows"]]
+    assert "false-alarm-rate 0.01" in rules and "false-alarm-rate 0.1" in rules
+    shipped = next(r for r in ops["rows"] if r["shipped"])
+    assert shipped["threshold"] == threshold
+    assert shipped["expected_false_alarm_rate"] == pytest.approx(0.01, rel=1e-3)
+    lines = (bundle / "operating_points.txt").read_text().splitlines()
+    marked = [ln for ln in lines if ln.startswith("> ")]
+    assert len(marked) == 1 and marked[0].startswith("> shipped: false-alarm-rate")
+    assert f"{shipped['test']['recall']:.1%}" in marked[0]
+    assert report["metrics"]["recall"] == pytest.approx(np.mean(bad >= threshold), abs=1e-6)

@@ -21,10 +21,10 @@ from core.errors import UserError
 from core.files import sha256_file
 from core.preprocess import resize_frame
 from core.site_calibration import calibration_path
-from core.thresholds import normal_calibration
+from core.thresholds import Policy, choose_threshold
 from edge.calibration import save_site_calibration, site_calibration
 from trainer.config import TrainConfig
-from trainer.data import fingerprint, list_images, train_paths
+from trainer.data import ImageSet, fingerprint, list_images, train_paths
 from trainer.evaluate import metrics_from_scores
 from trainer.pipeline import fit_bundle, rerun_stages
 from trainer.stages import (
@@ -159,11 +159,35 @@ def test_fit_and_export(exported) -> None:
 def test_calibrate_alone_uses_the_graph_on_the_holdout(calibrated) -> None:
     run = calibrated
     held_out, _ = session_scores(run.fp32, read_frames(run.data.holdout_paths))
-    c = run.cfg.calibration
-    expected = normal_calibration(held_out, c.quantile, c.margin, c.sigmas)
-    assert run.calibration["method"] == "quantile"
+    expected = choose_threshold(Policy(), held_out)  # the default policy: a 1 % false-alarm rate
+    assert run.calibration["method"] == run.calibration["policy"] == "false-alarm-rate"
+    assert run.calibration["target_false_alarm_rate"] == 0.01
     assert run.calibration["threshold"] == pytest.approx(expected["threshold"], rel=1e-5)
+    assert run.calibration["expected_false_alarm_rate"] == pytest.approx(0.01, rel=1e-3)
     assert run.calibration["n_normal"] == len(run.data.holdout_paths)
+    np.testing.assert_allclose(run.calibration_scores["normal"], held_out, rtol=1e-5)
+
+
+def test_calibrate_says_what_it_expects_and_warns_when_most_defects_fall_below(exported) -> None:
+    """DIR/val whose "defects" are good parts: they score like the hold-out, so most fall below the threshold."""
+    paths = list(exported.data.holdout_paths)
+    frames = read_frames(paths)
+    lines: list[str] = []
+    val = ImageSet(paths=paths, images=frames, labels=np.ones(len(frames), int))
+    run = copy_of(exported, data=dataclasses.replace(exported.data, val=val), log=lines.append)
+    calibrate_threshold(run)
+    c = run.calibration
+    assert c["n_anomalous"] == len(frames) and c["expected_recall"] < 0.5 and c["most_defects_missed"] is True
+    assert any(line.startswith("expected false-alarm rate at the threshold") for line in lines), lines
+    assert any(line.startswith("expected recall at the threshold") for line in lines), lines
+    warning = next(line for line in lines if line.startswith("WARNING: "))
+    assert "labelled defects score below the threshold" in warning and warning in run.notes
+
+    no_val = copy_of(exported, log=lines.append)
+    no_val.cfg = dataclasses.replace(exported.cfg, calibration=dataclasses.replace(exported.cfg.calibration,
+                                                                                   policy="recall"))
+    with pytest.raises(UserError, match=r"policy is recall but there are no labelled defect images.*DIR/val"):
+        calibrate_threshold(no_val)
 
 
 def test_parity_alone(calibrated) -> None:
@@ -201,8 +225,19 @@ def test_report_alone(calibrated, tmp_path) -> None:
     report = json.loads(run.report_path.read_text())
     assert report["metrics"] == run.metrics and report["calibration"]["threshold"] == run.calibration["threshold"]
     assert report["config"]["input"]["height"] == SIZE and "rerun" not in report
-    assert sorted(report["plots"]) == sorted(p.name for p in tmp_path.glob("*.png"))
+    assert sorted(report["plots"]) == sorted([p.name for p in tmp_path.glob("*.png")] + ["operating_points.txt"])
     assert len(report["hardest_cases"]["good"]) == 3 and len(report["hardest_cases"]["defects"]) == 3
+    # the operating points: the shipped threshold among what each policy would ship, on the hold-out and DIR/test
+    ops = report["operating_points"]
+    assert ops["policy"] == "false-alarm-rate" and ops["threshold"] == run.calibration["threshold"]
+    assert ops["sets"] == {"calibration": {"good": len(run.data.holdout_paths), "defects": 0},
+                           "test": {"good": 6, "defects": 8}}
+    shipped = [r for r in ops["rows"] if r["shipped"]]
+    assert len(shipped) == 1 and shipped[0]["threshold"] == run.calibration["threshold"]
+    assert shipped[0]["test"]["recall"] == pytest.approx(run.metrics["recall"], abs=1e-6)
+    assert shipped[0]["test"]["false_alarm_rate"] == pytest.approx(run.metrics["false_alarm_rate"], abs=1e-6)
+    table = (tmp_path / "operating_points.txt").read_text()
+    assert "> shipped: false-alarm-rate" in table and "false-alarm-rate 0.05" in table
 
 
 @pytest.mark.parametrize("promote", [False, True])

@@ -23,6 +23,7 @@ from core.bundle import Bundle
 from core.errors import UserError
 from core.events import EventRule
 from core.files import atomic_write_text
+from core.thresholds import f1_threshold, false_alarm_rate, rate_threshold, recall_threshold
 from trainer.data import ImageSet
 
 CMAP = "turbo"
@@ -382,6 +383,114 @@ def write_test_report(out_dir: Path, test: ImageSet, scores: np.ndarray, maps: O
         "map_scale": None if scale is None else asdict(scale),
     }
     return section
+
+
+# -- the operating point: what each threshold would do -----------------------------------------------------------
+FAR_TARGETS = (0.005, 0.01, 0.02, 0.05, 0.1)  # the table's rows of the false-alarm-rate policy
+RECALL_TARGETS = (0.5, 0.8, 0.9, 0.95)  # and of the recall policy, where there are labelled defects
+OPERATING_TABLE = "operating_points.txt"
+OPERATING_PLOT = "operating_curve.png"
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Scores of good parts and of defects (either may be empty) of one image set, named for the table."""
+
+    name: str
+    normal: np.ndarray
+    defects: np.ndarray
+
+    def at(self, threshold: float) -> dict[str, Optional[float]]:
+        """False-alarm rate, recall, precision and F1 of ``score >= threshold`` (None where a side is empty)."""
+        fp = int(np.sum(self.normal >= threshold))
+        tp = int(np.sum(self.defects >= threshold))
+        far = fp / self.normal.size if self.normal.size else None
+        recall = tp / self.defects.size if self.defects.size else None
+        precision = (tp / (tp + fp) if tp + fp else 1.0) if self.defects.size else None
+        f1 = (2 * precision * recall / (precision + recall) if precision + recall else 0.0) \
+            if precision is not None and recall is not None else None
+        return {"false_alarm_rate": far, "recall": recall, "precision": precision, "f1": f1}
+
+
+def operating_rows(threshold: float, calibration: Labelled, test: Optional[Labelled],
+                   policy: str) -> list[dict[str, Any]]:
+    """The table's rows: the shipped threshold, then what each false-alarm-rate target (estimated on the
+    calibration's normals, as the policy does) and, with labelled defects, each recall target and best F1 would
+    ship; each with its rates on the calibration data and on the test set. Highest threshold first."""
+    candidates: list[tuple[str, float]] = [(f"shipped: {policy}", threshold)]
+    for rate in FAR_TARGETS:
+        candidates.append((f"false-alarm-rate {rate:g}", rate_threshold(calibration.normal, rate)[0]))
+    if calibration.defects.size:
+        for r in RECALL_TARGETS:
+            candidates.append((f"recall {r:g}", recall_threshold(calibration.normal, calibration.defects, r)))
+        candidates.append(("best-f1", f1_threshold(calibration.normal, calibration.defects)[0]))
+    rows = []
+    for rule, t in candidates:
+        row: dict[str, Any] = {"rule": rule, "threshold": float(t), "shipped": rule.startswith("shipped"),
+                               "expected_false_alarm_rate": false_alarm_rate(calibration.normal, t)}
+        for labelled in (calibration, test):
+            if labelled is not None:
+                row[labelled.name] = labelled.at(t)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (-r["threshold"], not r["shipped"]))
+
+
+def operating_table_text(rows: list[dict[str, Any]], sets: Sequence[Labelled]) -> str:
+    """The rows as a plain-text table (operating_points.txt): one line a threshold, the shipped one marked."""
+    def pct(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    width = max([len(r["rule"]) for r in rows] + [4])
+    head = f"{'':2}{'rule':{width}} {'threshold':>10} {'exp. FAR':>8}"
+    for s in sets:
+        head += f" | {s.name + ' FAR':>16} {'recall':>7} {'precision':>9} {'F1':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{'> ' if r['shipped'] else '  '}{r['rule']:{width}} {r['threshold']:10.5g} " \
+               f"{pct(r['expected_false_alarm_rate']):>8}"
+        for s in sets:
+            m = r[s.name]
+            f1 = "-" if m["f1"] is None else f"{m['f1']:.3f}"
+            line += f" | {pct(m['false_alarm_rate']):>16} {pct(m['recall']):>7} {pct(m['precision']):>9} {f1:>5}"
+        lines.append(line)
+    sizes = "; ".join(f"{s.name}: {s.normal.size} good, {s.defects.size} defects" for s in sets)
+    return ("\n".join(lines) + "\n\nThe line marked '>' is the threshold shipped in the bundle. exp. FAR = the "
+            f"false-alarm rate the policy's estimator expects from the calibration normals. {sizes}.\n")
+
+
+def plot_operating_curve(path: Path, threshold: float, sets: Sequence[Labelled]) -> None:
+    """False-alarm rate, recall and precision of every set against the threshold, the shipped one marked: the
+    trade-off ``calibration.policy`` picks one point of."""
+    plt = _plt()
+    pooled = np.concatenate([np.r_[s.normal, s.defects] for s in sets] + [np.asarray([threshold])])
+    grid = np.linspace(float(pooled.min()), float(pooled.max()), 200)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for i, s in enumerate(sets):
+        colour = COLOURS[i % len(COLOURS)]
+        points = [s.at(float(t)) for t in grid]
+        for key, style in (("false_alarm_rate", "-"), ("recall", "--"), ("precision", ":")):
+            ys = [p[key] for p in points]
+            if ys and ys[0] is not None:
+                ax.plot(grid, ys, ls=style, c=colour, lw=1.6, label=f"{s.name}: {key.replace('_', '-')}")
+    ax.axvline(threshold, c="k", ls="--", lw=1.2, label=f"shipped threshold {threshold:.4g}")
+    ax.set(xlabel="threshold (score >= threshold is flagged)", ylabel="rate", ylim=(-0.02, 1.02),
+           title="Operating points (ONNX scores)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_operating_report(out_dir: Path, threshold: float, policy: str, calibration: Labelled,
+                           test: Optional[Labelled]) -> dict[str, Any]:
+    """Write operating_points.txt and operating_curve.png; returns report.json's ``operating_points``."""
+    sets = [calibration] + ([test] if test is not None else [])
+    rows = operating_rows(threshold, calibration, test, policy)
+    atomic_write_text(out_dir / OPERATING_TABLE, operating_table_text(rows, sets))
+    plot_operating_curve(out_dir / OPERATING_PLOT, threshold, sets)
+    return {"threshold": float(threshold), "policy": policy, "table": OPERATING_TABLE, "plot": OPERATING_PLOT,
+            "sets": {s.name: {"good": int(s.normal.size), "defects": int(s.defects.size)} for s in sets},
+            "rows": rows}
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -34,6 +34,7 @@ from core.bundle import (
     write_manifest,
 )
 from core.errors import BundleError, UserError
+from core.thresholds import MOST_MISSED, QUANTILE, Policy
 from trainer import calibrate as cal
 from trainer import distributed
 from trainer import export as ex
@@ -42,6 +43,7 @@ from trainer.champion import BUNDLE_THRESHOLD, JudgingThreshold, champion_thresh
 from trainer.config import TrainConfig
 from trainer.data import ImageSet, fingerprint, load_test, load_val, train_paths
 from trainer.datacheck import (
+    MIN_HOLDOUT,
     grayscale_warning,
     holdout_warning,
     scan_images,
@@ -111,6 +113,7 @@ class FitRun:
     export_info: dict[str, Any] = field(default_factory=dict)  # report.json's export
     # calibrate, parity, evaluate
     calibration: dict[str, Any] = field(default_factory=dict)
+    calibration_scores: dict[str, np.ndarray] = field(default_factory=dict)  # "normal", "defects": the curve's
     parity: dict[str, Any] = field(default_factory=dict)
     evaluation: Optional[Evaluation] = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -150,9 +153,12 @@ def check_data(run: FitRun) -> None:
     paths = train_paths(run.data_dir)
     _check_training_images(run, paths)
     fit_idx, hold_idx = cal.split_holdout(len(paths), cfg.calibration.holdout_fraction, cfg.seed)
-    small = holdout_warning(len(hold_idx), cfg.calibration.quantile, cfg.calibration.sigmas)
+    small = _holdout_warning(cfg.calibration.rule(), len(hold_idx))
     if small:
         run.note(small)
+    legacy = cfg.calibration.legacy_note()
+    if legacy:
+        run.note(legacy, warning=False)
     hw, resize = cfg.input.hw, cfg.input.resize
     val = load_val(run.data_dir, hw, resize)
     run.test = load_test(run.data_dir, hw, resize, warn=run.note) if run.shard.writer else None
@@ -280,23 +286,55 @@ def export_graphs(run: FitRun) -> None:
 
 
 def calibrate_threshold(run: FitRun) -> None:
-    """Choose the score threshold from the held-out normals (and DIR/val), scored through model.onnx.
+    """Choose the score threshold by ``calibration.policy`` from the held-out normals (and DIR/val), scored through
+    model.onnx, and say what it is expected to do: the false-alarm rate always, the recall on labelled defects when
+    DIR/val has some, with a WARNING (and ``most_defects_missed`` in the calibration) when most fall below it.
 
-    Takes ``data`` and ``fp32``. Gives ``calibration`` (threshold, method, normalisation constants: the
-    manifest's calibration). Reruns on an existing bundle: the graph is the bundle's, the hold-out the one the
-    seed picks from DIR/train/good (the fit's, when the folder is the one fitted on).
+    Takes ``data`` and ``fp32``. Gives ``calibration`` (threshold, policy, expected rates, normalisation constants:
+    the manifest's calibration) and ``calibration_scores`` (the report's operating curve). Reruns on an existing
+    bundle: the graph is the bundle's, the hold-out the one the seed picks from DIR/train/good (the fit's, when the
+    folder is the one fitted on).
     """
-    cfg, batch = run.cfg, run.cfg.export.max_batch
-    data = _need(run.data, "the training data", "calibrate", "data check")
-    scorer = ex.onnx_scorer(_need(run.fp32, "model.onnx", "calibrate", "export"), batch)
+    hold_scores, val_scores = _calibration_set_scores(run, "calibrate")
+    val = _need(run.data, "the training data", "calibrate", "data check").val
+    policy = run.cfg.calibration.rule()
+    run.calibration = cal.calibrate(hold_scores, policy, val_scores, None if val is None else val.labels)
+    run.log(f"threshold {run.calibration['threshold']:.4g} (policy {policy.describe()}; held-out normal scores "
+            f"{run.calibration['normal_min']:.4g}..{run.calibration['normal_max']:.4g})")
+    lines, warning = cal.expectation_lines(run.calibration)
+    for line in lines:
+        run.log(line)
+    if warning:
+        run.notes.append(warning)
+        run.log(warning)
+
+
+def _calibration_set_scores(run: FitRun, stage: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Scores through model.onnx of the held-out normals and of DIR/val (None without one); kept in
+    ``calibration_scores`` (normals: the hold-out and DIR/val/good; defects: DIR/val's) for the report."""
+    batch = run.cfg.export.max_batch
+    data = _need(run.data, "the training data", stage, "data check")
+    scorer = ex.onnx_scorer(_need(run.fp32, "model.onnx", stage, "export"), batch)
     hold_scores = stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch)
     val = data.val
     val_scores = ex.run_onnx(scorer, val.images)[0] if val is not None else None
-    c = cfg.calibration
-    run.calibration = cal.calibrate(hold_scores, c.method, c.quantile, c.margin, c.sigmas, val_scores,
-                                    None if val is None else val.labels)
-    run.log(f"threshold {run.calibration['threshold']:.4g} ({run.calibration['method']}; held-out normal scores "
-            f"{run.calibration['normal_min']:.4g}..{run.calibration['normal_max']:.4g})")
+    normal, defects = np.asarray(hold_scores, np.float64), np.zeros(0)
+    if val is not None and val_scores is not None:
+        normal = np.concatenate([normal, np.asarray(val_scores, np.float64)[val.labels == 0]])
+        defects = np.asarray(val_scores, np.float64)[val.labels == 1]
+    run.calibration_scores = {"normal": normal, "defects": defects}
+    return hold_scores, val_scores
+
+
+def _holdout_warning(policy: Policy, n_holdout: int) -> Optional[str]:
+    """The calibration hold-out too small for ``policy``: the quantile rule's own check, else the spread's."""
+    if policy.name == QUANTILE:
+        return holdout_warning(n_holdout, policy.quantile, policy.sigmas)
+    if n_holdout >= MIN_HOLDOUT:
+        return None
+    return (f"calibration hold-out has {n_holdout} images; the threshold's false-alarm-rate estimate (a Gaussian "
+            f"tail of their scores) needs at least {MIN_HOLDOUT} to be stable: add normal images to train/good or "
+            "raise calibration.holdout_fraction")
 
 
 def check_parity(run: FitRun) -> None:
@@ -338,6 +376,33 @@ def evaluate_test(run: FitRun) -> None:
     run.metrics.update({k: round(v, 6) if isinstance(v, float) else v for k, v in run.evaluation.metrics.items()})
     run.log("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in run.evaluation.metrics.items()))
+    _test_operating_point(run, threshold)
+
+
+def _test_operating_point(run: FitRun, threshold: float) -> None:
+    """Log what the threshold does on DIR/test (false alarms, recall), into ``metrics``; WARNING when most of its
+    defects fall below it."""
+    assert run.evaluation is not None
+    y = np.asarray(run.evaluation.test.labels).astype(int)
+    s = np.asarray(run.evaluation.scores, np.float64)
+    good, bad = s[y == 0], s[y == 1]
+    parts = []
+    if good.size:
+        run.metrics["false_alarm_rate"] = round(float((good >= threshold).mean()), 6)
+        parts.append(f"false-alarm rate {run.metrics['false_alarm_rate']:.1%} of {good.size} good parts")
+    if bad.size:
+        run.metrics["recall"] = round(float((bad >= threshold).mean()), 6)
+        run.metrics["most_defects_missed"] = bool(run.metrics["recall"] < MOST_MISSED)
+        parts.append(f"recall {run.metrics['recall']:.1%} of {bad.size} defects")
+    if parts:
+        run.log(f"at the threshold {threshold:.4g} on {run.data_dir / 'test'}: " + ", ".join(parts))
+    if run.metrics.get("most_defects_missed"):
+        warning = (f"WARNING: {1 - run.metrics['recall']:.0%} of the {bad.size} defects in "
+                   f"{run.data_dir / 'test'} score below the threshold {threshold:.4g}: the station would miss most "
+                   "defects like them. See operating_points.txt in the report for what each policy would ship "
+                   "(calibration.policy, calibration.target_false_alarm_rate)")
+        run.notes.append(warning)
+        run.log(warning)
 
 
 def write_report(run: FitRun) -> None:
@@ -362,14 +427,36 @@ def write_report(run: FitRun) -> None:
             in_score_units=model_cls.map_in_score_units)
         plots = section.pop("plots")
         run.notes.extend(section.pop("notes"))
+    operating = _operating_report(run, out)
+    if operating is not None:
+        plots += [operating["plot"], operating["table"]]
     report = {
         "model": run.cfg.model, "data": str(run.data_dir), "config": asdict(run.cfg), "fit": run.fit_info,
         "codec_augment": run.codec, "score_scaling": run.scaling or None, "export": run.export_info,
         "calibration": run.calibration, "parity": run.parity, "metrics": run.metrics, "plots": plots,
-        **section, "notes": run.notes, "total_seconds": round(time.monotonic() - run.started, 3),
+        **section, "operating_points": operating, "notes": run.notes,
+        "total_seconds": round(time.monotonic() - run.started, 3),
         **({"rerun": run.rerun} if run.rerun is not None else {}),
     }
     run.report_path = rep.write_report(out, report)
+
+
+def _operating_report(run: FitRun, out: Path) -> Optional[dict[str, Any]]:
+    """The operating points (table and plot) of the calibration set's scores and DIR/test at the threshold in
+    force; a rerun without calibrate scores the hold-out (and DIR/val) here. None without a threshold."""
+    if "threshold" not in run.calibration:
+        return None
+    if not run.calibration_scores:
+        _calibration_set_scores(run, "report")
+    scores = run.calibration_scores
+    calib = rep.Labelled("calibration", scores["normal"], scores["defects"])
+    test = None
+    if run.evaluation is not None:
+        y = np.asarray(run.evaluation.test.labels).astype(int)
+        s = np.asarray(run.evaluation.scores, np.float64)
+        test = rep.Labelled("test", s[y == 0], s[y == 1])
+    return rep.write_operating_report(out, float(run.calibration["threshold"]), str(run.calibration.get("policy")),
+                                      calib, test)
 
 
 def write_bundle_manifest(run: FitRun) -> None:
