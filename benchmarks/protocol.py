@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -46,6 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 import yaml
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,10 +57,19 @@ from core.errors import UserError  # noqa: E402
 from trainer.datasets import (  # noqa: E402
     CIFAR10_CLASSES,
     DATASETS,
+    ELPV_CELL_TYPES,
+    ELPV_TRAIN,
     FASHION_MNIST_CLASSES,
+    IMAGE_EXTENSIONS,
     MNIST_CLASSES,
+    MVTEC_CATEGORIES,
+    ElpvCell,
     LabelledImages,
+    elpv_data_dir,
+    elpv_split,
     load_dataset,
+    mvtec_categories,
+    read_elpv_labels,
 )
 
 PROG = "protocol"
@@ -232,9 +243,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def trainer_config(model: str, size: int, overrides: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
-    """The config the runs use: input size, CONFIG_BASE, the model's MODEL_OVERRIDES entry, then ``--set`` keys."""
-    cfg = _merge(_merge({"input": {"height": size, "width": size}}, CONFIG_BASE), MODEL_OVERRIDES.get(model, {}))
+def trainer_config(model: str, size: Optional[int], overrides: Sequence[tuple[str, Any]] = (),
+                   base: Optional[dict[str, Any]] = None,
+                   model_overrides: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+    """The config the runs use: input size (None: the model's own), ``base`` (CONFIG_BASE), the model's entry in
+    ``model_overrides`` (MODEL_OVERRIDES), then ``--set`` keys."""
+    sized: dict[str, Any] = {"input": {"height": size, "width": size}} if size is not None else {}
+    cfg = _merge(_merge(sized, CONFIG_BASE if base is None else base),
+                 (MODEL_OVERRIDES if model_overrides is None else model_overrides).get(model, {}))
     for key, value in overrides:
         *parents, leaf = key.split(".")
         nested: dict[str, Any] = {leaf: value}
@@ -272,11 +288,11 @@ class CliFailure(Exception):
         self.step, self.tail = step, tail
 
 
-def run_cli(args: Sequence[str], verbose: bool) -> str:
+def run_cli(args: Sequence[str], verbose: bool, env: Optional[dict[str, str]] = None) -> str:
     """``python -m trainer.cli ARGS`` from the repository root; returns stdout. Stderr is streamed when verbose."""
     cmd = [sys.executable, "-m", "trainer.cli", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     assert proc.stdout is not None and proc.stderr is not None
     stdout: list[str] = []
     reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read() if proc.stdout else ""), daemon=True)
@@ -342,11 +358,16 @@ class Settings:
     test_limit: Optional[int]
     device: Optional[str]
     data: Optional[Path]
-    size: int
+    size: Optional[int]
     json_path: Optional[Path]
     keep: Optional[Path]
     verbose: bool
     overrides: tuple[tuple[str, Any], ...] = ()
+    models: tuple[str, ...] = ()  # every model of a surface run (``model`` is the first)
+    cells: tuple[str, ...] = ()  # elpv: the cell types
+    root: Optional[Path] = None  # elpv: its data folder (default the installed package); mvtec: MVTec AD's folder
+    class_names: Optional[list[str]] = None  # mvtec: the chosen categories
+    threads: Optional[int] = None  # math-library threads of the trainer and ONNX Runtime's (None: their defaults)
 
 
 def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, chosen: int, seed: int,
@@ -525,6 +546,435 @@ def format_table(summary: dict[str, Any], header: Sequence[str], seeds: Sequence
     return "\n".join(lines)
 
 
+# --- surface protocols: elpv solar cells, MVTec AD ----------------------------------------------------------
+
+SURFACE_DATASETS = ("elpv", "mvtec")
+# The shipped settings (config/train.yaml's defaults, codec-robust training included), with no FP16 graph: only
+# the FP32 graph is scored, and converting costs time. Nothing is tuned per dataset here; --set changes a key.
+SURFACE_CONFIG_BASE: dict[str, Any] = {"export": {"fp16": False}}
+
+_PATCHCORE_REPO = ("PatchCore's official repository (amazon-science/patchcore-inspection), "
+                   "models/IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1/results.csv: WRN-50 layer2+3, 224 px, 10 % "
+                   "coreset, instance_auroc; its README gives the mean as 99.2 %")
+# Published image AUROC (%) on MVTec AD, per category in MVTEC_CATEGORIES' order where a source gives it.
+PUBLISHED_MVTEC: tuple[Reference, ...] = (
+    Reference("PatchCore", "patchcore",
+              (100.00, 99.68, 97.93, 98.60, 97.91, 100.00, 100.00, 99.90, 96.67, 98.77, 99.49, 100.00, 99.87,
+               99.12, 99.50), 99.16, _PATCHCORE_REPO),
+    Reference("PaDiM", "padim", None, 95.3,
+              "Defard et al. 2020, WR50-Rd550, image ROCAUC over all 15 categories (as recorded by sotaverified.org; "
+              "PaDiM has no official repository, and no per-category image AUROC of the paper was confirmed here)"),
+)
+
+
+@dataclass
+class SurfaceRun:
+    """One (model, cell type or category, seed) run: its metrics and what it cost."""
+
+    model: str
+    cls: str
+    seed: int
+    metrics: dict[str, Any]
+    n_train: int
+    n_test_good: int
+    n_test_defect: int
+    fit_seconds: float  # the model's fit stage (report.json metrics.fit_seconds)
+    trainer_seconds: float  # the whole `edge-train fit` process: data check, fit, export, calibrate, parity, evaluate
+    images_per_second: float  # test images / time through the exported graph (frames already at input size)
+    score_batch: int
+    input_hw: tuple[int, int]
+    report_metrics: dict[str, Any]  # the fit's own evaluate stage (the numbers `edge-train eval` prints)
+    bundle: Optional[str] = None
+    device: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SurfaceData:
+    """The folder one (cell type or category, seed) is trained and tested from, and its counts."""
+
+    cls: str
+    folder: Path
+    n_train: int
+    n_test_good: int
+    n_test_defect: int
+    laid_out: bool  # written by the runner (removed afterwards unless --keep), not the user's own folder
+
+
+def operating_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """What a station does at ``threshold`` (flag when score >= threshold) and what the ranking allows.
+
+    Image AUROC and average precision (ranking); F1, recall, precision and the false-alarm rate at the threshold;
+    the best F1 over every threshold and that threshold, chosen on these very scores, so for reference only.
+    """
+    scores = np.asarray(scores, np.float64)
+    labels = np.asarray(labels).astype(int)
+    if not 0 < labels.sum() < len(labels):
+        raise UserError("the test set needs both good and defective images for AUROC and F1")
+    flagged = scores >= threshold
+    tp = int((flagged & (labels == 1)).sum())
+    fp = int((flagged & (labels == 0)).sum())
+    fn = int((~flagged & (labels == 1)).sum())
+    tn = int((~flagged & (labels == 0)).sum())
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1s = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.argmax(f1s))
+    return {
+        "image_auroc": float(roc_auc_score(labels, scores)),
+        "average_precision": float(average_precision_score(labels, scores)),
+        "threshold": float(threshold),
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "recall": tp / (tp + fn),
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "false_alarm_rate": fp / (fp + tn),
+        "best_f1": float(f1s[best]),
+        "best_f1_threshold": float(thresholds[best]),
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+    }
+
+
+def score_through_graph(bundle_dir: Path, data_dir: Path, threads: Optional[int]) -> tuple[np.ndarray, np.ndarray,
+                                                                                           float, int, Any]:
+    """Score ``data_dir/test`` through the bundle's model.onnx with the station's ONNX Runtime backend (CPU).
+
+    The images are read and fitted to the input size as ``edge-train eval`` reads them (``trainer.data``), then
+    timed through the graph alone in batches of the bundle's max batch after one warm-up batch. Returns scores,
+    labels, images per second, the batch and the bundle.
+    """
+    from core.bundle import load_bundle
+    from edge.backends.onnxruntime import OrtBackend
+    from trainer.data import load_test
+
+    bundle = load_bundle(bundle_dir)
+    test = load_test(data_dir, bundle.input_hw, bundle.input_resize)
+    if test is None:
+        raise UserError(f"{data_dir / 'test'}: no test folder")
+    batch = bundle.max_batch or 16
+    backend = OrtBackend(bundle.onnx_path, max_batch=batch, intra_op_threads=threads or 0,
+                         providers=["CPUExecutionProvider"], warmup=False)
+    backend.infer(test.images[:batch])  # the first run allocates
+    t0 = time.perf_counter()
+    scores = backend.infer(test.images)["score"]
+    seconds = time.perf_counter() - t0
+    backend.close()
+    return scores, np.asarray(test.labels), len(scores) / seconds, batch, bundle
+
+
+def _copy_cells(paths: Sequence[Path], out: Path) -> None:
+    """Copy elpv's PNGs as they are (8-bit grey, single channel) into ``out``; a missing file names itself."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        try:
+            shutil.copyfile(path, out / path.name)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot copy this image ({exc.strerror}); reinstall the dataset "
+                            "(make elpv) or check --root") from None
+
+
+def elpv_data(cells: Sequence[ElpvCell], cell_type: str, seed: int, n_train: int, folder: Path) -> SurfaceData:
+    """Lay out seed ``seed``'s elpv split as ``folder/train/good``, ``folder/test/good``, ``folder/test/defect``."""
+    split = elpv_split(cells, cell_type, seed, n_train)
+    for sub, paths in (("train/good", split.train), ("test/good", split.test_good), ("test/defect", split.test_defect)):
+        _copy_cells(paths, folder / sub)
+    return SurfaceData(cell_type, folder, len(split.train), len(split.test_good), len(split.test_defect), True)
+
+
+def _count_images(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def mvtec_data(root: Path, category: str) -> SurfaceData:
+    """MVTec AD's category folder as it is: the trainer reads its layout (train/good, test/*, ground_truth/*)."""
+    folder = (root / category).resolve()
+    test = folder / "test"
+    good = _count_images(test / "good")
+    defect = sum(_count_images(p) for p in test.iterdir() if p.is_dir() and p.name != "good")
+    return SurfaceData(category, folder, _count_images(folder / "train" / "good"), good, defect, False)
+
+
+def _thread_env(threads: Optional[int]) -> Optional[dict[str, str]]:
+    """The trainer's environment with its math libraries held to ``threads`` (None: the trainer's own defaults)."""
+    if threads is None:
+        return None
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = str(threads)
+    return env
+
+
+def _report_of(bundle: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((bundle / "report.json").read_text()))
+    except (OSError, ValueError):
+        raise CliFailure("fit", f"wrote no readable report.json in {bundle}", []) from None
+
+
+def run_surface(settings: Settings, model: str, data: SurfaceData, seed: int, workdir: Path,
+                config_path: Path) -> SurfaceRun:
+    """Fit ``model`` on ``data`` with edge-train (seed ``seed``), then score its test set through the graph."""
+    engines = workdir / "engines"
+    fit_args = ["fit", "--data", str(data.folder), "--model", model, "--out", str(engines), "--config",
+                str(config_path), "--seed", str(seed)]
+    if settings.epochs is not None:
+        fit_args += ["--epochs", str(settings.epochs)]
+    if settings.device is not None:
+        fit_args += ["--device", settings.device]
+    t0 = time.monotonic()
+    lines = [ln for ln in run_cli(fit_args, settings.verbose, _thread_env(settings.threads)).splitlines()
+             if ln.strip()]
+    trainer_seconds = time.monotonic() - t0
+    bundle = Path(lines[-1].strip()) if lines else None
+    if bundle is None or not bundle.is_dir():
+        raise CliFailure("fit", "printed no bundle folder as its last line", lines[-5:])
+    report = _report_of(bundle)
+    scores, labels, per_second, batch, loaded = score_through_graph(bundle, data.folder, settings.threads)
+    metrics = operating_metrics(scores, labels, loaded.threshold)
+    report_metrics = dict(report.get("metrics") or {})
+    metrics["pixel_auroc"] = report_metrics.get("pixel_auroc")
+    return SurfaceRun(model=model, cls=data.cls, seed=seed, metrics=metrics, n_train=data.n_train,
+                      n_test_good=data.n_test_good, n_test_defect=data.n_test_defect,
+                      fit_seconds=float(report_metrics.get("fit_seconds") or 0.0), trainer_seconds=trainer_seconds,
+                      images_per_second=per_second, score_batch=batch, input_hw=loaded.input_hw,
+                      report_metrics=report_metrics, bundle=str(bundle) if settings.keep else None,
+                      device=_bundle_device(bundle))
+
+
+def surface_config(settings: Settings, model: str) -> dict[str, Any]:
+    """``model``'s trainer config for the surface runs: shipped settings, SURFACE_CONFIG_BASE, ``--size``, ``--set``."""
+    return trainer_config(model, settings.size, settings.overrides, base=SURFACE_CONFIG_BASE, model_overrides={})
+
+
+def run_surface_protocol(settings: Settings, classes: Sequence[str], workroot: Path,
+                         progress: Callable[[SurfaceRun], None] = lambda _r: None) -> list[SurfaceRun]:
+    """Every (seed, class, model) run, seeds outermost; a seed's laid-out data is shared by the models."""
+    configs = {}
+    for model in settings.models:
+        configs[model] = workroot / f"train-{model}.yaml"
+        configs[model].write_text(yaml.safe_dump(surface_config(settings, model), sort_keys=False))
+    cells = read_elpv_labels(elpv_data_dir(settings.root) / "labels.csv") if settings.dataset == "elpv" else []
+    runs: list[SurfaceRun] = []
+    for seed in range(settings.seeds):
+        for cls in classes:
+            folder = workroot / f"{cls}-seed{seed}"
+            if settings.dataset == "elpv":
+                data = elpv_data(cells, cls, seed, settings.train_limit or ELPV_TRAIN, folder / "data")
+            else:
+                assert settings.root is not None
+                data = mvtec_data(settings.root, cls)
+            try:
+                for model in settings.models:
+                    try:
+                        runs.append(run_surface(settings, model, data, seed, folder / model, configs[model]))
+                    except CliFailure as exc:
+                        exc.args = (f"{model}, {cls}, seed {seed}: {exc.args[0]}",)
+                        raise
+                    progress(runs[-1])
+            finally:
+                if not settings.keep:
+                    shutil.rmtree(folder, ignore_errors=True)
+    return runs
+
+
+# Columns of the surface table: run metric key, header; values in %.
+SURFACE_COLUMNS = (("image_auroc", "AUROC"), ("average_precision", "AP"), ("f1", "F1@thr"), ("best_f1", "best F1"),
+                   ("recall", "recall@thr"), ("false_alarm_rate", "false al.@thr"), ("pixel_auroc", "pixel AUROC"))
+
+
+def _spread(values: Sequence[Optional[float]]) -> dict[str, Any]:
+    """Mean and sample std (None for one value) of values in %; all None when any value is missing."""
+    if any(v is None for v in values):
+        return {"values": list(values), "mean": None, "std": None}
+    pct = [100 * float(v) for v in values if v is not None]
+    mean, std = _mean_std(pct)
+    return {"values": pct, "mean": mean, "std": std}
+
+
+def surface_references(dataset: str, model: str) -> Optional[Reference]:
+    """The published MVTec AD reference of ``model``'s method, if any (elpv: none in the references used here)."""
+    if dataset != "mvtec":
+        return None
+    return next((r for r in PUBLISHED_MVTEC if r.model == _norm(model)), None)
+
+
+def summarise_surface(runs: Sequence[SurfaceRun], models: Sequence[str], classes: Sequence[str],
+                      seeds: Sequence[int], dataset: str) -> list[dict[str, Any]]:
+    """The table's rows: per model, one per class (mean ± std over seeds), then its mean over classes (the mean and
+    std of the per-seed means) when there are several, each with the published image AUROC where one exists."""
+    by = {(r.model, r.cls, r.seed): r for r in runs}
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        ref = surface_references(dataset, model)
+        for cls in classes:
+            mine = [by[(model, cls, s)] for s in seeds]
+            published = (ref.per_class[MVTEC_CATEGORIES.index(cls)]
+                         if ref and ref.per_class and cls in MVTEC_CATEGORIES else None)
+            rows.append({"model": model, "class": cls, "published": published,
+                         **{key: _spread([r.metrics.get(key) for r in mine]) for key, _ in SURFACE_COLUMNS},
+                         "fit_seconds": statistics.fmean(r.fit_seconds for r in mine),
+                         "trainer_seconds": statistics.fmean(r.trainer_seconds for r in mine),
+                         "images_per_second": statistics.fmean(r.images_per_second for r in mine)})
+        if len(classes) > 1:
+            mean_row: dict[str, Any] = {"model": model, "class": "mean"}
+            for key, _ in SURFACE_COLUMNS:
+                per_seed = [[by[(model, c, s)].metrics.get(key) for c in classes] for s in seeds]
+                mean_row[key] = _spread([None if any(v is None for v in vs)
+                                         else statistics.fmean(float(v) for v in vs if v is not None)
+                                         for vs in per_seed])
+            whole = ref is not None and ref.mean is not None and set(classes) == set(MVTEC_CATEGORIES)
+            subset = (ref is not None and ref.per_class is not None
+                      and all(c in MVTEC_CATEGORIES for c in classes))
+            mean_row["published"] = (ref.mean if whole and ref is not None else
+                                     statistics.fmean(ref.per_class[MVTEC_CATEGORIES.index(c)] for c in classes)
+                                     if subset and ref is not None and ref.per_class is not None else None)
+            for key in ("fit_seconds", "trainer_seconds", "images_per_second"):
+                mean_row[key] = statistics.fmean(row[key] for row in rows if row["model"] == model)
+            rows.append(mean_row)
+    return rows
+
+
+def _cell_text(spread: dict[str, Any]) -> str:
+    if spread["mean"] is None:
+        return "n/a"
+    return f"{spread['mean']:.1f}" + (f" ± {spread['std']:.1f}" if spread["std"] is not None else "")
+
+
+def format_surface_table(rows: Sequence[dict[str, Any]], header: Sequence[str], notes: Sequence[str],
+                         footer: str, with_published: bool) -> str:
+    """The printed table: the header (the command first), one row per (model, class), notes."""
+    columns = [(k, h) for k, h in SURFACE_COLUMNS if any(row[k]["mean"] is not None for row in rows)]
+    model_w = max(len("model"), *(len(r["model"]) for r in rows)) + 2
+    class_w = max(len("class"), *(len(r["class"]) for r in rows)) + 2
+    widths = [max(len(h), 11) + 2 for _, h in columns]
+    cols = zip(columns, widths, strict=True)
+    title = (f"{'model':<{model_w}}{'class':<{class_w}}" + "".join(f"{h:>{w}}" for (_, h), w in cols)
+             + f"{'fit s':>8}{'total s':>9}{'img/s':>8}" + (f"{'published AUROC':>17}" if with_published else ""))
+    lines = [*header, "", title]
+    for row in rows:
+        pub = ("n/a" if row.get("published") is None else f"{row['published']:.1f}") if with_published else ""
+        lines.append(f"{row['model']:<{model_w}}{row['class']:<{class_w}}"
+                     + "".join(f"{_cell_text(row[k]):>{w}}" for (k, _), w in zip(columns, widths, strict=True))
+                     + f"{row['fit_seconds']:>8.1f}{row['trainer_seconds']:>9.1f}{row['images_per_second']:>8.1f}"
+                     + (f"{pub:>17}" if with_published else ""))
+    return "\n".join([*lines, "", *notes, footer])
+
+
+def surface_header(settings: Settings, command: Sequence[str], runs: Sequence[SurfaceRun],
+                   classes: Sequence[str]) -> list[str]:
+    """What was run, in words: the command, the data and its split, the models' settings, how it was scored."""
+    n_train = sorted({r.n_train for r in runs})
+    lines = [f"command: {shlex.join(command)}"]
+    if settings.dataset == "elpv":
+        cells = read_elpv_labels(elpv_data_dir(settings.root) / "labels.csv")
+        parts = []
+        for cls in classes:
+            split = elpv_split(cells, cls, 0, settings.train_limit or ELPV_TRAIN)
+            parts.append(f"{cls}: {len(split.train)} train, {len(split.test_good)} functional + "
+                         f"{len(split.test_defect)} defective test ({split.n_uncertain} rated 1/3 or 2/3 left out)")
+        lines += [f"elpv solar cells ({settings.root or 'the installed elpv-dataset package'}): functional = defect "
+                  "probability 0, defective = 1.0; the uncertain 1/3 and 2/3 are left out; each seed draws its own "
+                  "functional training cells, the other functional cells and every defective one are the test",
+                  "; ".join(parts)]
+    else:
+        lines += [f"MVTec AD ({settings.root}): each category folder as it is (its train/good, its test/ split; "
+                  "nothing drawn); seeds vary only the trainer's seed (hold-out draw, coreset, channel draw)",
+                  f"categories: {', '.join(classes)}"]
+    lines.append(f"training: of each run's {'/'.join(map(str, n_train))} training images the trainer holds "
+                 "calibration.holdout_fraction (0.2) out of the model to calibrate the threshold the bundle ships "
+                 "with, on normal images only (no defects seen)")
+    for model in settings.models:
+        cfg = surface_config(settings, model)
+        hw = {tuple(r.input_hw) for r in runs if r.model == model}
+        lines.append(f"{model}: input {', '.join(f'{h}x{w}' for h, w in sorted(hw))}; trainer config: shipped "
+                     f"defaults + {', '.join(_flat(cfg))}")
+    devices = sorted({r.device for r in runs if r.device})
+    lines += [
+        f"seeds {','.join(map(str, range(settings.seeds)))}; device {settings.device or 'not passed'}"
+        + (f" (bundle report: {', '.join(devices)})" if devices else "")
+        + f"; {os.cpu_count()} CPUs, threads {settings.threads or 'not set (the libraries default)'}",
+        "scored through each bundle's exported FP32 ONNX graph with the station's ONNX Runtime backend (CPU) in "
+        f"batches of the bundle's max batch ({'/'.join(map(str, sorted({r.score_batch for r in runs})))}): "
+        "AUROC, AP; F1, recall and false alarms at the threshold the bundle ships with (edge-train eval's "
+        "operating point); best F1 over all thresholds, chosen on the test set, for reference only",
+        "values in %, mean ± sample std over seeds; fit s: the model's fit stage; total s: the whole edge-train "
+        "fit (data check to manifest); img/s: test images through the graph alone (already at input size)",
+    ]
+    return lines
+
+
+def surface_notes(settings: Settings, runs: Sequence[SurfaceRun], classes: Sequence[str]) -> list[str]:
+    """The published references' sources and the cross-check against the fit's own evaluation."""
+    notes: list[str] = []
+    if settings.dataset == "mvtec":
+        for model in settings.models:
+            ref = surface_references(settings.dataset, model)
+            if ref is None:
+                notes.append(f"{model}: no published MVTec AD number in the references used here (PatchCore, PaDiM)")
+                continue
+            notes.append(f"{model}: published column = {ref.method}, {ref.source}; another backbone and input size "
+                         "and the whole train/good in the model, so for reference, not a reproduction")
+            if ref.per_class is None and set(classes) != set(MVTEC_CATEGORIES):
+                notes.append(f"{ref.method}: only the mean over all 15 categories is published; not shown for a "
+                             "subset")
+    else:
+        notes.append("published: none for this protocol in the references used here")
+    worst = max((abs(r.metrics["image_auroc"] - float(r.report_metrics["image_auroc"])) for r in runs
+                 if isinstance(r.report_metrics.get("image_auroc"), (int, float))), default=None)
+    if worst is not None:
+        notes.append(f"cross-check: AUROC here vs the fit's own evaluate stage (edge-train eval's numbers) differ by "
+                     f"at most {worst:.2g}")
+    return notes
+
+
+def surface_main(settings: Settings, command: Sequence[str], started: datetime) -> int:
+    """Run a surface protocol and print (and keep) its table; 0, or 2 on a user error or a failed trainer step."""
+    t0 = time.monotonic()
+
+    def progress(r: SurfaceRun) -> None:
+        m = r.metrics
+        print(f"{r.model} {r.cls} seed {r.seed}: AUROC {100 * m['image_auroc']:.1f}, AP "
+              f"{100 * m['average_precision']:.1f}, F1@thr {100 * m['f1']:.1f} (best {100 * m['best_f1']:.1f}); "
+              f"fit {r.fit_seconds:.1f} s, {r.images_per_second:.1f} img/s", file=sys.stderr, flush=True)
+
+    try:
+        if settings.dataset == "elpv":
+            classes = list(settings.cells)
+        else:
+            assert settings.root is not None
+            classes = mvtec_categories(settings.root, settings.class_names)
+        if settings.keep is not None:
+            settings.keep.mkdir(parents=True, exist_ok=True)
+            runs = run_surface_protocol(settings, classes, settings.keep.resolve(), progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="protocol-") as tmp:
+                runs = run_surface_protocol(settings, classes, Path(tmp), progress)
+        header = surface_header(settings, command, runs, classes)
+    except CliFailure as exc:
+        for line in exc.tail:
+            print(f"  | {line}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    seconds = time.monotonic() - t0
+    seeds = list(range(settings.seeds))
+    rows = summarise_surface(runs, settings.models, classes, seeds, settings.dataset)
+    notes = surface_notes(settings, runs, classes)
+    footer = f"{len(runs)} runs in {seconds / 60:.1f} min"
+    print(format_surface_table(rows, header, notes, footer, settings.dataset == "mvtec"))
+    if settings.json_path is not None:
+        doc = {"command": list(command), "command_line": shlex.join(command),
+               "started_utc": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1),
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+               "trainer_config": {m: surface_config(settings, m) for m in settings.models},
+               "classes": classes, "header": header, "notes": notes, "rows": rows,
+               "runs": [asdict(r) for r in runs]}
+        settings.json_path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    return 0
+
+
 # --- command line -------------------------------------------------------------------------------------------
 
 def _int_list(text: str) -> list[int]:
@@ -537,37 +987,90 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _name_list(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"'{text}': expected distinct comma-separated names, e.g. patchcore,padim")
+    return values
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> Settings:
     """The command line as Settings; a bad argument is argparse's one-line error and exit 2."""
     ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=DATASETS)
-    ap.add_argument("--protocol", required=True, choices=PROTOCOLS)
-    ap.add_argument("--model", required=True, help="registered model name (edge-train fit --model)")
-    ap.add_argument("--classes", type=_int_list, help="chosen classes, e.g. 0,1,2 (default: all)")
+    ap.add_argument("--dataset", required=True, choices=(*DATASETS, *SURFACE_DATASETS))
+    ap.add_argument("--protocol", choices=PROTOCOLS, help="one-class datasets only (the surface datasets, elpv and "
+                    "mvtec, have one protocol: good parts against defective ones)")
+    ap.add_argument("--model", action="append", default=[], dest="model_list",
+                    help="registered model name (edge-train fit --model); repeatable for elpv and mvtec")
+    ap.add_argument("--models", type=_name_list, default=[],
+                    help="comma-separated model names, e.g. patchcore,padim (elpv and mvtec)")
+    ap.add_argument("--classes", help="chosen classes: indices, e.g. 0,1,2 (one-class datasets), or MVTec AD "
+                    "category names, e.g. bottle,screw (default: all)")
+    ap.add_argument("--cell", type=_name_list, dest="cells",
+                    help=f"elpv: the cell type(s), {' or '.join(ELPV_CELL_TYPES)} (comma-separated for both)")
+    ap.add_argument("--root", type=Path, help="mvtec: the MVTec AD folder (bottle/, cable/, ...); elpv: a folder "
+                    "with its labels.csv and images/ (default: the installed elpv-dataset package, make elpv)")
     ap.add_argument("--seeds", type=positive_int, default=3, help="number of seeds, 0..N-1 (default 3)")
     ap.add_argument("--epochs", type=positive_int, help="edge-train fit --epochs (default: not passed)")
-    ap.add_argument("--train-limit", type=positive_int, help="at most K training images per run (default all)")
+    ap.add_argument("--train-limit", type=positive_int, help="at most K training images per run (default all); "
+                    f"elpv: the functional cells trained on per seed (default {ELPV_TRAIN})")
     ap.add_argument("--test-limit", type=positive_int, help="at most T test images, stratified by class (default all)")
     ap.add_argument("--device", help="edge-train fit --device, e.g. auto, cpu, cuda (default: not passed)")
     ap.add_argument("--data", type=Path, help="dataset folder (default for fashion-mnist: the Debian package's)")
-    ap.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                    help=f"model input px, a multiple of 16, >= 32 (default {DEFAULT_SIZE}: GANomaly's)")
+    ap.add_argument("--size", type=int, help=f"model input px, a multiple of 16, >= 32 (default {DEFAULT_SIZE}, "
+                    "GANomaly's, for the one-class datasets; the model's own shipped size for elpv and mvtec)")
+    ap.add_argument("--threads", type=positive_int, help="math-library threads of the trainer and ONNX Runtime "
+                    "threads of the scoring (default: the libraries' own); the img/s column depends on it")
     ap.add_argument("--json", type=Path, dest="json_path", help="also write every cell and the settings here")
     ap.add_argument("--keep", type=Path, help="keep the laid-out folders and bundles in this new or empty folder")
     ap.add_argument("--set", type=parse_override, action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                    help="a trainer config key for every run, e.g. patchcore.coreset_ratio=0.1 (repeatable)")
+                    help="a trainer config key for every run, e.g. patchcore.coreset_ratio=0.1 or "
+                    "backbone.layers=[2,4] (repeatable)")
     ap.add_argument("-v", "--verbose", action="store_true", help="stream the trainer's log to stderr")
     a = ap.parse_args(argv)
-    if a.size < 32 or a.size % 16:
+    surface = a.dataset in SURFACE_DATASETS
+    models = list(dict.fromkeys([*a.model_list, *a.models]))
+    if not models:
+        ap.error("give the model(s): --model NAME (repeatable) or --models a,b")
+    if a.size is not None and (a.size < 32 or a.size % 16):
         ap.error(f"--size {a.size}: must be a multiple of 16 and at least 32")
     if a.keep is not None and a.keep.exists() and (not a.keep.is_dir() or any(a.keep.iterdir())):
         ap.error(f"--keep {a.keep}: exists and is not an empty folder; give a new or empty one")
     if a.json_path is not None and not a.json_path.parent.resolve().is_dir():
         ap.error(f"--json {a.json_path}: folder {a.json_path.parent} does not exist")
-    return Settings(dataset=a.dataset, protocol=a.protocol, model=a.model, classes=a.classes, seeds=a.seeds,
-                    epochs=a.epochs, train_limit=a.train_limit, test_limit=a.test_limit, device=a.device,
-                    data=a.data, size=a.size, json_path=a.json_path, keep=a.keep, verbose=a.verbose,
-                    overrides=tuple(a.overrides))
+    classes: Optional[list[int]] = None
+    class_names: Optional[list[str]] = None
+    if surface:
+        if a.protocol is not None:
+            ap.error(f"--protocol is for the one-class datasets; --dataset {a.dataset} has one protocol")
+        if a.dataset == "elpv":
+            if not a.cells or any(c not in ELPV_CELL_TYPES for c in a.cells):
+                ap.error(f"--dataset elpv needs --cell {' or '.join(ELPV_CELL_TYPES)} (or mono,poly)")
+            if a.classes:
+                ap.error("--classes is not for elpv; choose the cell type with --cell")
+        elif a.root is None:
+            ap.error("--dataset mvtec needs --root DIR, the MVTec AD folder holding bottle/, cable/, ...")
+        elif a.cells:
+            ap.error("--cell is for elpv only")
+        class_names = _name_list(a.classes) if a.classes and a.dataset == "mvtec" else None
+    else:
+        if a.protocol is None:
+            ap.error(f"--dataset {a.dataset} needs --protocol {' or '.join(PROTOCOLS)}")
+        if len(models) > 1:
+            ap.error("one model per one-class run; several models (--models) are for --dataset elpv or mvtec")
+        if a.cells or a.root is not None:
+            ap.error("--cell and --root are for --dataset elpv and mvtec; the one-class datasets take --data")
+        if a.classes is not None:
+            try:
+                classes = _int_list(a.classes)
+            except argparse.ArgumentTypeError as exc:
+                ap.error(f"--classes: {exc}")
+    return Settings(dataset=a.dataset, protocol=a.protocol or "surface", model=models[0], classes=classes,
+                    seeds=a.seeds, epochs=a.epochs, train_limit=a.train_limit, test_limit=a.test_limit,
+                    device=a.device, data=a.data, size=a.size if surface or a.size is not None else DEFAULT_SIZE,
+                    json_path=a.json_path, keep=a.keep, verbose=a.verbose, overrides=tuple(a.overrides),
+                    models=tuple(models), cells=tuple(a.cells or ()), root=a.root, class_names=class_names,
+                    threads=a.threads)
 
 
 def load_splits(settings: Settings) -> tuple[LabelledImages, LabelledImages, list[int]]:
@@ -608,6 +1111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the protocol; 0 on success, 2 on a user error or a failed edge-train step (one line naming it)."""
     settings = parse_args(argv)
     started = datetime.now(timezone.utc)
+    if settings.dataset in SURFACE_DATASETS:
+        command = ["python", "benchmarks/protocol.py", *(sys.argv[1:] if argv is None else argv)]
+        return surface_main(settings, command, started)
     t0 = time.monotonic()
 
     def progress(c: Cell) -> None:

@@ -11,6 +11,7 @@ import argparse
 import gzip
 import importlib.util
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -415,3 +416,243 @@ def test_set_overrides_one_trainer_key_for_every_run() -> None:
     assert cfg["backbone"]["layers"] == [4, 10]  # the model's own overrides stay
     with pytest.raises(argparse.ArgumentTypeError):
         pr.parse_override("coreset_ratio")
+
+
+# --- surface protocols: elpv solar cells, MVTec AD -----------------------------------------------------------
+
+def _cell_image(rng: np.random.Generator, defective: bool, side: int = 64) -> np.ndarray:
+    """An elpv-like grey cell: bright, mottled, two dark bus bars; a defective one has a dark crack across it."""
+    img = np.clip(rng.normal(170, 6, (side, side)), 0, 255).astype(np.uint8)
+    img[:, side // 3] = img[:, 2 * side // 3] = 90
+    if defective:
+        row = int(rng.integers(side // 4, 3 * side // 4))
+        cv2.line(img, (int(rng.integers(0, side // 4)), row), (int(rng.integers(side // 2, side)), row + 6), 40, 2)
+    return img
+
+
+def _elpv_fixture(root: Path, counts: dict[tuple[str, str], int], seed: int = 0) -> Path:
+    """An elpv-shaped folder: labels.csv as the package ships it (path, probability, type; whitespace) + PNGs."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    lines, n = [], 0
+    for (cell_type, prob), count in counts.items():
+        for _ in range(count):
+            n += 1
+            name = f"images/cell{n:04d}.png"
+            cv2.imwrite(str(root / name), _cell_image(rng, float(prob) >= 0.5))
+            lines.append(f"{name}  {prob:<20}{cell_type}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+ELPV_COUNTS = {("mono", "0.0"): 14, ("mono", "1.0"): 6, ("mono", "0.3333333333333333"): 2,
+               ("mono", "0.6666666666666666"): 1, ("poly", "0.0"): 5, ("poly", "1.0"): 2}
+
+
+def test_elpv_labels_and_seeded_split(tmp_path: Path) -> None:
+    from trainer.datasets import elpv_data_dir, elpv_split, read_elpv_labels
+
+    root = _elpv_fixture(tmp_path / "elpv", ELPV_COUNTS)
+    cells = read_elpv_labels(elpv_data_dir(root) / "labels.csv")
+    assert len(cells) == 30 and cells[0].path == root / "images" / "cell0001.png" and cells[0].cell_type == "mono"
+    split = elpv_split(cells, "mono", seed=0, n_train=8)
+    assert (len(split.train), len(split.test_good), len(split.test_defect), split.n_uncertain) == (8, 6, 6, 3)
+    good = {c.path for c in cells if c.cell_type == "mono" and c.probability == 0.0}
+    assert set(split.train) | set(split.test_good) == good and not set(split.train) & set(split.test_good)
+    assert {c.probability for c in cells if c.path in split.test_defect} == {1.0}  # 1/3 and 2/3 left out
+    assert elpv_split(cells, "mono", 0, 8) == split  # seeded
+    assert elpv_split(cells, "mono", 1, 8).train != split.train
+    assert len(elpv_split(cells, "poly", 0, 3).test_good) == 2
+    with pytest.raises(UserError, match="more than 5 functional"):
+        elpv_split(cells, "poly", 0, 5)
+
+    bad = tmp_path / "bad.csv"
+    for text, match in (("images/a.png 1.0\n", "bad.csv:1: expected 3 fields"),
+                        ("images/a.png 0.0 mono\nimages/b.png half mono\n", "bad.csv:2: defect probability 'half'"),
+                        ("images/a.png 0.0 thin-film\n", "bad.csv:1: cell type 'thin-film'")):
+        bad.write_text(text)
+        with pytest.raises(UserError, match=match) as err:
+            read_elpv_labels(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_elpv_missing_dataset_is_one_line_naming_make_elpv(tmp_path: Path) -> None:
+    from trainer.datasets import elpv_data_dir
+
+    for call in (lambda: elpv_data_dir(tmp_path), lambda: elpv_data_dir(None, module="no_such_elpv_package")):
+        with pytest.raises(UserError) as err:
+            call()
+        assert "make elpv" in str(err.value) and "\n" not in str(err.value)
+    if importlib.util.find_spec("elpv_dataset") is not None:  # installed by `make elpv`: its own folder
+        assert (elpv_data_dir() / "labels.csv").is_file()
+
+
+def test_operating_metrics_at_the_shipped_threshold() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([1.0, 2.0, 3.0, 6.0, 4.0, 5.0, 7.0, 8.0])
+    m = pr.operating_metrics(scores, labels, threshold=6.5)  # flags 7 and 8: two of four defects, no good part
+    assert m["confusion"] == {"tp": 2, "fp": 0, "fn": 2, "tn": 4}
+    assert m["recall"] == 0.5 and m["false_alarm_rate"] == 0.0 and m["precision"] == 1.0
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["best_f1"] == pytest.approx(8 / 9) and m["best_f1_threshold"] == 4.0  # 4 defects + the good 6.0
+    assert m["image_auroc"] == pytest.approx(14 / 16)  # the good 6.0 outranks the defects 4 and 5
+    low = pr.operating_metrics(scores, labels, threshold=0.5)  # flags everything
+    assert low["recall"] == 1.0 and low["false_alarm_rate"] == 1.0 and low["f1"] == pytest.approx(2 / 3)
+    with pytest.raises(UserError):
+        pr.operating_metrics(scores[:4], labels[:4], 1.0)
+
+
+def _mvtec_fixture(root: Path, categories: tuple[str, ...], side: int = 48) -> Path:
+    """MVTec AD's layout: CATEGORY/train/good, CATEGORY/test/{good,crack}, CATEGORY/ground_truth/crack/*_mask.png."""
+    rng = np.random.default_rng(5)
+    for category in categories:
+        base = root / category
+        for sub, n, defective in (("train/good", 12, False), ("test/good", 4, False), ("test/crack", 4, True)):
+            (base / sub).mkdir(parents=True)
+            for i in range(n):
+                img = cv2.cvtColor(_cell_image(rng, defective, side), cv2.COLOR_GRAY2BGR)
+                cv2.imwrite(str(base / sub / f"{i:03d}.png"), img)
+                if defective:
+                    (base / "ground_truth" / "crack").mkdir(parents=True, exist_ok=True)
+                    mask = (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) < 60).astype(np.uint8) * 255
+                    cv2.imwrite(str(base / "ground_truth" / "crack" / f"{i:03d}_mask.png"), mask)
+    return root
+
+
+def test_mvtec_categories_are_checked(tmp_path: Path) -> None:
+    from trainer.datasets import mvtec_categories
+
+    root = _mvtec_fixture(tmp_path / "mvtec", ("screw", "bottle"))
+    (root / "license.txt").write_text("not a category")
+    assert mvtec_categories(root) == ["bottle", "screw"]
+    assert mvtec_categories(root, ["screw"]) == ["screw"]
+    with pytest.raises(UserError, match="--classes cable: not a category folder .* bottle, screw"):
+        mvtec_categories(root, ["cable"])
+    shutil.rmtree(root / "screw" / "test" / "crack")
+    with pytest.raises(UserError, match="at least one defect folder"):
+        mvtec_categories(root)
+    with pytest.raises(UserError, match="no category folders"):
+        mvtec_categories(root / "bottle" / "test")
+
+
+def test_surface_argument_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for args in (["--dataset", "elpv", "--model", "patchcore"],  # no --cell
+                 ["--dataset", "elpv", "--cell", "thin", "--model", "patchcore"],
+                 ["--dataset", "elpv", "--cell", "mono", "--model", "patchcore", "--protocol", "one-normal"],
+                 ["--dataset", "mvtec", "--model", "patchcore"],  # no --root
+                 ["--dataset", "mvtec", "--root", str(tmp_path)],  # no model
+                 ["--dataset", "fashion-mnist", "--protocol", "one-normal", "--models", "patchcore,padim"],
+                 ["--dataset", "fashion-mnist", "--model", "patchcore"]):  # no --protocol
+        with pytest.raises(SystemExit) as exc:
+            pr.main(args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("protocol: error: ")
+    assert pr.main(["--dataset", "mvtec", "--root", str(tmp_path / "none"), "--model", "patchcore"]) == 2
+    assert capsys.readouterr().err.strip() == (f"protocol: error: --root {tmp_path / 'none'}: folder not found; pass "
+                                               "the MVTec AD folder holding bottle/, cable/, ...")
+
+
+def test_elpv_protocol_two_models_through_the_cli(tmp_path: Path) -> None:
+    """The runner on an elpv-shaped fixture: PatchCore and PaDiM, every metric, the laid-out folders."""
+    root = _elpv_fixture(tmp_path / "elpv", ELPV_COUNTS)
+    out, keep = tmp_path / "result.json", tmp_path / "keep"
+    proc = _run_script("--dataset", "elpv", "--root", str(root), "--cell", "mono", "--models", "patchcore,padim",
+                       "--seeds", "1", "--train-limit", "8", "--size", "32", "--threads", "1", "--json", str(out),
+                       "--keep", str(keep), "--set", "codec_augment.enabled=false")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("command: python benchmarks/protocol.py --dataset elpv --root ")
+    assert "mono: 8 train, 6 functional + 6 defective test (3 rated 1/3 or 2/3 left out)" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert [(r["model"], r["class"]) for r in doc["rows"]] == [("patchcore", "mono"), ("padim", "mono")]
+    assert len(doc["runs"]) == 2
+    for run in doc["runs"]:
+        m, rep = run["metrics"], run["report_metrics"]
+        assert (run["n_train"], run["n_test_good"], run["n_test_defect"]) == (8, 6, 6)
+        # the runner's own scoring through the graph agrees with the fit's evaluate stage (edge-train eval's numbers)
+        assert m["image_auroc"] == pytest.approx(rep["image_auroc"], abs=1e-6)
+        assert m["f1"] == pytest.approx(rep["f1"], abs=1e-6) and m["threshold"] == pytest.approx(rep["threshold"])
+        assert m["best_f1"] >= m["f1"] and 0 <= m["false_alarm_rate"] <= 1
+        assert run["images_per_second"] > 0 and run["fit_seconds"] > 0 and run["input_hw"] == [32, 32]
+        assert m["image_auroc"] > 0.8, run  # the planted cracks; chance is 0.5
+    row = doc["rows"][0]["image_auroc"]
+    assert row["values"] == [pytest.approx(100 * doc["runs"][0]["metrics"]["image_auroc"])] and row["std"] is None
+    assert doc["trainer_config"]["padim"] == {"input": {"height": 32, "width": 32}, "export": {"fp16": False},
+                                              "codec_augment": {"enabled": False}}  # shipped settings + --size, --set
+    assert len(list((keep / "mono-seed0" / "data" / "train" / "good").iterdir())) == 8
+    png = cv2.imread(str(keep / "mono-seed0" / "data" / "test" / "defect" / "cell0015.png"), cv2.IMREAD_UNCHANGED)
+    assert png is not None and png.ndim == 2  # grey stays single-channel
+
+
+def test_mvtec_protocol_per_category_with_published_column(tmp_path: Path) -> None:
+    """MVTec AD's folders used as they are; the per-category table with PatchCore's published numbers, and the
+    runner's metrics equal to what `edge-train eval --json` prints for the same bundle."""
+    root = _mvtec_fixture(tmp_path / "mvtec", ("screw", "bottle"))
+    out, keep = tmp_path / "result.json", tmp_path / "keep"
+    proc = _run_script("--dataset", "mvtec", "--root", str(root), "--model", "patchcore", "--seeds", "1",
+                       "--size", "32", "--threads", "1", "--json", str(out), "--keep", str(keep))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert [r["class"] for r in doc["rows"]] == ["bottle", "screw", "mean"]
+    assert [r["published"] for r in doc["rows"]] == [100.0, 98.77, pytest.approx((100.0 + 98.77) / 2)]
+    mean_line = next(line for line in proc.stdout.splitlines() if line.startswith("patchcore  mean"))
+    assert mean_line.split()[-1] == "99.4"
+    assert "amazon-science/patchcore-inspection" in proc.stdout and "pixel AUROC" in proc.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["bottle", "screw"]  # nothing written into the user's folder
+    run = doc["runs"][0]
+    assert run["metrics"]["pixel_auroc"] is not None and (run["n_train"], run["n_test_good"]) == (12, 4)
+    ev = subprocess.run([sys.executable, "-m", "trainer.cli", "eval", run["bundle"], "--data", str(root / "bottle"),
+                         "--out", str(tmp_path / "eval"), "--json"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    printed = json.loads(ev.stdout.strip().splitlines()[-1])
+    for key in ("image_auroc", "f1", "threshold", "average_precision"):
+        assert run["metrics"][key] == pytest.approx(printed[key], abs=1e-6), key
+
+
+def _run(model: str, cls: str, seed: int, auroc: float, f1: float) -> Any:
+    metrics = {"image_auroc": auroc, "average_precision": auroc, "f1": f1, "best_f1": 0.9, "recall": f1,
+               "false_alarm_rate": 0.01, "pixel_auroc": None}
+    return pr.SurfaceRun(model=model, cls=cls, seed=seed, metrics=metrics, n_train=300, n_test_good=288,
+                         n_test_defect=313, fit_seconds=10.0 + seed, trainer_seconds=30.0, images_per_second=40.0,
+                         score_batch=16, input_hw=(160, 160), report_metrics={"image_auroc": auroc})
+
+
+def test_surface_table_mean_std_over_seeds_and_categories() -> None:
+    runs = [_run(m, c, s, a + 0.01 * s, 0.1 * s) for m in ("patchcore", "padim")
+            for c, a in (("screw", 0.9), ("grid", 0.8)) for s in (0, 1, 2)]
+    rows = pr.summarise_surface(runs, ["patchcore", "padim"], ["screw", "grid"], [0, 1, 2], "mvtec")
+    assert [(r["model"], r["class"]) for r in rows] == [("patchcore", "screw"), ("patchcore", "grid"),
+                                                        ("patchcore", "mean"), ("padim", "screw"), ("padim", "grid"),
+                                                        ("padim", "mean")]
+    screw = rows[0]
+    assert screw["image_auroc"]["values"] == pytest.approx([90.0, 91.0, 92.0])
+    assert screw["image_auroc"]["mean"] == pytest.approx(91.0) and screw["image_auroc"]["std"] == pytest.approx(1.0)
+    assert screw["pixel_auroc"] == {"values": [None, None, None], "mean": None, "std": None}
+    assert screw["published"] == 98.77 and rows[1]["published"] == 97.91 and screw["fit_seconds"] == 11.0
+    assert rows[2]["image_auroc"]["values"] == pytest.approx([85.0, 86.0, 87.0])  # per-seed means over categories
+    assert rows[2]["published"] == pytest.approx((98.77 + 97.91) / 2)
+    assert rows[3]["published"] is None and rows[5]["published"] is None  # PaDiM: only its 15-category mean
+    text = pr.format_surface_table(rows, ["command: python benchmarks/protocol.py ..."], ["a note"], "footer", True)
+    lines = text.splitlines()
+    assert lines[0].startswith("command: ") and "pixel AUROC" not in text  # no run has a pixel AUROC
+    assert lines[3].split()[:8] == ["patchcore", "screw", "91.0", "±", "1.0", "91.0", "±", "1.0"]
+    assert lines[3].split()[-1] == "98.8" and lines[8].split()[-1] == "n/a"
+    assert pr.summarise_surface(runs[:1], ["patchcore"], ["screw"], [0], "elpv")[0]["published"] is None
+
+
+@pytest.mark.slow
+def test_elpv_mono_patchcore_shipped_settings(tmp_path: Path) -> None:
+    """The real elpv mono cells, one seed, PatchCore as shipped: ranks well above chance (needs `make elpv`)."""
+    if importlib.util.find_spec("elpv_dataset") is None:
+        pytest.skip("the elpv dataset is not installed: run `make elpv` (pip install elpv-dataset==1.0.0.post1)")
+    out = tmp_path / "result.json"
+    proc = _run_script("--dataset", "elpv", "--cell", "mono", "--model", "patchcore", "--seeds", "1",
+                       "--json", str(out), timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    print(f"elpv mono, PatchCore shipped, seed 0: AUROC {run['metrics']['image_auroc']:.3f}, "
+          f"F1 at the shipped threshold {run['metrics']['f1']:.3f}")
+    assert (run["n_train"], run["n_test_good"], run["n_test_defect"]) == (300, 288, 313)
+    assert run["metrics"]["image_auroc"] > 0.85

@@ -1,4 +1,5 @@
-"""Public datasets read from local files only (no downloads): Fashion-MNIST, MNIST, CIFAR-10, image folders.
+"""Public datasets read from local files only (no downloads): Fashion-MNIST, MNIST, CIFAR-10, image folders, the
+elpv solar cells and MVTec AD's category folders.
 
 Why here: the accuracy-protocol runner (``benchmarks/protocol.py``) and its tests need the same readers,
 and a missing or malformed dataset must be one line saying what to supply, not a traceback. One reader
@@ -16,14 +17,27 @@ Formats:
   binary version.
 - image folders: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (png, jpg, jpeg, bmp), classes sorted
   by folder name = labels 0, 1, …; accepted for MNIST and CIFAR-10 too.
+
+The surface datasets (defects on one kind of part, not one class against others) are not loaded into memory:
+the runner lays their files out (elpv) or hands their folders to the trainer as they are (MVTec AD), so here
+they are a label file and a split (elpv) and a checked list of category folders (MVTec AD):
+
+- elpv (Buerhop-Lutz et al. 2018; Deitsch et al. 2019): 2624 solar cells, 300x300 8-bit grey PNGs cut from
+  electroluminescence images of modules, from the PyPI package ``elpv-dataset`` (``make elpv``). Its
+  ``elpv_dataset/data/labels.csv`` has one cell a line, whitespace-separated: the image path (relative to that
+  folder), the experts' defect probability (0, 1/3, 2/3 or 1) and the cell type (mono or poly).
+- MVTec AD (Bergmann et al. 2019): ``ROOT/<category>/train/good``, ``ROOT/<category>/test/<good|defect>/`` and
+  ``ROOT/<category>/ground_truth/<defect>/<name>_mask.png``: each category folder is already the trainer's layout.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import math
 import struct
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -282,3 +296,136 @@ def load_dataset(name: str, split: str, root: Optional[str | Path] = None) -> La
         return load_cifar10(split, root)
     return load_image_folder(split, root)
 
+
+
+# --- elpv solar cells ----------------------------------------------------------------------------------------
+
+ELPV_PACKAGE = "elpv-dataset==1.0.0.post1"  # what `make elpv` installs
+ELPV_MODULE = "elpv_dataset"
+ELPV_CELL_TYPES = ("mono", "poly")
+ELPV_TRAIN = 300  # functional cells trained on per seed; mono then tests on the other 288 and all 313 defective
+ELPV_FUNCTIONAL = 0.0  # experts' defect probability of a functional cell ...
+ELPV_DEFECTIVE = 1.0  # ... and of a defective one; the uncertain 1/3 and 2/3 are left out of the protocol
+_ELPV_INSTALL = f"install it with `make elpv` (pip install {ELPV_PACKAGE} into the venv)"
+
+
+class ElpvCell(NamedTuple):
+    """One line of elpv's labels.csv: the image (absolute), the experts' defect probability, mono or poly."""
+
+    path: Path
+    probability: float
+    cell_type: str
+
+
+class ElpvSplit(NamedTuple):
+    """One seed's elpv split of one cell type: images to train on and to test on, and what was left out."""
+
+    train: list[Path]
+    test_good: list[Path]
+    test_defect: list[Path]
+    n_uncertain: int  # cells of this type with probability 1/3 or 2/3, in neither split
+
+
+def elpv_data_dir(root: Optional[str | Path] = None, module: str = ELPV_MODULE) -> Path:
+    """The folder holding elpv's labels.csv: ``root`` when given, else the installed package's ``data`` folder.
+
+    Found without importing the package (its import pulls in Pillow). Neither there: one UserError saying how
+    to install it.
+    """
+    if root is not None:
+        folder = Path(root)
+        if not (folder / "labels.csv").is_file():
+            raise UserError(f"{folder}: no labels.csv; pass --root the elpv data folder (labels.csv and images/), or "
+                            f"leave --root out to use the installed package ({_ELPV_INSTALL})")
+        return folder
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the elpv dataset (Python package {module}) is not installed; {_ELPV_INSTALL}, or pass "
+                        "--root DIR holding its labels.csv and images/")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    if not (folder / "labels.csv").is_file():
+        raise UserError(f"{folder}: the installed {module} package has no labels.csv; reinstall it ({_ELPV_INSTALL})")
+    return folder
+
+
+def read_elpv_labels(path: str | Path) -> list[ElpvCell]:
+    """elpv's labels.csv (``images/cell0001.png  1.0  mono`` a line) as cells; a bad line is one UserError at
+    file:line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read this label file ({exc}); reinstall the dataset "
+                        f"({_ELPV_INSTALL})") from None
+    cells: list[ElpvCell] = []
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{number}"
+        if len(fields) != 3:
+            raise UserError(f"{where}: expected 3 fields (image path, defect probability, mono|poly), found "
+                            f"{len(fields)}: {line.strip()!r}")
+        name, prob_text, cell_type = fields
+        try:
+            probability = float(prob_text)
+        except ValueError:
+            raise UserError(f"{where}: defect probability {prob_text!r} is not a number") from None
+        if not 0.0 <= probability <= 1.0:
+            raise UserError(f"{where}: defect probability {probability} outside 0..1")
+        if cell_type not in ELPV_CELL_TYPES:
+            raise UserError(f"{where}: cell type {cell_type!r} is not one of {', '.join(ELPV_CELL_TYPES)}")
+        cells.append(ElpvCell(path.parent / name, probability, cell_type))
+    if not cells:
+        raise UserError(f"{path}: no cells listed; reinstall the dataset ({_ELPV_INSTALL})")
+    return cells
+
+
+def elpv_split(cells: Sequence[ElpvCell], cell_type: str, seed: int, n_train: int = ELPV_TRAIN) -> ElpvSplit:
+    """Seed ``seed``'s split of ``cell_type``: ``n_train`` functional cells drawn at random to train on, the other
+    functional cells and every defective one to test on; cells rated 1/3 or 2/3 are in neither.
+
+    The draw is over the functional cells sorted by path, so it depends on the seed and the label file only.
+    """
+    if cell_type not in ELPV_CELL_TYPES:
+        raise UserError(f"--cell {cell_type}: expected one of {', '.join(ELPV_CELL_TYPES)}")
+    mine = [c for c in cells if c.cell_type == cell_type]
+    good = sorted(c.path for c in mine if math.isclose(c.probability, ELPV_FUNCTIONAL, abs_tol=1e-6))
+    bad = sorted(c.path for c in mine if math.isclose(c.probability, ELPV_DEFECTIVE, abs_tol=1e-6))
+    if len(good) <= n_train or not bad:
+        raise UserError(f"elpv {cell_type}: {len(good)} functional and {len(bad)} defective cells; the protocol needs "
+                        f"more than {n_train} functional (to train on {n_train} and test on the rest) and at least one "
+                        "defective; lower --train-limit or check labels.csv")
+    order = np.random.default_rng(seed).permutation(len(good))
+    train = [good[i] for i in sorted(order[:n_train])]
+    test_good = [good[i] for i in sorted(order[n_train:])]
+    return ElpvSplit(train, test_good, bad, len(mine) - len(good) - len(bad))
+
+
+# --- MVTec AD ------------------------------------------------------------------------------------------------
+
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+
+
+def mvtec_categories(root: str | Path, wanted: Optional[Sequence[str]] = None) -> list[str]:
+    """The category folders of an MVTec AD folder to run (all, sorted, or ``wanted`` in its order), each checked
+    for ``train/good``, ``test/good`` and at least one defect folder in ``test/``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--root {root}: folder not found; pass the MVTec AD folder holding bottle/, cable/, ...")
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    if not found:
+        raise UserError(f"--root {root}: no category folders (CATEGORY/train/good); pass the MVTec AD folder holding "
+                        "bottle/, cable/, ...")
+    chosen = list(wanted) if wanted else found
+    unknown = [c for c in chosen if c not in found]
+    if unknown:
+        raise UserError(f"--classes {','.join(unknown)}: not a category folder of {root} (found: {', '.join(found)})")
+    for name in chosen:
+        test = root / name / "test"
+        subs = sorted(p.name for p in test.iterdir() if p.is_dir()) if test.is_dir() else []
+        if "good" not in subs or len(subs) < 2:
+            raise UserError(f"{test}: needs good/ and at least one defect folder (MVTec AD's layout: "
+                            f"{name}/test/good, {name}/test/<defect>/)")
+    return chosen
