@@ -1,4 +1,4 @@
-"""What the normalizing-flow models share (DifferNet, CFLOW-AD, CS-Flow, FastFlow): cached backbone features,
+"""What the normalizing-flow models share (the four of the flow family in trainer/models/): cached backbone features,
 the standard-normal log-likelihood, FrEIA flows and their subnets.
 
 Why a feature cache: the flows learn the density of a *frozen* backbone's features, so the backbone's output of
@@ -17,7 +17,7 @@ repeating frame.
 
 Log-likelihood: a flow maps x to z with log|det dz/dx| = the sum of its blocks' terms; under the standard normal
 prior log p(x) = sum(-0.5 z^2 - 0.5 log 2 pi) + log|det|. ``log_likelihood`` sums that over the dimensions a
-model treats as one sample (a feature vector for CFLOW-AD's positions, a whole map for FastFlow's loss), so the
+model treats as one sample (a feature vector at one position, or a whole map), so the
 exported graphs compute exactly what the training maximised.
 
 Flows are built with FrEIA (PyPI ``FrEIA``, the library the papers' official code uses): ``flow`` stacks
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# log of the standard normal density's constant, -0.5 log(2 pi): the official CFLOW-AD's _GCONST_
+# log of the standard normal density's constant, -0.5 log(2 pi) (_GCONST_ in the official code of the positional flow)
 GAUSS_CONST = -0.5 * math.log(2.0 * math.pi)
 
 Shape = tuple[int, ...]
@@ -151,8 +151,8 @@ def seeded_numpy(seed: int) -> Iterator[None]:
 
 
 def fc_subnet(hidden_ratio: float = 2.0) -> Subnet:
-    """(c_in, c_out) -> Linear(c_in, hidden) - ReLU - Linear(hidden, c_out), hidden = ratio x c_in (CFLOW-AD's
-    subnet_fc: ratio 2)."""
+    """(c_in, c_out) -> Linear(c_in, hidden) - ReLU - Linear(hidden, c_out), hidden = ratio x c_in (the official
+    subnet_fc of the positional flow: ratio 2)."""
     def make(c_in: int, c_out: int) -> nn.Module:
         hidden = max(1, int(c_in * hidden_ratio))
         return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(), nn.Linear(hidden, c_out))
@@ -160,7 +160,7 @@ def fc_subnet(hidden_ratio: float = 2.0) -> Subnet:
 
 
 def conv_subnet(kernel_size: int, hidden_ratio: float = 1.0) -> Subnet:
-    """(c_in, c_out) -> conv k x k - ReLU - conv k x k, same size, hidden = ratio x c_in (FastFlow's subnet_conv;
+    """(c_in, c_out) -> conv k x k - ReLU - conv k x k, same size, hidden = ratio x c_in (the 2D flow's subnet_conv;
     symmetric padding for the odd kernels it uses)."""
     if kernel_size % 2 != 1:
         raise ValueError("conv_subnet: kernel_size must be odd")
