@@ -46,6 +46,7 @@ LINE_WIDTH = 118
 
 
 MAX_TILES = 8  # input.tiles per side: 8 x 8 tiles of 160 px is a 1280 px frame, 64 model passes a frame
+MAX_TILE_OVERLAP = 0.5  # input.tile_overlap: beyond half, tiles mostly repeat each other
 
 
 @dataclass
@@ -54,7 +55,8 @@ class InputConfig:
 
     None = the model's own default size (its ``ModelDefaults.input_size``), filled in by ``resolve``.
     ``tiles`` = [rows, cols] (trainer/tiling.py): the station sends frames of rows*height x cols*width
-    (``frame_hw``), and the exported graph scores their tiles of height x width (``hw``) in one batch.
+    (``frame_hw``), and the exported graph scores their tiles of height x width (``hw``) in one batch;
+    ``tile_overlap`` > 0 makes neighbouring tiles share that share of themselves (the frame is smaller by it).
     """
 
     height: Optional[int] = None
@@ -62,6 +64,7 @@ class InputConfig:
     resize: str = "stretch"
     channels: str = "auto"
     tiles: Optional[List[int]] = None
+    tile_overlap: float = 0.0
 
     def validate(self) -> None:
         if self.channels not in ("auto", "gray", "colour"):
@@ -77,6 +80,8 @@ class InputConfig:
             raise ValueError(f"input.resize must be one of {', '.join(RESIZE_MODES)}")
         if self.tiles is not None and (len(self.tiles) != 2 or not all(1 <= t <= MAX_TILES for t in self.tiles)):
             raise ValueError(f"input.tiles must be [rows, cols], each 1..{MAX_TILES} (e.g. [2, 2]), or null: no tiling")
+        if not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
+            raise ValueError(f"input.tile_overlap must be between 0 and {MAX_TILE_OVERLAP} (a share of a tile)")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -92,12 +97,18 @@ class InputConfig:
         return None if self.tiles is None else (int(self.tiles[0]), int(self.tiles[1]))
 
     @property
+    def tile_stride(self) -> tuple[int, int]:
+        """(sh, sw): from one tile to the next, the tile less its overlap (the tile's size: side by side)."""
+        h, w = self.hw
+        return h - round(h * self.tile_overlap), w - round(w * self.tile_overlap)
+
+    @property
     def frame_hw(self) -> tuple[int, int]:
         """(height, width) of the frames the station sends and the exported graph takes: ``hw`` without tiling,
-        rows*height x cols*width with it."""
-        h, w = self.hw
+        height + (rows-1)*sh x width + (cols-1)*sw with it (rows*height x cols*width without overlap)."""
+        (h, w), (sh, sw) = self.hw, self.tile_stride
         rows, cols = self.tile_grid or (1, 1)
-        return h * rows, w * cols
+        return h + (rows - 1) * sh, w + (cols - 1) * sw
 
 
 @dataclass
