@@ -1,9 +1,10 @@
 """Tiling (trainer/tiling.py): frames cut into tiles inside the exported graph, scored in one batch, maps stitched.
 
 A 2 x 3 grid of 64 px tiles (frames of 128 x 192, a grid that is not square, so rows and columns cannot be
-swapped unnoticed): the cut and the stitch against numpy, the training tiles against the graph's, and PatchCore
-fitted on tiles, exported tiled and scored through ONNX Runtime: a planted defect lands in its tile, any batch
-size gives the same answers, FP16 agrees with FP32 and the graphs pass the TensorRT readiness check.
+swapped unnoticed), side by side and overlapping by a quarter (tiles every 48 px, frames of 112 x 160): the cut
+and the stitch against numpy, the training tiles against the graph's, and PatchCore fitted on tiles, exported
+tiled and scored through ONNX Runtime: a planted defect lands where it is, any batch size gives the same answers,
+FP16 agrees with FP32 and the graphs pass the TensorRT readiness check.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from trainer.tiling import (
     check_tiles,
     split_tiles,
     stitched_map_shape,
+    tile_stride,
     tiled_module,
     tiled_scopes,
     tiles_per_frame,
@@ -38,15 +40,38 @@ from trainer.tiling import (
 TILE = 64
 GRID = (2, 3)
 FRAME = (TILE * GRID[0], TILE * GRID[1])  # (128, 192)
+STRIDE = (48, 48)  # a quarter of a tile shared with the neighbour
+OVERLAP_FRAME = (TILE + STRIDE[0], TILE + 2 * STRIDE[1])  # (112, 160)
 MAX_BATCH = 4
 
 
 class TileProbe(nn.Module):
-    """An export module that shows what it was given: score = a tile's mean of channel 0, map = channel 0."""
+    """An export module that shows what it was given: score = a tile's mean of channel 0, map = channel 0 (plus
+    ``shift`` x the tile's mean, so that overlapping tiles disagree and their average shows)."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.shift = shift
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = frames.to(torch.float32)[..., 0]
-        return x.mean((1, 2)), x
+        mean = x.mean((1, 2))
+        return mean, x + self.shift * mean[:, None, None]
+
+
+def _stitch(maps: np.ndarray, n: int, frame: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    """Reference: each tile's map added at its place on the frame, divided by how many tiles cover each pixel."""
+    total, count = np.zeros((n, *frame)), np.zeros(frame)
+    k = 0
+    for i in range(n):
+        for r in range(GRID[0]):
+            for c in range(GRID[1]):
+                total[i, r * stride[0]:r * stride[0] + TILE, c * stride[1]:c * stride[1] + TILE] += maps[k]
+                k += 1
+    for r in range(GRID[0]):
+        for c in range(GRID[1]):
+            count[r * stride[0]:r * stride[0] + TILE, c * stride[1]:c * stride[1] + TILE] += 1
+    return total / count
 
 
 def _frames(n: int, seed: int = 0) -> np.ndarray:
@@ -72,6 +97,31 @@ def test_the_graph_cuts_and_stitches_as_numpy_does(tmp_path: Path) -> None:
         np.testing.assert_allclose(s, means.max(1)[:n], rtol=1e-6)
 
 
+def test_overlapping_tiles_are_cut_and_averaged_as_numpy_does(tmp_path: Path) -> None:
+    assert tile_stride((TILE, TILE), 0.25) == STRIDE and tile_stride((TILE, TILE), 0.0) == (TILE, TILE)
+    frames = np.random.default_rng(1).integers(0, 256, (3, *OVERLAP_FRAME, 3), dtype=np.uint8)
+    module = TiledExport(TileProbe(shift=0.5), GRID, (TILE, TILE), (TILE, TILE), STRIDE)
+    tiles = split_tiles(frames, GRID, (TILE, TILE), STRIDE)
+    assert tiles.shape == (3 * 6, TILE, TILE, 3)
+    np.testing.assert_array_equal(tiles[6 + 3 + 2], frames[1, 48:112, 96:160])  # frame 1, tile (1, 2)
+    ch0 = tiles[..., 0].astype(np.float64)
+    means = ch0.mean((1, 2))
+    expected_map = _stitch(ch0 + 0.5 * means[:, None, None], 3, OVERLAP_FRAME, STRIDE)
+    score, amap = module(torch.from_numpy(frames))
+    np.testing.assert_allclose(amap.numpy(), expected_map, rtol=1e-5)
+    np.testing.assert_allclose(score.numpy(), means.reshape(3, 6).max(1), rtol=1e-6)
+    path = tmp_path / "overlap.onnx"
+    ex.export_onnx(module, path, OVERLAP_FRAME)
+    for n in (1, 3):
+        s, m = ex.run_onnx(ex.onnx_scorer(path, MAX_BATCH), frames[:n])
+        np.testing.assert_allclose(m, expected_map[:n], rtol=1e-5)
+        np.testing.assert_allclose(s, means.reshape(3, 6).max(1)[:n], rtol=1e-6)
+    ready = check_graph(path, MAX_BATCH)
+    assert ready.ready, ready.problems
+    assert ready.op_counts.get("MatMul") == 2 and not {"Loop", "Scan", "ScatterND", "ScatterElements"} & set(
+        ready.op_counts)  # cut by Gathers of constant indices, averaged by two constant MatMuls
+
+
 def test_tile_geometry_and_bad_grids() -> None:
     assert check_tiles(None) is None and check_tiles([2, 3]) == (2, 3)
     assert tiles_per_frame(None) == 1 and tiles_per_frame(GRID) == 6
@@ -86,12 +136,22 @@ def test_tile_geometry_and_bad_grids() -> None:
             check_tiles(bad)
     with pytest.raises(ValueError, match="do not cut into 2x3 tiles"):
         split_tiles(np.zeros((1, 129, 192, 3), np.uint8), GRID)
+    with pytest.raises(ValueError, match="are not 2x3 tiles of 64x64 every 48x48 pixels"):
+        split_tiles(np.zeros((1, *FRAME, 3), np.uint8), GRID, (TILE, TILE), STRIDE)
+    with pytest.raises(ValueError, match=r"input\.tile_overlap must be between 0 and 0\.5"):
+        tile_stride((TILE, TILE), 0.6)
+    with pytest.raises(ValueError, match="overlapping tiles need the model's map at its input size"):
+        TiledExport(inner, GRID, (TILE, TILE), (16, 16), STRIDE)
 
 
 def test_config_reads_tiles_and_says_what_is_wrong() -> None:
     cfg = parse_train_config(f"input: {{height: {TILE}, width: {TILE}, tiles: [2, 3]}}\n")
     assert cfg.input.hw == (TILE, TILE) and cfg.input.tile_grid == GRID and cfg.input.frame_hw == FRAME
     assert parse_train_config(f"input: {{height: {TILE}, width: {TILE}}}\n").input.frame_hw == (TILE, TILE)
+    overlapping = parse_train_config(f"input: {{height: {TILE}, width: {TILE}, tiles: [2, 3], tile_overlap: 0.25}}\n")
+    assert overlapping.input.tile_stride == STRIDE and overlapping.input.frame_hw == OVERLAP_FRAME
+    with pytest.raises(Exception, match=r"<train config>:1: input\.tile_overlap must be between 0 and 0\.5"):
+        parse_train_config("input: {tiles: [2, 2], tile_overlap: 0.75}\n")
     with pytest.raises(Exception, match=r"<train config>:1: input\.tiles must be \[rows, cols\], each 1\.\.8"):
         parse_train_config("input: {tiles: [0, 3]}\n")
 
@@ -115,55 +175,70 @@ def test_training_sees_the_tiles_the_graph_cuts(parts: Path) -> None:
     np.testing.assert_array_equal(np.concatenate(batches), data.model_inputs(frames))
     whole = np.concatenate([b.numpy() for b in data.loader(paths, batch_size=2, whole=True)])
     np.testing.assert_array_equal(whole, frames)
+    overlapping = TrainingData(fit_paths=paths, holdout_paths=[], hw=(TILE, TILE), tiles=GRID, tile_stride=STRIDE)
+    frames = overlapping.read(paths)
+    assert overlapping.frame_hw == OVERLAP_FRAME and frames.shape == (5, *OVERLAP_FRAME, 3)
+    batches = [b.numpy() for b in overlapping.loader(paths, batch_size=3)]
+    np.testing.assert_array_equal(np.concatenate(batches), split_tiles(frames, GRID, (TILE, TILE), STRIDE))
 
 
-@pytest.fixture(scope="module")
-def tiled(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=[0.0, 0.25], ids=["side_by_side", "overlapping"])
+def tiled(request: pytest.FixtureRequest, parts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """PatchCore fitted on the 64 px tiles of the training frames, exported as a tiled graph (FP32 and FP16)."""
     cfg = TrainConfig()
     cfg.input.height = cfg.input.width = TILE
     cfg.input.tiles = list(GRID)
+    cfg.input.tile_overlap = request.param
     cfg.batch_size = 8
     model = create_model("patchcore", cfg)
-    data = TrainingData(fit_paths=train_paths(parts), holdout_paths=[], hw=cfg.input.hw, tiles=cfg.input.tile_grid)
+    data = TrainingData(fit_paths=train_paths(parts), holdout_paths=[], hw=cfg.input.hw, tiles=cfg.input.tile_grid,
+                        tile_stride=cfg.input.tile_stride)
     model.fit(data, run=RunOptions(device="cpu", amp=False, progress=False))
-    module = tiled_module(model.export_module(), cfg.input.tile_grid, cfg.input.hw, model.map_shape())
+    module = tiled_module(model.export_module(), cfg.input.tile_grid, cfg.input.hw, model.map_shape(),
+                          cfg.input.tile_stride)
     out = tmp_path_factory.mktemp("tiled")
     fp32, fp16 = out / "model.onnx", out / "model.fp16.onnx"
     ex.export_onnx(module, fp32, cfg.input.frame_hw)
     scopes = tiled_scopes(model.fp32_scopes, cfg.input.tile_grid)
     info = ex.convert_fp16(fp32, fp16, scopes)
-    return {"module": module, "fp32": fp32, "fp16": fp16, "scopes": scopes, "info": info}
+    return {"module": module, "fp32": fp32, "fp16": fp16, "scopes": scopes, "info": info, "frame": cfg.input.frame_hw,
+            "stride": cfg.input.tile_stride}
 
 
-def _tile_of(point: tuple[int, int]) -> tuple[int, int]:
-    return point[0] // TILE, point[1] // TILE
+def _tiles_at(point: tuple[int, int], stride: tuple[int, int]) -> set[tuple[int, int]]:
+    """The tiles (row, col) whose pixels include ``point``."""
+    return {(r, c) for r in range(GRID[0]) for c in range(GRID[1])
+            if r * stride[0] <= point[0] < r * stride[0] + TILE and c * stride[1] <= point[1] < c * stride[1] + TILE}
 
 
-def test_a_planted_defect_lights_up_its_own_tile(tiled: dict[str, Any]) -> None:
+def test_a_planted_defect_lights_up_where_it_is(tiled: dict[str, Any]) -> None:
     scorer = ex.onnx_scorer(tiled["fp32"], MAX_BATCH)
-    hits = 0
+    frame = tiled["frame"]
     for seed in range(4):
         # the same part with and without a defect (the defect draws from its own stream)
-        clean, _ = render_part(np.random.default_rng(100 + seed), FRAME, None)
-        defect, mask = render_part(np.random.default_rng(100 + seed), FRAME, "spot")
+        clean, _ = render_part(np.random.default_rng(100 + seed), frame, None)
+        defect, mask = render_part(np.random.default_rng(100 + seed), frame, "spot")
         assert mask.any()
         scores, maps = ex.run_onnx(scorer, np.stack([clean, defect]))
-        assert maps.shape == (2, *FRAME)
+        assert maps.shape == (2, *frame)
         assert scores[1] > scores[0]
-        peak = np.unravel_index(int(np.argmax(maps[1])), FRAME)
-        grown = cv2.dilate(mask, np.ones((9, 9), np.uint8))  # the map is smoothed: the peak may sit at the edge
-        hits += int(grown[peak] > 0 or _tile_of((int(peak[0]), int(peak[1]))) in
-                    {_tile_of((int(y), int(x))) for y, x in zip(*np.nonzero(mask), strict=True)})
-    assert hits == 4
+        defect_tiles = set().union(*(_tiles_at((int(y), int(x)), tiled["stride"]) for y, x in zip(*np.nonzero(mask),
+                                                                                                 strict=True)))
+        y, x = np.unravel_index(int(np.argmax(maps[1])), frame)
+        peak = (int(y), int(x))
+        assert _tiles_at(peak, tiled["stride"]) & defect_tiles, (seed, peak)  # the defect's own tile lights up
+        # where the defect changed the map most: at the defect (the map is smoothed, sigma 4 px)
+        change = tuple(int(v) for v in np.unravel_index(int(np.argmax(maps[1] - maps[0])), frame))
+        assert cv2.dilate(mask, np.ones((9, 9), np.uint8))[change] > 0, (seed, change)
 
 
 def test_tiled_graph_evaluates_and_any_batch_gives_the_same_answer(tiled: dict[str, Any], parts: Path) -> None:
-    test = load_test(parts, FRAME)
+    frame = tiled["frame"]
+    test = load_test(parts, frame)
     assert test is not None and test.masks is not None
     ev = evaluate_onnx(tiled["fp32"], test, threshold=1e9, batch=MAX_BATCH)
     assert ev.metrics["image_auroc"] >= 0.9 and ev.metrics["pixel_auroc"] >= 0.9
-    assert ev.maps is not None and ev.maps.shape == (len(test), *FRAME)
+    assert ev.maps is not None and ev.maps.shape == (len(test), *frame)
     for batch in (1, 3):
         s, m = ex.run_onnx(ex.onnx_scorer(tiled["fp32"], batch), test.images)
         np.testing.assert_allclose(s, ev.scores, rtol=1e-5)
@@ -179,7 +254,7 @@ def test_tiled_graphs_are_tensorrt_ready_and_fp16_agrees(tiled: dict[str, Any], 
         result = check_graph(path, MAX_BATCH, scopes)
         assert result.ready, "\n".join(result.problems)
         assert "Loop" not in result.op_counts and "Scan" not in result.op_counts
-    test = load_test(parts, FRAME)
+    test = load_test(parts, tiled["frame"])
     assert test is not None
     parity = fp16_parity(tiled["fp32"], tiled["fp16"], test.images, test.labels, MAX_BATCH)
     assert parity["ok"], parity

@@ -34,14 +34,15 @@ class FrameDataset(Dataset):
 
     ``items`` are (path, copy): copy 0 is the image as it is, copy k > 0 a seeded draw of ``degradation``
     applied at the image's own resolution before it is fitted to the model input (as a station decodes,
-    then resizes). ``tiles`` = (rows, cols): ``hw`` is the frame (rows*h x cols*w) and an item is its
-    rows*cols tiles [R*C, h, w, 3] (``collate_tiles`` joins them into one batch of tiles).
+    then resizes). ``tiles`` = (rows, cols): ``hw`` is the frame and an item is its rows*cols tiles
+    [R*C, h, w, 3] of ``tile_hw`` every ``stride`` pixels (``collate_tiles`` joins them into one batch of tiles).
     """
 
     def __init__(self, items: Sequence[tuple[Path, int]], hw: tuple[int, int], resize: str = "stretch",
                  augment: Optional[Augment] = None, seed: int = 0,
                  degradation: Optional[Degradation] = None, degraded_share: float = 0.0,
-                 tiles: Optional[tuple[int, int]] = None) -> None:
+                 tiles: Optional[tuple[int, int]] = None, tile_hw: Optional[tuple[int, int]] = None,
+                 stride: Optional[tuple[int, int]] = None) -> None:
         self.items = list(items)
         self.hw = hw
         self.resize = resize
@@ -50,6 +51,8 @@ class FrameDataset(Dataset):
         self.degradation = degradation
         self.degraded_share = degraded_share  # for DRAWN items: the chance an epoch shows the degraded one
         self.tiles = tiles
+        self.tile_hw = tile_hw
+        self.stride = stride
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -68,7 +71,7 @@ class FrameDataset(Dataset):
             frame = read_image(path, self.hw, self.resize)
         if self.tiles is not None:
             # each tile is a model input: the augmentation (written for one input) sees each on its own
-            tiles = split_tiles(frame[None], self.tiles)
+            tiles = split_tiles(frame[None], self.tiles, self.tile_hw, self.stride)
             if self.augment is not None:
                 rng = np.random.default_rng([self.seed, self.epoch, index])
                 tiles = np.stack([self.augment(t, rng) for t in tiles])
@@ -127,9 +130,9 @@ class TrainingData:
     (with ``degradation``): every loader also yields that many degraded copies of each still (the model's
     memory and statistics, the loop's validation and the calibration hold-out all see the station's codec).
     ``hw`` is the model's input. ``tiles`` = (rows, cols) (trainer/tiling.py): the station's frame is
-    ``frame_hw`` = rows*h x cols*w, cut into tiles of ``hw`` inside the graph; a loader then gives each image's
-    tiles (what the model learns from and scores), ``whole=True`` the frames (what the tiled graph scores), and
-    ``read`` the frames.
+    ``frame_hw`` (rows*h x cols*w, less the overlaps when ``tile_stride`` is less than the tile), cut into tiles
+    of ``hw`` inside the graph; a loader then gives each image's tiles (what the model learns from and scores),
+    ``whole=True`` the frames (what the tiled graph scores), and ``read`` the frames.
     """
 
     fit_paths: list[Path]
@@ -142,11 +145,12 @@ class TrainingData:
     degradation: Optional[Degradation] = None
     degraded_copies: int = 0
     tiles: Optional[tuple[int, int]] = None
+    tile_stride: Optional[tuple[int, int]] = None  # None: the tile's size (tiles side by side)
 
     @property
     def frame_hw(self) -> tuple[int, int]:
-        """The frame a station sends: ``hw`` without tiling, rows*h x cols*w with it."""
-        return frame_size(self.hw, self.tiles)
+        """The frame a station sends: ``hw`` without tiling, the tiles' extent with it."""
+        return frame_size(self.hw, self.tiles, self.tile_stride)
 
     def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
                augment: Optional[Augment] = None, pin_memory: bool = False,
@@ -163,7 +167,7 @@ class TrainingData:
         copies = self.degraded_copies if self.degradation is not None else 0
         tiles = None if whole else self.tiles
         dataset = FrameDataset(expand(paths, copies, per_epoch), self.frame_hw, self.resize, augment, self.seed,
-                               self.degradation, copies / (1 + copies), tiles)
+                               self.degradation, copies / (1 + copies), tiles, self.hw, self.tile_stride)
         batches = EpochBatches(len(dataset), batch_size, shuffle, self.seed, drop_last, *shard)
         workers = min(self.workers, max(0, len(dataset) // max(batch_size, 1)))
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
@@ -180,7 +184,7 @@ class TrainingData:
 
     def model_inputs(self, frames: np.ndarray) -> np.ndarray:
         """Frames at ``frame_hw`` as the model's inputs: their tiles with tiling, else the frames themselves."""
-        return frames if self.tiles is None else split_tiles(frames, self.tiles)
+        return frames if self.tiles is None else split_tiles(frames, self.tiles, self.hw, self.tile_stride)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
