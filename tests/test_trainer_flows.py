@@ -6,7 +6,11 @@ invert exactly and are reproducible from their seed."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -138,3 +142,39 @@ def test_a_convolutional_map_flow_inverts_and_is_reproducible_from_its_seed() ->
     assert torch.allclose(back, x, atol=1e-5)
     with pytest.raises(ValueError):
         conv_subnet(2)
+
+
+def test_the_static_block_is_freias_and_exports_with_fixed_shapes(tmp_path: Path) -> None:
+    """Same outputs as FrEIA's AllInOneBlock from the same parameters; traced to ONNX with a dynamic batch, every
+    intermediate's shape is known but the batch (FrEIA's own block leaves its coupling Slice's shape unknown)."""
+    subnets = [conv_subnet(3, 1.0), conv_subnet(1, 1.0)]
+    ours = flow((4, 5, 5), subnets, clamp=2.0, seed=2)
+    theirs = Ff.SequenceINN(4, 5, 5)
+    for subnet in subnets:
+        theirs.append(Fm.AllInOneBlock, subnet_constructor=subnet, affine_clamping=2.0)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 5, 5)
+    with torch.no_grad():
+        for rev in (False, True):
+            (a, ja), (b, jb) = ours(x, rev=rev), theirs(x, rev=rev)
+            assert torch.allclose(a, b) and torch.allclose(ja, jb)
+
+    class Graph(nn.Module):
+        def __init__(self, inn: nn.Module) -> None:
+            super().__init__()
+            self.inn = inn
+
+        def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.inn(v)  # type: ignore[no-any-return]
+
+    def unknown_dims(inn: nn.Module) -> list[str]:
+        path = tmp_path / "flow.onnx"
+        batch = {0: "N"}
+        torch.onnx.export(Graph(inn).eval(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["z", "log_det"], dynamic_axes={"x": batch, "z": batch, "log_det": batch})
+        graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+        return [vi.name for vi in graph.value_info
+                if any(not d.dim_value for d in list(vi.type.tensor_type.shape.dim)[1:])]
+
+    assert unknown_dims(ours) == []
+    assert unknown_dims(theirs)  # the reason for the subclass

@@ -139,6 +139,23 @@ def log_likelihood(z: torch.Tensor, log_det: torch.Tensor, dim: int | tuple[int,
 
 
 # -- FrEIA flows -----------------------------------------------------------------------------------------------
+class StaticAllInOneBlock(Fm.AllInOneBlock):  # type: ignore[misc]
+    """FrEIA's AllInOneBlock with the coupling's split size taken from the block's constants, not from the
+    tensor's shape: FrEIA's ``_affine`` slices ``a[:, :x.shape[1]]``, which the ONNX exporter records as a Slice
+    whose end comes from a Shape, leaving every later shape unknown to ONNX shape inference (TensorRT readiness
+    refuses such a graph). Same arithmetic, same parameters (a state dict of either loads into the other)."""
+
+    def _affine(self, x: torch.Tensor, a: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        a = a * 0.1  # FrEIA scales the subnet's output by 0.1 (in place there)
+        ch = int(self.splits[1])
+        sub_jac = self.clamp * torch.tanh(a[:, :ch])
+        if self.GIN:
+            sub_jac = sub_jac - torch.mean(sub_jac, dim=self.sum_dims, keepdim=True)
+        if not rev:
+            return x * torch.exp(sub_jac) + a[:, ch:], torch.sum(sub_jac, dim=self.sum_dims)
+        return (x - a[:, ch:]) * torch.exp(-sub_jac), -torch.sum(sub_jac, dim=self.sum_dims)
+
+
 @contextlib.contextmanager
 def seeded_numpy(seed: int) -> Iterator[None]:
     """numpy's global generator seeded for a while, then restored (FrEIA draws its permutations from it)."""
@@ -175,15 +192,15 @@ def conv_subnet(kernel_size: int, hidden_ratio: float = 1.0) -> Subnet:
 
 def flow(dims: Shape, subnets: Sequence[Subnet], clamp: float, seed: int, cond_dims: Optional[Shape] = None,
          permute_soft: bool = False, global_affine_type: str = "SOFTPLUS") -> Ff.SequenceINN:
-    """A FrEIA SequenceINN of one AllInOneBlock per subnet (``dims`` per sample: (C,) vectors or (C, h, w)
-    maps), conditioned on condition 0 of shape ``cond_dims`` when given; permutations drawn from ``seed``."""
+    """A FrEIA SequenceINN of one (static-shaped) AllInOneBlock per subnet (``dims`` per sample: (C,) vectors or
+    (C, h, w) maps), conditioned on condition 0 of shape ``cond_dims`` when given; permutations drawn from ``seed``."""
     inn = Ff.SequenceINN(*dims)
     with seeded_numpy(seed):
         for subnet in subnets:
             if cond_dims is None:
-                inn.append(Fm.AllInOneBlock, subnet_constructor=subnet, affine_clamping=clamp,
+                inn.append(StaticAllInOneBlock, subnet_constructor=subnet, affine_clamping=clamp,
                            global_affine_type=global_affine_type, permute_soft=permute_soft)
             else:
-                inn.append(Fm.AllInOneBlock, cond=0, cond_shape=cond_dims, subnet_constructor=subnet,
+                inn.append(StaticAllInOneBlock, cond=0, cond_shape=cond_dims, subnet_constructor=subnet,
                            affine_clamping=clamp, global_affine_type=global_affine_type, permute_soft=permute_soft)
     return inn
