@@ -28,6 +28,7 @@ from core.files import atomic_write_text
 from core.site_calibration import CALIBRATION_FORMAT, SUFFIX, SiteCalibration, load_site_calibration
 from core.thresholds import (
     FALSE_ALARM_RATE,
+    MOST_MISSED,
     QUANTILE,
     RECALL,
     Policy,
@@ -277,11 +278,11 @@ class SiteThreshold:
                  100 * (cal.expected_false_alarm_rate or 0.0), recall, self.path,
                  "in force from now" if choice.source == "on-site"
                  else f"engine.threshold {choice.threshold:.6g} of the station config stays in force")
-        if cal.expected_recall is not None and cal.expected_recall < 0.5:
+        if cal.expected_recall is not None and cal.expected_recall < MOST_MISSED:
             log.warning("WARNING: %d of the %d defects operators labelled for %s %s score below the on-site "
                         "threshold %.6g: the station would miss most defects like them; see docs/station.md, "
-                        "\"On-site calibration\"", round(cal.defects * (1 - cal.expected_recall)), cal.defects,
-                        bundle.model_name, bundle.version, cal.threshold)
+                        "\"On-site calibration and drift alarms\"", round(cal.defects * (1 - cal.expected_recall)),
+                        cal.defects, bundle.model_name, bundle.version, cal.threshold)
         return choice
 
     def _calibrate(self, scores: np.ndarray, bundle: Bundle) -> SiteCalibration:
