@@ -88,7 +88,7 @@ class FastflowHead(nn.Module):
             amap = self.blur(amap)
         # the score from the [N,1,H,W] map, not from the output tensor: the FP16 converter retypes a graph output
         # that another node also reads
-        return amap.amax((1, 2, 3)), amap.squeeze(1)
+        return amap.amax((1, 2, 3)), amap.reshape(-1, *self.hw)  # not squeeze: an If where the exporter lost a size
 
 
 class FastflowExport(nn.Module):
