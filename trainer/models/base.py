@@ -95,7 +95,17 @@ def settings_title(settings: type[ModelSettings]) -> str:
 
 @dataclass(frozen=True)
 class ModelDefaults:
-    """What a model uses for the keys a config leaves at null."""
+    """What a model uses for the keys a config leaves at null.
+
+    How frames of other sizes and aspect ratios are fitted (``input.resize``) is no per-model default: both
+    families keep ``stretch``, which measured best on mixed sizes for a pretrained-feature surface model and for
+    an image-level one (ELPV solar cells cropped to aspect ratios 0.6 to 1.67 and 100 to 600 px: PatchCore image
+    AUROC 0.908 stretch, 0.884 letterbox, 0.877 crop; Mahalanobis AD 0.868 stretch, 0.857 letterbox;
+    docs/training.md, "Images as they come"). Stretch spends every input pixel on the part; letterbox spends
+    some on black bars whose edges move with each image's shape, and crop never sees the edges. A grey image is
+    no default either: it reaches every model as B = G = R (core/preprocess.py), the pretrained backbones see grey
+    in all three channels, and ``input.channels: auto`` makes the models trained from scratch learn one channel.
+    """
 
     input_size: int = 160
     batch_size: int = 16
