@@ -573,6 +573,9 @@ def test_elpv_protocol_two_models_through_the_cli(tmp_path: Path) -> None:
         # the runner's own scoring through the graph agrees with the fit's evaluate stage (edge-train eval's numbers)
         assert m["image_auroc"] == pytest.approx(rep["image_auroc"], abs=1e-6)
         assert m["f1"] == pytest.approx(rep["f1"], abs=1e-6) and m["threshold"] == pytest.approx(rep["threshold"])
+        for key in ("recall", "false_alarm_rate"):  # logged by the fit's evaluate stage since its operating point
+            if key in rep:
+                assert m[key] == pytest.approx(rep[key], abs=1e-5), key
         assert m["best_f1"] >= m["f1"] and 0 <= m["false_alarm_rate"] <= 1
         assert run["images_per_second"] > 0 and run["fit_seconds"] > 0 and run["input_hw"] == [32, 32]
         assert m["image_auroc"] > 0.8, run  # the planted cracks; chance is 0.5
