@@ -22,8 +22,10 @@ little; their likelihood is then just above 1). No blur (``blur_sigma`` 0; the o
 What differs from the paper, and why:
 - backbone: the paper's WideResNet-50 layers 1-3 (stride 4, 8, 16; no ImageNet weights on this machine) become
   the configured backbone's ``three`` role: Lite0 blocks [2, 4, 7] (24, 40, 80 channels at stride 4, 8, 16).
-  ``backbone.name: wide_resnet50_2`` with its weights file gives the paper's levels (its 256/512/1024 channels
-  make the flows about 20x larger and the training that much slower on CPU).
+  ``backbone.name: wide_resnet50_2`` with its weights file gives the paper's levels. Measured cost of its
+  256/512/1024 channels (the flows alone, 160 px grids, one thread): 24.7 M flow parameters against Lite0's
+  1.49 M, and one image batch's 24 fiber steps 67 s against 7.2 s on the shared VM under load (9x), before the
+  backbone's own cost (not measurable here: no ImageNet weights).
 - the recipe is reduced for CPU, on cached backbone features (trainer/flows.py's FeatureCache: the backbone runs
   once per training image): the official code takes *every* position of each batch in fiber batches of 256, one
   Adam step each (a 160 px batch of 16: 100 + 25 + 7 steps for the three levels), for 25 x 8 epochs with
