@@ -203,6 +203,9 @@ class Cflow(EpochModel):
     # One process: the feature cache and the normalising constants are this process's; DDP would also have to
     # leave the levels a step does not touch without gradients.
     trains_distributed = False
+    # The flows (their log-dets summed over 8 blocks) and exp(log p / C - max) stay FP32 in model.fp16.onnx; only
+    # the backbone is FP16: FP16 flushes likelihoods below 6e-8 to 0, where the map saturates.
+    fp32_scopes = ("/head/",)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
