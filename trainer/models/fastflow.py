@@ -25,6 +25,11 @@ What differs from the paper, and why:
 - the recipe is reduced for CPU: ``epochs`` (default 40) on cached backbone features (trainer/flows.py's
   FeatureCache: the backbone runs once per training image, the flows and norms train alone), batch 16 (anomalib
   32, 500 epochs with early stopping), input 160 px (256).
+
+Measured (benchmarks/protocol.py --dataset elpv --cell mono --model fastflow --seeds 1 --threads 1, shipped
+settings, seed 0, 2026-12-07, a 2-core VM at load average 10-17): image AUROC 89.4, AP 92.0, F1 at the shipped
+threshold 74.8 (recall 60.7, false alarms 1.7 %); PatchCore 94.4 and PaDiM 95.8 on the same draw. Fit 2 730 s,
+69 img/s through the FP32 graph on one thread.
 """
 
 from __future__ import annotations
