@@ -9,6 +9,7 @@ FP16 agrees with FP32 and the graphs pass the TensorRT readiness check.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,11 @@ import pytest
 import torch
 from torch import nn
 
+from core.bundle import load_bundle
+from core.preprocess import resize_frame
+from edge.backends.onnxruntime import OrtBackend
 from trainer import export as ex
+from trainer.cli import main as train_main
 from trainer.config import TrainConfig, parse_train_config
 from trainer.data import load_test, train_paths
 from trainer.evaluate import evaluate_onnx
@@ -258,3 +263,39 @@ def test_tiled_graphs_are_tensorrt_ready_and_fp16_agrees(tiled: dict[str, Any], 
     assert test is not None
     parity = fp16_parity(tiled["fp32"], tiled["fp16"], test.images, test.labels, MAX_BATCH)
     assert parity["ok"], parity
+
+
+# -- the whole fit through edge-train (needs trainer/stages.py to honour input.tiles) -------------------------
+def test_a_tiled_bundle_fits_evaluates_and_runs_on_the_station(parts: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: patchcore\nbatch_size: 8\ninput: {{height: {TILE}, width: {TILE}, tiles: [2, 3]}}\n"
+                      f"training: {{workers: 0}}\ncalibration: {{holdout_fraction: 0.25}}\n"
+                      f"export: {{max_batch: {MAX_BATCH}}}\nreport: {{overlays: 2}}\n")
+    engines = tmp_path / "engines"
+    assert train_main(["fit", "--data", str(parts), "--out", str(engines), "--config", str(config),
+                       "--device", "cpu"]) == 0
+    bundle = load_bundle(engines / "patchcore")
+    spec = bundle.manifest["input"]
+    assert bundle.input_hw == FRAME  # the station sends whole frames
+    assert spec["tiles"] == {"grid": list(GRID), "tile": [TILE, TILE], "stride": [TILE, TILE]}
+    assert bundle.manifest["outputs"][1]["shape"] == ["N", *FRAME]
+    assert bundle.manifest["fp16"]["fp32_scopes"] == ["/inner/distance/"]
+    assert bundle.manifest["metrics"]["image_auroc"] >= 0.9
+    # the station: its resize to the manifest's size, its backend, any frame size in
+    backend = OrtBackend(bundle, max_batch=MAX_BATCH, providers=["CPUExecutionProvider"], warmup=False)
+    defect, _ = render_part(np.random.default_rng(7), (300, 420), "spot")
+    clean, _ = render_part(np.random.default_rng(7), (300, 420), None)
+    frames = np.stack([resize_frame(f, bundle.input_hw, bundle.input_resize) for f in (clean, defect)])
+    out = backend.infer(frames)
+    assert out["anomaly_map"].shape == (2, *FRAME) and out["score"][1] > out["score"][0]
+    assert train_main(["check-engine", str(bundle.path), "--data", str(parts)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"TensorRT readiness at batch {MAX_BATCH}: ready")
+    assert train_main(["eval", str(bundle.path), "--data", str(parts), "--out", str(tmp_path / "eval")]) == 0
+    capsys.readouterr()
+    # a rerun reads the tiles back from the manifest: the same hold-out through the same graph, the same threshold
+    assert train_main(["rerun", str(bundle.path), "--data", str(parts), "--stages", "calibrate,evaluate",
+                       "--json"]) == 0
+    rerun = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rerun["calibration"]["threshold"] == pytest.approx(bundle.threshold, rel=1e-5)
+    assert rerun["metrics"]["image_auroc"] == pytest.approx(bundle.manifest["metrics"]["image_auroc"])

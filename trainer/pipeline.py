@@ -148,7 +148,10 @@ def _config_from_record(record: dict[str, Any], bundle: Bundle) -> TrainConfig:
         elif f.name in record and not is_dataclass(current) and not isinstance(value, (dict, list)):
             setattr(cfg, f.name, value)
     cfg.model = bundle.model_name
-    cfg.input.height, cfg.input.width = bundle.input_hw
+    # the manifest's input is the whole frame; a tiled graph cuts it into the tiles the manifest records
+    tiling = bundle.manifest["input"].get("tiles")
+    cfg.input.tiles = list(tiling["grid"]) if tiling else None
+    cfg.input.height, cfg.input.width = tiling["tile"] if tiling else bundle.input_hw
     cfg.input.resize = bundle.input_resize
     cfg.export.max_batch = bundle.max_batch or cfg.export.max_batch
     return cfg

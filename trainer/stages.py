@@ -56,6 +56,7 @@ from trainer.evaluate import Evaluation, evaluate_onnx
 from trainer.frames import TrainingData
 from trainer.loop import run_fingerprint
 from trainer.models import AnomalyModel, RunOptions, get_model_class
+from trainer.tiling import stitched_map_shape, tiled_module, tiled_scopes, tiles_per_frame
 
 CHECKPOINTS = "checkpoints"  # engines/<model>/checkpoints/: the training run of models trained by epochs
 T = TypeVar("T")
@@ -159,13 +160,14 @@ def check_data(run: FitRun) -> None:
     legacy = cfg.calibration.legacy_note()
     if legacy:
         run.note(legacy, warning=False)
-    hw, resize = cfg.input.hw, cfg.input.resize
-    val = load_val(run.data_dir, hw, resize)
-    run.test = load_test(run.data_dir, hw, resize, warn=run.note) if run.shard.writer else None
+    frame_hw, resize = cfg.input.frame_hw, cfg.input.resize  # the station's frames (tiled or not)
+    val = load_val(run.data_dir, frame_hw, resize)
+    run.test = load_test(run.data_dir, frame_hw, resize, warn=run.note) if run.shard.writer else None
     degradation, copies = _plan_codec(run, paths)
     run.data = TrainingData(fit_paths=[paths[i] for i in fit_idx], holdout_paths=[paths[i] for i in hold_idx],
-                            hw=hw, resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed,
-                            degradation=degradation, degraded_copies=copies)
+                            hw=cfg.input.hw, resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed,
+                            degradation=degradation, degraded_copies=copies, tiles=cfg.input.tile_grid,
+                            tile_stride=cfg.input.tile_stride)
     run.training_data = fingerprint(paths, run.data_dir)
 
 
@@ -177,14 +179,15 @@ def _check_training_images(run: FitRun, paths: list[Path]) -> None:
     if bad:
         raise undecodable_error(bad, str(run.data_dir / "train" / "good"))
     cfg.resolve(model_cls.defaults, all_gray=len(scan.grayscale) == scan.count)
-    hw, resize = cfg.input.hw, cfg.input.resize
+    hw, resize, tiles = cfg.input.frame_hw, cfg.input.resize, cfg.input.tile_grid
     for message in size_warnings(scan, "train/good", hw, resize):
         run.note(message)
     gray = grayscale_warning(scan, "train/good")
     if gray:
         run.note(gray)
+    cut = "" if tiles is None else f", cut into {tiles[0]}x{tiles[1]} tiles of {cfg.input.width}x{cfg.input.height}"
     run.log(f"{len(paths)} training images in {run.data_dir / 'train' / 'good'}, fitted to {hw[1]}x{hw[0]} "
-            f"({resize})")
+            f"({resize}){cut}")
     if cfg.epochs is not None and not model_cls.trains_with_epochs:
         run.note(f"{cfg.model} does not train by epochs; epochs={cfg.epochs} ignored", warning=False)
 
@@ -214,7 +217,8 @@ def fit_model(run: FitRun) -> None:
     run.log(f"fitting {cfg.model} on {len(data.fit_paths)} images; {len(data.holdout_paths)} held out for "
             "calibration")
     model = model_cls(cfg)
-    model.preflight(fitted_frames(data), cfg.export.max_batch, cfg.export.max_distance_elements)  # bounds, at once
+    model.preflight(fitted_frames(data), cfg.export.max_batch * tiles_per_frame(cfg.input.tile_grid),
+                    cfg.export.max_distance_elements)  # bounds, at once
     options = RunOptions(device=cfg.device, amp=cfg.training.amp, select=cfg.training.select,
                          checkpoint_dir=run.engines_root / cfg.model / CHECKPOINTS, resume=run.resume,
                          fingerprint=run_fingerprint(asdict(cfg), str(run.training_data["sha256"])),
@@ -242,7 +246,7 @@ def _scale_scores(run: FitRun, model: AnomalyModel, data: TrainingData) -> None:
     batch = run.cfg.export.max_batch
     raw = stream_scores(lambda f: model.score(f, batch)[0], data, data.holdout_paths, batch)
     if data.val is not None:
-        raw = np.concatenate([raw, model.score(data.val.images, batch)[0]])
+        raw = np.concatenate([raw, model.score(data.model_inputs(data.val.images), batch)[0]])
     run.scaling = {"low": float(raw.min()), "high": float(raw.max()),
                    "from": "held-out training normals" + (" and DIR/val" if data.val is not None else "")}
     model.set_score_range(run.scaling["low"], run.scaling["high"])
@@ -259,25 +263,30 @@ def export_graphs(run: FitRun) -> None:
     model, which is not kept; fit again.
     """
     cfg, model = run.cfg, _need(run.model, "the fitted model", "export", "fit")
+    per_frame = tiles_per_frame(cfg.input.tile_grid)  # the model scores this many inputs a frame
     limit = model.export_batch_limit(cfg.export.max_distance_elements)
+    limit = None if limit is None else max(1, limit // per_frame)
     if limit is not None and 1 <= limit < cfg.export.max_batch:
         run.note(f"export.max_batch lowered from {cfg.export.max_batch} to {limit}: at a larger batch the graph's "
                  f"largest intermediate would exceed export.max_distance_elements {cfg.export.max_distance_elements}; "
                  "the station scores in batches of at most this size")
         cfg.export.max_batch = limit
-    bounds = model.export_checks(cfg.export.max_batch, cfg.export.max_distance_elements)
+    bounds = model.export_checks(cfg.export.max_batch * per_frame, cfg.export.max_distance_elements)
     run.bundle_dir = bundle_dir = new_version_dir(run.engines_root, cfg.model)
-    run.module = module = model.export_module()
+    tiles = cfg.input.tile_grid  # with tiling, the graph cuts the frame into tiles of the model's input
+    run.module = module = tiled_module(model.export_module(), tiles, cfg.input.hw, model.map_shape(),
+                                       cfg.input.tile_stride)
     run.fp32 = bundle_dir / ONNX_FP32
-    ex.export_onnx(module, run.fp32, cfg.input.hw, cfg.export.opset)
+    ex.export_onnx(module, run.fp32, cfg.input.frame_hw, cfg.export.opset)
     if run.on_export is not None:
         run.on_export(module)
     if cfg.export.fp16:
         run.fp16 = bundle_dir / ONNX_FP16
-        run.fp16_info = ex.convert_fp16(run.fp32, run.fp16, model.fp32_scopes)
+        run.fp16_info = ex.convert_fp16(run.fp32, run.fp16, tiled_scopes(model.fp32_scopes, tiles))
     if cfg.export.score_only:
         run.score_only = bundle_dir / ONNX_SCORE
-        ex.export_onnx(ex.ScoreOnly(module), run.score_only, cfg.input.hw, cfg.export.opset, outputs=("score",))
+        ex.export_onnx(ex.ScoreOnly(module), run.score_only, cfg.input.frame_hw, cfg.export.opset,
+                       outputs=("score",))
     graphs = [p for p in (run.fp32, run.fp16, run.score_only) if p is not None]
     run.export_info = {**bounds, "opset": cfg.export.opset, "file_bytes": {p.name: p.stat().st_size for p in graphs},
                        "fp16": run.fp16_info}
@@ -315,7 +324,7 @@ def _calibration_set_scores(run: FitRun, stage: str) -> tuple[np.ndarray, Option
     batch = run.cfg.export.max_batch
     data = _need(run.data, "the training data", stage, "data check")
     scorer = ex.onnx_scorer(_need(run.fp32, "model.onnx", stage, "export"), batch)
-    hold_scores = stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch)
+    hold_scores = stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch, whole=True)
     val = data.val
     val_scores = ex.run_onnx(scorer, val.images)[0] if val is not None else None
     normal, defects = np.asarray(hold_scores, np.float64), np.zeros(0)
@@ -468,11 +477,16 @@ def write_bundle_manifest(run: FitRun) -> None:
     """
     cfg = run.cfg
     bundle_dir = _need(run.bundle_dir, "a bundle folder", "manifest", "export")
-    map_h, map_w = _need(run.model, "the fitted model", "manifest", "fit").map_shape()
-    hw = cfg.input.hw
+    tiles = cfg.input.tile_grid
+    map_h, map_w = stitched_map_shape(_need(run.model, "the fitted model", "manifest", "fit").map_shape(), tiles,
+                                      cfg.input.tile_stride)
+    hw = cfg.input.frame_hw
+    tiling = {} if tiles is None else {"tiles": {"grid": list(tiles), "tile": list(cfg.input.hw),
+                                                  "stride": list(cfg.input.tile_stride)}}
     write_manifest(
         bundle_dir, model_name=cfg.model,
-        input_spec={"height": hw[0], "width": hw[1], "resize": cfg.input.resize, "max_batch": cfg.export.max_batch},
+        input_spec={"height": hw[0], "width": hw[1], "resize": cfg.input.resize, "max_batch": cfg.export.max_batch,
+                    **tiling},
         outputs=[{"name": "score", "dtype": "float32", "shape": ["N"]},
                  {"name": "anomaly_map", "dtype": "float32", "shape": ["N", map_h, map_w]}],
         calibration=run.calibration,
@@ -566,7 +580,8 @@ def _fp16_manifest(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def stream_scores(score: Callable[[np.ndarray], np.ndarray], data: TrainingData, paths: list[Path],
-                  batch: int) -> np.ndarray:
-    """Scores of ``paths`` read batch by batch from disk (hold-outs of tens of thousands of frames fit nowhere)."""
-    parts = [score(frames.numpy()) for frames in data.loader(paths, batch)]
+                  batch: int, whole: bool = False) -> np.ndarray:
+    """Scores of ``paths`` read batch by batch from disk (hold-outs of tens of thousands of frames fit nowhere):
+    the model's inputs (tiles, with tiling), or with ``whole`` the frames the exported graph takes."""
+    parts = [score(frames.numpy()) for frames in data.loader(paths, batch, whole=whole)]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
