@@ -13,7 +13,8 @@ network untrained (tests, smoke runs: its features are not worth fitting a model
 the error is one line naming the file to bring.
 
 Models ask for taps by role (``auto``) so one config works on every backbone: each role names the strides
-the papers tap (PatchCore: stride 8 and 16, WideResNet-50's layer 2 and 3; PaDiM: 4, 8, 16 ...).
+the papers tap (a memory-bank model: stride 8 and 16, WideResNet-50's layer 2 and 3; a per-position Gaussian:
+4, 8 and 16 ...). Each model's settings say which role it asks for.
 """
 
 from __future__ import annotations
@@ -49,17 +50,16 @@ AUTO = "auto"
 RANDOM = "random"
 Taps = Union[list[int], str]
 
-# The Lite taps of each role, as the Lite0-era defaults had them (one stage end per stride; Lite0's stride-16
-# tap of the PatchCore protocol runs is block 10, the 112-channel end of stage 5).
+# The Lite taps of each role, as the Lite0-era defaults had them (one stage end per stride).
 _LITE_ROLES: dict[str, dict[str, list[int]]] = {}
 # Roles by the strides (and how many levels) the papers tap, for any backbone; Lite's per-variant lists below.
 ROLES: dict[str, str] = {
     "patch": "two levels for patch features: Lite stride 4 and 8 (the defaults that find small scratches); "
-             "other backbones stride 8 and 16 (PatchCore's WideResNet-50 layer 2 and 3)",
-    "three": "three levels, stride 4, 8 and 16 (PaDiM's layer 1 to 3)",
-    "map": "two levels for a patch map: stride 8 and 16 (SPADE's)",
-    "top": "the deepest levels, for a pooled image feature (SPADE's)",
-    "all": "every level (Mahalanobis AD pools them all)",
+             "other backbones stride 8 and 16 (WideResNet-50's layer 2 and 3)",
+    "three": "three levels, stride 4, 8 and 16 (a ResNet's layer 1 to 3)",
+    "map": "two levels for a patch map: stride 8 and 16",
+    "top": "the deepest levels, for a pooled image feature",
+    "all": "every level (for models that pool each one)",
 }
 
 
