@@ -116,7 +116,7 @@ class BackboneConfig:
     """Pretrained feature extractor (trainer/backbones.py): a Lite variant or any timm CNN by name.
 
     ``weights``: a state-dict file; empty = the Lite package's weights or timm's hub cache; ``random`` = untrained
-    (tests only). ``layers``: PatchCore's two taps, or ``auto`` (the backbone's stride-4/8 pair on Lite,
+    (tests only). ``layers``: the memory-bank model's two taps, or ``auto`` (the backbone's stride-4/8 pair on Lite,
     stride 8/16 elsewhere); the taps of a backbone must fit it, which is checked when the model is built.
     """
 
