@@ -224,7 +224,7 @@ class CsFlowExport(nn.Module):
         amap = F.interpolate(per_position, size=self.hw, mode="bilinear", align_corners=False)
         if self.blur is not None:
             amap = self.blur(amap)
-        return score, amap.squeeze(1)
+        return score, amap.reshape(-1, *self.hw)  # not squeeze: exported as an If, unranked in FP16
 
 
 class ClippedAdam(torch.optim.Adam):

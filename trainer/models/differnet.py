@@ -197,16 +197,17 @@ class LeaveOneOutMap(nn.Module):
     def forward(self, finest: list[torch.Tensor], rest: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         p = self.grid[0] * self.grid[1]
         if p < 2:  # one position: nothing to leave out, the map is the score
-            return score.reshape(-1, 1, 1).expand(-1, *self.hw)
+            return score.reshape(-1, 1, 1) * torch.ones(1, *self.hw, device=score.device)
         cells = torch.cat([self._on_grid(m).flatten(2) for m in finest], 1)  # [N, C0, P]
         total = cells.sum(2, keepdim=True)
         without = ((total - cells) / (p - 1)).transpose(1, 2)  # [N, P, C0]: the pool without p
-        f = torch.cat([without, rest.unsqueeze(1).expand(-1, p, -1)], 2)
+        # rest broadcast over the positions by an Add (Expand and Tile leave the position count unknown in ONNX)
+        f = torch.cat([without, rest.unsqueeze(1) + without[:, :, :1] * 0.0], 2)
         drop = score.unsqueeze(1) - mean_z2(self.flow, f)  # [N, P]
         amap = F.interpolate(drop.reshape(-1, 1, *self.grid), size=self.hw, mode="bilinear", align_corners=False)
         if self.blur is not None:
             amap = self.blur(amap)
-        return amap.squeeze(1)
+        return amap.reshape(-1, *self.hw)  # not squeeze: its export is an If node, whose output FP16 leaves unranked
 
 
 class DifferNetExport(nn.Module):
