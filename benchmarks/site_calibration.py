@@ -8,8 +8,8 @@ stills to score, and an MJPEG clip of ``--frames``
 other good parts and as many with defects; ``fit_bundle`` fits PatchCore on the stills with codec augmentation
 off (a bundle that never saw the codec). The first half of the clip's good frames plays the operator's
 ``edge-run --calibrate``: their scores set the on-site threshold with the station's own rule
-(``edge.calibration.normal_calibration``, station defaults); the other half and the defective frames are
-scored against both thresholds. Frames are decoded and fitted as the station does (OpenCV, the bundle's resize).
+(``edge.calibration.site_calibration``, the policy ``edge-run --calibrate`` applies); the other half and the
+defective frames are scored against both thresholds. Frames are decoded and fitted as the station does (OpenCV, the bundle's resize).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from core.bundle import load_bundle  # noqa: E402
 from core.preprocess import resize_frame  # noqa: E402
-from core.thresholds import normal_calibration  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
-from edge.config import SiteCalibrationConfig  # noqa: E402
+from edge.calibration import site_calibration, station_policy  # noqa: E402
 from trainer.config import parse_train_config  # noqa: E402
 from trainer.data import list_images, read_image  # noqa: E402
 from trainer.pipeline import fit_bundle  # noqa: E402
@@ -77,8 +76,8 @@ def main() -> None:
         stream = score(clip_frames(clip, hw, resize))
         good, bad = stream[:n], stream[n:]
         declared, later = good[: n // 2], good[n // 2:]
-        rule = SiteCalibrationConfig()
-        site = normal_calibration(declared, rule.quantile, rule.margin, rule.sigmas)["threshold"]
+        policy, _ = station_policy(bundle)  # what `edge-run --calibrate` applies to this bundle
+        site = site_calibration(declared, bundle, policy=policy).threshold
         thr = bundle.threshold
 
     print(f"\nPatchCore fitted on {args.train} PNG stills (codec augmentation off); MJPEG clip of {n} good and "

@@ -62,7 +62,7 @@ def test_fit_prints_bundle_path_last_and_promotes(fitted) -> None:
     assert bundle.input_hw == (128, 128) and m["input"]["max_batch"] == 8
     assert bundle.output_names == ["score", "anomaly_map"]
     cal = m["calibration"]
-    assert cal["method"] == "quantile" and cal["threshold"] > cal["normal_median"]
+    assert cal["method"] == "false-alarm-rate" and cal["threshold"] > cal["normal_median"]
     assert m["training_data"]["count"] == 30 and len(m["training_data"]["sha256"]) == 64
     for key in METRIC_KEYS:
         assert key in m["metrics"]
