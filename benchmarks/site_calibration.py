@@ -9,7 +9,8 @@ other good parts and as many with defects; ``fit_bundle`` fits PatchCore on the 
 off (a bundle that never saw the codec). The first half of the clip's good frames plays the operator's
 ``edge-run --calibrate``: their scores set the on-site threshold with the station's own rule
 (``edge.calibration.site_calibration``, the policy ``edge-run --calibrate`` applies); the other half and the
-defective frames are scored against both thresholds. Frames are decoded and fitted as the station does (OpenCV, the bundle's resize).
+defective frames are scored against both thresholds. Frames are decoded and fitted as the station does (OpenCV,
+the bundle's resize).
 """
 
 from __future__ import annotations
