@@ -5,7 +5,8 @@ inverse and its log-likelihood against an autograd Jacobian's log-determinant, t
 
 Short recipe (cached features, the CPU recipe at test size): 256 px washers with the default stride-32 tap (8x8,
 4x4 and 2x2 maps; at 128 px with the stride-16 tap, 60 epochs reached AUROC 0.89), 40 epochs at lr 1e-3, hidden
-64 (measured: 0.985; 20 epochs at hidden 32: 0.93). The fit takes 2 to 4 minutes on the loaded 2-core VM.
+64 (this file's fit through ONNX: 0.978; 20 epochs at hidden 32: 0.93). The file took 727 s on the 2-core VM at
+load average ~10 (beside the DifferNet file), far over the 60 s aim.
 """
 
 from __future__ import annotations
