@@ -20,7 +20,7 @@ from core.site_calibration import calibration_path
 from edge.backends import create_backend
 from edge.batchsize import BatchSize, fastest_batch
 from edge.calibration import SiteThreshold
-from edge.collect import Collection, open_collection
+from edge.collect import Collection, collect_root, open_collection
 from edge.config import StationConfig
 from edge.health import Metrics, StationGauges
 from edge.outbox import Outbox, open_outbox
@@ -68,7 +68,8 @@ def build_station(cfg: StationConfig, options: StationOptions) -> Station:
     batch = BatchSize(_batch_limit(cfg, bundle))
     c = cfg.calibration
     site = SiteThreshold(calibration_path(cfg.state_dir, cfg.station), cfg.engine.threshold, c.quantile, c.margin,
-                         c.sigmas, calibrate_frames=options.calibrate, warm_up_frames=c.warm_up_frames)
+                         c.sigmas, calibrate_frames=options.calibrate, warm_up_frames=c.warm_up_frames,
+                         labels_dir=collect_root(cfg))  # operators' labelled events, wherever collect.dir puts them
     make_backend = BackendMaker(cfg, batch)
     backend = make_backend(bundle)
     outbox = open_outbox(cfg.state_dir, cfg.station, cfg.sinks, cfg.spool.max_bytes, cfg.spool.max_age_s)
