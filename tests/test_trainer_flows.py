@@ -5,8 +5,10 @@ invert exactly and are reproducible from their seed."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
@@ -178,3 +180,49 @@ def test_the_static_block_is_freias_and_exports_with_fixed_shapes(tmp_path: Path
 
     assert unknown_dims(ours) == []
     assert unknown_dims(theirs)  # the reason for the subclass
+
+
+def test_codec_robust_copies_are_fixed_draws_for_models_that_cache_features(tmp_path: Path) -> None:
+    """With the shipped codec-robust training on, a flow still runs its backbone once per distinct frame: its
+    epochs show each still and a degraded copy that is the same draw every epoch (a fresh draw per epoch, what
+    the other models get, is a frame seen once and would run the backbone every epoch)."""
+    from trainer.config import parse_train_config
+    from trainer.models import get_model_class
+    from trainer.pipeline import fit_bundle
+    from trainer.synthetic import DEFECT_KINDS, make_dataset
+
+    parts = make_dataset(tmp_path / "ds", n_train=20, n_test_good=2, n_test_defect=2, size=64, seed=3,
+                         kinds=DEFECT_KINDS)
+    cfg = parse_train_config("model: cflow\ninput: {height: 64, width: 64}\nepochs: 3\ntraining: {workers: 0}\n"
+                             "export: {fp16: false}\n")
+    assert getattr(get_model_class("cflow"), "caches_features", False)
+    bundle = fit_bundle(cfg, parts, tmp_path / "engines", log=lambda _m: None)
+    fit = json.loads((bundle / "report.json").read_text())["fit"]
+    cache = fit["feature_cache"]
+    # 16 fitted and 4 held-out stills, each with one degraded copy: 40 distinct frames over 3 epochs
+    assert cache["misses"] == 40, cache
+    assert cache["hits"] >= 2 * 32, cache
+
+
+def test_fixed_draws_repeat_across_epochs_and_fresh_draws_do_not(tmp_path: Path) -> None:
+    from trainer.degrade import Degradation
+    from trainer.frames import TrainingData, set_epoch
+    from trainer.synthetic import make_dataset
+
+    parts = make_dataset(tmp_path / "ds", n_train=4, n_test_good=0, n_test_defect=0, size=32, seed=3)
+    paths = sorted((parts / "train" / "good").iterdir())
+    data = TrainingData(fit_paths=paths, holdout_paths=[], hw=(32, 32), degradation=Degradation(),
+                        degraded_copies=1)
+
+    def epochs(**kwargs: Any) -> list[torch.Tensor]:
+        loader = data.loader(paths, 8, **kwargs)
+        out = []
+        for epoch in (0, 1):
+            set_epoch(loader, epoch)
+            out.append(torch.cat(list(loader)))
+        return out
+
+    first, second = epochs(fixed_draws=True)
+    assert first.shape[0] == 8 and torch.equal(first, second)  # 4 stills + 4 copies, the same both epochs
+    first, second = epochs()
+    assert torch.equal(first[:4], second[:4]) and not torch.equal(first[4:], second[4:])

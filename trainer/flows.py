@@ -10,10 +10,10 @@ features in host memory, bounded by ``max_bytes``. A frame whose bytes differ (a
 copy) is a different key, so the cache never returns features of another image; when the bound is reached it
 stops storing (first come, kept: under a shuffled loader an LRU bound smaller than the data set would evict
 every entry before its reuse, a kept prefix hits at a constant rate of bound / data) and the backbone runs for
-the rest. With codec-robust training each epoch shows a still degraded by a fresh draw half the time (a frame
-seen once, never again): ``admit_after=2`` stores a frame only at its second sighting (16 bytes a key to
-remember the first), so those draws never fill the cache, at the price of the backbone running twice per
-repeating frame.
+the rest. With codec-robust training the loop shows a model that caches (``EpochModel.caches_features``) each
+still and its degraded copies, each copy the same draw every epoch, so every frame repeats. For frames that may
+not repeat, ``admit_after=2`` stores a frame only at its second sighting (16 bytes a key to remember the first),
+so one-off frames never fill the cache, at the price of the backbone running twice per repeating frame.
 
 Log-likelihood: a flow maps x to z with log|det dz/dx| = the sum of its blocks' terms; under the standard normal
 prior log p(x) = sum(-0.5 z^2 - 0.5 log 2 pi) + log|det|. ``log_likelihood`` sums that over the dimensions a

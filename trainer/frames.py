@@ -42,8 +42,9 @@ class FrameDataset(Dataset):
                  augment: Optional[Augment] = None, seed: int = 0,
                  degradation: Optional[Degradation] = None, degraded_share: float = 0.0,
                  tiles: Optional[tuple[int, int]] = None, tile_hw: Optional[tuple[int, int]] = None,
-                 stride: Optional[tuple[int, int]] = None) -> None:
+                 stride: Optional[tuple[int, int]] = None, fixed_draws: bool = False) -> None:
         self.items = list(items)
+        self.fixed_draws = fixed_draws  # a degraded copy is the same frame every epoch (models that cache features)
         self.hw = hw
         self.resize = resize
         self.augment = augment
@@ -64,7 +65,7 @@ class FrameDataset(Dataset):
             draw = np.random.default_rng([self.seed, self.epoch, index, 1 << 20]).random()
             copy = 1 if draw < self.degraded_share else 0
         if copy and self.degradation is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index, copy])
+            rng = np.random.default_rng([self.seed, 0 if self.fixed_draws else self.epoch, index, copy])
             image = self.degradation.apply(read_original(path), rng)
             frame = resize_frame(image, self.hw, self.resize)
         else:
@@ -154,7 +155,8 @@ class TrainingData:
 
     def loader(self, paths: Sequence[Path], batch_size: int, shuffle: bool = False, drop_last: bool = False,
                augment: Optional[Augment] = None, pin_memory: bool = False,
-               shard: tuple[int, int] = (0, 1), per_epoch: bool = False, whole: bool = False) -> DataLoader:
+               shard: tuple[int, int] = (0, 1), per_epoch: bool = False, whole: bool = False,
+               fixed_draws: bool = False) -> DataLoader:
         """Batches of uint8 [B,H,W,3] model inputs of ``paths`` (and their degraded copies, see the class);
         call ``set_epoch(loader, e)`` before each epoch.
 
@@ -162,12 +164,14 @@ class TrainingData:
         (the training loader of models trained by epochs): stills are drawn clean or degraded each epoch
         instead of adding copies, so an epoch costs the same with codec-robust training on. With ``tiles``
         a batch of ``batch_size`` images is their rows*cols tiles each, unless ``whole``: the frames
-        [B, *frame_hw, 3] the exported (tiled) graph takes.
+        [B, *frame_hw, 3] the exported (tiled) graph takes. ``fixed_draws``: each degraded copy is the same
+        frame every epoch (models training on cached backbone features: a fresh draw each epoch defeats the cache).
         """
         copies = self.degraded_copies if self.degradation is not None else 0
         tiles = None if whole else self.tiles
         dataset = FrameDataset(expand(paths, copies, per_epoch), self.frame_hw, self.resize, augment, self.seed,
-                               self.degradation, copies / (1 + copies), tiles, self.hw, self.tile_stride)
+                               self.degradation, copies / (1 + copies), tiles, self.hw, self.tile_stride,
+                               fixed_draws)
         batches = EpochBatches(len(dataset), batch_size, shuffle, self.seed, drop_last, *shard)
         workers = min(self.workers, max(0, len(dataset) // max(batch_size, 1)))
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers,

@@ -80,6 +80,10 @@ class EpochModel(AnomalyModel):
     augment: Optional[Augment] = None
     # DDP: set when an update leaves some parameters of a network it steps without a gradient (costs a graph walk).
     ddp_find_unused_parameters = False
+    # Models whose prepare() caches frozen-backbone features per distinct frame (trainer/flows.py): their epochs
+    # show every still and its codec-robust copies, each copy the same draw every epoch, so the cache serves them
+    # all after the first epoch (a fresh draw per epoch, as other models get, would run the backbone every time).
+    caches_features = False
 
     @abstractmethod
     def networks(self) -> dict[str, nn.Module]:
@@ -424,7 +428,8 @@ class EpochTrainer:
         loader = self.data.loader(self.data.fit_paths, self.batch_size, shuffle=True,
                                   drop_last=len(self.data.fit_paths) > self.batch_size,
                                   augment=self.model.augment, pin_memory=self.device.type == "cuda",
-                                  shard=(self.rank, self.world), per_epoch=True)
+                                  shard=(self.rank, self.world), per_epoch=not self.model.caches_features,
+                                  fixed_draws=self.model.caches_features)
         where = f"{self.world} processes ({self.device} each)" if self.shard.distributed else str(self.device)
         self.log(f"training {self.model.name} on {where} for {self.epochs} epochs: "
                  f"{len(self.data.fit_paths)} images, batch {self.batch_size}, "

@@ -203,6 +203,7 @@ class Cflow(EpochModel):
 
     catches = SURFACE_DEFECTS
     display_name = "CFLOW-AD"
+    caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     map_in_score_units = True  # score = max of the unsmoothed map
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=30)
     # One process: the feature cache and the normalising constants are this process's; DDP would also have to
@@ -282,8 +283,6 @@ class Cflow(EpochModel):
         """Train the flows through the shared loop, then fix each level's normalising constant."""
         if not data.fit_paths:
             raise UserError("cflow: no training images to fit on; add images to train/good")
-        # codec-robust training shows fresh degraded draws every epoch: cache only frames that come back
-        self.cache.admit_after = 2 if data.degradation is not None else 1
         if self.cfg.standardise:
             self._standardise(data)
         facts = super().fit(data, log, run)

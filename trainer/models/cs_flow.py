@@ -291,6 +291,7 @@ class CsFlow(EpochModel):
 
     catches = SURFACE_DEFECTS
     display_name = "CS-Flow"
+    caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     defaults = ModelDefaults(input_size=256, batch_size=16, epochs=240)  # official batch 16; 4 x 60 epochs
     trains_distributed = False  # the feature cache is per process
 

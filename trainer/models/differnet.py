@@ -280,6 +280,7 @@ class DifferNet(EpochModel):
 
     catches = FOREIGN_OBJECTS  # one pooled vector of the whole image: image-level departures
     display_name = "DifferNet"
+    caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     defaults = ModelDefaults(input_size=224, batch_size=24, epochs=192)  # official batch 24; 24 x 8 epochs
     trains_distributed = False  # the feature cache is per process and FrEIA's int64 permutations are parameters
 

@@ -142,6 +142,7 @@ class Fastflow(EpochModel):
 
     catches = SURFACE_DEFECTS
     display_name = "FastFlow"
+    caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     map_in_score_units = True  # score = max of the unsmoothed map
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=40)
     trains_distributed = False  # the feature cache is this process's
@@ -200,8 +201,6 @@ class Fastflow(EpochModel):
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
         if not data.fit_paths:
             raise UserError("fastflow: no training images to fit on; add images to train/good")
-        # codec-robust training shows fresh degraded draws every epoch: cache only frames that come back
-        self.cache.admit_after = 2 if data.degradation is not None else 1
         return super().fit(data, log, run)
 
     def fit_facts(self) -> dict[str, Any]:
