@@ -428,3 +428,14 @@ def test_without_a_test_folder_a_second_fit_is_not_promoted(gate, tmp_path) -> N
     fit_bundle(small_config(codec=False), no_test, engines, log=lines.append)
     assert f"no {no_test / 'test'} folder to compare it with the current {first.name}" in _refusal(lines)
     assert read_current(first.parent) == first.name
+
+
+def test_metrics_give_the_operating_point_and_the_best_f1() -> None:
+    """What `edge-train eval --json` reports beside AUROC: the shipped threshold's recall and false-alarm rate, and
+    the best F1 any threshold reaches on the same scores (a ceiling to compare the shipped F1 with)."""
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    m = metrics_from_scores(scores, labels, threshold=4.5)
+    assert m["recall"] == pytest.approx(2 / 3) and m["false_alarm_rate"] == 0.0
+    assert m["f1"] == pytest.approx(0.8)
+    assert m["best_f1"] == pytest.approx(6 / 7) and 2.0 < m["best_f1_threshold"] <= 3.0  # flags 3, 4, 5, 6

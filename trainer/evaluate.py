@@ -19,6 +19,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from core.bundle import Bundle, load_bundle
 from core.errors import UserError
+from core.thresholds import f1_threshold
 from trainer.data import ImageSet, load_test
 from trainer.export import onnx_scorer, run_onnx
 
@@ -38,8 +39,8 @@ class Evaluation:
 
 def metrics_from_scores(scores: np.ndarray, labels: np.ndarray, threshold: float,
                         maps: Optional[np.ndarray] = None, masks: Optional[np.ndarray] = None) -> dict[str, Any]:
-    """Image AUROC and average precision (both need both classes), F1 of ``score >= threshold``, counts; pixel
-    AUROC when both maps and masks are given."""
+    """Image AUROC and average precision (both need both classes), F1, recall and false-alarm rate of ``score >=
+    threshold``, the best F1 over thresholds, counts; pixel AUROC when both maps and masks are given."""
     labels = np.asarray(labels).astype(int)
     both = 0 < labels.sum() < len(labels)
     out: dict[str, Any] = {
@@ -51,6 +52,17 @@ def metrics_from_scores(scores: np.ndarray, labels: np.ndarray, threshold: float
         "n_anomalous": int((labels == 1).sum()),
         "pixel_auroc": None,
     }
+    flagged = np.asarray(scores) >= threshold
+    # the operating point a station acts on, and the best F1 the ranking allows (chosen on this very set: a
+    # ceiling to compare with, never a threshold to ship)
+    if (labels == 0).any():
+        out["false_alarm_rate"] = round(float(flagged[labels == 0].mean()), 6)
+    if (labels == 1).any():
+        out["recall"] = round(float(flagged[labels == 1].mean()), 6)
+    if both:
+        s64 = np.asarray(scores, np.float64)
+        best_threshold, best = f1_threshold(s64[labels == 0], s64[labels == 1])
+        out["best_f1"], out["best_f1_threshold"] = float(best), float(best_threshold)
     if maps is not None and masks is not None and masks.any() and not masks.all():
         if maps.shape[1:] != masks.shape[1:]:
             h, w = masks.shape[1:]
