@@ -225,7 +225,7 @@ def test_what_a_frame_raises_costs_that_frame_not_the_capture_thread(caplog: pyt
     assert len(warnings) == 3 and all("\n" not in w for w in warnings), warnings  # one line per cause
     assert "a read raised RuntimeError (driver hiccup on two lines); taken as a failed read" in warnings[0]
     assert "1 damaged frame(s) could not be read" in warnings[1]
-    assert "1 frame could not be decoded or fitted (error: " in warnings[2]
+    assert "1 frame could not be decoded or fitted (ValueError: frames must be uint8 or uint16" in warnings[2]
 
 
 @register_source("buggy-live")
