@@ -60,7 +60,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import cv2
 import numpy as np
@@ -958,12 +958,7 @@ def surface_main(settings: Settings, command: Sequence[str], started: datetime) 
         else:
             assert settings.root is not None
             classes = mvtec_categories(settings.root, settings.class_names)
-        if settings.keep is not None:
-            settings.keep.mkdir(parents=True, exist_ok=True)
-            runs = run_surface_protocol(settings, classes, settings.keep.resolve(), progress)
-        else:
-            with tempfile.TemporaryDirectory(prefix="protocol-") as tmp:
-                runs = run_surface_protocol(settings, classes, Path(tmp), progress)
+        runs = in_work_dir(settings.keep, lambda work: run_surface_protocol(settings, classes, work, progress))
         header = surface_header(settings, command, runs, classes)
     except CliFailure as exc:
         for line in exc.tail:
@@ -1125,6 +1120,19 @@ def report_document(settings: Settings, command: Sequence[str], started: datetim
             "notes": [*summary["notes"], *ref_notes], "chance": CHANCE}
 
 
+T = TypeVar("T")
+
+
+def in_work_dir(keep: Optional[Path], run: Callable[[Path], T]) -> T:
+    """``run(folder)`` in ``keep`` (created; absolute, since the trainer runs from the repository root), or in a
+    temporary folder removed afterwards."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        return run(keep.resolve())
+    with tempfile.TemporaryDirectory(prefix="protocol-") as tmp:
+        return run(Path(tmp))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the protocol; 0 on success, 2 on a user error or a failed edge-train step (one line naming it)."""
     settings = parse_args(argv)
@@ -1141,12 +1149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         train, test, classes = load_splits(settings)
         refs, ref_notes = references_for(settings.dataset, settings.protocol, settings.model, train.classes)
-        if settings.keep is not None:
-            settings.keep.mkdir(parents=True, exist_ok=True)  # absolute: the trainer runs from the repository root
-            cells = run_protocol(settings, train, test, classes, settings.keep.resolve(), progress)
-        else:
-            with tempfile.TemporaryDirectory(prefix="protocol-") as tmp:
-                cells = run_protocol(settings, train, test, classes, Path(tmp), progress)
+        cells = in_work_dir(settings.keep, lambda work: run_protocol(settings, train, test, classes, work, progress))
     except CliFailure as exc:
         for line in exc.tail:
             print(f"  | {line}", file=sys.stderr)

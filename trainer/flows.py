@@ -204,3 +204,28 @@ def flow(dims: Shape, subnets: Sequence[Subnet], clamp: float, seed: int, cond_d
                 inn.append(StaticAllInOneBlock, cond=0, cond_shape=cond_dims, subnet_constructor=subnet,
                            affine_clamping=clamp, global_affine_type=global_affine_type, permute_soft=permute_soft)
     return inn
+
+
+class TapsThenHead(nn.Module):
+    """A flow model's exported graph: uint8 BGR frames [N,H,W,3] -> the backbone's taps -> the model's head, which
+    gives (score float32 [N], anomaly_map float32 [N,H,W])."""
+
+    def __init__(self, taps: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.taps = taps
+        self.head = head
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.taps(frames))  # type: ignore[no-any-return]
+
+
+def score_and_map(amap: torch.Tensor, blur: Optional[nn.Module], hw: tuple[int, int]) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """(score [N], map [N,H,W]) of a per-pixel map [N,1,H,W]: blurred when ``blur``, the score its maximum.
+
+    The score is taken from the [N,1,H,W] map, not from the output tensor: the FP16 converter retypes a graph output
+    that another node also reads. The map is reshaped, not squeezed: squeeze exported as an If where the exporter
+    lost a size."""
+    if blur is not None:
+        amap = blur(amap)
+    return amap.amax((1, 2, 3)), amap.reshape(-1, *hw)

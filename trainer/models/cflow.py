@@ -57,8 +57,18 @@ from torch import nn
 
 from core.errors import UserError
 from trainer.backbones import check_tap_list
-from trainer.features import BackboneTaps, config_taps
-from trainer.flows import FeatureCache, Shape, fc_subnet, flow, log_likelihood, pack_maps, unpack_maps
+from trainer.features import config_taps
+from trainer.flows import (
+    FeatureCache,
+    Shape,
+    TapsThenHead,
+    fc_subnet,
+    flow,
+    log_likelihood,
+    pack_maps,
+    score_and_map,
+    unpack_maps,
+)
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, Log, LossParts, Update
 from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
@@ -144,23 +154,7 @@ class CflowHead(nn.Module):
             total = up if total is None else total + up
         assert total is not None
         amap = float(len(self.likelihood)) - total
-        if self.blur is not None:
-            amap = self.blur(amap)
-        # the score from the [N,1,H,W] map, not from the output tensor: the FP16 converter retypes a graph output
-        # that another node also reads
-        return amap.amax((1, 2, 3)), amap.reshape(-1, *self.hw)  # not squeeze: an If where the exporter lost a size
-
-
-class CflowExport(nn.Module):
-    """frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,H,W])."""
-
-    def __init__(self, taps: BackboneTaps, head: CflowHead) -> None:
-        super().__init__()
-        self.taps = taps
-        self.head = head
-
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.taps(frames))  # type: ignore[no-any-return]
+        return score_and_map(amap, self.blur, self.hw)
 
 
 @dataclass
@@ -344,4 +338,4 @@ class Cflow(EpochModel):
     def export_module(self) -> nn.Module:
         self.taps.cpu().eval()
         self.levels.cpu().eval()
-        return CflowExport(self.taps, self.head).eval()
+        return TapsThenHead(self.taps, self.head).eval()
