@@ -46,7 +46,7 @@ def labelled_test_frames(parts: Path) -> tuple[np.ndarray, np.ndarray]:
     """The test folder's frames (BGR uint8) and labels (0 good, 1 defect)."""
     paths = sorted((parts / "test" / "good").glob("*.png"))
     bad = sorted(p for d in (parts / "test").iterdir() if d.name != "good" for p in d.glob("*.png"))
-    frames = np.stack([cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths + bad])
+    frames = np.stack([np.asarray(cv2.imread(str(p), cv2.IMREAD_COLOR)) for p in paths + bad])
     return frames, np.r_[np.zeros(len(paths)), np.ones(len(bad))]
 
 
