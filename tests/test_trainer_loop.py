@@ -213,3 +213,36 @@ def test_frame_stream_reads_every_image_once_per_epoch_in_a_seeded_order(parts: 
         orders.append(frames.reshape(len(frames), -1).sum(1))
     assert not np.array_equal(orders[0], orders[1])
     np.testing.assert_array_equal(orders[0], orders[2])
+
+
+def test_learning_rate_schedule_and_gradient_clipping_are_the_loops(parts: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update's ``lr_factor`` sets its learning rates at every epoch's start and ``max_grad_norm`` clips its
+    gradients before every step: the model only declares them (EfficientAD's late drop, CS-Flow's clipping)."""
+    from trainer.adversarial import AdversarialModel
+
+    seen: list[tuple[int, float, float]] = []  # (epoch seen by the factor, lr at the step, gradient norm)
+    epoch_now = [0]
+    plain = AdversarialModel.updates
+
+    def declared(self: AdversarialModel) -> list:
+        ups = plain(self)
+        gen = ups[0]
+        gen.max_grad_norm = 0.05
+        gen.lr_factor = lambda epoch, epochs: (epoch_now.__setitem__(0, epoch), 1.0 if epoch < epochs else 0.1)[1]
+
+        def record(opt: torch.optim.Optimizer, *_args: object) -> None:
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            seen.append((epoch_now[0], opt.param_groups[0]["lr"], float(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])))))
+        if not getattr(gen.optimizer, "_recorded", False):
+            gen.optimizer.register_step_pre_hook(record)
+            gen.optimizer._recorded = True  # type: ignore[attr-defined]
+        return ups
+
+    monkeypatch.setattr(AdversarialModel, "updates", declared)
+    fit_bundle(_cfg("epochs: 2\n"), parts, tmp_path, log=lambda _m: None)
+    lr = _cfg().settings_for("ganomaly").lr
+    assert {e for e, _, _ in seen} == {1, 2}
+    assert all(step_lr == pytest.approx(lr if e == 1 else 0.1 * lr) for e, step_lr, _ in seen)
+    assert max(norm for _, _, norm in seen) <= 0.05 + 1e-6  # clipped: an unclipped GANomaly step is far larger

@@ -65,11 +65,16 @@ class Update:
 
     ``shared`` is a dict the updates of one batch share (a generator's output reused by the discriminator's
     update). ``loss`` returns the scalar to minimise and the named parts to log (detached by the loop).
+    ``max_grad_norm``: clip the gradients' norm before each step (0 = off; a flow's official recipe clips).
+    ``lr_factor(epoch, epochs)``: the factor on the optimiser's initial learning rates for that epoch (1-based),
+    set by the loop at the epoch's start (EfficientAD's drop to a tenth late in training); None = constant.
     """
 
     name: str
     optimizer: torch.optim.Optimizer
     loss: Callable[[torch.Tensor, dict[str, Any]], LossParts]
+    max_grad_norm: float = 0.0
+    lr_factor: Optional[Callable[[int, int], float]] = None
 
 
 class EpochModel(AnomalyModel):
@@ -198,6 +203,7 @@ class EpochTrainer:
         for net in self.nets.values():
             net.to(self.device)
         self.updates = model.updates()
+        self.initial_lrs = {u.name: [float(g["lr"]) for g in u.optimizer.param_groups] for u in self.updates}
         # Per update, the networks its optimiser does not step: their gradients are not synchronised in it.
         stepped = {u.name: {id(p) for g in u.optimizer.param_groups for p in g["params"]} for u in self.updates}
         self.frozen = {u.name: [k for k, net in self.nets.items() if not any(id(p) in stepped[u.name]
@@ -303,9 +309,18 @@ class EpochTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _set_learning_rates(self, epoch: int) -> None:
+        """Each update's learning rates for ``epoch``: a function of the epoch alone, so a resumed run matches."""
+        for u in self.updates:
+            if u.lr_factor is not None:
+                factor = float(u.lr_factor(epoch, self.epochs))
+                for group, lr in zip(u.optimizer.param_groups, self.initial_lrs[u.name], strict=True):
+                    group["lr"] = lr * factor
+
     def _train_epoch(self, epoch: int, loader: Any) -> dict[str, float]:
         for net in self.nets.values():
             net.train()
+        self._set_learning_rates(epoch)
         sums: dict[str, float] = {}
         seen = 0
         t0 = time.monotonic()
@@ -330,6 +345,10 @@ class EpochTrainer:
                     with record_function(f"step.{update.name}.backward"):
                         self.scaler.scale(loss).backward()
                 with record_function(f"step.{update.name}.optimizer"):
+                    if update.max_grad_norm > 0:
+                        self.scaler.unscale_(update.optimizer)
+                        params = [p for g in update.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                        torch.nn.utils.clip_grad_norm_(params, update.max_grad_norm)
                     self.scaler.step(update.optimizer)
                 logs.update({k: float(v.detach()) for k, v in parts.items()})
             self.scaler.update()

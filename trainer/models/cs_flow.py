@@ -227,21 +227,6 @@ class CsFlowExport(nn.Module):
         return score, amap.reshape(-1, *self.hw)  # not squeeze: exported as an If, unranked in FP16
 
 
-class ClippedAdam(torch.optim.Adam):
-    """Adam whose step first clips the gradient norm (the official clip_grad_norm_; the shared loop steps the
-    optimiser, so the clip lives in the step). ``max_norm`` 0 = no clipping."""
-
-    def __init__(self, params: Any, max_norm: float, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        self.max_norm = max_norm
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        if self.max_norm > 0:
-            grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
-        return super().step(closure)
-
-
 @dataclass
 class CsFlowSettings(ModelSettings):
     """CS-Flow (Rudolph et al. 2022): a fully convolutional normalizing flow across three scales of the image."""
@@ -312,7 +297,7 @@ class CsFlow(EpochModel):
         torch.manual_seed(int(config.seed))
         self.flow = CrossScaleFlow(self.channels, self.cfg.coupling_blocks, self.cfg.hidden, self.cfg.clamp)
         self.standardise = Standardise(self.channels)
-        self.optimizer = ClippedAdam(self.flow.parameters(), self.cfg.max_grad_norm, lr=self.cfg.lr, eps=1e-4,
+        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.cfg.lr, eps=1e-4,
                                      weight_decay=1e-5)
         self.cache = FeatureCache(self._packed, CACHE_BYTES)
 
@@ -338,7 +323,7 @@ class CsFlow(EpochModel):
         return super().fit(data, log, run)
 
     def updates(self) -> list[Update]:
-        return [Update("likelihood", self.optimizer, self._loss)]
+        return [Update("likelihood", self.optimizer, self._loss, max_grad_norm=self.cfg.max_grad_norm)]
 
     def prepare(self, frames: torch.Tensor) -> torch.Tensor:
         """The three scales' maps packed [B, D] (cached per frame: the backbone is frozen)."""
