@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import check_exported_bundle, fit_on_washers, image_and_pixel_auroc, washers
 
 from core.errors import UserError
-from model_checks import check_exported_bundle, fit_on_washers, image_and_pixel_auroc, washers
 from trainer.config import parse_train_config
 from trainer.flows import pack_maps
 from trainer.ingraph import MapBlur

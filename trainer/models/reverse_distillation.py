@@ -27,10 +27,10 @@ the image, only the embedding, so it learns to rebuild the features of normal pa
 What differs from the paper and the official code, and why:
 - teacher: the official WideResNet-50 (layer 1-3: 256, 512, 1024 channels at stride 4, 8, 16) has no ImageNet
   weights on this machine; the default is the configured backbone's ``three`` role (Lite0 blocks [2, 4, 7]: 24,
-  40, 80 channels at stride 4, 8, 16), the OCBE and decoder scaled to it as above (0.52 M trainable parameters
-  against 83.8 M for the same construction at WideResNet-50's widths). ``backbone.name: wide_resnet50_2`` with a weights file
-  gives the paper's levels and the official widths (the bottleneck layout; the official ResNet-18 variant uses
-  basic blocks, not built here).
+  40, 80 channels at stride 4, 8, 16), the OCBE and decoder scaled to it as above (0.52 M trainable parameters;
+  the same construction at WideResNet-50's widths has 83.8 M). ``backbone.name: wide_resnet50_2`` with a weights
+  file gives the paper's levels and the official widths (the bottleneck layout; the official ResNet-18 variant
+  uses basic blocks, not built here).
 - output activations: the official decoder ends every block with a ReLU, matching a ResNet teacher whose levels
   are post-ReLU. An EfficientNet block's output is linear (it takes negative values), which a ReLU-ended student
   could never match in direction, so each decoder stage's last block drops its ReLU where the teacher's level
@@ -301,6 +301,7 @@ class ReverseDistillation(EpochModel):
         return torch.stack(flattened_cosine_distances(*self._teacher_and_student(x))).sum(0)
 
     def raw_score(self, x: torch.Tensor) -> torch.Tensor:
+        self.head.to(x.device)  # the blur's kernels are buffers of the head, not of the trained network
         return self.head(unpack_maps(x, self.shapes))[0]  # type: ignore[no-any-return]
 
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
