@@ -20,14 +20,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from model_checks import check_exported_bundle, fit_on_washers, image_and_pixel_auroc, washers
+from torch import nn
+
 from trainer.config import parse_train_config
 from trainer.frames import TrainingData
 from trainer.models import SURFACE_DEFECTS, create_model
 from trainer.models.uninformed_students import (
     ARCHITECTURES,
-    Scoring,
+    StudentEnsemble,
     UninformedStudents,
     patch_descriptor,
     student_stride,
@@ -70,6 +71,11 @@ def test_parity_readiness_and_any_batch(bundle: Path, parts: Path) -> None:
     check_exported_bundle(bundle, parts, SIZE, UninformedStudents.fp32_scopes)
 
 
+def students_of(ensemble: nn.Module) -> list[nn.Module]:
+    assert isinstance(ensemble, StudentEnsemble)
+    return list(ensemble.students)
+
+
 def _small(extra: str = "") -> UninformedStudents:
     text = (f"model: uninformed-students\ninput: {{height: 64, width: 64}}\nbatch_size: 4\n"
             f"uninformed_students: {{width: 0.125{extra}}}\n")
@@ -82,7 +88,7 @@ def test_the_map_is_error_plus_variance_standardised_and_the_loss_the_students_m
     torch.manual_seed(0)
     model = _small(", patch_sizes: [33, 65]")
     assert [list(model.taps.taps)[k] for k in model.level_of] == [2, 4]  # receptive fields 19 and 67 px
-    for i, (c, h, w) in enumerate(model.shapes[k] for k in model.level_of):
+    for i, (c, _h, _w) in enumerate(model.shapes[k] for k in model.level_of):
         model.scoring.buffer("teacher_mean", i).copy_(torch.randn(1, c, 1, 1))
         model.scoring.buffer("teacher_std", i).copy_(torch.rand(1, c, 1, 1) + 0.5)
         model.scoring.buffer("ev_stats", i).copy_(torch.tensor([3.0, 2.0, 0.5, 0.25]))
@@ -95,8 +101,8 @@ def test_the_map_is_error_plus_variance_standardised_and_the_loss_the_students_m
         maps = []
         for i, (ensemble, k) in enumerate(zip(model.ensembles, model.level_of, strict=True)):
             t = (levels[k] - model.scoring.buffer("teacher_mean", i)) / model.scoring.buffer("teacher_std", i)
-            s = [F.interpolate(student(image), size=t.shape[-2:], mode="area") for student in ensemble.students]
-            mean = sum(s) / len(s)
+            s = [F.interpolate(student(image), size=t.shape[-2:], mode="area") for student in students_of(ensemble)]
+            mean = torch.stack(s).mean(0)
             error = ((mean - t) ** 2).sum(1)
             variance = sum((si**2).sum(1) for si in s) / len(s) - (mean**2).sum(1)  # the paper's formula
             maps.append(F.interpolate(((error - 3.0) / 2.0 + (variance - 0.5) / 0.25)[:, None], size=(64, 64),
@@ -109,7 +115,7 @@ def test_the_map_is_error_plus_variance_standardised_and_the_loss_the_students_m
         by_hand = []
         for i, (ensemble, k) in enumerate(zip(model.ensembles, model.level_of, strict=True)):
             t = (levels[k] - model.scoring.buffer("teacher_mean", i)) / model.scoring.buffer("teacher_std", i)
-            s = [F.interpolate(student(image), size=t.shape[-2:], mode="area") for student in ensemble.students]
+            s = [F.interpolate(student(image), size=t.shape[-2:], mode="area") for student in students_of(ensemble)]
             by_hand.append(sum(F.mse_loss(si, t) for si in s))
         assert loss.item() == pytest.approx(float(sum(by_hand)), rel=1e-5)
         assert parts["p33"].item() == pytest.approx(float(by_hand[0]), rel=1e-5)
@@ -134,7 +140,7 @@ def test_the_constants_are_the_training_moments(tmp_path: Path) -> None:
     with torch.no_grad():
         image = model.taps.input(held)
         t = model.scoring.normalised_teacher(0, model.taps(held)[model.level_of[0]])
-        s = torch.stack([student(image) for student in model.ensembles[0].students], 1)
+        s = torch.stack([student(image) for student in students_of(model.ensembles[0])], 1)
         e = ((s.mean(1) - t) ** 2).sum(1).double()
         v = ((s**2).sum(2).mean(1) - (s.mean(1) ** 2).sum(1)).double()
     stats = model.scoring.buffer("ev_stats", 0).double()

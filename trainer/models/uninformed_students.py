@@ -32,10 +32,12 @@ What differs from the paper, and why:
   is average-pooled to the teacher's stride-4 grid), and the map is upsampled bilinearly to the input. Cost: a
   map at 1/4 or 1/8 of the input's resolution (small defects are blurred into a few cells), and positions near
   the border see zeros where the paper's patches would see the image.
-- the CPU recipe: one patch size, 65 (the paper averages 17, 33 and 65: ``patch_sizes: [17, 33, 65]``; p = 17 runs
-  its 256-channel layers at full resolution, about 40 times the cost of 65), ``epochs`` 20 (the paper: 100) on
-  cached teacher features (trainer/flows.py's FeatureCache: the backbone runs once per training image), input
-  160 px (the paper: 256). ``width`` scales the students' channels (1.0: the paper's 128/256).
+- the CPU recipe: one patch size, 65 (the paper averages 17, 33 and 65: ``patch_sizes: [17, 33, 65]``; per pixel
+  p = 17 costs 15 times the multiply-adds of 65, its 256-channel layers at full resolution, and 33 1.3 times);
+  the students at a quarter of the paper's channels (``width`` 0.25: 32/64 for 128/256; a student 0.34 G
+  multiply-adds a 160 px image against 4.6 G, 0.15 M parameters against 2.3 M); ``epochs`` 12 at lr 1e-3 (the
+  paper: 100 at 1e-4) on cached teacher features (trainer/flows.py's FeatureCache: the backbone runs once per
+  training image); input 160 px (the paper: 256).
 """
 
 from __future__ import annotations
@@ -201,13 +203,14 @@ class UninformedStudentsSettings(ModelSettings):
     """Uninformed Students (Bergmann et al. 2020): ensembles of patch-descriptor students regress a frozen teacher."""
 
     patch_sizes: List[int] = setting([65], "the students' patch sizes p, each 17, 33 or 65 px; several: their maps "
-                                     "averaged (the paper's multi-scale [17, 33, 65]; 17 costs about 40x 65 on CPU)")
+                                     "averaged (the paper's multi-scale [17, 33, 65]; 17 costs 15x 65 on CPU)")
     students: int = setting(3, "students per patch size (the paper's ensemble: 3)")
     teacher_taps: Union[List[int], str] = setting(
         "auto", "the teacher's backbone tap per patch size, or auto: the level whose receptive field is closest to "
         "p (Lite0: block 2, stride 4, for 17 and 33; block 4, stride 8, for 65)")
-    width: float = setting(1.0, "the students' channels as a fraction of the paper's 128/256 (1.0: the paper's)")
-    lr: float = setting(0.0001, "Adam learning rate (the paper's 1e-4)")
+    width: float = setting(0.25, "the students' channels as a fraction of the paper's 128/256 (1.0: the paper's; "
+                           "the CPU recipe's 0.25 costs 1/14 of its multiply-adds)")
+    lr: float = setting(0.001, "Adam learning rate (the paper's 1e-4 over 100 epochs; 1e-3 for the CPU recipe's 12)")
     weight_decay: float = setting(0.00001, "Adam weight decay (the paper's 1e-5)")
     cache_mb: int = setting(1024, "host memory for the cached teacher features of the training images, MB "
                             "(Lite0 block 4 at 160 px: 64 KB an image); past it the backbone runs again")
@@ -252,7 +255,7 @@ class UninformedStudents(EpochModel):
     display_name = "Uninformed Students"
     caches_features = True  # prepare() caches the teacher's features (trainer/loop.py)
     map_in_score_units = True  # score = max of the unsmoothed map (blur off by default)
-    defaults = ModelDefaults(input_size=160, batch_size=8, epochs=20)
+    defaults = ModelDefaults(input_size=160, batch_size=8, epochs=12)
     trains_distributed = False  # the feature cache and the fit-time statistics are this process's
     # The scoring (teacher normalisation, e and v and their standardisation) stays FP32 in model.fp16.onnx: v is
     # the spread of M nearly equal student outputs and its standardisation divides by its small std, which FP16's
