@@ -155,6 +155,7 @@ class MapHead(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
     quantiles: torch.Tensor
+    identity: torch.Tensor
 
     def __init__(self, hw: tuple[int, int], channels: int, blur_sigma: float) -> None:
         super().__init__()
@@ -164,6 +165,7 @@ class MapHead(nn.Module):
         self.register_buffer("std", torch.ones(1, channels, 1, 1))
         # q_a, q_b of the local then the global map; (0, 0.1) until set: 0.1 (M - 0) / 0.1 = M
         self.register_buffer("quantiles", torch.tensor([0.0, 0.1, 0.0, 0.1]))
+        self.register_buffer("identity", torch.ones(1, 1, 1, 1))
         self.blur = MapBlur(blur_sigma, hw) if blur_sigma > 0 else None
 
     def normalised_teacher(self, teacher: torch.Tensor) -> torch.Tensor:
@@ -187,7 +189,9 @@ class MapHead(nn.Module):
     def forward(self, teacher: torch.Tensor, student: torch.Tensor, ae: torch.Tensor) -> tuple[torch.Tensor,
                                                                                                torch.Tensor]:
         amap = self.combined(*self.raw_maps(teacher, student, ae))
-        amap = F.pad(amap, (MAP_PAD, MAP_PAD, MAP_PAD, MAP_PAD))
+        # zero padding as an identity 1x1 conv with padding: ONNX's Pad exported from F.pad lost every output size
+        # to shape inference (TensorRT readiness refuses it); a Conv keeps them, and x 1 + 0 is exact
+        amap = F.conv2d(amap, self.identity, padding=MAP_PAD)
         amap = F.interpolate(amap, size=self.hw, mode="bilinear", align_corners=False)
         return score_and_map(amap, self.blur, self.hw)
 
@@ -247,8 +251,8 @@ class EfficientAdSettings(ModelSettings):
     backbone."""
 
     layers: Union[List[int], str] = setting(
-        "auto", "backbone taps the teacher PDN is distilled from, or auto: stride 8 and 16 (the paper's WideResNet "
-        "layer 2 and 3; Lite0: [4, 7])")
+        "auto", "backbone taps the teacher PDN is distilled from, or auto: the patch role (Lite0 [2, 4], stride 4 "
+        "and 8: where the paper's WideResNet layer 2 and 3 of a 2x image fall on the PDN's input)")
     teacher_epochs: int = setting(10, "epochs of the teacher's distillation, the fit's first stage (on imagenet_dir's "
                                   "images when set, else on the training images)")
     teacher_lr: float = setting(0.001, "Adam learning rate of the teacher's distillation (the reference's 1e-4 over "
@@ -349,7 +353,7 @@ class EfficientAd(EpochModel):
     caches_features = True  # prepare() caches the frozen teacher's outputs of each training frame
     trains_distributed = False  # the caches are this process's
     map_in_score_units = True  # score = max of the unsmoothed map
-    defaults = ModelDefaults(input_size=160, batch_size=8, epochs=20)
+    defaults = ModelDefaults(input_size=160, batch_size=1, epochs=10)  # the paper's batch 1
     fp32_scopes: tuple[str, ...] = ()
 
     def __init__(self, config: Any) -> None:
@@ -360,7 +364,7 @@ class EfficientAd(EpochModel):
         if min(self.grid) < 1:
             raise UserError(f"efficient-ad: input {self.hw[0]}x{self.hw[1]} is too small for the PDN's 33 px "
                             "patches; use 64 px or more")
-        self.taps: BackboneTaps = frozen(config_taps(config.backbone, self.cfg.layers, "map",
+        self.taps: BackboneTaps = frozen(config_taps(config.backbone, self.cfg.layers, "patch",
                                                      "efficient_ad.layers"))  # type: ignore[assignment]
         self.image = ImageNetInput(IMAGENET_MEAN, IMAGENET_STD)
         torch.manual_seed(int(config.seed))
