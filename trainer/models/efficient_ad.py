@@ -603,6 +603,11 @@ class EfficientAd(EpochModel):
                                "autoencoder": sum(p.numel() for p in self.autoencoder.parameters())},
                 "feature_cache": self.cache.facts()}
 
+    def size_checks(self, n_images: int) -> None:
+        """Before the fit: a missing or empty ``imagenet_dir`` is heard at once, not after the data is read."""
+        if self.cfg.imagenet_dir:
+            natural_images(self.cfg.imagenet_dir, self.cfg.imagenet_limit)
+
     # -- export --------------------------------------------------------------------------------------------------
     def map_shape(self) -> tuple[int, int]:
         return self.hw
