@@ -36,7 +36,7 @@ The distances and their product stay FP32 in model.fp16.onnx (``fp32_scopes``): 
 normal range (ELPV mono: map values down to 1.2e-7). Measured on 201 ELPV mono test cells: the head in FP16 alone
 moves the scores by 0.14 % (median, max 2.7 %), the FP16 backbones by 0.37 % (max 3.4 %); AUROC unchanged either
 way. ONNX Runtime's CPU provider runs those FP16 ops in FP32 anyway; the scopes matter where FP16 kernels run
-(TensorRT), for one Cast per level and an FP32 tail of a few element-wise ops.
+(TensorRT), for two Casts per level and an FP32 tail of a few element-wise ops.
 
 Measured (benchmarks/protocol.py --dataset elpv --cell mono --models stpm --seeds 1 --threads 1, shipped settings,
 seed 0, 2026-12-07, the 2-core VM at load average 6-11): image AUROC 93.8, AP 95.0, F1 at the shipped threshold
