@@ -218,7 +218,7 @@ def test_frame_stream_reads_every_image_once_per_epoch_in_a_seeded_order(parts: 
 def test_learning_rate_schedule_and_gradient_clipping_are_the_loops(parts: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """An update's ``lr_factor`` sets its learning rates at every epoch's start and ``max_grad_norm`` clips its
-    gradients before every step: the model only declares them (EfficientAD's late drop, CS-Flow's clipping)."""
+    gradients before every step: the model only declares them (a late drop, a flow's clipping)."""
     from trainer.adversarial import AdversarialModel
 
     seen: list[tuple[int, float, float]] = []  # (epoch seen by the factor, lr at the step, gradient norm)

@@ -1,11 +1,12 @@
-"""What the student-teacher models share (Uninformed Students, STPM, MKD, Reverse Distillation, EfficientAD in
-trainer/models/): a frozen teacher, per-position discrepancy maps between teacher and student features, and the
-fusion of several levels' maps into one image-sized map.
+"""What the student-teacher (knowledge-distillation) models in trainer/models/ share: a frozen teacher,
+per-position discrepancy maps between teacher and student features, and the fusion of several levels' maps into
+one image-sized map.
 
 Why here: every model of the family scores a position by how far its student's feature is from the teacher's,
-level by level, then brings the levels to the input's size and fuses them (STPM multiplies them, Reverse
-Distillation and MKD add them). Written once, those steps export the same ONNX ops for every model (Reduce,
-Resize, Mul/Add: nothing TensorRT's readiness check refuses) and are tested once (tests/test_distillation.py).
+level by level, then brings the levels to the input's size and fuses them (the feature-pyramid matching paper
+multiplies them, the reverse and multiresolution distillation papers add them). Written once, those steps export
+the same ONNX ops for every model (Reduce, Resize, Mul/Add: nothing TensorRT's readiness check refuses) and are
+tested once (tests/test_distillation.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def frozen(module: nn.Module) -> nn.Module:
 def cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """[N,C,h,w] x2 -> [N,1,h,w]: 1 - cosine similarity over channels at every position (0 = same direction).
 
-    Equal to half the squared distance of the two L2-normalised vectors, STPM's per-position loss."""
+    Equal to half the squared distance of the two L2-normalised vectors, the feature-pyramid matching loss."""
     dot = (teacher * student).sum(1, keepdim=True)
     norms = teacher.pow(2).sum(1, keepdim=True).add(EPS).sqrt() * student.pow(2).sum(1, keepdim=True).add(EPS).sqrt()
     return 1.0 - dot / norms
@@ -46,7 +47,7 @@ FUSIONS = ("sum", "product", "mean")
 
 def fuse_levels(maps: Sequence[torch.Tensor], hw: tuple[int, int], how: str = "sum") -> torch.Tensor:
     """Per-level maps [N,1,h_i,w_i] -> one map [N,1,H,W]: each upsampled (bilinear) to ``hw``, then summed,
-    multiplied (STPM) or averaged."""
+    multiplied (feature-pyramid matching) or averaged."""
     if how not in FUSIONS:
         raise ValueError(f"fusion {how!r}: expected one of {', '.join(FUSIONS)}")
     if not maps:

@@ -67,7 +67,7 @@ class Update:
     update). ``loss`` returns the scalar to minimise and the named parts to log (detached by the loop).
     ``max_grad_norm``: clip the gradients' norm before each step (0 = off; a flow's official recipe clips).
     ``lr_factor(epoch, epochs)``: the factor on the optimiser's initial learning rates for that epoch (1-based),
-    set by the loop at the epoch's start (EfficientAD's drop to a tenth late in training); None = constant.
+    set by the loop at the epoch's start (a drop to a tenth for the last epochs, as some recipes ask); None = constant.
     """
 
     name: str
