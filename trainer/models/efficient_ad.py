@@ -62,11 +62,12 @@ photos> --set efficient_ad.imagenet_limit=100`` (the teacher distilled on those,
 ``--cell poly`` (the first recipe, 100 cells, 820 + 402 test cells): image AUROC 74.5, AP 66.1, F1 46.4 (recall
 31.8, false alarms 2.7 %), fit 1 212 s, 3.9 img/s; PatchCore 79.6 and PaDiM 88.0 (300 cells).
 
-Cost (benchmarks: ONNX Runtime, one thread, 2-core VM at load average 10, untrained weights): 160 px 13.4 GMAC
-an image, 7.9 M parameters, 31.6 MB FP32 graph, 1.1 img/s at batch 1 and 8; 256 px 38 GMAC. A Lite0-teacher STPM
-at 160 px: 0.16 GMAC, 40 img/s (batch 1), 34 (batch 8) on the same machine: EfficientAD's PDN is built for a GPU's
-dense convolutions (the paper's 2 ms is on an RTX A6000 against WideResNet-50 methods), not for a CPU, and is the
-slowest of the family here.
+Cost (ONNX Runtime, one thread, untrained weights: the speed is the same; 2-core VM shared, load average 4.5):
+160 px 13.4 GMAC an image, 7.9 M parameters, 31.6 MB FP32 graph, 3.0 img/s at batch 1 and 2.8 at batch 8; 256 px
+38 GMAC. A Lite0-teacher STPM at 160 px, same run: 0.16 GMAC, 103 img/s at batch 1, 86 at batch 8 (at load 10:
+EfficientAD 1.1 and 1.1, STPM 41 and 34). EfficientAD's PDN is built for a GPU's dense convolutions (the paper's
+2 ms is on an RTX A6000, against WideResNet-50 methods), not for a CPU: here it is the slowest of the family, about
+35x slower than STPM, and the issue's "fastest at equal or better AUROC than STPM" is not met on this machine.
 """
 
 from __future__ import annotations
