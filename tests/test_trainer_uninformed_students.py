@@ -8,7 +8,8 @@ normalisation constants are the training features' channel moments and the held-
 student sees no more than its patch size p of the image.
 
 Recipe for time: 96 px, 40 parts (32 fitted), p = 65 only, the students at a quarter of the paper's channels,
-8 epochs at batch 8 and lr 1e-3 (the paper's 1e-4 needs more epochs).
+8 epochs at batch 8 and lr 1e-3 (the shipped CPU recipe's rate): the whole file 20 s of CPU (26 s wall on
+the 2-core VM at load average 3). Measured with this recipe: image AUROC 0.973, pixel AUROC 0.81.
 """
 
 from __future__ import annotations
