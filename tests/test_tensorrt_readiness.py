@@ -40,8 +40,10 @@ MAX_BATCH = 8
 # GEOM at width 1 (WRN-10-1): every frame goes through its network 72 times, the paper's width 4 took minutes here.
 # GAN widths 16 and 2 epochs: one epoch at width 8 left GANomaly's latent score nearly constant (its range 0.3 %
 # of its value), and FP16 rounding then moved the scaled scores by 1.2 % of their scale, past the tolerance.
-# EfficientAD distils its teacher for 1 epoch here (its 10 would take minutes). Uninformed Students at lr 1e-2: at its
-# 1e-3, 2 epochs left its 64 px scores at chance (AUROC 0.44), and FP16 reversed one near-tied pair of 144.
+# EfficientAD distils its teacher for 1 epoch here (its 10 would take minutes); CFLOW-AD has 2 coupling blocks a
+# level (its 8 took 2.5 minutes in a loaded run; the blocks are alike, so the graph's operators are the same).
+# Uninformed Students at lr 1e-2: at its 1e-3, 2 epochs left its 64 px scores at chance (AUROC 0.44), and FP16
+# reversed one near-tied pair of 144.
 CONFIG = f"""input: {{height: {SIZE}, width: {SIZE}}}
 epochs: 2
 batch_size: 8
@@ -51,6 +53,7 @@ skip_ganomaly: {{ngf: 16, ndf: 16}}
 deep_svdd: {{pretrain_epochs: 2}}
 geom: {{width: 1}}
 efficient_ad: {{teacher_epochs: 1}}
+cflow: {{coupling_blocks: 2}}
 uninformed_students: {{lr: 0.01}}
 export: {{max_batch: {MAX_BATCH}}}
 """
