@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.distillation import cosine_distance, frozen, fuse_levels, squared_distance
+from trainer.distillation import cosine_distance, flattened_cosine_distance, frozen, fuse_levels, squared_distance
 
 
 def test_cosine_distance_is_one_minus_cosine_and_half_the_normalised_squared_distance() -> None:
@@ -21,6 +21,15 @@ def test_cosine_distance_is_one_minus_cosine_and_half_the_normalised_squared_dis
     assert torch.allclose(d[:, 0], half_sq, atol=1e-6)
     assert torch.allclose(cosine_distance(t, 3 * t), torch.zeros(2, 1, 3, 4), atol=1e-6)
     assert torch.isfinite(cosine_distance(torch.zeros(1, 5, 2, 2), s[:1, :, :2, :2])).all()  # a dead position
+
+
+def test_flattened_cosine_distance_takes_each_image_as_one_vector() -> None:
+    torch.manual_seed(1)
+    t, s = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    d = flattened_cosine_distance(t, s)
+    assert d.shape == (3,)
+    assert torch.allclose(d, 1 - F.cosine_similarity(t.flatten(1), s.flatten(1), dim=1), atol=1e-6)
+    assert not torch.allclose(d, cosine_distance(t, s).flatten(1).mean(1), atol=1e-3)  # not the per-position mean
 
 
 def test_squared_distance_is_the_channel_mean() -> None:

@@ -20,6 +20,7 @@ from core.bundle import load_bundle
 from core.errors import UserError
 from trainer.config import parse_train_config
 from trainer.loop import BEST, LAST, RUN, TrainingInterrupted
+from trainer.models import create_model, get_model_class, list_models
 from trainer.pipeline import CHECKPOINTS, fit_bundle
 from trainer.synthetic import make_dataset
 
@@ -246,3 +247,14 @@ def test_learning_rate_schedule_and_gradient_clipping_are_the_loops(parts: Path,
     assert {e for e, _, _ in seen} == {1, 2}
     assert all(step_lr == pytest.approx(lr if e == 1 else 0.1 * lr) for e, step_lr, _ in seen)
     assert max(norm for _, _, norm in seen) <= 0.05 + 1e-6  # clipped: an unclipped GANomaly step is far larger
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if get_model_class(n).trains_with_epochs])
+def test_every_model_trained_by_epochs_refuses_no_training_images_in_one_line(name: str) -> None:
+    """The loop's own check (``AnomalyModel.require_training_images``), before any stage of a model's fit."""
+    from trainer.frames import TrainingData
+
+    model = create_model(name, parse_train_config(f"model: {name}\ninput: {{height: 64, width: 64}}\n"))
+    empty = TrainingData(fit_paths=[], holdout_paths=[], hw=(64, 64), workers=0, seed=0)
+    with pytest.raises(UserError, match=f"^{name}: no training images to fit on; add images to train/good$"):
+        model.fit(empty)

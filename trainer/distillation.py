@@ -12,15 +12,17 @@ tested once (tests/test_distillation.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-8  # keeps a zero feature vector's norm away from 0 (a dead ReLU position), in FP16 too (> 6e-8 after x^2 sums)
+Module = TypeVar("Module", bound=nn.Module)
 
 
-def frozen(module: nn.Module) -> nn.Module:
+def frozen(module: Module) -> Module:
     """``module`` in eval mode with no parameter trained: a teacher (its batch norms keep their statistics)."""
     module.eval()
     for p in module.parameters():
@@ -32,8 +34,19 @@ def cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tenso
     """[N,C,h,w] x2 -> [N,1,h,w]: 1 - cosine similarity over channels at every position (0 = same direction).
 
     Equal to half the squared distance of the two L2-normalised vectors, the feature-pyramid matching loss."""
-    dot = (teacher * student).sum(1, keepdim=True)
-    norms = teacher.pow(2).sum(1, keepdim=True).add(EPS).sqrt() * student.pow(2).sum(1, keepdim=True).add(EPS).sqrt()
+    return _one_minus_cosine(teacher, student)
+
+
+def flattened_cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """[N,...] x2 -> [N]: 1 - cosine similarity of each image's whole map taken as one vector (the reverse and
+    multiresolution distillation codes' loss terms)."""
+    return _one_minus_cosine(teacher.flatten(1), student.flatten(1))[:, 0]
+
+
+def _one_minus_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity over dim 1, kept: norms by sum of squares + EPS (exports, and safe in FP16)."""
+    dot = (a * b).sum(1, keepdim=True)
+    norms = a.pow(2).sum(1, keepdim=True).add(EPS).sqrt() * b.pow(2).sum(1, keepdim=True).add(EPS).sqrt()
     return 1.0 - dot / norms
 
 

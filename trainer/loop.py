@@ -119,6 +119,7 @@ class EpochModel(AnomalyModel):
 
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
         """Train through the shared loop (never a loop of the model's own)."""
+        self.require_training_images(data)
         return {**EpochTrainer(self, data, run or RunOptions(), log).run(), **self.fit_facts()}
 
 

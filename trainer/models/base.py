@@ -156,6 +156,11 @@ class AnomalyModel(ABC):
             run: Optional[RunOptions] = None) -> dict[str, Any]:
         """Learn from the normal images of ``data``; returns facts for the report (sizes, timings, history)."""
 
+    def require_training_images(self, data: TrainingData) -> None:
+        """One line, before any work, when ``data`` has no image to fit on."""
+        if not data.fit_paths:
+            raise UserError(f"{self.name}: no training images to fit on; add images to train/good")
+
     @abstractmethod
     def export_module(self) -> nn.Module:
         """The eval-mode module that the ONNX file is exported from (frames -> score, anomaly_map)."""

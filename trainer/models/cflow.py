@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import UserError
 from trainer.backbones import check_tap_list
 from trainer.features import config_taps
 from trainer.flows import (
@@ -275,8 +274,7 @@ class Cflow(EpochModel):
     # -- fit -----------------------------------------------------------------------------------------------
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
         """Train the flows through the shared loop, then fix each level's normalising constant."""
-        if not data.fit_paths:
-            raise UserError("cflow: no training images to fit on; add images to train/good")
+        self.require_training_images(data)
         if self.cfg.standardise:
             self._standardise(data)
         facts = super().fit(data, log, run)

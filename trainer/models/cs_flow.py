@@ -316,6 +316,7 @@ class CsFlow(EpochModel):
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
         """The standardisation's statistics from the training images (which fills the feature cache), then the
         shared loop."""
+        self.require_training_images(data)
         if self.cfg.standardise:
             with torch.no_grad():
                 packed = [self.cache(frames) for frames in data.loader(data.fit_paths, int(self.config.batch_size))]

@@ -386,8 +386,7 @@ class DeepSvdd(EpochModel):
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
         """Pre-train (or load a finished pre-training), set c, then the one-class objective; both by the loop."""
         run = run or RunOptions()
-        if not data.fit_paths:
-            raise UserError("deep-svdd: no training images to fit on; add images to train/good")
+        self.require_training_images(data)
         self.steps_per_epoch = _steps_per_epoch(data, int(self.config.batch_size))
         pretrained_now = False
         if self.cfg.pretrain_epochs > 0:

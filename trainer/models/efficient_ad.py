@@ -532,15 +532,12 @@ class EfficientAd(EpochModel):
 
     # -- the fit: teacher stage, teacher statistics, student stage, map quantiles -------------------------------
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
-        if not data.fit_paths:
-            raise UserError("efficient-ad: no training images to fit on; add images to train/good")
+        self.require_training_images(data)
         run = run or RunOptions()
         natural = natural_images(self.cfg.imagenet_dir, self.cfg.imagenet_limit) if self.cfg.imagenet_dir else []
         teacher_paths = natural or list(data.fit_paths)
         self._teacher_stage(data, teacher_paths, log, run)
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        frozen(self.teacher)
         self._teacher_statistics(data)
         if natural:
             self.penalty_frames = torch.from_numpy(np.stack([read_image(p, self.hw, data.resize) for p in natural]))

@@ -35,13 +35,12 @@ threshold 74.8 (recall 60.7, false alarms 1.7 %); PatchCore 94.4 and PaDiM 95.8 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import UserError
 from trainer.backbones import check_tap_list
 from trainer.features import config_taps
 from trainer.flows import (
@@ -56,11 +55,8 @@ from trainer.flows import (
     unpack_maps,
 )
 from trainer.ingraph import MapBlur
-from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
-
-if TYPE_CHECKING:
-    from trainer.frames import TrainingData
+from trainer.loop import EpochModel, LossParts, Update
+from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 
 class LevelFlow2d(nn.Module):
@@ -191,11 +187,6 @@ class Fastflow(EpochModel):
 
     def raw_score(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(unpack_maps(x, self.shapes))[0]  # type: ignore[no-any-return]
-
-    def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
-        if not data.fit_paths:
-            raise UserError("fastflow: no training images to fit on; add images to train/good")
-        return super().fit(data, log, run)
 
     def fit_facts(self) -> dict[str, Any]:
         return {"levels": [list(s) for s in self.shapes], "taps": list(self.taps.taps),

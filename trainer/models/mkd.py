@@ -54,22 +54,19 @@ Cost at 128 px: 3.07 M parameters in the graph (the Lite0 teacher to block 15 an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Union
+from typing import Any, List, Union
 
 import torch
 from torch import nn
 
 from core.errors import UserError
 from trainer.backbones import check_tap_list, is_lite, levels_of
-from trainer.distillation import EPS, cosine_distance, frozen, fuse_levels, squared_distance
+from trainer.distillation import cosine_distance, flattened_cosine_distance, frozen, fuse_levels, squared_distance
 from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, Shape, pack_maps, unpack_maps
 from trainer.ingraph import MapBlur
-from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
-
-if TYPE_CHECKING:
-    from trainer.frames import TrainingData
+from trainer.loop import EpochModel, LossParts, Update
+from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 STRIDES = (4, 8, 16, 32)  # the official critical layers' strides (VGG-16's pool2 to pool5)
 
@@ -128,9 +125,7 @@ def direction_and_value(teacher: torch.Tensor, student: torch.Tensor) -> tuple[t
     """Per image [N] x2 of one level: 1 - cosine similarity of the flattened activations (L_dir) and their mean
     squared difference (L_val), the official loss's two terms."""
     t, s = teacher.flatten(1), student.flatten(1)
-    dot = (t * s).sum(1)
-    norms = t.pow(2).sum(1).add(EPS).sqrt() * s.pow(2).sum(1).add(EPS).sqrt()
-    return 1.0 - dot / norms, (t - s).pow(2).mean(1)
+    return flattened_cosine_distance(t, s), (t - s).pow(2).mean(1)
 
 
 class MkdHead(nn.Module):
@@ -276,11 +271,6 @@ class Mkd(EpochModel):
 
     def raw_score(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.score(*self._split(x))
-
-    def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
-        if not data.fit_paths:
-            raise UserError("mkd: no training images to fit on; add images to train/good")
-        return super().fit(data, log, run)
 
     def fit_facts(self) -> dict[str, Any]:
         return {"levels": [list(s) for s in self.shapes], "taps": list(self.teacher.taps),

@@ -60,7 +60,7 @@ batch 1, 284 at batch 8.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,15 +68,12 @@ from torch import nn
 
 from core.errors import UserError
 from trainer.backbones import check_tap_list
-from trainer.distillation import cosine_distance, frozen, fuse_levels
+from trainer.distillation import cosine_distance, flattened_cosine_distance, frozen, fuse_levels
 from trainer.features import config_taps
 from trainer.flows import FeatureCache, Shape, TapsThenHead, pack_maps, score_and_map, unpack_maps
 from trainer.ingraph import MapBlur
-from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
-
-if TYPE_CHECKING:
-    from trainer.frames import TrainingData
+from trainer.loop import EpochModel, LossParts, Update
+from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 RESAMPLES = ("none", "down", "up")
 
@@ -186,8 +183,7 @@ class Student(nn.Module):
 def flattened_cosine_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per level, per image [N]: 1 - cosine similarity of the two maps flattened to one vector each (the official
     loss's terms: their means over the batch, summed over the levels, are the loss)."""
-    return [1.0 - F.cosine_similarity(t.flatten(1), s.flatten(1), dim=1, eps=1e-8)
-            for t, s in zip(teacher, student, strict=True)]
+    return [flattened_cosine_distance(t, s) for t, s in zip(teacher, student, strict=True)]
 
 
 class LevelDistances(nn.Module):
@@ -314,11 +310,6 @@ class ReverseDistillation(EpochModel):
     def raw_score(self, x: torch.Tensor) -> torch.Tensor:
         self.head.to(x.device)  # the blur's kernels are buffers of the head, not of the trained network
         return self.head(unpack_maps(x, self.shapes))[0]  # type: ignore[no-any-return]
-
-    def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
-        if not data.fit_paths:
-            raise UserError("reverse-distillation: no training images to fit on; add images to train/good")
-        return super().fit(data, log, run)
 
     def fit_facts(self) -> dict[str, Any]:
         return {"levels": [list(s) for s in self.shapes], "taps": list(self.taps.taps),

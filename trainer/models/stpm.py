@@ -49,23 +49,18 @@ student up to block 7 (2 x 254 k parameters, 2.0 MB FP32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
+from typing import Any, List, Sequence, Union
 
 import torch
 from torch import nn
 
-from core.errors import UserError
 from trainer.backbones import check_tap_list, load_backbone
 from trainer.distillation import cosine_distance, frozen, fuse_levels
 from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, Shape, pack_maps, score_and_map, unpack_maps
 from trainer.ingraph import MapBlur
-from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
-
-if TYPE_CHECKING:
-    from trainer.frames import TrainingData
-
+from trainer.loop import EpochModel, LossParts, Update
+from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 # The student's batch-norm momentum: torch's and torchvision ResNet-18's (the paper's student). The Lite family's
 # 0.01 (TensorFlow's 0.99 decay, right for fine-tuning pretrained statistics) lags a student trained from scratch:
@@ -202,11 +197,6 @@ class Stpm(EpochModel):
 
     def raw_score(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self._split(x))[0]  # type: ignore[no-any-return]
-
-    def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
-        if not data.fit_paths:
-            raise UserError("stpm: no training images to fit on; add images to train/good")
-        return super().fit(data, log, run)
 
     def fit_facts(self) -> dict[str, Any]:
         return {"levels": [list(s) for s in self.shapes], "taps": list(self.teacher.taps),

@@ -61,9 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import UserError
 from trainer.backbones import check_tap_list, resolve_taps, role_taps
-from trainer.distillation import fuse_levels
+from trainer.distillation import frozen, fuse_levels
 from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, Shape, pack_maps, score_and_map, unpack_maps
 from trainer.ingraph import MapBlur
@@ -280,9 +279,7 @@ class UninformedStudents(EpochModel):
         name = str(config.backbone.name)
         per_scale = teacher_taps_for(name, list(self.cfg.patch_sizes), self.cfg.teacher_taps)
         unique = resolve_taps(name, sorted(set(per_scale)), "three", "uninformed_students.teacher_taps")
-        self.taps = config_taps(config.backbone, unique, "three", "uninformed_students.teacher_taps").eval()
-        for p in self.taps.parameters():
-            p.requires_grad_(False)
+        self.taps = frozen(config_taps(config.backbone, unique, "three", "uninformed_students.teacher_taps"))
         self.level_of = [unique.index(t) for t in per_scale]
         with torch.no_grad():
             probe = self.taps(torch.zeros(1, *self.hw, 3, dtype=torch.uint8))
@@ -340,8 +337,7 @@ class UninformedStudents(EpochModel):
 
     # -- the fit: teacher statistics, the loop, then e and v statistics ------------------------------------
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
-        if not data.fit_paths:
-            raise UserError("uninformed-students: no training images to fit on; add images to train/good")
+        self.require_training_images(data)
         device = resolve_device(run.device if run is not None else "auto")
         batch = int(self.config.batch_size)
         # the loop's own frames (fixed codec draws), so this pass fills the feature cache the epochs then read
