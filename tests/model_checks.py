@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -32,12 +32,11 @@ def washers(root: Path, size: int, n_train: int = 50, n_test: int = 20, seed: in
                         kinds=DEFECT_KINDS)
 
 
-def fit_on_washers(config_text: str, parts: Path, engines: Path,
-                   log: Optional[Callable[[str], None]] = None) -> Path:
+def fit_on_washers(config_text: str, parts: Path, engines: Path) -> Path:
     """``edge-train fit``'s pipeline on ``parts`` with the given config; prints the lines a reader of the test
     log wants (epochs kept, test metrics, parity) and returns the bundle."""
     lines: list[str] = []
-    path = fit_bundle(parse_train_config(config_text), parts, engines, log=log or lines.append)
+    path = fit_bundle(parse_train_config(config_text), parts, engines, log=lines.append)
     print("\n".join(line for line in lines if line.startswith(("kept epoch", "test:", "parity"))))
     return path
 
