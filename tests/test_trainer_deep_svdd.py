@@ -234,6 +234,33 @@ def test_the_one_class_objective_is_the_mean_squared_distance(small_data: Traini
     assert float(model.sphere.radius) == 0.0
 
 
+def test_each_phase_drops_its_learning_rate_after_the_milestone(small_data: TrainingData, tmp_path: Path) -> None:
+    """The official MultiStepLR (one milestone) per phase, through the loop's ``Update.lr_factor``."""
+    model = _small("deep_svdd: {pretrain_epochs: 2, lr_milestone: 1, lr: 0.001}\n")
+    seen: dict[str, list[float]] = {"pre-training": [], "one-class": []}
+    original = AutoencoderPretraining._loss
+
+    def pretraining_loss(phase: AutoencoderPretraining, x: torch.Tensor, shared: dict) -> object:  # type: ignore[type-arg]
+        seen["pre-training"].append(phase.optimizer.param_groups[0]["lr"])
+        return original(phase, x, shared)
+
+    one_class = model._loss
+
+    def one_class_loss(x: torch.Tensor, shared: dict) -> object:  # type: ignore[type-arg]
+        seen["one-class"].append(model.optimizer.param_groups[0]["lr"])
+        return one_class(x, shared)
+
+    model._loss = one_class_loss  # type: ignore[method-assign,assignment]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoencoderPretraining, "_loss", pretraining_loss)
+        model.fit(small_data, run=_run(tmp_path))
+    per_epoch = len(seen["one-class"]) // 3  # 3 one-class epochs
+    assert set(seen["pre-training"][:per_epoch]) == {0.001}
+    assert seen["pre-training"][per_epoch:] == pytest.approx([0.0001] * per_epoch)
+    assert set(seen["one-class"][:per_epoch]) == {0.001}
+    assert seen["one-class"][per_epoch:] == pytest.approx([0.0001] * 2 * per_epoch)
+
+
 def test_resume_continues_the_interrupted_phase(small_data: TrainingData, tmp_path: Path) -> None:
     extra = "deep_svdd: {pretrain_epochs: 2}\n"
     straight = _small(extra)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import numpy as np
 import torch
@@ -146,16 +146,6 @@ class Hypersphere(nn.Module):
         return self.distance(z) - self.radius.pow(2)
 
 
-class StepClock(nn.Module):
-    """The pre-training phase's step count, a buffer so that a resumed run keeps its learning-rate schedule."""
-
-    steps: torch.Tensor
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
-
-
 class PositionShares(nn.Module):
     """The score split over the last feature map's positions (exact: the shares sum to the score), upsampled.
 
@@ -218,11 +208,10 @@ def _steps_per_epoch(data: TrainingData, batch_size: int) -> int:
     return max(1, len(data.loader(data.fit_paths, batch_size, shuffle=True, drop_last=n > batch_size)))
 
 
-def _milestone(optimizer: torch.optim.Optimizer, steps: int, every: int, milestone: int) -> None:
-    """lr x 0.1 once ``milestone`` epochs of ``every`` steps are done (the official MultiStepLR, one milestone)."""
-    if milestone > 0 and steps == milestone * every:
-        for group in optimizer.param_groups:
-            group["lr"] *= 0.1
+def milestone_schedule(milestone: int) -> Callable[[int, int], float]:
+    """The official MultiStepLR with one milestone, as the loop's ``Update.lr_factor``: x 0.1 for the epochs past
+    ``milestone`` (0 = never); a function of the epoch, so a resumed run keeps it."""
+    return lambda epoch, _epochs: 0.1 if 0 < milestone < epoch else 1.0
 
 
 class AutoencoderPretraining(EpochModel):
@@ -235,16 +224,15 @@ class AutoencoderPretraining(EpochModel):
         self.svdd = svdd
         cfg = svdd.cfg
         self.decoder = LeNetDecoder(svdd.channels, svdd.widths, svdd.rep_dim, svdd.encoder.grid)
-        self.clock = StepClock()
-        self.steps_per_epoch = 1
         self.optimizer = torch.optim.Adam([*svdd.encoder.parameters(), *self.decoder.parameters()], lr=cfg.lr,
                                           weight_decay=cfg.pretrain_weight_decay)
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"encoder": self.svdd.encoder, "decoder": self.decoder, "clock": self.clock}
+        return {"encoder": self.svdd.encoder, "decoder": self.decoder}
 
     def updates(self) -> list[Update]:
-        return [Update("autoencoder", self.optimizer, self._loss)]
+        return [Update("autoencoder", self.optimizer, self._loss,
+                       lr_factor=milestone_schedule(self.svdd.cfg.lr_milestone))]
 
     def _loss(self, x: torch.Tensor, _shared: dict[str, Any]) -> LossParts:
         rec = self.reconstruction_error(x).mean()
@@ -261,10 +249,6 @@ class AutoencoderPretraining(EpochModel):
 
     def raw_score(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruction_error(x)
-
-    def after_step(self, logs: dict[str, float]) -> None:
-        self.clock.steps += 1
-        _milestone(self.optimizer, int(self.clock.steps), self.steps_per_epoch, self.svdd.cfg.lr_milestone)
 
     def export_module(self) -> nn.Module:
         raise NotImplementedError("the pre-training phase is not exported")
@@ -348,7 +332,7 @@ class DeepSvdd(EpochModel):
         return {"encoder": self.encoder, "sphere": self.sphere}
 
     def updates(self) -> list[Update]:
-        return [Update("one_class", self.optimizer, self._loss)]
+        return [Update("one_class", self.optimizer, self._loss, lr_factor=milestone_schedule(self.cfg.lr_milestone))]
 
     def _loss(self, x: torch.Tensor, _shared: dict[str, Any]) -> LossParts:
         dist = self.sphere.distance(self.encoder(x).float())
@@ -380,7 +364,6 @@ class DeepSvdd(EpochModel):
             # The official get_radius: the (1 - nu) quantile of the batch's distances (as radii).
             radius = np.quantile(self._last_distances.sqrt().cpu().numpy(), 1.0 - self.cfg.nu)
             self.sphere.radius.fill_(float(radius))
-        _milestone(self.optimizer, steps, self.steps_per_epoch, self.cfg.lr_milestone)
 
     # -- the two phases --------------------------------------------------------------------------------------
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
@@ -402,7 +385,6 @@ class DeepSvdd(EpochModel):
     def _pretrain(self, data: TrainingData, log: Log, run: RunOptions) -> bool:
         """Phase 1 through the loop; returns False when a finished pre-training was loaded instead (--resume)."""
         phase = AutoencoderPretraining(self)
-        phase.steps_per_epoch = self.steps_per_epoch
         where = self._subdir(run, PRETRAIN_DIR)
         if run.resume and where is not None and self._finished(where, run.fingerprint):
             state = torch.load(where / BEST, map_location="cpu", weights_only=True)
