@@ -5,8 +5,10 @@ normal) and real surfaces (elpv solar cells, MVTec AD).
         --model NAME [--classes 0,1,...] [--seeds 3] [--epochs E] [--train-limit K] [--test-limit T]
         [--device D] [--data PATH] [--size 32] [--json OUT.json] [--keep DIR] [--set KEY=VALUE ...] [-v]
     python benchmarks/protocol.py --dataset elpv --cell mono|poly|mono,poly [--root DIR] --models a,b | --model A ...
-        [--seeds 3] [--train-limit 300] [--size PX] [--threads N] [--set KEY=VALUE ...] [--json OUT] [--keep DIR]
+        [--seeds 3] [--first-seed 0] [--train-limit 300] [--size PX] [--threads N] [--set KEY=VALUE ...]
+        [--json OUT] [--keep DIR]
     python benchmarks/protocol.py --dataset mvtec --root DIR [--classes bottle,screw] --models a,b ... (as elpv)
+    python benchmarks/protocol.py --merge seed0.json seeds12.json [--json OUT]   # one table from several runs
 
 One-class protocols (see benchmarks/README.md):
 
@@ -60,7 +62,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 import cv2
 import numpy as np
@@ -386,6 +388,11 @@ class Settings:
     root: Optional[Path] = None  # elpv: its data folder (default the installed package); mvtec: MVTec AD's folder
     class_names: Optional[list[str]] = None  # mvtec: the chosen categories
     threads: Optional[int] = None  # math-library threads of the trainer and ONNX Runtime's (None: their defaults)
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (more seeds for a table run earlier)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
 
 
 def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, chosen: int, seed: int,
@@ -432,7 +439,7 @@ def run_protocol(settings: Settings, train: LabelledImages, test: LabelledImages
     config = trainer_config(settings.model, settings.size, settings.overrides)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     cells: list[Cell] = []
-    for seed in range(settings.seeds):
+    for seed in settings.seed_list:
         for chosen in classes:
             workdir = workroot / f"class{chosen}-seed{seed}"
             try:
@@ -525,7 +532,7 @@ def header_lines(settings: Settings, cells: Sequence[Cell], train: LabelledImage
         f"epochs {settings.epochs if settings.epochs is not None else 'not passed (model default)'}, device {device}; "
         f"trainer config: defaults + {', '.join(_flat({k: v for k, v in cfg.items() if k != 'input'}))} "
         "(the hold-out is kept out of training to calibrate the threshold)",
-        f"seeds {','.join(map(str, range(settings.seeds)))} (edge-train fit --seed and the subsets); scored by "
+        f"seeds {','.join(map(str, settings.seed_list))} (edge-train fit --seed and the subsets); scored by "
         "edge-train eval through the exported ONNX graph (FP32)",
     ]
     for r in refs:
@@ -770,7 +777,7 @@ def run_surface_protocol(settings: Settings, classes: Sequence[str], workroot: P
         configs[model].write_text(yaml.safe_dump(surface_config(settings, model), sort_keys=False))
     cells = read_elpv_labels(elpv_data_dir(settings.root) / "labels.csv") if settings.dataset == "elpv" else []
     runs: list[SurfaceRun] = []
-    for seed in range(settings.seeds):
+    for seed in settings.seed_list:
         for cls in classes:
             folder = workroot / f"{cls}-seed{seed}"
             if settings.dataset == "elpv":
@@ -905,7 +912,7 @@ def surface_header(settings: Settings, command: Sequence[str], runs: Sequence[Su
                      f"defaults + {', '.join(_flat(cfg))}")
     devices = sorted({r.device for r in runs if r.device})
     lines += [
-        f"seeds {','.join(map(str, range(settings.seeds)))}; device {settings.device or 'not passed'}"
+        f"seeds {','.join(map(str, settings.seed_list))}; device {settings.device or 'not passed'}"
         + (f" (bundle report: {', '.join(devices)})" if devices else "")
         + f"; {os.cpu_count()} CPUs, threads {settings.threads or 'not set (the libraries default)'}",
         "scored through each bundle's exported FP32 ONNX graph with the station's ONNX Runtime backend (CPU) in "
@@ -972,7 +979,7 @@ def surface_main(settings: Settings, command: Sequence[str], started: datetime) 
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     seconds = time.monotonic() - t0
-    seeds = list(range(settings.seeds))
+    seeds = settings.seed_list
     rows = summarise_surface(runs, settings.models, classes, seeds, settings.dataset)
     notes = surface_notes(settings, runs, classes)
     footer = f"{len(runs)} runs in {seconds / 60:.1f} min"
@@ -986,6 +993,64 @@ def surface_main(settings: Settings, command: Sequence[str], started: datetime) 
                "runs": [asdict(r) for r in runs]}
         settings.json_path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
     return 0
+
+
+@dataclass(frozen=True)
+class Merge:
+    """``--merge``: the JSON files of surface runs to print as one table (and ``--json``, where to keep it)."""
+
+    paths: tuple[Path, ...]
+    json_path: Optional[Path]
+
+
+def merge_surface_runs(merge: Merge) -> str:
+    """One table from the runs of several ``--json`` files (more seeds of a table run earlier): the same dataset,
+    the same trainer settings per model, no run twice, every (model, class, seed) present."""
+    docs = []
+    for path in merge.paths:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--merge {path}: cannot read it as JSON ({exc}); give files written by --json") from None
+        if not isinstance(doc, dict) or "runs" not in doc or doc.get("settings", {}).get("dataset") not in \
+                SURFACE_DATASETS:
+            raise UserError(f"--merge {path}: not the --json file of an elpv or mvtec run")
+        docs.append(doc)
+    dataset = docs[0]["settings"]["dataset"]
+    configs: dict[str, Any] = {}
+    runs: dict[tuple[str, str, int], SurfaceRun] = {}
+    for path, doc in zip(merge.paths, docs, strict=True):
+        if doc["settings"]["dataset"] != dataset:
+            raise UserError(f"--merge {path}: dataset {doc['settings']['dataset']}, the first file's is {dataset}")
+        for model, config in doc["trainer_config"].items():
+            if configs.setdefault(model, config) != config:
+                raise UserError(f"--merge {path}: {model} was trained with other settings than in an earlier file; "
+                                "merge only runs of the same settings")
+        for raw in doc["runs"]:
+            run = SurfaceRun(**{**raw, "input_hw": tuple(raw["input_hw"])})
+            key = (run.model, run.cls, run.seed)
+            if key in runs:
+                raise UserError(f"--merge {path}: {run.model} {run.cls} seed {run.seed} is in an earlier file too")
+            runs[key] = run
+    models = list(dict.fromkeys(k[0] for k in runs))
+    classes = list(dict.fromkeys(k[1] for k in runs))
+    seeds = sorted({k[2] for k in runs})
+    missing = [f"{m} {c} seed {s}" for m in models for c in classes for s in seeds if (m, c, s) not in runs]
+    if missing:
+        raise UserError(f"--merge: no run of {', '.join(missing)}; every model needs every class and seed")
+    rows = summarise_surface(list(runs.values()), models, classes, seeds, dataset)
+    header = [f"merged: {path} ({doc['command_line']})" for path, doc in zip(merge.paths, docs, strict=True)]
+    seed_text = f"seeds {','.join(map(str, seeds))}"
+    header += list(dict.fromkeys(re.sub(r"^seeds [0-9,]+", seed_text, line) for doc in docs
+                                 for line in doc["header"] if not line.startswith("command:")))
+    notes = list(docs[0]["notes"])
+    table = format_surface_table(rows, header, notes, f"{len(runs)} runs from {len(docs)} files", dataset == "mvtec")
+    if merge.json_path is not None:
+        merge.json_path.write_text(json.dumps({"merged": [str(p) for p in merge.paths], "header": header,
+                                               "notes": notes, "rows": rows,
+                                               "runs": [asdict(r) for r in runs.values()]},
+                                              indent=1, default=_json_default) + "\n")
+    return table
 
 
 # --- command line -------------------------------------------------------------------------------------------
@@ -1007,10 +1072,10 @@ def _name_list(text: str) -> list[str]:
     return values
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> Settings:
+def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
     """The command line as Settings; a bad argument is argparse's one-line error and exit 2."""
     ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=(*DATASETS, *SURFACE_DATASETS))
+    ap.add_argument("--dataset", choices=(*DATASETS, *SURFACE_DATASETS), help="required, except with --merge")
     ap.add_argument("--protocol", choices=PROTOCOLS, help="one-class datasets only (the surface datasets, elpv and "
                     "mvtec, have one protocol: good parts against defective ones)")
     ap.add_argument("--model", action="append", default=[], dest="model_list",
@@ -1024,6 +1089,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
     ap.add_argument("--root", type=Path, help="mvtec: the MVTec AD folder (bottle/, cable/, ...); elpv: a folder "
                     "with its labels.csv and images/ (default: the installed elpv-dataset package, make elpv)")
     ap.add_argument("--seeds", type=positive_int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    ap.add_argument("--first-seed", type=int, default=0, help="start the seeds here: --first-seed 1 --seeds 2 runs "
+                    "seeds 1 and 2, e.g. to add seeds to a table run earlier (--merge joins the JSON files)")
     ap.add_argument("--epochs", type=positive_int, help="edge-train fit --epochs (default: not passed)")
     ap.add_argument("--train-limit", type=positive_int, help="at most K training images per run (default all); "
                     f"elpv: the functional cells trained on per seed (default {ELPV_TRAIN})")
@@ -1040,7 +1107,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
                     help="a trainer config key for every run, e.g. patchcore.coreset_ratio=0.1 or "
                     "backbone.layers=[2,4] (repeatable)")
     ap.add_argument("-v", "--verbose", action="store_true", help="stream the trainer's log to stderr")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="print one table from the --json files of "
+                    "surface runs (e.g. seed 0 run first, then --first-seed 1 --seeds 2); nothing is trained")
     a = ap.parse_args(argv)
+    if a.merge:
+        return Merge(tuple(a.merge), a.json_path)
+    if a.dataset is None:
+        ap.error("the following arguments are required: --dataset (or --merge JSON ...)")
+    if a.first_seed < 0:
+        ap.error(f"--first-seed {a.first_seed}: must be >= 0")
     surface = a.dataset in SURFACE_DATASETS
     models = list(dict.fromkeys([*a.model_list, *a.models]))
     if not models:
@@ -1083,7 +1158,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
                     device=a.device, data=a.data, size=a.size if surface or a.size is not None else DEFAULT_SIZE,
                     json_path=a.json_path, keep=a.keep, verbose=a.verbose, overrides=tuple(a.overrides),
                     models=tuple(models), cells=tuple(a.cells or ()), root=a.root, class_names=class_names,
-                    threads=a.threads)
+                    threads=a.threads, first_seed=a.first_seed)
 
 
 def load_splits(settings: Settings) -> tuple[LabelledImages, LabelledImages, list[int]]:
@@ -1136,6 +1211,13 @@ def in_work_dir(keep: Optional[Path], run: Callable[[Path], T]) -> T:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the protocol; 0 on success, 2 on a user error or a failed edge-train step (one line naming it)."""
     settings = parse_args(argv)
+    if isinstance(settings, Merge):
+        try:
+            print(merge_surface_runs(settings))
+        except UserError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     started = datetime.now(timezone.utc)
     if settings.dataset in SURFACE_DATASETS:
         command = ["python", "benchmarks/protocol.py", *(sys.argv[1:] if argv is None else argv)]
@@ -1162,7 +1244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     seconds = time.monotonic() - t0
-    seeds = list(range(settings.seeds))
+    seeds = settings.seed_list
     summary = summarise(cells, classes, seeds, train.classes, refs)
     header = header_lines(settings, cells, train, refs)
     footer = (f"{len(cells)} runs in {seconds / 60:.1f} min ({statistics.fmean(c.seconds for c in cells):.1f} s per "

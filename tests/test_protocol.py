@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
@@ -643,6 +644,41 @@ def test_surface_table_mean_std_over_seeds_and_categories() -> None:
     assert lines[3].split()[:8] == ["patchcore", "screw", "91.0", "±", "1.0", "91.0", "±", "1.0"]
     assert lines[3].split()[-1] == "98.8" and lines[8].split()[-1] == "n/a"
     assert pr.summarise_surface(runs[:1], ["patchcore"], ["screw"], [0], "elpv")[0]["published"] is None
+
+
+def _surface_doc(path: Path, seeds: list[int], config: dict[str, Any]) -> Path:
+    """A --json file as surface_main writes it (the fields --merge reads), PatchCore on mono."""
+    runs = [asdict(_run("patchcore", "mono", s, 0.90 + 0.01 * s, 0.5)) for s in seeds]
+    path.write_text(json.dumps({
+        "command_line": f"python benchmarks/protocol.py --first-seed {seeds[0]} --seeds {len(seeds)}",
+        "settings": {"dataset": "elpv", "seeds": len(seeds), "first_seed": seeds[0]},
+        "trainer_config": {"patchcore": config}, "runs": runs, "notes": ["a note"],
+        "header": ["command: ...", "mono: 300 train", f"seeds {','.join(map(str, seeds))}; device cpu"]}))
+    return path
+
+
+def test_first_seed_and_merge_make_one_table_of_several_runs(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    settings = pr.parse_args(["--dataset", "elpv", "--cell", "mono", "--model", "patchcore", "--first-seed", "1",
+                              "--seeds", "2"])
+    assert isinstance(settings, pr.Settings) and settings.seed_list == [1, 2]
+    shipped = {"export": {"fp16": False}}
+    first = _surface_doc(tmp_path / "seed0.json", [0], shipped)
+    more = _surface_doc(tmp_path / "seeds12.json", [1, 2], shipped)
+    out = tmp_path / "merged.json"
+    assert pr.main(["--merge", str(first), str(more), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "seeds 0,1,2; device cpu" in printed and "mono: 300 train" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("patchcore"))
+    assert row.split()[2:5] == ["91.0", "±", "1.0"]  # AUROC 90, 91, 92 over the three seeds
+    assert [r["seed"] for r in json.loads(out.read_text())["runs"]] == [0, 1, 2]
+    other = _surface_doc(tmp_path / "other.json", [1, 2], {"export": {"fp16": False}, "epochs": 3})
+    (tmp_path / "broken.json").write_text("{")
+    for files, says in (([first, first], "patchcore mono seed 0 is in an earlier file too"),
+                        ([first, other], "patchcore was trained with other settings"),
+                        ([first, tmp_path / "broken.json"], "cannot read it as JSON")):
+        assert pr.main(["--merge", *map(str, files)]) == 2
+        assert says in capsys.readouterr().err
 
 
 @pytest.mark.slow
