@@ -43,8 +43,11 @@ elpv: $(STAMP)
 demo: $(STAMP) broker
 	$(BIN)/python scripts/demo.py
 
+# The test files run on TEST_WORKERS processes (pytest-xdist; each file on one worker, so a file's fitted bundle is
+# shared by its tests), each worker pinned to its share of the cores; TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) broker datasets lint typecheck
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP) broker datasets
 	$(BIN)/pytest -m slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -21,8 +22,27 @@ def _mosquitto_binary() -> str:
     return found
 
 
+def _pin_xdist_worker() -> int:
+    """Under pytest-xdist (``make test`` runs two workers) each worker, and every process it starts, gets its own
+    share of the cores; returns that share's size (0 when not a worker). With torch's and ONNX Runtime's default
+    thread counts two workers would run four busy threads on two cores, which makes tight loops many times slower."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return 0
+    cores = sorted(os.sched_getaffinity(0))
+    share = cores[int(worker[2:]) % count::count] or cores  # more workers than cores: they share all of them
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))  # the trainers and torchrun ranks the tests start
+    return len(share)
+
+
+_WORKER_CORES = _pin_xdist_worker()
+
 try:  # the trainer's tests need torch; the station's do not (edge-run runs without it)
     import torch
+    if _WORKER_CORES:
+        torch.set_num_threads(_WORKER_CORES)
     _TORCH_THREADS = torch.get_num_threads()
 except ImportError:
     torch = None  # type: ignore[assignment]
