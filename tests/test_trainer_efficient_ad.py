@@ -85,6 +85,7 @@ def test_both_stages_ran_on_the_loop_and_the_bundle_passes_every_check(bundle: P
     assert 0.0 <= image_auroc <= 1.0 and pixel_auroc is not None
     fit = json.loads((bundle / "report.json").read_text())["fit"]
     assert len(fit["history"]) == EPOCHS and fit["teacher_selected_epoch"] <= TEACHER_EPOCHS  # both stages ran
+    assert (fit["selection_rule"], fit["selected_epoch"]) == ("last", EPOCHS)  # the paper's: no validation choice
     assert fit["teacher_images"] == fit["n_train_images"] and fit["penalty"] is False  # no imagenet_dir
     assert fit["feature_cache"]["hits"] > 0
     check_exported_bundle(bundle, parts, SIZE, EfficientAd.fp32_scopes)

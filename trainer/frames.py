@@ -149,6 +149,11 @@ class TrainingData:
     tile_stride: Optional[tuple[int, int]] = None  # None: the tile's size (tiles side by side)
 
     @property
+    def has_val_defects(self) -> bool:
+        """DIR/val holds labelled defects: the loop can keep the epoch with the best validation AUROC."""
+        return self.val is not None and bool(self.val.labels.max(initial=0) == 1)
+
+    @property
     def frame_hw(self) -> tuple[int, int]:
         """The frame a station sends: ``hw`` without tiling, the tiles' extent with it."""
         return frame_size(self.hw, self.tiles, self.tile_stride)

@@ -211,7 +211,7 @@ class EpochTrainer:
                                                                             for p in net.parameters())]
                        for u in self.updates}
         self.replicas: Optional[dict[str, nn.parallel.DistributedDataParallel]] = None
-        self.has_val_defects = data.val is not None and bool(data.val.labels.max(initial=0) == 1)
+        self.has_val_defects = data.has_val_defects
         self.select = run.select if run.select != "auto" else ("val_auroc" if self.has_val_defects else "val_loss")
         if self.select == "val_auroc" and not self.has_val_defects:
             raise UserError("training.select is val_auroc but DIR/val has no defect images; add DIR/val/<defect>/ "

@@ -407,8 +407,7 @@ class DeepSvdd(EpochModel):
         (the official code's), unless labelled defects in DIR/val let the loop compare validation AUROC."""
         if not self.soft or run.select in ("last", "val_auroc"):
             return run.select
-        has_defects = data.val is not None and bool(data.val.labels.max(initial=0) == 1)
-        return "auto" if run.select == "auto" and has_defects else "last"
+        return "auto" if run.select == "auto" and data.has_val_defects else "last"
 
     @staticmethod
     def _subdir(run: RunOptions, name: str) -> Optional[Path]:

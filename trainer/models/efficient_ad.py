@@ -541,10 +541,17 @@ class EfficientAd(EpochModel):
         self._teacher_statistics(data)
         if natural:
             self.penalty_frames = torch.from_numpy(np.stack([read_image(p, self.hw, data.resize) for p in natural]))
-        facts = super().fit(data, log, run)
+        facts = super().fit(data, log, dataclasses.replace(run, select=self._select(data, run)))
         self.penalty_frames = None
         self._map_quantiles(data)
         return facts
+
+    @staticmethod
+    def _select(data: TrainingData, run: RunOptions) -> str:
+        """The student stage keeps its last epoch, as the paper (a fixed number of steps, the lr x 0.1 for the last
+        5 %, no validation), unless ``training.select`` says otherwise or DIR/val has labelled defects to compare
+        epochs on (the loop's ``auto``)."""
+        return "last" if run.select == "auto" and not data.has_val_defects else run.select
 
     def _teacher_stage(self, data: TrainingData, paths: list[Path], log: Log, run: RunOptions) -> None:
         """Stage 1 on the shared loop; its checkpoints in ``<checkpoint_dir>/teacher`` (a finished one is reused)."""
