@@ -1,7 +1,10 @@
-"""PatchCore accuracy on generated parts over several seeds, measured through the exported ONNX graph.
+"""A model's accuracy on generated parts over several seeds, measured through the exported ONNX graph.
 
     python benchmarks/accuracy_synthetic.py [--seeds 5] [--train 60] [--test-good 40] [--test-defect 80]
-        [--val-defects 0] [--size 160] [--config config/train.yaml] [-v]
+        [--val-defects 0] [--size 160] [--config config/train.yaml] [--model NAME] [--set KEY=VALUE ...] [-v]
+
+The model is the config's (PatchCore as shipped) unless ``--model`` names another; ``--set`` changes one trainer
+key (``--set epochs=12 --set input.height=64``).
 
 Why: the trainer's own test checks one seed against a floor; this prints how far above it we are and how
 much the numbers move between seeds (a single-seed number says little: see REFERENCES.md). Each seed
@@ -16,24 +19,33 @@ only (what a station has); ``--val-defects N`` adds labelled validation parts, s
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from core.bundle import load_bundle  # noqa: E402
 from core.errors import UserError  # noqa: E402
-from trainer.config import load_train_config  # noqa: E402
+from trainer.config import (  # noqa: E402
+    DEFAULT_CONFIG,
+    TrainConfig,
+    parse_override,
+    parse_train_config,
+    with_overrides,
+)
 from trainer.evaluate import evaluate_bundle  # noqa: E402
-from trainer.models.patchcore import PatchCore  # noqa: E402
+from trainer.models import get_model_class  # noqa: E402
 from trainer.pipeline import fit_bundle  # noqa: E402
 from trainer.synthetic import DEFECT_KINDS, make_dataset  # noqa: E402
 
@@ -54,15 +66,28 @@ class SeedResult:
     kind_auroc: dict[str, float] = field(default_factory=dict)
 
 
+def benchmark_config(path: Optional[Path], model: Optional[str], overrides: Sequence[tuple[str, Any]]) -> TrainConfig:
+    """The config file (default config/train.yaml), ``--model`` and each ``--set`` key, checked by the schema."""
+    source = path or DEFAULT_CONFIG
+    try:
+        cfg = yaml.safe_load(source.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"--config {source}: cannot read it ({exc})") from None
+    if model is not None:
+        cfg["model"] = model
+    where = f"{source} with --set" if overrides or model else str(source)  # the merged text's lines are not the file's
+    return parse_train_config(yaml.safe_dump(with_overrides(cfg, overrides)), source=where)
+
+
 def run_seed(seed: int, workdir: Path, n_train: int, n_test_good: int, n_test_defect: int, n_val_defect: int,
-             size: int, config: Optional[Path], log: Callable[[str], None]) -> SeedResult:
+             size: int, config: TrainConfig, log: Callable[[str], None]) -> SeedResult:
     """Generate seed's dataset, fit a bundle with the trainer's pipeline, evaluate it through ONNX."""
     from sklearn.metrics import roc_auc_score
 
     t0 = time.monotonic()
     data = make_dataset(workdir / f"data-{seed}", n_train=n_train, n_test_good=n_test_good,
                         n_test_defect=n_test_defect, size=size, seed=seed, n_val_defect=n_val_defect)
-    cfg = load_train_config(config)
+    cfg = copy.deepcopy(config)
     cfg.seed = seed
     bundle_dir = fit_bundle(cfg, data, workdir / "engines", log)
     evaluation = evaluate_bundle(bundle_dir, data)
@@ -113,6 +138,13 @@ def format_table(results: Sequence[SeedResult], header: str) -> str:
     return "\n".join(lines)
 
 
+def _override(text: str) -> tuple[str, Any]:
+    try:
+        return parse_override(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
@@ -124,6 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "0 = threshold from good parts only (default)")
     ap.add_argument("--size", type=int, default=160, help="generated image size in px (default 160)")
     ap.add_argument("--config", type=Path, help="train config YAML (default config/train.yaml)")
+    ap.add_argument("--model", help="registered model name (default: the config's)")
+    ap.add_argument("--set", type=_override, action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="a trainer config key, e.g. epochs=12 or stpm.lr=0.4 (repeatable)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log the trainer's progress to stderr")
     args = ap.parse_args(argv)
     if args.seeds < 1:
@@ -136,20 +171,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.monotonic()
     results: list[SeedResult] = []
     try:
-        cfg = load_train_config(args.config).resolve(PatchCore.defaults)
+        config = benchmark_config(args.config, args.model, args.overrides)
+        cls = get_model_class(config.model)
+        cfg = config.resolve(cls.defaults)
         with tempfile.TemporaryDirectory(prefix="bench-synthetic-") as tmp:
             for seed in range(args.seeds):
                 r = run_seed(seed, Path(tmp), args.train, args.test_good, args.test_defect, args.val_defects,
-                             args.size, args.config, log)
+                             args.size, config, log)
                 results.append(r)
                 print(f"seed {seed}: image AUROC {r.image_auroc:.4f} ({r.seconds:.1f}s)", file=sys.stderr,
                       flush=True)
     except UserError as exc:
         print(f"accuracy_synthetic: error: {exc}", file=sys.stderr)
         return 2
-    header = (f"PatchCore ({cfg.backbone.name} taps {cfg.backbone.layers}, input {cfg.input.height}x{cfg.input.width}, "
-              f"coreset {cfg.settings_for('patchcore').coreset_ratio:g}) on generated parts, through the exported "
-              "ONNX graph (FP32)\n"
+    changed = ", ".join(f"{k}={v}" for k, v in args.overrides) or "none"
+    header = (f"{cls.display_name} ({cfg.model}: backbone {cfg.backbone.name}, input {cfg.input.height}x"
+              f"{cfg.input.width}, epochs {cfg.epochs}, batch {cfg.batch_size}; --set: {changed}) on generated parts, "
+              "through the exported ONNX graph (FP32)\n"
               f"per seed: {args.train} good training parts ({cfg.calibration.holdout_fraction:g} held out for the "
               f"threshold), {args.test_good} good + {args.test_defect} defective test parts "
               f"({', '.join(DEFECT_KINDS)}), {args.size} px, "

@@ -74,6 +74,8 @@ sys.path.insert(0, str(ROOT))
 
 from core.cli import positive_int  # noqa: E402
 from core.errors import UserError  # noqa: E402
+from trainer.config import merge_config, with_overrides  # noqa: E402
+from trainer.config import parse_override as parse_config_override  # noqa: E402
 from trainer.datasets import (  # noqa: E402
     CIFAR10_CLASSES,
     DATASETS,
@@ -256,37 +258,23 @@ def layout_split(folder: Path, train: LabelledImages, test: LabelledImages, spli
 
 # --- trainer config and the CLI -----------------------------------------------------------------------------
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def trainer_config(model: str, size: Optional[int], overrides: Sequence[tuple[str, Any]] = (),
                    base: Optional[dict[str, Any]] = None,
                    model_overrides: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
     """The config the runs use: input size (None: the model's own), ``base`` (CONFIG_BASE), the model's entry in
     ``model_overrides`` (MODEL_OVERRIDES), then ``--set`` keys."""
     sized: dict[str, Any] = {"input": {"height": size, "width": size}} if size is not None else {}
-    cfg = _merge(_merge(sized, CONFIG_BASE if base is None else base),
-                 (MODEL_OVERRIDES if model_overrides is None else model_overrides).get(model, {}))
-    for key, value in overrides:
-        *parents, leaf = key.split(".")
-        nested: dict[str, Any] = {leaf: value}
-        for part in reversed(parents):
-            nested = {part: nested}
-        cfg = _merge(cfg, nested)
-    return cfg
+    cfg = merge_config(merge_config(sized, CONFIG_BASE if base is None else base),
+                       (MODEL_OVERRIDES if model_overrides is None else model_overrides).get(model, {}))
+    return with_overrides(cfg, overrides)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``--set a.b=VALUE`` (VALUE read as YAML: 0.1, true, [4, 10]); the trainer checks the key itself."""
-    key, sep, value = text.partition("=")
-    if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key.strip()):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with a dotted config key, "
-                                         "e.g. patchcore.coreset_ratio=0.1")
-    return key.strip(), yaml.safe_load(value)
+    """``--set a.b=VALUE`` for argparse (trainer.config.parse_override)."""
+    try:
+        return parse_config_override(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _flat(cfg: dict[str, Any], prefix: str = "") -> list[str]:

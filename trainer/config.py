@@ -10,10 +10,11 @@ from the same registry (``render_train_yaml``, ``edge-train config --dump``). CL
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import yaml
 
@@ -368,6 +369,35 @@ def load_train_config(path: Optional[str | Path] = None) -> TrainConfig:
 def parse_train_config(text: str, source: str = "<train config>") -> TrainConfig:
     """Parse YAML text (tests, overrides)."""
     return parse_config(text, train_config_schema(), source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """A benchmark's ``--set a.b=VALUE`` (VALUE read as YAML: 0.1, true, [4, 10]); the schema checks the key when
+    the config is parsed. ValueError (argparse's type errors) for text that is not KEY=VALUE."""
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key.strip()):
+        raise ValueError(f"{text!r}: expected KEY=VALUE with a dotted config key, e.g. patchcore.coreset_ratio=0.1")
+    return key.strip(), yaml.safe_load(value)
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over``'s keys on ``base``, nested dicts merged key by key (neither is changed)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def with_overrides(cfg: dict[str, Any], overrides: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """``cfg`` with each dotted ``(key, value)`` of ``parse_override`` set."""
+    for key, value in overrides:
+        *parents, leaf = key.split(".")
+        nested: dict[str, Any] = {leaf: value}
+        for part in reversed(parents):
+            nested = {part: nested}
+        cfg = merge_config(cfg, nested)
+    return cfg
 
 
 # -- config/train.yaml's model sections, generated from the registry -----------------------------------------
