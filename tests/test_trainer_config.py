@@ -11,10 +11,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.errors import ConfigError
 from trainer.cli import main
-from trainer.config import DEFAULT_CONFIG, TrainConfig, load_train_config, render_train_yaml, yaml_value
+from trainer.config import (
+    DEFAULT_CONFIG,
+    TrainConfig,
+    load_train_config,
+    parse_override,
+    parse_train_config,
+    render_train_yaml,
+    with_overrides,
+    yaml_value,
+)
 from trainer.models import field_docs, model_sections, section_models, settings_title
 
 
@@ -124,3 +134,18 @@ def test_a_config_is_one_dataclass_with_every_section() -> None:
     assert set(model_sections()) <= set(dumped)
     assert load_train_config(DEFAULT_CONFIG).settings_for(cfg.model) == cfg.settings_for(cfg.model)
     assert copy.deepcopy(cfg) == cfg and pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_benchmark_overrides_set_dotted_keys_and_the_schema_checks_them() -> None:
+    overrides = [parse_override("input.height=64"), parse_override("stpm.lr=0.4"), parse_override("layers=[2, 4]")]
+    assert overrides == [("input.height", 64), ("stpm.lr", 0.4), ("layers", [2, 4])]
+    base = {"model": "stpm", "input": {"height": 160, "width": 160}}
+    merged = with_overrides(base, overrides[:2])
+    assert merged == {"model": "stpm", "input": {"height": 64, "width": 160}, "stpm": {"lr": 0.4}}
+    assert base["input"] == {"height": 160, "width": 160}  # the base is not changed
+    cfg = parse_train_config(yaml.safe_dump(merged))
+    assert cfg.input.hw == (64, 160) and cfg.settings_for("stpm").lr == 0.4
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_override("input.height")
+    with pytest.raises(ConfigError, match="stpm.lr"):
+        parse_train_config(yaml.safe_dump(with_overrides(base, [parse_override("stpm.lr=fast")])))
