@@ -92,6 +92,17 @@ def train_paths(root: Path) -> list[Path]:
     return paths
 
 
+def known_defect_paths(root: Path) -> dict[str, list[Path]]:
+    """DIR/train/<kind>/ images, every sub-folder of train/ but good: labelled defects a site already has (operators'
+    labels, ``edge-run label``). Models that learn from labelled defects (``AnomalyModel.learns_from_defects``) train
+    on them; the others learn from train/good alone."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        return {}
+    found = {sub.name: list_images(sub) for sub in sorted(train.iterdir()) if sub.is_dir() and sub.name != "good"}
+    return {kind: paths for kind, paths in found.items() if paths}
+
+
 def load_train(root: Path, hw: tuple[int, int], resize: str = "stretch") -> ImageSet:
     """DIR/train/good as an ImageSet (all labels 0), in memory: for small sets (tests); fit streams from disk."""
     paths = train_paths(root)

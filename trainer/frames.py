@@ -12,7 +12,7 @@ tiles the exported graph cuts, so a model learns tiles; ``whole=True`` loaders g
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -147,6 +147,7 @@ class TrainingData:
     degraded_copies: int = 0
     tiles: Optional[tuple[int, int]] = None
     tile_stride: Optional[tuple[int, int]] = None  # None: the tile's size (tiles side by side)
+    known_defects: list[Path] = field(default_factory=list)  # DIR/train/<kind>/: for models that learn from them
 
     @property
     def has_val_defects(self) -> bool:

@@ -41,7 +41,7 @@ from trainer import export as ex
 from trainer import report as rep
 from trainer.champion import BUNDLE_THRESHOLD, JudgingThreshold, champion_threshold, compare, score_on, scores_at
 from trainer.config import TrainConfig
-from trainer.data import ImageSet, fingerprint, load_test, load_val, train_paths
+from trainer.data import ImageSet, fingerprint, known_defect_paths, load_test, load_val, train_paths
 from trainer.datacheck import (
     MIN_HOLDOUT,
     grayscale_warning,
@@ -55,7 +55,7 @@ from trainer.degrade import Degradation, codec_plan
 from trainer.evaluate import Evaluation, evaluate_onnx
 from trainer.frames import TrainingData
 from trainer.loop import run_fingerprint
-from trainer.models import AnomalyModel, RunOptions, get_model_class
+from trainer.models import AnomalyModel, RunOptions, get_model_class, known_model_names
 from trainer.tiling import stitched_map_shape, tiled_module, tiled_scopes, tiles_per_frame
 
 CHECKPOINTS = "checkpoints"  # engines/<model>/checkpoints/: the training run of models trained by epochs
@@ -164,11 +164,29 @@ def check_data(run: FitRun) -> None:
     val = load_val(run.data_dir, frame_hw, resize)
     run.test = load_test(run.data_dir, frame_hw, resize, warn=run.note) if run.shard.writer else None
     degradation, copies = _plan_codec(run, paths)
+    known = _known_defects(run)
     run.data = TrainingData(fit_paths=[paths[i] for i in fit_idx], holdout_paths=[paths[i] for i in hold_idx],
                             hw=cfg.input.hw, resize=resize, val=val, workers=cfg.training.workers, seed=cfg.seed,
                             degradation=degradation, degraded_copies=copies, tiles=cfg.input.tile_grid,
-                            tile_stride=cfg.input.tile_stride)
-    run.training_data = fingerprint(paths, run.data_dir)
+                            tile_stride=cfg.input.tile_stride, known_defects=known)
+    run.training_data = fingerprint(paths + known, run.data_dir)
+
+
+def _known_defects(run: FitRun) -> list[Path]:
+    """DIR/train/<kind>/'s labelled defects for a model that learns from them; for the others a note that they
+    are left out (and which models would use them)."""
+    model_cls = _need(run.model_cls, "the model class", "data check", "data check")
+    found = known_defect_paths(run.data_dir)
+    if not found:
+        return []
+    counts = ", ".join(f"train/{kind} {len(paths)}" for kind, paths in found.items())
+    if model_cls.learns_from_defects:
+        run.log(f"labelled defects to learn from: {counts}")
+        return [p for paths in found.values() for p in paths]
+    users = [n for n in known_model_names() if get_model_class(n).learns_from_defects]
+    run.note(f"labelled defects in DIR/train ({counts}) are not used by {run.cfg.model}, which learns from normal "
+             f"images only; {', '.join(users) or 'no model'} learns from them", warning=False)
+    return []
 
 
 def _check_training_images(run: FitRun, paths: list[Path]) -> None:

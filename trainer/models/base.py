@@ -143,6 +143,7 @@ class AnomalyModel(ABC):
     catches: str = ""
     trains_with_epochs: bool = False
     trains_distributed: bool = False  # can fit under torchrun with several processes (trainer/distributed.py)
+    learns_from_defects: bool = False  # trains on labelled defects too (DIR/train/<kind>/, TrainingData.known_defects)
     defaults = ModelDefaults()
     scales_scores: bool = False
     map_in_score_units: bool = False

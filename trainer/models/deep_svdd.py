@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, List, Optional
 
 import numpy as np
 import torch
@@ -222,6 +222,7 @@ class AutoencoderPretraining(EpochModel):
     def __init__(self, svdd: DeepSvdd) -> None:
         super().__init__(replace(svdd.config, epochs=svdd.cfg.pretrain_epochs))
         self.svdd = svdd
+        self.name = f"{svdd.name}-pretraining"
         cfg = svdd.cfg
         self.decoder = LeNetDecoder(svdd.channels, svdd.widths, svdd.rep_dim, svdd.encoder.grid)
         self.optimizer = torch.optim.Adam([*svdd.encoder.parameters(), *self.decoder.parameters()], lr=cfg.lr,
@@ -258,13 +259,12 @@ class AutoencoderPretraining(EpochModel):
 
 
 @dataclass
-class DeepSvddSettings(ModelSettings):
-    """Deep SVDD (Ruff et al. 2018), the official code's MNIST run; ``epochs`` counts the one-class epochs, which
-    follow pretrain_epochs of autoencoder pre-training."""
+class HypersphereSettings(ModelSettings):
+    """What Deep SVDD and the models built on it (Deep SAD) share: the network, the pre-training, Adam and its
+    schedule, the centre's rule and the map."""
 
-    objective: str = setting("one-class", "one-class: mean ||phi(x) - c||^2; soft-boundary: R^2 + 1/nu x "
-                             "mean(max(0, d - R^2))")
-    nu: float = setting(0.1, "soft-boundary: the share of training images allowed outside the sphere")
+    section: ClassVar[str] = "deep_svdd"  # the config section, for the messages
+
     widths: List[int] = setting(
         [], "channels of each conv level (5x5, BN without affine, leaky ReLU, max-pool); [] = the paper's net: "
         "grey [8, 4], colour [32, 64, 128]")
@@ -276,24 +276,40 @@ class DeepSvddSettings(ModelSettings):
     pretrain_weight_decay: float = setting(0.5e-3, "Adam weight decay of the pre-training")
     lr_milestone: int = setting(50, "learning rate x 0.1 after this many epochs of each phase; 0 = never")
     centre_eps: float = setting(0.1, "coordinates of the centre c within this of 0 are moved to +-centre_eps")
-    warm_up_epochs: int = setting(10, "soft-boundary: epochs before the radius R is first updated")
     map_sigma: float = setting(2.0, "Gaussian blur of the anomaly map (the score split over the last feature "
                                "map), px; 0 = off")
+
+    def validate(self) -> None:
+        s = self.section
+        if len(self.widths) > 4 or any(w < 1 for w in self.widths):
+            # 4 levels pool 16x: inputs are multiples of 16, so every level halves evenly
+            raise ValueError(f"{s}.widths must be up to 4 channel counts >= 1 ([] = the paper's net)")
+        if self.rep_dim < 0 or self.pretrain_epochs < 0 or self.lr_milestone < 0:
+            raise ValueError(f"{s}.rep_dim, pretrain_epochs and lr_milestone must be >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.pretrain_weight_decay < 0:
+            raise ValueError(f"{s}.lr must be > 0 and the weight decays >= 0")
+        if self.centre_eps < 0 or self.map_sigma < 0:
+            raise ValueError(f"{s}.centre_eps and map_sigma must be >= 0")
+
+
+@dataclass
+class DeepSvddSettings(HypersphereSettings):
+    """Deep SVDD (Ruff et al. 2018), the official code's MNIST run; ``epochs`` counts the one-class epochs, which
+    follow pretrain_epochs of autoencoder pre-training."""
+
+    objective: str = setting("one-class", "one-class: mean ||phi(x) - c||^2; soft-boundary: R^2 + 1/nu x "
+                             "mean(max(0, d - R^2))")
+    nu: float = setting(0.1, "soft-boundary: the share of training images allowed outside the sphere")
+    warm_up_epochs: int = setting(10, "soft-boundary: epochs before the radius R is first updated")
 
     def validate(self) -> None:
         if self.objective not in ("one-class", "soft-boundary"):
             raise ValueError("deep_svdd.objective must be one-class or soft-boundary")
         if not 0.0 < self.nu <= 1.0:
             raise ValueError("deep_svdd.nu must be in (0, 1]")
-        if len(self.widths) > 4 or any(w < 1 for w in self.widths):
-            # 4 levels pool 16x: inputs are multiples of 16, so every level halves evenly
-            raise ValueError("deep_svdd.widths must be up to 4 channel counts >= 1 ([] = the paper's net)")
-        if self.rep_dim < 0 or self.pretrain_epochs < 0 or self.lr_milestone < 0 or self.warm_up_epochs < 0:
-            raise ValueError("deep_svdd.rep_dim, pretrain_epochs, lr_milestone and warm_up_epochs must be >= 0")
-        if self.lr <= 0 or self.weight_decay < 0 or self.pretrain_weight_decay < 0:
-            raise ValueError("deep_svdd.lr must be > 0 and the weight decays >= 0")
-        if self.centre_eps < 0 or self.map_sigma < 0:
-            raise ValueError("deep_svdd.centre_eps and map_sigma must be >= 0")
+        if self.warm_up_epochs < 0:
+            raise ValueError("deep_svdd.warm_up_epochs must be >= 0")
+        super().validate()
 
 
 @register_model("deep-svdd", settings=DeepSvddSettings)
@@ -312,7 +328,7 @@ class DeepSvdd(EpochModel):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.cfg: DeepSvddSettings = config.settings_for(self.name)
+        self.cfg: HypersphereSettings = config.settings_for(self.name)
         self.hw = config.input.hw
         self.channels = 1 if config.input.channels == "gray" else 3  # 'auto' is resolved from the data upstream
         self.widths, self.rep_dim = network_shape(self.channels, self.cfg.widths, self.cfg.rep_dim)
@@ -322,7 +338,11 @@ class DeepSvdd(EpochModel):
         self.encoder = LeNetEncoder(self.channels, self.widths, self.rep_dim, self.hw)
         self.sphere = Hypersphere(self.rep_dim)
         self.optimizer = torch.optim.Adam(self.encoder.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.soft = self.cfg.objective == "soft-boundary"
+        own = self.cfg if isinstance(self.cfg, DeepSvddSettings) else None  # a subclass' settings have no boundary
+        self.objective = own.objective if own else "one-class"
+        self.soft = self.objective == "soft-boundary"
+        self.nu = own.nu if own else 1.0
+        self.warm_up_epochs = own.warm_up_epochs if own else 0
         self.steps_per_epoch = 1
         self._last_distances: Optional[torch.Tensor] = None
         self._pretraining: Optional[dict[str, Any]] = None
@@ -339,7 +359,7 @@ class DeepSvdd(EpochModel):
         self._last_distances = dist.detach()
         if self.soft:
             r2 = self.sphere.radius.pow(2)
-            loss = r2 + (dist - r2).clamp(min=0).mean() / self.cfg.nu
+            loss = r2 + (dist - r2).clamp(min=0).mean() / self.nu
             return loss, {"loss": loss, "distance": dist.mean(), "radius": self.sphere.radius.clone()}
         loss = dist.mean()
         return loss, {"loss": loss}
@@ -351,7 +371,7 @@ class DeepSvdd(EpochModel):
         dist = self.sphere.distance(self.encoder(x).float())
         if self.soft:
             r2 = self.sphere.radius.pow(2)
-            return r2 + (dist - r2).clamp(min=0) / self.cfg.nu
+            return r2 + (dist - r2).clamp(min=0) / self.nu
         return dist
 
     def raw_score(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,9 +380,9 @@ class DeepSvdd(EpochModel):
     def after_step(self, logs: dict[str, float]) -> None:
         self.sphere.steps += 1
         steps = int(self.sphere.steps)
-        if self.soft and self._last_distances is not None and steps > self.cfg.warm_up_epochs * self.steps_per_epoch:
+        if self.soft and self._last_distances is not None and steps > self.warm_up_epochs * self.steps_per_epoch:
             # The official get_radius: the (1 - nu) quantile of the batch's distances (as radii).
-            radius = np.quantile(self._last_distances.sqrt().cpu().numpy(), 1.0 - self.cfg.nu)
+            radius = np.quantile(self._last_distances.sqrt().cpu().numpy(), 1.0 - self.nu)
             self.sphere.radius.fill_(float(radius))
 
     # -- the two phases --------------------------------------------------------------------------------------
@@ -373,14 +393,19 @@ class DeepSvdd(EpochModel):
         self.steps_per_epoch = _steps_per_epoch(data, int(self.config.batch_size))
         pretrained_now = False
         if self.cfg.pretrain_epochs > 0:
-            pretrained_now = self._pretrain(data, log, run)
+            pretrained_now = self._pretrain(self.pretraining_data(data), log, run)
         device = resolve_device(run.device)
         if not (run.resume and not pretrained_now and self._has_checkpoint(run, ONE_CLASS_DIR)):
-            self.sphere.centre.copy_(self._centre(data, device))
+            self.sphere.centre.copy_(self._centre(self.pretraining_data(data), device))
         one_class_run = replace(run, checkpoint_dir=self._subdir(run, ONE_CLASS_DIR), select=self._select(data, run),
                                 resume=run.resume and not pretrained_now and self._has_checkpoint(run, ONE_CLASS_DIR))
         facts = EpochTrainer(self, data, one_class_run, log).run()
         return {**facts, **self.fit_facts()}
+
+    def pretraining_data(self, data: TrainingData) -> TrainingData:
+        """What the autoencoder and the centre c are computed from: the training images (a model that learns
+        from labelled defects adds them, as its official code does)."""
+        return data
 
     def _pretrain(self, data: TrainingData, log: Log, run: RunOptions) -> bool:
         """Phase 1 through the loop; returns False when a finished pre-training was loaded instead (--resume)."""
@@ -389,11 +414,11 @@ class DeepSvdd(EpochModel):
         if run.resume and where is not None and self._finished(where, run.fingerprint):
             state = torch.load(where / BEST, map_location="cpu", weights_only=True)
             self.encoder.load_state_dict(state["networks"]["encoder"])
-            log(f"deep-svdd: pre-training finished earlier, its kept epoch loaded from {where / BEST}")
+            log(f"{self.name}: pre-training finished earlier, its kept epoch loaded from {where / BEST}")
             self._pretraining = {"loaded_from": str(where / BEST), "selected_epoch": int(state["epoch"])}
             return False
         resume = run.resume and where is not None and (where / LAST).is_file()
-        log(f"deep-svdd: autoencoder pre-training for {self.cfg.pretrain_epochs} epochs")
+        log(f"{self.name}: autoencoder pre-training for {self.cfg.pretrain_epochs} epochs")
         # Pre-training keeps the epoch that reconstructs held-out normals best (never a defect AUROC).
         select = "last" if run.select == "last" else "val_loss"
         facts = EpochTrainer(phase, data, replace(run, checkpoint_dir=where, resume=resume, select=select,
@@ -440,7 +465,7 @@ class DeepSvdd(EpochModel):
 
     def fit_facts(self) -> dict[str, Any]:
         return {"channels": self.channels, "widths": self.widths, "rep_dim": self.rep_dim,
-                "objective": self.cfg.objective, "pretraining": self._pretraining,
+                "objective": self.objective, "pretraining": self._pretraining,
                 "radius": round(float(self.sphere.radius), 6),
                 "centre_norm": round(float(self.sphere.centre.norm()), 6),
                 "encoder_parameters": sum(p.numel() for p in self.encoder.parameters())}
@@ -457,7 +482,7 @@ class DeepSvdd(EpochModel):
         """The largest intermediate: the first level's feature map at ``max_batch``."""
         largest = max_batch * self.widths[0] * self.hw[0] * self.hw[1]
         if largest > max_elements:
-            raise UserError(f"deep-svdd: export.max_batch {max_batch} x {self.widths[0]} channels x "
+            raise UserError(f"{self.name}: export.max_batch {max_batch} x {self.widths[0]} channels x "
                             f"{self.hw[0]}x{self.hw[1]} exceeds export.max_distance_elements {max_elements}; "
                             "lower export.max_batch or the input size")
         return {"max_batch": max_batch, "largest_tensor_elements": largest, "rep_dim": self.rep_dim,
