@@ -209,10 +209,13 @@ class RetrainConfig:
     auroc_tolerance: float = 0.0
     false_alarm_tolerance: float = 0.0
     miss_tolerance: float = 0.0
+    labelled_train_fraction: float = 0.5
 
     def validate(self) -> None:
         if not 0.0 < self.fresh_fraction < 1.0:
             raise ValueError("retrain.fresh_fraction must be in (0, 1)")
+        if not 0.0 < self.labelled_train_fraction < 1.0:
+            raise ValueError("retrain.labelled_train_fraction must be in (0, 1)")
         if not 0.0 <= self.duplicate_difference <= 64.0:
             raise ValueError("retrain.duplicate_difference must be in [0, 64] grey levels (0 = exact duplicates only)")
         if not 0.0 <= self.auroc_tolerance <= 0.5:
@@ -376,7 +379,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     the config is parsed. ValueError (argparse's type errors) for text that is not KEY=VALUE."""
     key, sep, value = text.partition("=")
     if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key.strip()):
-        raise ValueError(f"{text!r}: expected KEY=VALUE with a dotted config key, e.g. patchcore.coreset_ratio=0.1")
+        raise ValueError(f"{text!r}: expected KEY=VALUE with a dotted config key, e.g. epochs=12 or input.height=64")
     return key.strip(), yaml.safe_load(value)
 
 

@@ -37,7 +37,8 @@ from core.errors import UserError
 from core.files import atomic_write_text
 from trainer.champion import ModelScores, champion_threshold, decide, score_on
 from trainer.config import RetrainConfig, TrainConfig, parse_train_config
-from trainer.data import IMAGE_EXTENSIONS, list_images, read_original
+from trainer.data import IMAGE_EXTENSIONS, known_defect_paths, list_images, read_original
+from trainer.models import get_model_class
 from trainer.synthetic import plant_on_frame
 
 try:
@@ -122,8 +123,9 @@ def _labelled(folder: Path) -> dict[str, list[Path]]:
 
 
 def build_holdout(work: Path, fresh: list[Path], station_data: Path, holdout: Optional[Path], seed: int,
-                  log: Log) -> tuple[Path, str]:
-    """The comparison's MVTec-style folder ``work/holdout`` (test/good, test/<kind>) and how it was made."""
+                  log: Log, taught: frozenset[Path] = frozenset()) -> tuple[Path, str]:
+    """The comparison's MVTec-style folder ``work/holdout`` (test/good, test/<kind>) and how it was made; the
+    labelled defects in ``taught`` (a challenger learns from them) stay out of it."""
     root = work / "holdout"
     if holdout is not None:
         groups = _labelled(holdout)
@@ -132,7 +134,8 @@ def build_holdout(work: Path, fresh: list[Path], station_data: Path, holdout: Op
                             "false alarms (and test/<defect>/ for defects)")
         how = f"--holdout {holdout}"
     else:
-        groups = _labelled(station_data)
+        groups = {k: [p for p in v if p not in taught] for k, v in _labelled(station_data).items()}
+        groups = {k: v for k, v in groups.items() if v or k == "good"}
         groups["good"] = fresh + groups.get("good", [])
         how = f"the newest {len(fresh)} collected normals" + "".join(
             f", {len(v)} labelled {k}" for k, v in groups.items() if k != "good")
@@ -150,6 +153,42 @@ def build_holdout(work: Path, fresh: list[Path], station_data: Path, holdout: Op
     (root / "train" / "good").mkdir(parents=True, exist_ok=True)
     log(f"hold-out: {how}")
     return root, how
+
+
+def labelled_defects_to_learn(station_data: Path, champion_data: Path, holdout: Optional[Path],
+                              rule: RetrainConfig) -> dict[str, list[Path]]:
+    """For a model that learns from labelled defects: the champion's own (its DIR/train/<kind>/) and the oldest
+    ``labelled_train_fraction`` of those a station's operators labelled (its test/<kind>/; all of them when the
+    comparison has its own ``--holdout``), by kind; the newer ones stay in the hold-out to judge on."""
+    found: dict[str, list[Path]] = {kind: list(paths) for kind, paths in known_defect_paths(champion_data).items()}
+    station = sorted((p for kind, paths in _labelled(station_data).items() if kind != "good" for p in paths),
+                     key=lambda p: p.name)  # names begin with the capture time: oldest first
+    n = len(station) if holdout is not None else int(len(station) * rule.labelled_train_fraction)
+    for p in station[:n]:
+        found.setdefault(p.parent.name, []).append(p)
+    return found
+
+
+def _what_labels_bought(cfg: TrainConfig, work: Path, holdout_dir: Path, with_labels: ModelScores, taught: int,
+                        log: Log) -> dict[str, Any]:
+    """The same challenger fitted without the labelled defects (same recipe, normals and seed), scored on the same
+    hold-out: what the labels changed. Its bundle stays in the run's folder, never a candidate."""
+    from trainer.pipeline import fit_bundle
+
+    for p in list_images(work / "data" / "train" / "good"):
+        _link(p.resolve(), work / "data-without-labels" / "train" / "good" / p.name)
+    bundle_dir = fit_bundle(cfg, work / "data-without-labels", work / "without-labels",
+                            log=lambda m: log(f"without labels: {m}"), promote_bundle=False)
+    without, _ = score_on(load_bundle(bundle_dir), holdout_dir)
+
+    def text(v: Optional[float]) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    log(f"labelled defects: the challenger learnt from {taught}; on the hold-out AUROC {text(with_labels.auroc)} "
+        f"with them, {text(without.auroc)} without; false alarms {with_labels.false_alarm_rate:.1%} with, "
+        f"{without.false_alarm_rate:.1%} without")
+    return {"trained_on": taught, "with": asdict(with_labels), "without": asdict(without),
+            "bundle_without": str(bundle_dir)}
 
 
 def plot_comparison(folder: Path, champion: ModelScores, challenger: ModelScores, labels: np.ndarray) -> list[str]:
@@ -242,12 +281,24 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
             _link(p, work / "data" / "train" / "good" / f"station_{p.name}")
         log(f"challenger data: {len(base)} of the champion's images + {len(learn)} collected frames "
             f"({len(frames) - len(unique)} near-duplicates dropped, {len(fresh)} newest held out)")
-        holdout_dir, how = build_holdout(work, fresh, station_data, holdout, cfg.seed, log)
+        teach = (labelled_defects_to_learn(station_data, base_dir, holdout, rule)
+                 if get_model_class(champion.model_name).learns_from_defects else {})
+        for kind, paths in teach.items():
+            for p in paths:
+                prefix = "base_" if base_dir in p.parents else "station_"
+                name = p.name if p.name.startswith(("base_", "station_")) else f"{prefix}{p.name}"
+                _link(p, work / "data" / "train" / kind / name)
+        taught = frozenset(p for paths in teach.values() for p in paths)
+        if taught:
+            log(f"challenger learns from {len(taught)} labelled defects too ("
+                + ", ".join(f"{len(v)} {k}" for k, v in teach.items()) + ")")
+        holdout_dir, how = build_holdout(work, fresh, station_data, holdout, cfg.seed, log, taught)
         challenger_dir = fit_bundle(cfg, work / "data", engines_root, log=log, promote_bundle=False)
         challenger = load_bundle(challenger_dir)
         champ_scores, labels = score_on(champion, holdout_dir, champion_threshold(champion, calibration_file, log))
         chall_scores, _ = score_on(challenger, holdout_dir)
         promoted, decision = decide(champ_scores, chall_scores, rule)
+        bought = _what_labels_bought(cfg, work, holdout_dir, chall_scores, len(taught), log) if taught else None
         plots = plot_comparison(work, champ_scores, chall_scores, labels)
         report = {
             "at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "model": champion.model_name,
@@ -255,6 +306,7 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
             "decision": decision, "rule": asdict(rule), "holdout": how, "inputs": fingerprint,
             "data": {"champion_images": len(base), "collected": len(frames),
                      "near_duplicates": len(frames) - len(unique), "trained_on": len(learn), "held_out": len(fresh)},
+            "labelled_defects": bought,
             "labels": labels.tolist(),
             "scores": {"champion": asdict(champ_scores), "challenger": asdict(chall_scores)},
             "plots": plots, "folder": str(work),
