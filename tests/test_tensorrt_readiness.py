@@ -51,6 +51,7 @@ training: {{workers: 0}}
 ganomaly: {{ngf: 16, ndf: 16}}
 skip_ganomaly: {{ngf: 16, ndf: 16}}
 deep_svdd: {{pretrain_epochs: 2}}
+deep_sad: {{pretrain_epochs: 2}}
 geom: {{width: 1}}
 efficient_ad: {{teacher_epochs: 1}}
 cflow: {{coupling_blocks: 2}}
