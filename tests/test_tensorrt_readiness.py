@@ -43,7 +43,9 @@ MAX_BATCH = 8
 # EfficientAD distils its teacher for 1 epoch here (its 10 would take minutes); CFLOW-AD has 2 coupling blocks a
 # level (its 8 took 2.5 minutes in a loaded run; the blocks are alike, so the graph's operators are the same).
 # Uninformed Students at lr 1e-2: at its 1e-3, 2 epochs left its 64 px scores at chance (AUROC 0.44), and FP16
-# reversed one near-tied pair of 144.
+# reversed one near-tied pair of 144. STPM at lr 0.05: 6 steps leave it at chance at any lr (0.27-0.64 measured
+# from 0.05 to 3.2); at its shipped 0.4, trained on one thread (make test's workers each have one core), FP16
+# reversed one near-tied pair of 144; at 0.05 none, on one thread or two.
 CONFIG = f"""input: {{height: {SIZE}, width: {SIZE}}}
 epochs: 2
 batch_size: 8
@@ -56,6 +58,7 @@ geom: {{width: 1}}
 efficient_ad: {{teacher_epochs: 1}}
 cflow: {{coupling_blocks: 2}}
 uninformed_students: {{lr: 0.01}}
+stpm: {{lr: 0.05}}
 export: {{max_batch: {MAX_BATCH}}}
 """
 

@@ -185,7 +185,7 @@ def _known_defects(run: FitRun) -> list[Path]:
         return [p for paths in found.values() for p in paths]
     users = [n for n in known_model_names() if get_model_class(n).learns_from_defects]
     run.note(f"labelled defects in DIR/train ({counts}) are not used by {run.cfg.model}, which learns from normal "
-             f"images only; {', '.join(users) or 'no model'} learns from them", warning=False)
+             f"images only; models that learn from them: {', '.join(users) or 'none'}", warning=False)
     return []
 
 

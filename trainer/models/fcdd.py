@@ -34,9 +34,24 @@ What differs from the paper and its code, and why:
   MapBlur at ``blur_sigma`` px (default 4): the same shape of result (a Gaussian spread of each grid value), with
   no border darkening (MapBlur normalises by the blurred ones) and operators TensorRT and the FP16 export already
   handle. A 12 px Gaussian at the project's 96-160 px inputs blurs away the small planted defects.
-- the recipe is the official MVTec one (SGD, momentum 0.9, Nesterov, lr 1e-3, weight decay 1e-5, lr x 0.985 each
-  epoch) reduced for CPU: 160 px (224), batch 16 without the 8 accumulated batches (an update of 128 there),
-  60 epochs (200).
+- confetti on grey frames (B = G = R, a grey camera's) is grey (the channels' mean): the official code paints
+  coloured blobs on MVTec's grey classes too, which a grey camera never sees, so the net could learn colour alone.
+- the recipe is the official MVTec one (SGD, momentum 0.9, Nesterov, weight decay 1e-5, lr x 0.985 each epoch)
+  reduced for CPU: 160 px (224), batch 16 without the 8 accumulated batches (an update of 128 there), 100 epochs
+  (200), and lr 3e-2 (1e-3): with the official lr the washers' fit (96 px, 40 fitted, 5 steps an epoch) was far
+  from converged: image AUROC 0.70 after 10 epochs, 0.85 after 200; 1e-2: 0.88 after 100 and 200 epochs; 3e-2:
+  0.92 after 100, 0.91 after 200; ``width: 512`` (the paper's) at 3e-2, 100 epochs: 0.94, in 5x the time.
+
+Measured (2026-12-07, the 2-core VM at load average 3-6, one thread, scored through the exported ONNX graph):
+- generated washers, 96 px, 40 fitted + 10 held out, 20 + 20 test parts (the test's recipe: 100 epochs, lr 3e-2,
+  confetti): image AUROC 0.92, pixel 0.90, fit 19 s.
+- the same washers at 160 px (the shipped input size) stay near chance: 0.59 (60 epochs at 1e-2) and 0.61 (100
+  at 3e-2), pixel 0.73-0.78, although the confetti task is solved (validation HSC loss 0.007: normal mean A 0.001,
+  confetti 7.3): at 160 px the net learns to find confetti, and that does not carry over to the washers'
+  scratches, spots and cracks (their size scales with the image, so why it does at 96 px is not measured; the
+  head's receptive field covers less of a 160 px part). The paper evaluates MVTec-AD by its maps (pixel AUROC 92
+  with confetti, 96 with one labelled defect of each kind); labelled defects (``anomalies: defects``) are its
+  remedy where synthetic anomalies miss the real ones.
 """
 
 from __future__ import annotations
