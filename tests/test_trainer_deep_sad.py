@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from edge_helpers import run_cli
 from model_checks import check_exported_bundle
 
 from trainer.config import RetrainConfig, parse_train_config
@@ -28,7 +29,7 @@ from trainer.models import create_model
 from trainer.models.deep_sad import EPS, DeepSad, deep_sad_loss
 from trainer.pipeline import fit_bundle
 from trainer.retrain import retrain
-from trainer.synthetic import OBJECT_KINDS, make_dataset
+from trainer.synthetic import OBJECT_KINDS, make_dataset, write_clip
 
 SIZE = 64
 LABELLED = 5
@@ -152,3 +153,56 @@ def test_retrain_teaches_the_challenger_the_stations_labelled_defects_and_report
     assert challenger_fit["labelled_defects"] == 10
     without_fit = json.loads((Path(bought["bundle_without"]) / "report.json").read_text())["fit"]
     assert without_fit["labelled_defects"] == 0
+
+
+def test_a_station_labels_its_events_and_the_nightly_retrain_learns_from_them(tmp_path: Path, mosquitto: str) -> None:
+    """From edge-run to the retrain's decision, nothing stood in: a station runs a Deep SAD bundle on an MJPEG clip
+    where some parts carry a foreign object, collects normal frames and its events' frames; an operator labels
+    events with ``edge-run label`` (defect where the clip planted one, else a false alarm); ``edge-train retrain``
+    teaches the challenger the older half of the labelled defects, judges both models on the newer half and the
+    fresh normals, and reports the same challenger without the labels beside it."""
+    stills = make_dataset(tmp_path / "stills", n_train=60, n_test_good=0, n_test_defect=0, size=SIZE, seed=11,
+                          kinds=OBJECT_KINDS)
+    engines = tmp_path / "engines"
+    text = config("deep-sad").replace("pretrain_epochs: 10", "pretrain_epochs: 5, lr: 0.001").replace(
+        "batch_size: 32", "batch_size: 16")
+    # a high false-alarm target, so that this weak champion raises events on some of the planted objects
+    text += "calibration: {policy: false-alarm-rate, target_false_alarm_rate: 0.1}\n"
+    fit_bundle(parse_train_config(text), stills, engines, log=lambda _m: None)
+    defects = [(15, 22), (40, 47), (65, 72), (90, 97), (115, 122)]
+    clip = write_clip(tmp_path / "clip.avi", SIZE, 140, defects, fps=10.0, seed=12, kinds=OBJECT_KINDS, codec="MJPG")
+    collect = tmp_path / "collect"
+    station = tmp_path / "station.yaml"
+    station.write_text(f"""station: st-sad
+state_dir: {tmp_path / 'state'}
+engine: {{engines_dir: {engines}, max_batch: 4, max_wait_ms: 5}}
+cameras: [{{id: cam0, source: {clip}, max_fps: 25}}]
+events: {{k: 1, n: 2, close_after: 2, cooldown_s: 0.2, update_interval_s: 100}}
+collect: {{enabled: true, dir: {collect}, normal_every_s: 0.05, guard_s: 0.2, event_frames: 5}}
+""")
+    run = run_cli("edge-run", ["--config", station, "--engine", "deep-sad", "--mqtt", mosquitto], timeout=300)
+    assert run.returncode == 0, run.stderr
+    labelled = {"defect": 0, "good": 0}
+    for event in sorted((collect / "events").iterdir()):
+        frames = [json.loads(p.read_text())["frame"] for p in event.glob("*.json")]
+        verdict = "defect" if any(a <= f < b for f in frames for a, b in defects) else "good"
+        if labelled[verdict] >= 4:
+            continue
+        args = [str(event.name), "defect", "--kind", "foreign"] if verdict == "defect" else [str(event.name), "good"]
+        done = run_cli("edge-run", ["label", "--config", station, *args])
+        assert done.returncode == 0, done.stderr
+        labelled[verdict] += 1
+    assert labelled["defect"] >= 2, labelled  # the champion flagged some planted objects
+    retrained = run_cli("edge-train", ["retrain", "--station-data", collect, "--current", engines / "deep-sad",
+                                       "--json"], timeout=600)
+    assert retrained.returncode == 0, retrained.stderr
+    result = json.loads(retrained.stdout.strip().splitlines()[-1])
+    bought = result["labelled_defects"]
+    frames_labelled = len(list((collect / "test" / "foreign").glob("*.png")))
+    assert bought["trained_on"] == int(frames_labelled * RetrainConfig().labelled_train_fraction)
+    assert f"{frames_labelled - bought['trained_on']} labelled foreign" in result["holdout"]
+    assert bought["with"]["auroc"] is not None and bought["without"]["auroc"] is not None
+    assert "labelled defects: the challenger learnt from" in retrained.stderr
+    print(f"labelled {labelled}; {result['decision']}; AUROC with labels {bought['with']['auroc']:.3f}, without "
+          f"{bought['without']['auroc']:.3f}")
+    assert result["decision"].startswith(("promoted", "refused"))
