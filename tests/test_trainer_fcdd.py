@@ -2,7 +2,8 @@
 the default without labelled defects), scored through the exported ONNX graph (the issue's bar: image AUROC >=
 0.9), the shared export checks (FP32 parity, FP16 order, TensorRT readiness, any batch); the loss against the
 paper's formula, the map and score against pseudo-Huber A(x) computed by hand, the confetti copies (deterministic
-per image and draw, visible, clipped), and labelled defects in DIR/train/<kind>/ taking the confetti's place.
+per image and draw, visible, clipped), and labelled defects in DIR/train/<kind>/ joining the confetti (auto) or
+taking its place (``anomalies: defects``).
 
 Recipe for time: 96 px, 50 washers (40 fitted), 100 epochs at batch 16 and lr 3e-2 on cached Lite0 features.
 """
@@ -117,25 +118,28 @@ def test_confetti_copies_are_fixed_per_image_and_draw_and_change_the_image(parts
     assert np.array_equal(malformed(white, noise)[4:8, 4:8], np.full((4, 4, 3), 55, np.uint8))
 
 
-def test_labelled_defects_replace_the_confetti_and_defects_without_any_is_one_line(tmp_path: Path) -> None:
+def test_labelled_defects_join_the_confetti_and_defects_without_any_is_one_line(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     root = make_dataset(tmp_path / "ds", n_train=16, n_test_good=2, n_test_defect=2, size=64, seed=3,
                         kinds=OBJECT_KINDS, n_val_defect=3)
     shutil.move(str(root / "val" / "foreign"), str(root / "train" / "foreign"))
     good = sorted((root / "train" / "good").glob("*.png"))
     defects = sorted((root / "train" / "foreign").glob("*.png"))
-    data = TrainingData(fit_paths=good[:12], holdout_paths=good[12:], hw=(64, 64), workers=0, seed=0,
-                        known_defects=defects)
-    lines: list[str] = []
-    model = _small_model()
-    fit = model.fit(data, lines.append, RunOptions(device="cpu", amp=False, progress=False))
-    assert fit["anomalies"] == "defects" and model.defect_features is None  # used, then not kept
-    assert any("the 3 labelled defects" in line for line in lines)
-    assert all("anomalous" in row for row in fit["history"])
-    with pytest.raises(UserError, match="no labelled defects"):
-        _small_model("fcdd: {anomalies: defects}").fit(
-            TrainingData(fit_paths=good[:12], holdout_paths=good[12:], hw=(64, 64), workers=0, seed=0),
-            run=RunOptions(device="cpu", amp=False, progress=False))
+    run = RunOptions(device="cpu", amp=False, progress=False)
+    for setting, source in (("auto", "both"), ("defects", "defects")):
+        data = TrainingData(fit_paths=good[:12], holdout_paths=good[12:], hw=(64, 64), workers=0, seed=0,
+                            known_defects=defects)
+        lines: list[str] = []
+        model = _small_model(f"fcdd: {{anomalies: {setting}}}")
+        fit = model.fit(data, lines.append, run)
+        assert fit["anomalies"] == source and model.defect_features is None  # used, then not kept
+        assert any("the 3 labelled defects of DIR/train/<kind>/" in line for line in lines)
+        assert all("anomalous" in row for row in fit["history"])
+    without = TrainingData(fit_paths=good[:12], holdout_paths=good[12:], hw=(64, 64), workers=0, seed=0)
+    assert _small_model().fit(without, run=run)["anomalies"] == "confetti"
+    for setting in ("defects", "both"):
+        with pytest.raises(UserError, match="no labelled defects"):
+            _small_model(f"fcdd: {{anomalies: {setting}}}").fit(without, run=run)
 
 
 @pytest.mark.parametrize("bad", ["fcdd: {anomalies: noise}", "fcdd: {layers: [2, 4]}", "fcdd: {anomaly_share: 1}"])

@@ -16,8 +16,13 @@ The anomalies it learns to tell from normal images (``fcdd.anomalies``):
   probability ``anomaly_share`` (0.5).
 - ``defects`` (outlier exposure with the labelled defects of ``DIR/train/<kind>/``, as trainer/models/deep_sad.py
   reads them): the replaced images are labelled defects drawn at random.
-- ``auto`` (default): ``defects`` where DIR/train/<kind>/ holds any, else ``confetti``; the fit log and
-  ``fit_facts`` say which was used.
+- ``both``: each replaced image is a labelled defect or a confetti copy at even odds.
+- ``auto`` (default): ``both`` where DIR/train/<kind>/ holds labelled defects, else ``confetti``; the fit log and
+  ``fit_facts`` say which was used. Measured on the washers (96 px, 50 good parts, seed 7, 20 + 20 test parts,
+  the test's recipe; labelled defects of every planted kind moved into DIR/train/<kind>/), image AUROC confetti /
+  defects / both: 1 labelled defect 0.86 / 0.35 / -, 5 labelled 0.86 / 0.66 / 0.86, 20 labelled 0.86 / 0.89 /
+  0.92 (pixel 0.90 / 0.94 / 0.94): a few labelled defects alone overfit (the paper's semi-supervised MVTec runs
+  have more), and joined with the confetti they do no harm and help once there are 20.
 
 What differs from the paper and its code, and why:
 - network: the paper's VGG11-BN has no ImageNet weights on this machine. Here the configured backbone (Lite0 by
@@ -44,7 +49,14 @@ What differs from the paper and its code, and why:
 
 Measured (2026-12-07, the 2-core VM at load average 3-6, one thread, scored through the exported ONNX graph):
 - generated washers, 96 px, 40 fitted + 10 held out, 20 + 20 test parts (the test's recipe: 100 epochs, lr 3e-2,
-  confetti): image AUROC 0.92, pixel 0.90, fit 19 s.
+  confetti): image AUROC 0.92, pixel 0.90, fit 19 s. Over 3 seeds (benchmarks/accuracy_synthetic.py --model fcdd
+  --seeds 3 --train 50 --size 96 --set input.height=96 --set input.width=96; 40 + 80 test parts): image AUROC
+  0.836 +- 0.052 (0.883, 0.780, 0.843), pixel 0.868 +- 0.024; by kind: spot 1.00, missing 0.90, crack 0.76,
+  scratch 0.68: the confetti's blobs look like spots, not like thin lines. The issue's bar (0.9) holds for the
+  test's draw, not over seeds.
+- ELPV mono solar cells (benchmarks/protocol.py --dataset elpv --cell mono --models fcdd --seeds 1 --threads 1,
+  shipped settings, 160 px, seed 0): image AUROC 88.4, AP 91.1, F1 at the shipped threshold 65.5 (recall 48.9,
+  false alarms 0.3 %), best F1 82.8; fit 382 s, 345 img/s through the FP32 graph; PatchCore 94.4 on the draw.
 - the same washers at 160 px (the shipped input size) stay near chance: 0.59 (60 epochs at 1e-2) and 0.61 (100
   at 3e-2), pixel 0.73-0.78, although the confetti task is solved (validation HSC loss 0.007: normal mean A 0.001,
   confetti 7.3): at 160 px the net learns to find confetti, and that does not carry over to the washers'
@@ -52,6 +64,9 @@ Measured (2026-12-07, the 2-core VM at load average 3-6, one thread, scored thro
   head's receptive field covers less of a 160 px part). The paper evaluates MVTec-AD by its maps (pixel AUROC 92
   with confetti, 96 with one labelled defect of each kind); labelled defects (``anomalies: defects``) are its
   remedy where synthetic anomalies miss the real ones.
+- size (160 px, width 128): 250 k parameters (55 k frozen Lite0 up to block 4, 194 k trained), model.onnx 1.1 MB;
+  benchmarks/throughput.py, ONNX Runtime CPU at its default 2 threads, load average 1.5: FP32 511 img/s at batch
+  1, 445 at batch 8; FP16 397 and 330 (ORT's CPU runs FP16 as FP32 with casts).
 """
 
 from __future__ import annotations
@@ -81,7 +96,7 @@ if TYPE_CHECKING:
 
 HSC_EPS = 1e-31  # the official loss's: -log(1 - exp(-a) + 1e-31) stays finite at a = 0
 PAPER_SIZE = 224  # the input size the official confetti parameters are written for
-ANOMALY_SOURCES = ("auto", "confetti", "defects")
+ANOMALY_SOURCES = ("auto", "confetti", "defects", "both")
 
 
 @dataclass
@@ -95,7 +110,8 @@ class FcddSettings(ModelSettings):
     width: int = setting(128, "channels of the two trainable 3x3 conv layers (the paper's VGG: 512)")
     anomalies: str = setting("auto", "what the network learns to reject: confetti (noise painted on the normal "
                              "images, the paper's unsupervised setting), defects (DIR/train/<kind>/, outlier "
-                             "exposure), or auto: defects when there are any, else confetti")
+                             "exposure), both (each anomaly one or the other at even odds), or auto: both when "
+                             "DIR/train/<kind>/ holds labelled defects, else confetti")
     anomaly_share: float = setting(0.5, "chance that an image of a batch is replaced by an anomaly (the official "
                                    "online supervisor's 0.5)")
     noise_draws: int = setting(8, "confetti draws kept per training image (their features are cached; the official "
@@ -259,19 +275,21 @@ class Fcdd(EpochModel):
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
         self.require_training_images(data)
         wanted = self.cfg.anomalies
-        if wanted == "defects" and not data.known_defects:
-            raise UserError("fcdd.anomalies is defects but DIR/train/<kind>/ holds no labelled defects; add some or "
-                            "use confetti or auto")
-        self.source = "defects" if wanted == "defects" or (wanted == "auto" and data.known_defects) else "confetti"
-        if self.source == "defects":
+        if wanted in ("defects", "both") and not data.known_defects:
+            raise UserError(f"fcdd.anomalies is {wanted} but DIR/train/<kind>/ holds no labelled defects; add some "
+                            "or use confetti or auto")
+        self.source = ("both" if data.known_defects else "confetti") if wanted == "auto" else wanted
+        self.defect_features = None
+        if self.source != "confetti":
             frames = torch.from_numpy(data.model_inputs(data.read(data.known_defects)))
             with torch.no_grad():
                 self.defect_features = self.cache(frames)
-            log(f"{self.name}: anomalies are the {len(frames)} labelled defects of DIR/train/<kind>/ (outlier "
-                f"exposure), a {self.cfg.anomaly_share:g} share of each batch")
-        else:
-            log(f"{self.name}: anomalies are confetti noise on the normal images ({self.cfg.noise_draws} draws an "
-                f"image), a {self.cfg.anomaly_share:g} share of each batch")
+        described = {"confetti": f"confetti noise on the normal images ({self.cfg.noise_draws} draws an image)",
+                     "defects": f"the {len(data.known_defects)} labelled defects of DIR/train/<kind>/ (outlier "
+                                "exposure)",
+                     "both": f"the {len(data.known_defects)} labelled defects of DIR/train/<kind>/ and confetti "
+                             "noise, at even odds"}[self.source]
+        log(f"{self.name}: anomalies are {described}, a {self.cfg.anomaly_share:g} share of each batch")
         try:
             return super().fit(data, log, run)
         finally:
@@ -306,15 +324,21 @@ class Fcdd(EpochModel):
         features = self._features(x)
         replaced = torch.rand(len(x)) < self.cfg.anomaly_share
         if replaced.any():
-            index = replaced.nonzero().flatten()
-            if self.defect_features is not None:
-                pick = torch.randint(len(self.defect_features), (len(index),))
-                anomalies = self.defect_features[pick].to(x.device)
-            else:
-                draws = torch.randint(self.cfg.noise_draws, (len(index),)).tolist()
-                anomalies = self._confetti_features(x[index.to(x.device)], draws)
             features = features.clone()
-            features[index.to(x.device)] = anomalies.reshape(-1, *self.shape).to(features.dtype)
+            index = replaced.nonzero().flatten()
+            defects = self.defect_features
+            from_defects = torch.zeros(len(index), dtype=torch.bool)
+            if defects is not None:
+                from_defects = torch.rand(len(index)) < 0.5 if self.source == "both" else ~from_defects
+            if defects is not None and from_defects.any():
+                pick = torch.randint(len(defects), (int(from_defects.sum()),))
+                chosen = defects[pick].reshape(-1, *self.shape).to(features)
+                features[index[from_defects].to(x.device)] = chosen
+            if (~from_defects).any():
+                rows = index[~from_defects].to(x.device)
+                draws = torch.randint(self.cfg.noise_draws, (len(rows),)).tolist()
+                noisy = self._confetti_features(x[rows], draws)
+                features[rows] = noisy.reshape(-1, *self.shape).to(features)
         mean_a = self.head.grid(features).mean((1, 2, 3))
         is_anomaly = replaced.to(x.device)
         per_image = hsc_loss(mean_a, is_anomaly)
