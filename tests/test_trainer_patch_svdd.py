@@ -6,9 +6,10 @@ nearest-neighbour distance against brute force, and the score as the map's maxim
 
 Recipe for time (``make test``): 96 px, 50 washers (40 fitted), K = 24 (the official 64 scaled to the input; the
 K/2 = 12 px level's encoder has 2 valid convs after its first), strides 4, 30 epochs at batch 16 x 16 pairs and
-lr 3e-3. That is far from trained (the issue's bar, image AUROC >= 0.95, needs 300 epochs and the K/2 level's
-map alone: ``test_the_bar_with_the_longer_recipe``, marked slow); the fast test asserts the mechanics: the
-position task is being learned, the map finds the defects (pixel AUROC) and the image score is well above chance.
+lr 3e-3, banks cut to 4096 rows a level (coreset). That is far from trained: the issue's bar (image AUROC >= 0.95)
+takes 300 epochs and the K/2 level's map alone (``test_the_bar_with_the_longer_recipe``, marked slow: 8 minutes).
+The fast test asserts the mechanics: the position task is being learned, the map finds the defects (pixel AUROC)
+and the image score is above chance (0.69 on this draw, 'mult'; the official 'mult' after 300 epochs: 0.93).
 """
 
 from __future__ import annotations
@@ -63,18 +64,18 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
-    return fit_on_washers(config(30), parts, tmp_path_factory.mktemp("engines"))
+    return fit_on_washers(config(30, ", bank_size: 4096"), parts, tmp_path_factory.mktemp("engines"))
 
 
 def test_mechanics_through_the_onnx_graph(bundle: Path, parts: Path) -> None:
     image, pixel = image_and_pixel_auroc(bundle, parts, "patch-svdd")
-    assert image >= 0.65  # above chance after 30 epochs (untrained 0.8-0.9; early training dips to 0.7-0.8)
+    assert image >= 0.6  # above chance (0.5) after 30 epochs: 0.69 (untrained 0.8-0.9; early training dips first)
     assert pixel is not None and pixel > 0.9  # the map points at the defects
     fit = json.loads((bundle / "report.json").read_text())["fit"]
     history = fit["history"]
     assert len(history) == 30 and fit["patch_sizes"] == [24, 12] and fit["grids"] == [[19, 19], [22, 22]]
     assert history[-1]["ssl_large"] < 0.9 * LN8 < history[0]["ssl_large"]  # the K patches' positions are learned
-    assert 0 < fit["bank_large"] <= 20000 and 0 < fit["bank_small"] <= 20000
+    assert fit["bank_large"] == fit["bank_small"] == 4096 < fit["patches_small"]  # coreset-cut banks
 
 
 def test_parity_fp16_order_readiness_and_any_batch(bundle: Path, parts: Path) -> None:
