@@ -490,8 +490,12 @@ class Reconstructive(nn.Module):
         inner = F.max_pool2d(x, 2)
         return inner, self.block5(inner)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encode(x)[1])  # type: ignore[no-any-return]
+    def forward(self, x: torch.Tensor, with_block5: bool = False) -> Any:
+        """The reconstruction; with ``with_block5`` also the last block's input and output (the training loss
+        asks through forward, so a DistributedDataParallel wrapper routes it)."""
+        inner, outer = self.encode(x)
+        rec = self.decoder(outer)
+        return (rec, inner, outer) if with_block5 else rec
 
 
 class Discriminative(nn.Module):
@@ -659,8 +663,7 @@ class Draem(EpochModel):
     def losses(self, clean: torch.Tensor, augmented: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per image: the L2 and SSIM losses of the reconstruction, the focal loss of the segmentation, and
         SSPCAB's own loss (0 without it)."""
-        inner, outer = self.reconstructive.encode(augmented)
-        rec = self.reconstructive.decoder(outer)
+        rec, inner, outer = self.reconstructive(augmented, with_block5=True)
         probs = torch.softmax(self.discriminative(torch.cat([rec, augmented], 1)).float(), 1)
         out = {"l2": (rec.float() - clean).pow(2).flatten(1).mean(1),
                "ssim": 1 - ssim(rec.float(), clean),
