@@ -71,6 +71,11 @@ the recipes below were found on the test parts of the seed-7 washers, so the oth
   patch_svdd.stride=4 --set patch_svdd.small_stride=4 --set patch_svdd.pairs=16 --set patch_svdd.lr=0.003; 40 + 80
   test parts): the fast test's 30 epochs, 'mult': image AUROC 0.739 +- 0.012 (0.727, 0.749, 0.742), pixel 0.947
   +- 0.016; by kind scratch 0.53, spot 0.62, crack 0.90, missing 0.91; 85-154 s a seed.
+- cost (torch, one thread, load average 6-8, 20 000-row banks): the shipped 256 px / K 64 (grids 13 x 13 and
+  57 x 57, encoder 402 k parameters) 800 ms a frame, of which the encoder 190 ms and the rest the kNN over the
+  3 418 patches; 96 px / K 24 (grids 19 x 19 and 22 x 22, 97 k parameters) 113 ms, the encoder 9 ms. The kNN
+  scales with bank_size x patches: bank_size and the strides are the knobs. The greedy coreset costs picks x
+  patches (256 px: 3 418 patches an image, 250 images = 0.85 M rows; 20 000 picks = 1.1e12 multiply-adds).
 """
 
 from __future__ import annotations
@@ -101,8 +106,9 @@ LEAK = 0.1
 COMBINATIONS = ("mult", "sum", "large", "small")
 BANK_SELECTIONS = ("coreset", "random")
 # The validation banks (rebuilt every epoch from the current encoder for the loop's held-out scores): the patches of
-# the first VALIDATION_IMAGES training images, a fixed random VALIDATION_BANK rows a level. Banks of every training
-# image cost twice the epoch's training (96 px, 40 washers and their codec copies, K 24: 2.4 s against 1.2 s).
+# the first VALIDATION_IMAGES training images, a fixed random VALIDATION_BANK rows a level. From 32 of the 40 washers
+# (and their codec copies, 96 px, K 24, 4096 rows) validation cost twice the epoch's training (2.4 s against 1.2 s
+# at load 9); from 8 and 2048 rows, 1.4 s (its kNN over the held-out patches and the objective's forward passes).
 VALIDATION_IMAGES = 8
 VALIDATION_BANK = 2048
 
@@ -474,7 +480,7 @@ class PatchSvdd(EpochModel):
     def fit(self, data: TrainingData, log: Log = lambda _m: None, run: Optional[RunOptions] = None) -> dict[str, Any]:
         """The mean image, the training loop, then the banks of the training patches' embeddings."""
         self.require_training_images(data)
-        device = torch.device("cpu")
+        self.standardise.cpu()  # the mean image is summed on the host; the loop moves it to its device
         self.standardise.mean.zero_()
         total = torch.zeros_like(self.standardise.mean, dtype=torch.float64)
         count = 0
@@ -489,8 +495,8 @@ class PatchSvdd(EpochModel):
         try:
             facts = super().fit(data, log, run)
             t0 = time.monotonic()
-            with torch.no_grad():
-                large, small = self._embed_training(data, device)
+            with torch.no_grad():  # on the device the loop trained on
+                large, small = self._embed_training(data, next(self.encoder.parameters()).device)
                 self.banks = (self._select(large, "large", log), self._select(small, "small", log))
             self._bank_facts["bank_seconds"] = round(time.monotonic() - t0, 3)
         finally:
