@@ -232,6 +232,17 @@ def test_the_standardisation_is_the_mean_image_over_255() -> None:
     assert torch.allclose(stand(frames), expected, atol=1e-5)
 
 
+def test_the_bank_is_cut_from_the_training_patches_by_coreset_or_at_random() -> None:
+    rows = torch.randn(500, 64)
+    for extra, size in (("bank_size: 50", 50), ("bank_size: 50, bank_candidates: 30", 30),
+                        ("bank_size: 50, bank_selection: random", 50), ("bank_size: 800", 500)):
+        model = _model(f"patch_svdd: {{{extra}}}")
+        bank = model._select(rows, "small", lambda _m: None)
+        assert bank.shape == (size, 64) and model.fit_facts()["bank_small"] == size
+        assert (bank[:, None] == rows[None]).all(-1).any(1).all()  # every bank row is a training patch's
+        assert len(torch.unique(bank, dim=0)) == size
+
+
 @pytest.mark.parametrize("bad", ["patch_svdd: {patch_size: 20}", "patch_svdd: {patch_size: 128}",
                                  "patch_svdd: {stride: 5}", "patch_svdd: {combine: max}",
                                  "patch_svdd: {bank_selection: all}"])
