@@ -50,23 +50,36 @@ What differs from the paper and its code, and why:
   copy of each of their kinds) and, with labelled defects in DIR/val, its validation AUROC, score with the
   classifier's 1 - p(normal): the GDE is fitted once, after the training, on the kept epoch's network.
 
-Measured (2026-12-07, the 2-core VM shared with other work at load average 3-9, one thread, scored through the
+Measured (2026-12-07, the 2-core VM shared with other work at load average 3-12, one thread, scored through the
 exported ONNX graph; generated washers, 96 px, seed 7, 40 fitted + 10 held out, 20 + 20 test parts, 30 epochs at
-batch 16, 3way, unless said):
-- the test's recipe (lr 1e-2, gradients clipped at norm 1, 2 frozen epochs, the last epoch kept): image AUROC
-  0.955, pixel 0.813; the fit's training 37-54 s at load 3-5 (108 s at load 8), the test file 45-60 s (133 s).
-  Unclipped: 0.955, pixel 0.768; lr 3e-2 clipped: 0.91, pixel 0.81 (unclipped it diverged, below). The same GDE
-  on the pretrained Lite0's pooled head features (no fine-tuning: Mahalanobis AD with ``stages: [16]``,
-  benchmarks/accuracy_synthetic.py, 96 px, 2 seeds): 0.80.
-- lr 3e-2 (the paper's): the loss back at chance (ln 3) from epoch 12 and image AUROC 0.79 (the loop's validation
-  loss kept epoch 2); 10 epochs at 3e-2: 0.90. lr 3e-3: 0.86 (the validation loss's epoch 17).
-- BatchNorm in train mode (momentum 0.1, as a ResNet's) instead of ImageNet's statistics: 0.77.
-- ``freeze_epochs`` 0: 0.88; 2: 0.955; 5: 0.955 (pixel 0.795).
-- the binary ``cutpaste`` variant, 40 epochs (the same time): 0.905 with the classifier at 97 % accuracy (3way: about
-  72 %: at 96 px a Scar is 1-6 px wide and a pasted rectangle of belt on belt is no irregularity at all).
-- the map at the stride-8 tap (``layers: [4, 16]``): pixel 0.774 (stride 16: 0.768).
-- the loop's epoch choice by validation loss instead of the last epoch: 0.943 (epoch 26); the classification loss of
-  held-out normals jumps between epochs (3 to 40 where the training loss is 0.6) and does not track the GDE's AUROC.
+batch 16, 3way, lr 1e-2, 2 frozen epochs, the last epoch kept, unless said):
+- the test's recipe (gradients clipped at norm 1): image AUROC 0.955, pixel 0.813; the fit's training 37-54 s at
+  load 3-5 (108 s at load 8), the test file 45-60 s (133 s). Unclipped: 0.955, pixel 0.768 (the gradients' norm
+  stayed within 2.8-7.1 over its 60 steps). The same GDE on the pretrained Lite0's pooled head features (no
+  fine-tuning: Mahalanobis AD with ``stages: [16]``, benchmarks/accuracy_synthetic.py, 96 px, 2 seeds): 0.80.
+- generated parts over 3 seeds (benchmarks/accuracy_synthetic.py --model cutpaste --seeds 3 --size 96 --train 50
+  --set input.height=96 --set input.width=96 --set epochs=30 --set batch_size=16; 40 + 80 test parts): clipped at
+  norm 1, image AUROC 0.842 +- 0.005 (0.845, 0.843, 0.836), pixel 0.805 +- 0.031; by kind scratch 0.73, spot 0.89,
+  crack 0.83, missing 0.91. Unclipped: 0.913 +- 0.026 (0.933, 0.883, 0.923), pixel 0.804 +- 0.015; scratch 0.81,
+  spot 0.93, crack 0.93, missing 0.99. Clipped at 5, seed 0: 0.880. A norm of 1 shrinks every step (the norms are
+  3-7) and the 75 steps of these fits then fall short; the issue's bar (0.95) holds for the test's draw, not over
+  seeds, clipped or not.
+- ELPV mono solar cells (benchmarks/protocol.py --dataset elpv --cell mono --models cutpaste --seeds 1 --threads 1,
+  shipped settings: 160 px, 30 epochs, batch 16, clipped at 1; seed 0): image AUROC 91.0, AP 93.0, F1 at the
+  shipped threshold 80.1 (recall 70.3, false alarms 5.6 %), best F1 82.8; fit 2 048 s at load 7-11, 76 img/s
+  through the FP32 graph (ONNX Runtime, one thread, batch 16); PatchCore about 94 there, FCDD 88.4. Unclipped the
+  same run's loss was back at chance (ln 3) from epoch 5 (stopped after 9).
+- lr 3e-2 (the paper's), unclipped: the loss back at chance from epoch 12 and image AUROC 0.79 (the loop's
+  validation loss kept epoch 2); 10 epochs: 0.90; clipped at 1: 0.91, pixel 0.81. lr 3e-3 unclipped: 0.86 (the
+  validation loss's epoch 17).
+- unclipped, one change each: BatchNorm in train mode (momentum 0.1, as a ResNet's) instead of ImageNet's statistics:
+  0.77. ``freeze_epochs`` 0: 0.88; 5: 0.955 (pixel 0.795). The binary ``cutpaste`` variant, 40 epochs (the same
+  time): 0.905 with the classifier at 97 % accuracy (3way: about 72 %: at 96 px a Scar is 1-6 px wide and a pasted
+  rectangle of belt on belt is no irregularity at all). The map at the stride-8 tap (``layers: [4, 16]``): pixel
+  0.774 (stride 16: 0.768). The loop's epoch choice by validation loss instead of the last epoch: 0.943 (epoch 26);
+  the classification loss of held-out normals jumped between epochs (3 to 40 where the training loss was 0.6).
+- size (96 px): 5.4 M parameters trained (Lite0 with its unused ImageNet classifier, 1.3 M, counted; the projection
+  head 0.7 M), model.onnx 20 MB (the 1280 x 1280 whitening 6.6 MB), model.fp16.onnx 13 MB.
 """
 
 from __future__ import annotations
