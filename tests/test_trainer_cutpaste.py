@@ -224,6 +224,16 @@ def test_the_frozen_phase_trains_the_head_alone_and_batchnorm_keeps_imagenets_st
     assert stats and all(torch.equal(backbone[k], after[k]) for k in stats)  # ImageNet's BN statistics kept
 
 
+def test_a_collapsed_fine_tuning_is_one_line_naming_the_remedy(small_parts: Path) -> None:
+    model = _small_model()
+    with torch.no_grad():  # what a collapsed run leaves: the deepest layer's output the same for every image
+        for name, p in model.net.taps.named_parameters():
+            if "_conv_head" in name:
+                p.zero_()
+    with pytest.raises(UserError, match="training collapsed.*lower cutpaste.lr"):
+        model._fit_gaussians(_data(small_parts), lambda _m: None)
+
+
 @pytest.mark.parametrize("bad", ["cutpaste: {variant: 4way}", "cutpaste: {layers: [16]}",
                                  "cutpaste: {area_ratio: [0.2, 0.1]}", "cutpaste: {aspect_ratio: 2}"])
 def test_bad_settings_are_one_line(bad: str) -> None:
