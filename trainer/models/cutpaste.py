@@ -53,10 +53,11 @@ What differs from the paper and its code, and why:
 Measured (2026-12-07, the 2-core VM shared with other work at load average 3-12, one thread, scored through the
 exported ONNX graph; generated washers, 96 px, seed 7, 40 fitted + 10 held out, 20 + 20 test parts, 30 epochs at
 batch 16, 3way, lr 1e-2, 2 frozen epochs, the last epoch kept, unless said):
-- the test's recipe (gradients clipped at norm 1): image AUROC 0.955, pixel 0.813; the fit's training 37-54 s at
-  load 3-5 (108 s at load 8), the test file 45-60 s (133 s). Unclipped: 0.955, pixel 0.768 (the gradients' norm
-  stayed within 2.8-7.1 over its 60 steps). The same GDE on the pretrained Lite0's pooled head features (no
-  fine-tuning: Mahalanobis AD with ``stages: [16]``, benchmarks/accuracy_synthetic.py, 96 px, 2 seeds): 0.80.
+- the test's recipe (gradients clipped at norm 1): image AUROC 0.955, pixel 0.813; the fit's training 30 s at
+  load 1-4, 37-54 s at load 3-5, 108 s at load 8; the test file 37 s, 45-60 s and 133 s. Unclipped: 0.955,
+  pixel 0.768 (the gradients' norm stayed within 2.8-7.1 over its 60 steps). The same GDE on the pretrained
+  Lite0's pooled head features (no fine-tuning: Mahalanobis AD with ``stages: [16]``,
+  benchmarks/accuracy_synthetic.py, 96 px, 2 seeds): 0.80.
 - generated parts over 3 seeds (benchmarks/accuracy_synthetic.py --model cutpaste --seeds 3 --size 96 --train 50
   --set input.height=96 --set input.width=96 --set epochs=30 --set batch_size=16; 40 + 80 test parts): clipped at
   norm 1, image AUROC 0.842 +- 0.005 (0.845, 0.843, 0.836), pixel 0.805 +- 0.031; by kind scratch 0.73, spot 0.89,
