@@ -6,9 +6,9 @@ convolutions) and its loss in the loop's, the score as the maximum of the mean-f
 [0, 1] input, and the texture sources (a folder, the training images, procedural).
 
 Recipe for time: 64 px, 50 washers (40 fitted), widths 16 and 8, batch 8, lr 1e-3, 80 epochs (400 steps): image
-AUROC 0.963, pixel 0.948 (measured on this draw: 50 epochs 0.902, 70 0.915, 80 0.963, 100 0.982, 200 0.980), about
-72 s of CPU for the fit (50 epochs took 46 s of CPU, 60 s of wall time at load average 5), above the 60 s aimed at:
-no shorter measured recipe reaches the bar.
+AUROC 0.963, pixel 0.948 (measured on this draw: 50 epochs 0.902, 70 0.915, 80 0.963, 100 0.982, 200 0.980; over 3
+seeds of benchmarks/accuracy_synthetic.py at 80 epochs 0.972 +- 0.016). The fit takes 59 s, the file 64 s of CPU
+and 67 s of wall time at load average 1-2 (113 s at 8): the fewest epochs measured that reach the bar.
 """
 
 from __future__ import annotations
