@@ -17,7 +17,9 @@ One-class protocols (see benchmarks/README.md):
   code instead pools the training and test normals and splits them 80/20 (and reports the best test AUROC
   over epochs); we use the dataset's own train/test split, so its test normals are images no model saw.
 - ``one-normal`` (GEOM, Deep SVDD): train on the chosen class's training images; test on the test split with
-  that class good and every other class anomalous.
+  that class good and every other class anomalous. ``--labelled-ratio G`` is Deep SAD's scenario: m labelled
+  anomalies of one other class (``--labelled-class``, default the next one) join the training set in
+  ``train/labelled/`` with G = m / (n + m) of it (the paper's gamma_l: 0.01, 0.05, 0.1, 0.2); the test is the same.
 
 Surface protocols: good parts of one kind against defective ones, what a station is for.
 
@@ -59,7 +61,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
@@ -99,6 +101,7 @@ PROTOCOLS = ("one-abnormal", "one-normal")
 CHANCE = 50.0
 DEFAULT_SIZE = 32  # GANomaly's protocol input size (isize 32)
 TEST_DRAW_KEY = 1_000_003  # seeds the test subsample, shared by every class of a seed
+LABELLED_DRAW_KEY = 1_000_033  # seeds the draw of labelled anomalies (--labelled-ratio)
 
 # Written into every run's trainer config: the hold-out explicitly (what calibrates the threshold), and no
 # FP16 graph (only the FP32 graph is scored; converting costs time).
@@ -217,6 +220,7 @@ class Split:
     test_anomalous: np.ndarray
     n_train_pool: int
     n_test_pool: int
+    labelled_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # training rows, train/labelled/
 
 
 def normal_classes(protocol: str, chosen: int, n_classes: int) -> list[int]:
@@ -224,15 +228,32 @@ def normal_classes(protocol: str, chosen: int, n_classes: int) -> list[int]:
     return [chosen] if protocol == "one-normal" else [c for c in range(n_classes) if c != chosen]
 
 
+def labelled_count(ratio: float, n_normal: int) -> int:
+    """m labelled anomalies for Deep SAD's gamma_l = m / (n + m) with n normal training images (at least 1)."""
+    return max(1, round(ratio * n_normal / (1 - ratio)))
+
+
+def labelled_class_of(chosen: int, labelled_class: Optional[int], n_classes: int) -> int:
+    """The anomaly class the labelled anomalies come from: the given one, else the class after the normal one."""
+    return (chosen + 1) % n_classes if labelled_class is None else labelled_class
+
+
 def plan_split(train_labels: np.ndarray, test_labels: np.ndarray, chosen: int, protocol: str, seed: int,
-               train_limit: Optional[int], test_limit: Optional[int], n_classes: int) -> Split:
-    """The (class, seed) split: seeded training draw over the normal classes, the seed's test draw, the labels."""
+               train_limit: Optional[int], test_limit: Optional[int], n_classes: int,
+               labelled_ratio: Optional[float] = None, labelled_class: Optional[int] = None) -> Split:
+    """The (class, seed) split: seeded training draw over the normal classes, the seed's test draw, the labels,
+    and (one-normal with ``labelled_ratio``) the seeded draw of labelled anomalies from the training split."""
     pool = np.flatnonzero(np.isin(train_labels, normal_classes(protocol, chosen, n_classes)))
     train_idx = pool[stratified_subsample(train_labels[pool], train_limit, (seed, chosen))]
     test_idx = stratified_subsample(test_labels, test_limit, (seed, TEST_DRAW_KEY))
     chosen_rows = test_labels[test_idx] == chosen
     anomalous = chosen_rows if protocol == "one-abnormal" else ~chosen_rows
-    return Split(train_idx, test_idx, anomalous, len(pool), len(test_labels))
+    labelled = np.zeros(0, np.int64)
+    if labelled_ratio is not None:
+        rows = np.flatnonzero(train_labels == labelled_class_of(chosen, labelled_class, n_classes))
+        m = min(labelled_count(labelled_ratio, len(train_idx)), len(rows))
+        labelled = np.sort(np.random.default_rng([seed, chosen, LABELLED_DRAW_KEY]).choice(rows, m, replace=False))
+    return Split(train_idx, test_idx, anomalous, len(pool), len(test_labels), labelled)
 
 
 def layout_split(folder: Path, train: LabelledImages, test: LabelledImages, split: Split) -> dict[str, int]:
@@ -242,10 +263,13 @@ def layout_split(folder: Path, train: LabelledImages, test: LabelledImages, spli
     Returns the count per sub-folder.
     """
     plan = [("train/good", train.images, split.train_idx),
+            ("train/labelled", train.images, split.labelled_idx),
             ("test/good", test.images, split.test_idx[~split.test_anomalous]),
             ("test/abnormal", test.images, split.test_idx[split.test_anomalous])]
     counts: dict[str, int] = {}
     for sub, images, rows in plan:
+        if sub == "train/labelled" and not len(rows):
+            continue
         out = folder / sub
         out.mkdir(parents=True, exist_ok=True)
         for row in rows:
@@ -337,6 +361,7 @@ class Cell:
     eval_seconds: float
     bundle: Optional[str] = None
     device: Optional[str] = None
+    n_labelled: int = 0  # labelled anomalies in train/labelled/ (--labelled-ratio)
 
 
 def _bundle_device(bundle: Path) -> Optional[str]:
@@ -377,6 +402,8 @@ class Settings:
     class_names: Optional[list[str]] = None  # mvtec: the chosen categories
     threads: Optional[int] = None  # math-library threads of the trainer and ONNX Runtime's (None: their defaults)
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (more seeds for a table run earlier)
+    labelled_ratio: Optional[float] = None  # one-normal: Deep SAD's gamma_l of labelled anomalies in training
+    labelled_class: Optional[int] = None  # ... drawn from this class (None: the one after the normal class)
 
     @property
     def seed_list(self) -> list[int]:
@@ -388,7 +415,7 @@ def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, ch
     """Lay out one (class, seed) split under ``workdir``, fit a bundle on it with edge-train and evaluate it."""
     t0 = time.monotonic()
     split = plan_split(train.labels, test.labels, chosen, settings.protocol, seed, settings.train_limit,
-                       settings.test_limit, len(train.classes))
+                       settings.test_limit, len(train.classes), settings.labelled_ratio, settings.labelled_class)
     n_bad = int(split.test_anomalous.sum())
     if n_bad == 0 or n_bad == len(split.test_idx):
         raise UserError(f"class {chosen}, seed {seed}: the test set has no {'anomalous' if n_bad == 0 else 'good'} "
@@ -417,7 +444,8 @@ def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, ch
     return Cell(cls=chosen, seed=seed, image_auroc=auroc, metrics=metrics, n_train=len(split.train_idx),
                 n_train_pool=split.n_train_pool, n_test=len(split.test_idx), n_test_pool=split.n_test_pool,
                 n_test_anomalous=n_bad, seconds=t_end - t0, fit_seconds=t_eval - t_fit, eval_seconds=t_end - t_eval,
-                bundle=str(bundle) if settings.keep else None, device=_bundle_device(bundle))
+                bundle=str(bundle) if settings.keep else None, device=_bundle_device(bundle),
+                n_labelled=len(split.labelled_idx))
 
 
 def run_protocol(settings: Settings, train: LabelledImages, test: LabelledImages, classes: Sequence[int],
@@ -497,6 +525,12 @@ def header_lines(settings: Settings, cells: Sequence[Cell], train: LabelledImage
     if settings.protocol == "one-normal":
         what = (f"one class normal (train on that class's training images; test split: that class good, "
                 f"the other {n - 1} anomalous)")
+        if settings.labelled_ratio is not None:
+            source = ("the class after the normal one" if settings.labelled_class is None
+                      else f"class {settings.labelled_class}")
+            counts = ", ".join(map(str, sorted({c.n_labelled for c in cells})))
+            what += (f"; Deep SAD's scenario: labelled anomalies of {source} in train/labelled/, gamma_l = "
+                     f"{settings.labelled_ratio} of the training set ({counts} images)")
     else:
         what = (f"one class abnormal (train on the other {n - 1} classes' training images; test split: that class "
                 "anomalous, the others good; the dataset's own train/test split, not GANomaly's pooled 80/20)")
@@ -1094,6 +1128,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
     ap.add_argument("--set", type=parse_override, action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                     help="a trainer config key for every run, e.g. patchcore.coreset_ratio=0.1 or "
                     "backbone.layers=[2,4] (repeatable)")
+    ap.add_argument("--labelled-ratio", type=float, help="one-normal: Deep SAD's gamma_l, the share m / (n + m) of "
+                    "labelled anomalies in the training set, e.g. 0.05 (default none)")
+    ap.add_argument("--labelled-class", type=int, help="with --labelled-ratio: the class the labelled anomalies "
+                    "come from (default the class after the normal one)")
     ap.add_argument("-v", "--verbose", action="store_true", help="stream the trainer's log to stderr")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="print one table from the --json files of "
                     "surface runs (e.g. seed 0 run first, then --first-seed 1 --seeds 2); nothing is trained")
@@ -1136,6 +1174,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
             ap.error("one model per one-class run; several models (--models) are for --dataset elpv or mvtec")
         if a.cells or a.root is not None:
             ap.error("--cell and --root are for --dataset elpv and mvtec; the one-class datasets take --data")
+        if a.labelled_ratio is not None and (a.protocol != "one-normal" or not 0 < a.labelled_ratio < 1):
+            ap.error(f"--labelled-ratio {a.labelled_ratio}: needs --protocol one-normal and a share in (0, 1), "
+                     "e.g. 0.05")
+        if a.labelled_class is not None and a.labelled_ratio is None:
+            ap.error("--labelled-class needs --labelled-ratio")
         if a.classes is not None:
             try:
                 classes = _int_list(a.classes)
@@ -1146,7 +1189,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
                     device=a.device, data=a.data, size=a.size if surface or a.size is not None else DEFAULT_SIZE,
                     json_path=a.json_path, keep=a.keep, verbose=a.verbose, overrides=tuple(a.overrides),
                     models=tuple(models), cells=tuple(a.cells or ()), root=a.root, class_names=class_names,
-                    threads=a.threads, first_seed=a.first_seed)
+                    threads=a.threads, first_seed=a.first_seed, labelled_ratio=a.labelled_ratio,
+                    labelled_class=a.labelled_class)
 
 
 def load_splits(settings: Settings) -> tuple[LabelledImages, LabelledImages, list[int]]:

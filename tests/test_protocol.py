@@ -222,6 +222,33 @@ def test_plan_split_follows_each_protocol() -> None:
     assert abnormal.test_anomalous.tolist() == (test_labels[abnormal.test_idx] == 2).tolist()
 
 
+def test_labelled_anomalies_follow_deep_sads_gamma_l(tmp_path: Path) -> None:
+    """Deep SAD's scenario: gamma_l = m / (n + m) of the training set are labelled anomalies of one other class,
+    drawn from the training split (never the test split), in train/labelled/ where the trainer reads them."""
+    train_labels = np.repeat(np.arange(4), 100)
+    test_labels = np.repeat(np.arange(4), 10)
+    split = pr.plan_split(train_labels, test_labels, 2, "one-normal", 0, 95, None, 4, labelled_ratio=0.05)
+    assert len(split.labelled_idx) == 5 and (train_labels[split.labelled_idx] == 3).all()  # 0.05 = 5 / (95 + 5)
+    assert split.test_anomalous.tolist() == (test_labels[split.test_idx] != 2).tolist()  # the test is unchanged
+    again = pr.plan_split(train_labels, test_labels, 2, "one-normal", 0, 95, None, 4, labelled_ratio=0.05)
+    other = pr.plan_split(train_labels, test_labels, 2, "one-normal", 1, 95, None, 4, labelled_ratio=0.05)
+    assert again.labelled_idx.tolist() == split.labelled_idx.tolist() != other.labelled_idx.tolist()
+    last = pr.plan_split(train_labels, test_labels, 3, "one-normal", 0, 50, None, 4, labelled_ratio=0.2,
+                         labelled_class=1)
+    assert (train_labels[last.labelled_idx] == 1).all() and len(last.labelled_idx) == 12  # round(0.2 * 50 / 0.8)
+    assert pr.labelled_count(0.01, 10) == 1  # at least one
+    assert pr.labelled_class_of(3, None, 4) == 0  # the class after the last is the first
+
+    images = pr.LabelledImages(np.zeros((400, 8, 8), np.uint8), train_labels, tuple("abcd"))
+    counts = pr.layout_split(tmp_path, images, pr.LabelledImages(np.zeros((40, 8, 8), np.uint8), test_labels,
+                                                                 tuple("abcd")), split)
+    assert counts["train/labelled"] == 5 and counts["train/good"] == 95
+    from trainer.data import known_defect_paths
+    assert {k: len(v) for k, v in known_defect_paths(tmp_path).items()} == {"labelled": 5}  # the trainer reads them
+    plain = pr.plan_split(train_labels, test_labels, 2, "one-normal", 0, 95, None, 4)
+    assert "train/labelled" not in pr.layout_split(tmp_path / "plain", images, images, plain)
+
+
 def test_layout_split_writes_mvtec_folders(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     train = pr.LabelledImages(rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), np.repeat(np.arange(3), 10),
