@@ -402,12 +402,15 @@ class MqttSink:
         if reason_code.is_failure:
             self._refused(str(reason_code))
             return
-        self._publish_online()
+        # Subscribe before saying online: the broker handles a client's packets in order, so a SCADA that sends a
+        # command as soon as it sees "online" finds the subscription in place (said first, a loaded station lost
+        # the first commands sent after it).
         client.subscribe(f"{self.base}/cmd/#", qos=1)
         if self.cfg.consumer_ack:
             client.subscribe(self.ack_topic, qos=1)
             with self._wake:  # the broker may have lost what it had acknowledged: publish it again now
                 self._awaiting = {key: (rid, -math.inf) for key, (rid, _) in self._awaiting.items()}
+        self._publish_online()
         if self._last_stats is not None:
             client.publish(f"{self.base}/stats", self._last_stats, qos=0, retain=True)
         if self._last_health is not None:
