@@ -284,7 +284,8 @@ PASTE_TRIES = 20
 
 def plant_on_frame(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic defect drawn into a copy of any BGR frame (no part geometry needed): a scratch, a stain or
-    a pasted patch of the frame itself (CutPaste-style), in a colour that contrasts with the spot it lands on.
+    a pasted patch of the frame itself (as the cut-and-paste self-supervised methods paint), in a colour that
+    contrasts with the spot it lands on.
     Returns (frame, mask 0/255). Used where a retrain has no labelled defects to compare models on.
 
     A pasted patch must differ from what it covers by ``PASTE_MIN_CONTRAST`` grey levels on average: brushed
