@@ -40,9 +40,10 @@ exported ONNX graph; Deep SVDD and Deep SAD with the same recipe and seed; image
 So on these parts a handful of labelled defects moves the AUROC by less than the spread between seeds, either way:
 the issue's bar (above Deep SVDD once given 5 labelled defects) is not met. The labelled defects do end up farther
 from c than the normal images in training (the loss parts ``defects`` against ``normal`` in the fit's history), but
-with 5 examples the network separates those images rather than what makes them defects. Not tried yet: the
-paper's protocol (Fashion-MNIST / CIFAR-10 with a labelled share gamma_l of one anomaly class), where its gains
-were shown.
+with 5 examples the network separates those images rather than what makes them defects. On the paper's protocol
+(Fashion-MNIST one class normal, gamma_l = 0.05: 26 labelled anomalies of the next class beside 500 normal images,
+40 + 20 epochs, benchmarks/README.md) the labels do help: above Deep SVDD on 17 of 20 (class, seed) pairs, mean
+92.8 / 92.1 (seed 0) and 92.1 / 91.4 (seed 1).
 """
 
 from __future__ import annotations
