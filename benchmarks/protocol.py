@@ -263,13 +263,11 @@ def layout_split(folder: Path, train: LabelledImages, test: LabelledImages, spli
     Returns the count per sub-folder.
     """
     plan = [("train/good", train.images, split.train_idx),
-            ("train/labelled", train.images, split.labelled_idx),
+            *([("train/labelled", train.images, split.labelled_idx)] if len(split.labelled_idx) else []),
             ("test/good", test.images, split.test_idx[~split.test_anomalous]),
             ("test/abnormal", test.images, split.test_idx[split.test_anomalous])]
     counts: dict[str, int] = {}
     for sub, images, rows in plan:
-        if sub == "train/labelled" and not len(rows):
-            continue
         out = folder / sub
         out.mkdir(parents=True, exist_ok=True)
         for row in rows:
