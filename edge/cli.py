@@ -33,32 +33,64 @@ EXIT_UNDELIVERED = 3
 _CAMERA_ID_RE = re.compile(r"^([A-Za-z0-9_.:-]+)=(.+)$")
 
 
+# Examples: after `make demo` (engines/patchcore and demo-out/ exist) with the shipped config; each line must
+# parse with its parser (tests/test_cli_help.py).
+RUN_EXAMPLES = """examples:
+  edge-run --camera demo-out/clip.avi --engine patchcore --max-frames 100
+  edge-run --config config/station.yaml --engine patchcore --camera 0 --station line3-press"""
+LABEL_EXAMPLES = """examples (EVENT_ID: the event_id of the station's event messages):
+  edge-run label --config config/station.yaml EVENT_ID defect --kind scratch
+  edge-run label --config config/station.yaml EVENT_ID good"""
+EVENTS_EXAMPLES = """examples:
+  edge-events --mqtt mqtt://127.0.0.1:1884 --station quickstart
+  edge-events --config config/station.yaml --count 1 --timeout 60 --ack"""
+
+
+def _config_default(key: str) -> str:
+    """'the config's KEY, else VALUE': what an option that overrides a station.yaml key falls back to."""
+    from edge.config import StationConfig
+
+    value: Any = StationConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return f"the config's {key}, else {value}"
+
+
 def run_parser() -> argparse.ArgumentParser:
     from edge.backends import backend_names
 
     p = OneLineArgumentParser(prog="edge-run", description="Run a camera station: capture, score with a "
                               "bundle, publish anomaly events over MQTT.",
                               epilog="edge-run label EVENT_ID good|defect [--kind KIND] [--config FILE]: an "
-                              "operator's verdict on a collected event (see edge-run label --help).")
+                              "operator's verdict on a collected event (see edge-run label --help).\n\n"
+                              + RUN_EXAMPLES)
+    p.add_version()
     p.add_argument("--camera", action="append", metavar="SOURCE",
                    help="camera index (0), video file, folder of images, rtsp:// or http:// URL, or a "
                         "GStreamer pipeline (contains '!'); ID=SOURCE names the camera; repeat for several "
-                        "cameras; replaces the config's camera list")
+                        "cameras; replaces the config's camera list (default: the config's cameras)")
     p.add_argument("--config", metavar="FILE", help="station config (YAML, see config/station.yaml); "
                    "without it every key has its default")
     p.add_argument("--engine", metavar="BUNDLE_DIR|MODEL_NAME",
-                   help="bundle folder, model folder (its 'current' version) or model name under engine.engines_dir")
-    p.add_argument("--mqtt", metavar="URL", help="broker, mqtt://host:port or mqtts://host:port")
-    p.add_argument("--station", metavar="ID", help="station id (an MQTT topic level)")
-    p.add_argument("--backend", choices=backend_names(), help="inference backend (auto: the best that runs here)")
+                   help="bundle folder, model folder (its 'current' version) or model name under engine.engines_dir "
+                        "(default: the config's engine.model)")
+    p.add_argument("--mqtt", metavar="URL", help="broker, mqtt://host:port or mqtts://host:port "
+                   f"(default: {_config_default('mqtt.url')})")
+    p.add_argument("--station", metavar="ID", help="station id (an MQTT topic level) "
+                   f"(default: {_config_default('station')})")
+    p.add_argument("--backend", choices=backend_names(), help="inference backend (auto: the best that runs here) "
+                   f"(default: {_config_default('engine.backend')})")
     p.add_argument("--max-frames", type=positive_int, metavar="N",
-                   help="stop after N processed frames per camera, close open events, flush, exit")
+                   help="stop after N processed frames per camera, close open events, flush, exit "
+                        "(default: run until stopped or the sources end)")
     p.add_argument("--calibrate", type=positive_int, metavar="N",
                    help="on-site calibration: the first N frames scored (all cameras) are good parts; they set "
                         "this station's threshold for the running bundle version (kept in state_dir), no events "
                         "until done")
-    p.add_argument("--state-dir", metavar="DIR", help="where the event spool (and the event seq) is kept")
-    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level")
+    p.add_argument("--state-dir", metavar="DIR", help="where the event spool (and the event seq) is kept "
+                   f"(default: {_config_default('state_dir')})")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level "
+                   f"(default: {_config_default('logging.level')})")
     return p
 
 
@@ -171,13 +203,17 @@ def _run(args: argparse.Namespace) -> int:
 def label_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="edge-run label", description="An operator's verdict on an event the station "
                               "collected: move its frames from <collect.dir>/events/<event_id> to test/good (a "
-                              "false alarm) or test/<kind> (a defect), recording the verdict in their sidecars.")
+                              "false alarm) or test/<kind> (a defect), recording the verdict in their sidecars.",
+                              epilog=LABEL_EXAMPLES)
     p.add_argument("event_id", metavar="EVENT_ID", help="the event_id of the station's event messages")
     p.add_argument("verdict", choices=("good", "defect"), help="good: a false alarm; defect: a real defect")
     p.add_argument("--kind", metavar="KIND", help="the defect kind (a-z, 0-9, _ and -), with verdict defect")
-    p.add_argument("--config", metavar="FILE", help="the station's config (collect.dir, state_dir, station)")
-    p.add_argument("--station", metavar="ID", help="station id (as edge-run --station)")
-    p.add_argument("--state-dir", metavar="DIR", help="as edge-run --state-dir")
+    p.add_argument("--config", metavar="FILE", help="the station's config (collect.dir, state_dir, station); "
+                   "without it every key has its default")
+    p.add_argument("--station", metavar="ID", help="station id (as edge-run --station) "
+                   f"(default: {_config_default('station')})")
+    p.add_argument("--state-dir", metavar="DIR", help="as edge-run --state-dir "
+                   f"(default: {_config_default('state_dir')})")
     return p
 
 
@@ -247,14 +283,18 @@ def leave_past_blocked_captures(code: int, grace_s: float = 1.0) -> int:
 # -- edge-events ------------------------------------------------------------------------------------
 def events_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="edge-events", description="Print a station's anomaly events as JSON lines, "
-                              "each checked against the event schema (a failing one is reported on stderr).")
+                              "each checked against the event schema (a failing one is reported on stderr).",
+                              epilog=EVENTS_EXAMPLES)
+    p.add_version()
     p.add_argument("--mqtt", metavar="URL", help="broker (default: the config's mqtt.url, else mqtt://localhost:1883)")
     p.add_argument("--station", metavar="ID", help="only this station (default: all)")
     p.add_argument("--prefix", metavar="P", help="topic prefix (default: the config's mqtt.prefix, else 'anomaly')")
     p.add_argument("--config", metavar="FILE", help="station config, for credentials / TLS / prefix")
-    p.add_argument("--count", type=positive_int, metavar="N", help="exit 0 after N events")
+    p.add_argument("--count", type=positive_int, metavar="N", help="exit 0 after N events (default: run until "
+                   "stopped)")
     p.add_argument("--timeout", type=positive_float, metavar="S",
-                   help="exit after S seconds (non-zero when --count events had not arrived)")
+                   help="exit after S seconds (non-zero when --count events had not arrived) "
+                        "(default: no time limit)")
     p.add_argument("--ack", action="store_true",
                    help="acknowledge each event on {prefix}/{station}/ack once it is printed (for stations with "
                         "mqtt.consumer_ack: they keep and re-send an event until then); an event printed already "

@@ -13,6 +13,9 @@
   edge-train promote BUNDLE
   edge-train rollback MODEL [--out engines/]
   edge-train config --dump | --check [--file config/train.yaml]
+  edge-train --version
+
+Each command's ``--help`` shows its options' defaults and worked examples (``EXAMPLES`` below; a test parses each).
 
 ``edge-train fit --help`` also lists the registered models by what they catch (surface defects or wrong and
 foreign objects), each with its settings keys and their defaults. ``edge-train config --dump`` prints a train
@@ -45,6 +48,39 @@ from typing import Optional, Sequence
 from core.cli import OneLineArgumentParser, positive_int
 from core.errors import UserError
 
+# Each sub-command's worked examples, shown at the end of its --help: after `make demo` (demo-out/data holds the
+# generated parts, engines/patchcore its bundle), with the shipped configs. Every line must parse with its parser
+# (tests/test_cli_help.py). A note says what a placeholder or a path stands for.
+EXAMPLES: dict[str, list[str]] = {
+    "fit": ["edge-train fit --data demo-out/data --model patchcore",
+            "edge-train fit --data demo-out/data --model padim --promote never"],
+    "eval": ["edge-train eval engines/patchcore --data demo-out/data",
+             "edge-train eval engines/patchcore --data demo-out/data --json --cases 0"],
+    "rerun": ["edge-train rerun engines/patchcore --data demo-out/data --stages calibrate,evaluate,report"],
+    "check-engine": ["edge-train check-engine engines/patchcore --data demo-out/data"],
+    "build-engine": ["edge-train build-engine engines/patchcore --max-batch 8"],
+    "retrain": ["edge-train retrain --station-data state/collect/station1 --current engines/patchcore"],
+    "promote": ["edge-train promote engines/patchcore/VERSION"],
+    "rollback": ["edge-train rollback patchcore"],
+    "config": ["edge-train config --check", "edge-train config --dump --file config/train.yaml"],
+}
+EXAMPLE_NOTES = {
+    "build-engine": "on the station, with TensorRT and its GPU",
+    "retrain": "state/collect/station1: the collect.dir of a station run with the shipped config and "
+               "collect.enabled: true",
+    "promote": "VERSION: one of the version folders `ls engines/patchcore` lists",
+}
+
+
+def examples_epilog(lines: Sequence[str], note: str = "") -> str:
+    """An epilog of worked examples; the help formatter keeps the indented lines as written."""
+    header = "example" if len(lines) == 1 else "examples"
+    return f"{header}{f' ({note})' if note else ''}:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _examples(command: str) -> str:
+    return examples_epilog(EXAMPLES[command], EXAMPLE_NOTES.get(command, ""))
+
 
 class _FitHelp(argparse.Action):
     """``fit --help``: the usual help, then the registered models grouped by what they catch, with their keys.
@@ -58,8 +94,7 @@ class _FitHelp(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: Optional[str] = None) -> None:
-        parser.epilog = model_help()
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = f"{parser.epilog}\n\n{model_help()}" if parser.epilog else model_help()
         parser.print_help()
         parser.exit()
 
@@ -105,20 +140,26 @@ def _calibration_file(args: argparse.Namespace) -> Optional[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(prog="edge-train", description="Train and evaluate anomaly-detection bundles.")
+    parser = OneLineArgumentParser(prog="edge-train", description="Train and evaluate anomaly-detection bundles.",
+                                   epilog=examples_epilog([*EXAMPLES["fit"][:1], *EXAMPLES["eval"][:1]])
+                                   + "\n\nEach command's --help shows its options, their defaults and examples.")
+    parser.add_version()
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train on DIR/train/good, calibrate, export, write and promote a bundle",
-                         add_help=False)
+                         add_help=False, epilog=_examples("fit"))
     fit.add_argument("-h", "--help", action=_FitHelp, help="show this help and the models with what they catch")
     fit.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec AD layout)")
     fit.add_argument("--model", help="registered model name (default: the config's 'model'); the models and "
                      "what each catches are listed below")
     fit.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
     fit.add_argument("--config", type=Path, help="train config YAML (default: config/train.yaml)")
-    fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (the others ignore it)")
+    fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (the others ignore it) "
+                     "(default: the config's epochs, else the model's)")
     fit.add_argument("--batch-size", type=int, help="images per training step (default: the model's)")
-    fit.add_argument("--device", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
-    fit.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    fit.add_argument("--device", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N "
+                     "(default: the config's device, else auto)")
+    fit.add_argument("--seed", type=int, help="random seed (overrides the config) (default: the config's seed, "
+                     "else 0)")
     fit.add_argument("--resume", action="store_true",
                      help="continue the interrupted training run in OUT/<model>/checkpoints/ (models trained by "
                      "epochs)")
@@ -127,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
                      "at least as good as the current on DIR/test (the retrain rule); always: current regardless; "
                      "never: written only")
     _station_options(fit)
-    ev = sub.add_parser("eval", help="score DIR/test through a bundle's ONNX graph")
+    ev = sub.add_parser("eval", help="score DIR/test through a bundle's ONNX graph",
+                        epilog=_examples("eval"))
     ev.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     ev.add_argument("--data", required=True, type=Path, help="dataset folder with test/ (and ground_truth/)")
     ev.add_argument("--out", type=Path, help="folder for report.json and the plots (default: a new "
@@ -135,7 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cases", type=int, default=6, help="hardest cases per side in hardest_cases.png (default 6)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     rr = sub.add_parser("rerun", help="rerun stages of a fit on an existing bundle through its ONNX graph "
-                        "(calibrate, evaluate, report), without refitting; the bundle is not changed")
+                        "(calibrate, evaluate, report), without refitting; the bundle is not changed",
+                        epilog=_examples("rerun"))
     rr.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     rr.add_argument("--data", required=True, type=Path, help="dataset folder: train/good (calibrate), test/ "
                     "(evaluate, report)")
@@ -144,12 +187,14 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--out", type=Path, help="folder for report.json and the plots (default: a new "
                     "<model folder>/evals/<version>-<UTC time>/; never inside the bundle)")
     rr.add_argument("--json", action="store_true", help="print one JSON object")
-    ce = sub.add_parser("check-engine", help="TensorRT readiness of a bundle's ONNX graphs (no TensorRT needed)")
+    ce = sub.add_parser("check-engine", help="TensorRT readiness of a bundle's ONNX graphs (no TensorRT needed)",
+                        epilog=_examples("check-engine"))
     ce.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     ce.add_argument("--max-batch", type=positive_int, help="batch to check at (default: the bundle's max_batch)")
     ce.add_argument("--data", type=Path, help="dataset folder with test/: compare FP16 and FP32 scores and AUROC")
     ce.add_argument("--json", action="store_true", help="print one JSON object")
-    be = sub.add_parser("build-engine", help="build this device's TensorRT plan into the bundle's plans/")
+    be = sub.add_parser("build-engine", help="build this device's TensorRT plan into the bundle's plans/",
+                        epilog=_examples("build-engine"))
     be.add_argument("bundle", help="bundle folder, or a model folder (its current version)")
     be.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="engine precision (default fp16)")
     be.add_argument("--max-batch", type=positive_int, help="largest batch of the profile (default: the bundle's)")
@@ -158,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core (GPU fallback allowed)")
     be.add_argument("--force", action="store_true", help="rebuild even when a matching plan is cached")
     rt = sub.add_parser("retrain", help="fit a challenger on a station's collected frames; promote it only when it "
-                        "is at least as good as the current bundle on the same hold-out")
+                        "is at least as good as the current bundle on the same hold-out",
+                        epilog=_examples("retrain"))
     rt.add_argument("--station-data", required=True, type=Path, help="a station's collection folder (collect.dir)")
     rt.add_argument("--current", required=True, help="the champion: a bundle folder or a model folder (its current)")
     rt.add_argument("--holdout", type=Path, help="MVTec-style folder with test/good and test/<defect> to compare on "
@@ -168,13 +214,15 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: config/train.yaml)")
     _station_options(rt)
     rt.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
-    pr = sub.add_parser("promote", help="make a bundle its model's current version (stations pick it up)")
+    pr = sub.add_parser("promote", help="make a bundle its model's current version (stations pick it up)",
+                        epilog=_examples("promote"))
     pr.add_argument("bundle", type=Path, help="bundle folder engines/<model>/<version>")
-    rb = sub.add_parser("rollback", help="make the version promoted before the current one current again")
+    rb = sub.add_parser("rollback", help="make the version promoted before the current one current again",
+                        epilog=_examples("rollback"))
     rb.add_argument("model", help="model folder engines/<model>, or a model name under --out")
     rb.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
     cf = sub.add_parser("config", help="print or check a train config's model sections, generated from the "
-                        "registered models' settings")
+                        "registered models' settings", epilog=_examples("config"))
     action = cf.add_mutually_exclusive_group(required=True)
     action.add_argument("--dump", action="store_true", help="print the file with its model sections regenerated")
     action.add_argument("--check", action="store_true", help="exit 1 when the file's model sections differ from "
@@ -319,7 +367,7 @@ def _retrain(args: argparse.Namespace) -> int:
     report = retrain(args.station_data, args.current, args.out, args.holdout, rule,
                      lambda m: print(f"edge-train: {m}", file=sys.stderr, flush=True), site_calibration)
     print(json.dumps({k: v for k, v in report.items() if k not in ("scores", "labels")}) if args.json
-          else report["decision"], flush=True)
+          else report["said"] if report.get("skipped") else report["decision"], flush=True)
     return 0
 
 
