@@ -1,4 +1,5 @@
-"""Documents that exist: every repository path the code, config and docs cite is there, and every link resolves.
+"""Documents that exist: every repository path the code, config and docs cite is there, every section they cite by
+anchor or title has its heading, and every link resolves.
 
 A citation is a token such as ``core/bundle.py``, ``edge/sinks/`` or ``config/station.yaml`` in a Python
 comment, docstring or string, in a config file (.yaml, .cfg, Makefile, deploy/*) or in a Markdown page. A bare
@@ -167,6 +168,62 @@ def test_the_scanner_finds_a_planted_missing_path(tmp_path: Path) -> None:
     missing = [(c.line, c.token) for c in missing_citations([planted], root=tmp_path)]
     assert missing == [(1, "docs/DESIGN.md"), (2, "core/no_such_module.py"), (5, "core/schemas/*.xml")]
     assert [c.line for c in find_citations(planted)[1]] == [9]
+
+
+# --- Sections a citation names -----------------------------------------------------------------------------------
+
+# A page cited with a section: ``docs/training.md#backbones`` or ``docs/station.md, "On-site calibration"`` (the
+# quoted text starts a heading's title). Outside Markdown links, so the link checker below does not see them.
+SECTION_CITATION = re.compile(
+    rf"(?<![\w./\-])((?:{'|'.join(CITED_ROOTS)})/[\w./\-]*\.md)(?:#([\w\-]+)|,? (?:section )?[\"“]([^\"”]+)[\"”])")
+
+
+def heading_titles(page: Path) -> list[str]:
+    """A Markdown page's heading titles as read: code marks dropped, a link's text kept."""
+    titles = []
+    for line in _prose_lines(page.read_text(encoding="utf-8")):
+        match = HEADING.match(line)
+        if match:
+            titles.append(re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", match.group(2)).replace("`", ""))
+    return titles
+
+
+def broken_sections(files: list[Path], root: Path = ROOT) -> list[str]:
+    """Citations of a page's section (anchor or quoted title) that the page has no heading for."""
+    problems = []
+    for path in files:
+        for line_no, text in _cited_text(path):
+            for match in SECTION_CITATION.finditer(text):
+                page_name, anchor, title = match.groups()
+                page = root / page_name
+                where = f"{path.relative_to(root) if path.is_relative_to(root) else path}:{line_no}"
+                if not page.is_file():
+                    continue  # a missing page is test_every_cited_repository_path_exists's finding
+                if anchor and anchor not in heading_anchors(page):
+                    problems.append(f"{where} → {page_name}#{anchor}: no such heading")
+                if title and not any(t.lower().startswith(title.lower()) for t in heading_titles(page)):
+                    problems.append(f'{where} → {page_name}, "{title}": no heading starts so')
+    return problems
+
+
+def test_every_cited_section_exists() -> None:
+    problems = broken_sections(scanned_files())
+    assert not problems, "cited sections that do not exist:\n" + "\n".join(problems)
+
+
+def test_the_section_check_finds_a_planted_missing_heading(tmp_path: Path) -> None:
+    """The check can fail: a planted anchor and a planted title with no heading are found; real ones are not."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("# Page\n\n## Collecting frames for `retraining`\n", encoding="utf-8")
+    planted = tmp_path / "planted.yaml"
+    planted.write_text(
+        "# how: docs/page.md#collecting-frames-for-retraining and docs/page.md, \"Collecting frames\"\n"
+        "# gone: docs/page.md#no-such-section\n"
+        "# gone too: docs/page.md, \"Frames we never wrote about\"\n",
+        encoding="utf-8",
+    )
+    problems = broken_sections([planted], root=tmp_path)
+    assert [p.split(" → ")[0] for p in problems] == ["planted.yaml:2", "planted.yaml:3"], problems
 
 
 # --- Markdown links ----------------------------------------------------------------------------------------------
