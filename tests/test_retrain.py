@@ -69,6 +69,10 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_rollback_w
     versions = sorted(d.name for d in model_dir.iterdir() if (d / "manifest.json").is_file())
     again = run_cli("edge-train", ["retrain", "--station-data", station, "--current", model_dir], timeout=120)
     assert again.returncode == 0 and "nothing new" in again.stderr, again.stderr
+    # what a nightly log shows for a run that trained nothing: not the earlier decision as if made again
+    said = again.stdout.strip()
+    assert said.startswith("nothing new since the retrain of ") and not said.startswith(("promoted", "refused"))
+    assert f"{load_bundle(model_dir).version} stays current" in said, said
     assert sorted(d.name for d in model_dir.iterdir() if (d / "manifest.json").is_file()) == versions
 
     # 3. "normals" collected during a bad batch (every part defective), judged on a labelled hold-out: the
@@ -205,7 +209,8 @@ def test_a_missing_bundle_is_named_with_the_flag_this_command_has(tmp_path: Path
 
 
 def test_station_data_errors_say_what_is_missing_and_what_to_do(tmp_path: Path) -> None:
-    """A missing folder, or a station's state_dir passed for its collection folder (issue 21 E)."""
+    """A missing folder, or a station's state_dir or the folder of all its stations' collections passed for one
+    station's collection folder (issue 21 E)."""
     engines = tmp_path / "engines"
     make_toy_bundle(engines, "toy-a")
     missing = tmp_path / "state" / "collect" / "line1"
@@ -219,6 +224,11 @@ def test_station_data_errors_say_what_is_missing_and_what_to_do(tmp_path: Path) 
         run_cli("edge-train", ["retrain", "--station-data", state, "--current", engines / "toy-a"]),
         "edge-train", str(state / "collect" / "line1"))
     assert "state_dir" in line, line
+    # the folder above the stations' collections (what the deploy samples once named): one station's, please
+    line = assert_one_line_error(
+        run_cli("edge-train", ["retrain", "--station-data", state / "collect", "--current", engines / "toy-a"]),
+        "edge-train", str(state / "collect" / "line1"))
+    assert "every station's collection" in line, line
 
 
 def test_state_dir_errors_say_what_is_missing_and_what_to_do(tmp_path: Path) -> None:

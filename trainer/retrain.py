@@ -237,6 +237,11 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
     if not collected.is_dir() and inside:
         raise UserError(f"{station_data}: a station's state_dir, not its collection folder; its stations collect "
                         f"into {', '.join(str(d) for d in inside)}: pass one of them as --station-data")
+    stations = sorted(d.parent.parent for d in station_data.glob("*/train/good") if d.is_dir())
+    if not collected.is_dir() and stations:
+        raise UserError(f"{station_data}: the folder of every station's collection, not one station's; the stations "
+                        f"here collect into {', '.join(str(d) for d in stations)}: pass one of them as "
+                        "--station-data (<state_dir>/collect/<station id>)")
     if not collected.is_dir():
         raise UserError(f"{collected}: no collected normal frames; point --station-data at a station's collection "
                         "folder (collect.dir in station.yaml)")
@@ -251,9 +256,12 @@ def retrain(station_data: Path, current: str | Path, out: Optional[Path], holdou
             last = json.loads(last_path.read_text(encoding="utf-8"))
             if last.get("inputs") == fingerprint and champion.version == (
                     last.get("challenger") if last.get("promoted") else last.get("champion")):
-                log(f"nothing new since the retrain of {last.get('at')} (same collected frames, rule and "
-                    f"champion): {last.get('decision')}")
-                return {**last, "skipped": True}
+                outcome = (f"it promoted {last.get('challenger')}" if last.get("promoted")
+                           else f"it refused challenger {last.get('challenger')}")
+                said = (f"nothing new since the retrain of {last.get('at')} ({outcome}): {champion.version} stays "
+                        "current")
+                log(f"{said}; no training (same collected frames, rule and champion)")
+                return {**last, "skipped": True, "said": said}
         cfg = champion_config(champion)
         base_dir = Path(json.loads((champion.path / "report.json").read_text(encoding="utf-8"))["data"])
         base = list_images(base_dir / "train" / "good") if (base_dir / "train" / "good").is_dir() else []
