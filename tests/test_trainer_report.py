@@ -242,6 +242,9 @@ def test_plots_draw_several_score_sets(fitted, independent, tmp_path) -> None:
     assert not rep.plot_roc(tmp_path / "none.png", [unlabelled]) and not (tmp_path / "none.png").exists()
     rep.plot_histogram(tmp_path / "stream.png", [unlabelled])
     assert_png(tmp_path / "stream.png")
+    # one panel a set, stacked: two sets' histogram is taller than one set's, as wide
+    two, one = (cv2.imread(str(tmp_path / n)) for n in ("hist.png", "stream.png"))
+    assert two.shape[1] == one.shape[1] and two.shape[0] > 1.5 * one.shape[0]
 
 
 def test_fit_report_shows_the_operating_points(fitted, independent) -> None:

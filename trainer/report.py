@@ -66,39 +66,31 @@ def _legend_name(sets: Sequence[ScoreSet], s: ScoreSet, what: str) -> str:
 
 
 def plot_histogram(path: Path, sets: Sequence[ScoreSet], title: str = "Score distribution (test set, ONNX)") -> None:
-    """Histograms of good and defect scores of every set on shared bins, with each set's threshold and close level.
-
-    One set: good parts blue, defects red. Several: one colour a set, good parts filled, defects outlined.
-    """
+    """Histograms of good (blue) and defect (red) scores with the threshold and close level: one panel a set,
+    stacked on one score axis and shared bins, so two models' distributions and thresholds never hide each other
+    (drawn on one axis, a retrain's two thresholds at 1 were one line and the defects' outlines a tangle)."""
     plt = _plt()
     values = [s.scores for s in sets] + [np.asarray([v], np.float64) for s in sets
                                          for v in (s.threshold, s.close_level) if v is not None]
     pooled = np.concatenate(values) if values else np.zeros(0)
     bins = np.linspace(float(pooled.min()), float(pooled.max()), 41) if pooled.size and np.ptp(pooled) > 0 else 10
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    for i, s in enumerate(sets):
-        colour = COLOURS[i % len(COLOURS)]
+    fig, axes = plt.subplots(len(sets), 1, sharex=True, squeeze=False, dpi=100,
+                             figsize=(6.4, 1.2 + 2.4 * len(sets)))
+    for ax, s in zip(axes[:, 0], sets, strict=True):
         labels = s.labels if s.labels is not None else np.zeros(len(s.scores), int)
         for lab, what in ((0, "good" if s.labels is not None else "images"), (1, "defect")):
             sel = s.scores[labels == lab]
-            if not sel.size:
-                continue
-            name = _legend_name(sets, s, f"{what} ({sel.size})")
-            if len(sets) == 1:
-                ax.hist(sel, bins=bins, alpha=0.6, label=name, color="tab:blue" if lab == 0 else "tab:red")
-            elif lab == 0:
-                ax.hist(sel, bins=bins, alpha=0.35, label=name, color=colour)
-            else:
-                ax.hist(sel, bins=bins, histtype="step", lw=2, hatch="//", label=name, color=colour)
-        line = "k" if len(sets) == 1 else colour
+            if sel.size:
+                ax.hist(sel, bins=bins, alpha=0.6, label=f"{what} ({sel.size})",
+                        color="tab:blue" if lab == 0 else "tab:red")
         if s.threshold is not None:
-            ax.axvline(s.threshold, c=line, ls="--", lw=1.2,
-                       label=_legend_name(sets, s, f"threshold {s.threshold:.4g}"))
+            ax.axvline(s.threshold, c="k", ls="--", lw=1.2, label=f"threshold {s.threshold:.4g}")
         if s.close_level is not None:
-            ax.axvline(s.close_level, c=line, ls=":", lw=1.2,
-                       label=_legend_name(sets, s, f"close level {s.close_level:.4g}"))
-    ax.set(xlabel="score", ylabel="images", title=title)
-    ax.legend(fontsize=7)
+            ax.axvline(s.close_level, c="k", ls=":", lw=1.2, label=f"close level {s.close_level:.4g}")
+        ax.set(ylabel="images", title=s.name if len(sets) > 1 else None)
+        ax.legend(fontsize=7)
+    axes[-1, 0].set(xlabel="score")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
