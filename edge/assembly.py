@@ -1,5 +1,6 @@
 """One place builds the station from its config: bundle, backend, batch size, outbox, sinks, collection,
-metrics, bundle watcher and the commands operators may send, each handed to the constructor that needs it.
+metrics, the live page, bundle watcher and the commands operators may send, each handed to the constructor that
+needs it.
 
 ``edge-run`` (edge/cli.py) parses its arguments into a config and :class:`StationOptions`, calls
 :func:`build_station`, and runs the result; benchmarks/pipeline.py does the same in-process. Every failure a
@@ -23,6 +24,7 @@ from edge.calibration import SiteThreshold
 from edge.collect import Collection, collect_root, open_collection
 from edge.config import StationConfig
 from edge.health import Metrics, StationGauges
+from edge.live import LiveFeed, LiveServer
 from edge.outbox import Outbox, open_outbox
 from edge.pipeline import Station
 from edge.sinks import CommandHandler, Sink, SinkContext, check_sink_settings, create_sinks
@@ -52,7 +54,8 @@ class BackendMaker:
         e = self.cfg.engine
         return create_backend(e.backend, bundle, max_batch=min(self.batch.size, bundle.max_batch or 1 << 30),
                               intra_op_threads=e.intra_op_threads, spinning=e.intra_op_spinning,
-                              need_map=self.cfg.snapshots, precision=e.tensorrt_precision, dla_core=e.dla_core)
+                              need_map=self.cfg.snapshots or bool(self.cfg.live.port),  # the page draws the map
+                              precision=e.tensorrt_precision, dla_core=e.dla_core)
 
 
 def build_station(cfg: StationConfig, options: StationOptions) -> Station:
@@ -73,7 +76,9 @@ def build_station(cfg: StationConfig, options: StationOptions) -> Station:
     make_backend = BackendMaker(cfg, batch)
     backend = make_backend(bundle)
     outbox = open_outbox(cfg.state_dir, cfg.station, cfg.sinks, cfg.spool.max_bytes, cfg.spool.max_age_s)
+    live: Optional[LiveServer] = None
     try:
+        live = _live_page(cfg)
         collection = open_collection(cfg, cfg.events.n)
         watcher = None
         if Path(ref).resolve() != bundle.path.resolve():  # a model folder or name: follow its `current`
@@ -81,7 +86,10 @@ def build_station(cfg: StationConfig, options: StationOptions) -> Station:
         sinks = create_sinks(SinkContext(cfg, outbox, _commands(collection, watcher)))
         stats = StationStats(cfg.station, backend.name, bundle.model_name, bundle.version, batch)
         station = Station(cfg, bundle, backend, outbox, sinks, site, batch, stats, collection=collection,
-                          metrics=_metrics(cfg, stats, outbox, sinks), watcher=watcher, max_frames=options.max_frames)
+                          metrics=_metrics(cfg, stats, outbox, sinks), watcher=watcher, max_frames=options.max_frames,
+                          live=live)
+        if live is not None:
+            live.start(station)  # from here on: the cameras' states while they open
         if outbox.depth:
             log.info("spool: %d message(s) from earlier runs not yet acknowledged; they are sent first",
                      outbox.depth)
@@ -90,6 +98,8 @@ def build_station(cfg: StationConfig, options: StationOptions) -> Station:
         if cfg.engine.auto_batch and batch.size > 1:  # after the cheap checks: bad input fails at once
             station.use_batch(fastest_batch(backend, bundle.input_hw, batch.size))
     except BaseException:
+        if live is not None:
+            live.close()
         outbox.close()
         raise
     _log_startup(station)
@@ -128,6 +138,13 @@ def _metrics(cfg: StationConfig, stats: StationStats, outbox: Outbox, sinks: lis
         spool_degraded=lambda: outbox.state != "ok", spool_not_kept=lambda: outbox.not_kept))
     metrics.serve(cfg.health.prometheus_bind, cfg.health.prometheus_port)
     return metrics
+
+
+def _live_page(cfg: StationConfig) -> Optional[LiveServer]:
+    """The live page's server, its port bound (not serving yet), when live.port is set."""
+    if not cfg.live.port:
+        return None
+    return LiveServer(cfg.live.bind, cfg.live.port, LiveFeed(cfg.live.events), cfg.live.refresh_s)
 
 
 def _log_startup(station: Station) -> None:

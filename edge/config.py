@@ -284,6 +284,25 @@ class HealthConfig:
 
 
 @dataclass
+class LiveConfig:
+    """The live page (edge/live.py): what each camera sees, its score map and the last events; off when the port
+    is 0, localhost unless told otherwise (it has no authentication)."""
+
+    port: int = 0
+    bind: str = "127.0.0.1"
+    events: int = 20
+    refresh_s: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("live.port must be 0 (off) or a TCP port (1-65535)")
+        if self.events < 0:
+            raise ValueError("live.events must not be negative")
+        if self.refresh_s <= 0:
+            raise ValueError("live.refresh_s must be greater than 0")
+
+
+@dataclass
 class CollectConfig:
     """Frames kept for retraining (edge/collect.py): sampled normals, each event's frames; off by default."""
 
@@ -330,6 +349,7 @@ class StationConfig:
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
     calibration: SiteCalibrationConfig = field(default_factory=SiteCalibrationConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)

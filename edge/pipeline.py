@@ -40,6 +40,7 @@ from edge.collect import Collection
 from edge.config import StationConfig
 from edge.drift import DriftMonitor, health_payload
 from edge.health import Metrics, SystemdNotifier, spool_alarm, worker_alarm
+from edge.live import LiveServer
 from edge.outbox import Outbox
 from edge.sinks import Sink
 from edge.sources import CameraSource, Frame, FrameQueue, describe_open_failure
@@ -93,12 +94,14 @@ def render_snapshot(image: np.ndarray, amap: Optional[np.ndarray]) -> bytes:
 class Station:
     """One station run, built from its parts (edge/assembly.py builds them from the config); ``open_cameras()``,
     then ``run()``. Optional parts: ``collection`` (frames kept for retraining), ``metrics`` (the Prometheus
-    endpoint, reading ``stats``), ``watcher`` (follows a model's ``current`` and hands over new bundles)."""
+    endpoint, reading ``stats``), ``watcher`` (follows a model's ``current`` and hands over new bundles), ``live``
+    (the live page, edge/live.py: it is handed each camera's latest scored frame and the events)."""
 
     def __init__(self, cfg: StationConfig, bundle: Bundle, backend: Backend, outbox: Outbox, sinks: list[Sink],
                  site: SiteThreshold, batch: BatchSize, stats: StationStats, *,
                  collection: Optional[Collection] = None, metrics: Optional[Metrics] = None,
-                 watcher: Optional[BundleWatcher] = None, max_frames: Optional[int] = None) -> None:
+                 watcher: Optional[BundleWatcher] = None, max_frames: Optional[int] = None,
+                 live: Optional[LiveServer] = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
         self.backend = backend
@@ -109,6 +112,7 @@ class Station:
         self.collection = collection
         self.metrics = metrics
         self.watcher = watcher
+        self.live = live
         self.choice = site.choose(bundle)
         self.threshold = self.choice.threshold
         self.max_frames = max_frames
@@ -122,7 +126,7 @@ class Station:
         self.cameras: dict[str, _Camera] = {}
         for cam_cfg in cfg.cameras:
             queue = FrameQueue(cam_cfg.queue_size, cond)
-            keep = cfg.snapshots or cfg.collect.enabled  # snapshots and collection save captured frames
+            keep = cfg.snapshots or cfg.collect.enabled or live is not None  # they show or save captured frames
             src = CameraSource(cam_cfg, bundle.input_hw, queue, keep_original=keep,
                                resize=bundle.input_resize, clock=self.clock)
             if not src.live:
@@ -353,6 +357,8 @@ class Station:
             cam.stats.processed += 1
             self.frames += 1
             score = float(scores[i])
+            if self.live is not None:  # a reference only: the page draws and encodes it when asked
+                self.live.feed.frame(f.camera, f, score, None if maps is None else maps[i])
             if not math.isfinite(score):
                 cam.bad_scores += 1
                 if cam.bad_scores == 1:
@@ -405,6 +411,8 @@ class Station:
         payload = self.outbox.add_event(cam_id, make)
         self.clock.add("spool", time.perf_counter() - t0)
         self._wake_sinks()
+        if self.live is not None:
+            self.live.feed.event(payload)
         if self.metrics is not None:
             self.metrics.events.labels(cam_id, t.type).inc()
         self.events += 1
