@@ -6,10 +6,16 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-slow lint typecheck bench bench-accuracy bench-elpv broker datasets elpv clean
 
-# torch is pinned in setup.cfg (torch==2.13.0, the CPU build); a looser pin would pull a CUDA build.
+# Where torch comes from: PyTorch's CPU wheel index by default (torch==2.13.0+cpu, a 190 MB wheel; on public PyPI
+# a plain torch==2.13.0 is the CUDA build with gigabytes of NVIDIA wheels). A GPU machine: TORCH_INDEX set to the
+# index of its CUDA version (https://download.pytorch.org/whl/cu128 ...), or empty for PyPI's default CUDA build.
+# An index that does not answer within seconds is left out with one line (scripts/torch_index.py), so a machine
+# that reaches only the public registries installs without minutes of retries.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[train,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check $$($(PYTHON) scripts/torch_index.py '$(TORCH_INDEX)') \
+	  -e '.[train,dev]'
 	# tensorrt-stubs declares tensorrt itself as a dependency, which cannot install without NVIDIA's index
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps tensorrt-stubs
 	# ...and ships no py.typed and five invalid signatures: without this mypy treats every TensorRT name as Any

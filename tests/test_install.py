@@ -1,0 +1,80 @@
+"""The two installs the README promises: the station's own (``pip install .``) resolves without torch or any of
+the training stack, and the Makefile's probe of the torch wheel index (scripts/torch_index.py) gives pip the index
+only when it answers, at once, over a real socket, and leaves it out with one line when it does not."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from edge_helpers import REPO
+
+TRAINING_STACK = {"torch", "torchvision", "timm", "onnx", "scikit-learn", "matplotlib", "freia"}
+
+
+def test_the_station_install_resolves_without_the_training_stack(tmp_path: Path) -> None:
+    """What ``pip install .`` would install on a fresh station (pip's own resolver, nothing installed counted)."""
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+                           "--no-build-isolation", "--quiet", "--report", str(report), str(REPO)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert {"edge-anomaly", "onnxruntime", "opencv-python-headless", "paho-mqtt", "numpy"} <= names
+    assert not names & TRAINING_STACK, names & TRAINING_STACK
+
+
+def probe(index: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "torch_index.py"), index], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.fixture
+def wheel_index(tmp_path: Path) -> Iterator[str]:
+    """A PEP 503 index on a real socket that lists a torch page."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "index.html").write_text("<html><body></body></html>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_index_that_answers_is_given_to_pip(wheel_index: str) -> None:
+    done = probe(wheel_index)
+    assert done.returncode == 0 and done.stdout.split() == ["--extra-index-url", wheel_index], done
+    assert done.stderr == ""
+
+
+def test_an_index_that_does_not_answer_is_left_out_with_one_line() -> None:
+    with socket.socket() as s:  # a port nothing listens on: refused at once, as an unknown host fails at once
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/whl/cpu"
+    done = probe(closed)
+    assert done.returncode == 0 and done.stdout == "", done  # make goes on, with the configured indexes
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and closed in lines[0] and "does not answer" in lines[0], lines
+
+
+def test_an_empty_index_means_the_configured_indexes() -> None:
+    done = probe("")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
