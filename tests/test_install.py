@@ -1,6 +1,7 @@
-"""The two installs the README promises: the station's own (``pip install .``) resolves without torch or any of
-the training stack, and the Makefile's probe of the torch wheel index (scripts/torch_index.py) gives pip the index
-only when it answers, at once, over a real socket, and leaves it out with one line when it does not."""
+"""The installs the README promises: the CPU torch (no nvidia-* wheels in the venv make built); the station's own
+(``pip install .``) resolves without torch or any of the training stack; the Makefile's probe of the torch wheel
+index (scripts/torch_index.py) gives pip the index only when it answers, at once, over a real socket, and leaves it
+out with one line when it does not."""
 
 from __future__ import annotations
 
@@ -78,3 +79,12 @@ def test_an_index_that_does_not_answer_is_left_out_with_one_line() -> None:
 def test_an_empty_index_means_the_configured_indexes() -> None:
     done = probe("")
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_the_venv_holds_the_cpu_torch_without_nvidia_wheels() -> None:
+    """make installs the CPU build (TORCH_INDEX): a CUDA torch would have pulled nvidia-* wheels of several GB."""
+    from importlib.metadata import distributions, version
+
+    nvidia = sorted(d.metadata["Name"] for d in distributions() if d.metadata["Name"].lower().startswith("nvidia"))
+    assert not nvidia, f"the CUDA build of torch came with {nvidia}: install from TORCH_INDEX (the CPU index)"
+    assert version("torch").split("+")[0] == "2.13.0"
