@@ -88,3 +88,30 @@ def test_the_venv_holds_the_cpu_torch_without_nvidia_wheels() -> None:
     nvidia = sorted(d.metadata["Name"] for d in distributions() if d.metadata["Name"].lower().startswith("nvidia"))
     assert not nvidia, f"the CUDA build of torch came with {nvidia}: install from TORCH_INDEX (the CPU index)"
     assert version("torch").split("+")[0] == "2.13.0"
+
+
+@pytest.mark.slow
+def test_a_station_installed_alone_runs_a_bundle(tmp_path: Path, mosquitto: str) -> None:
+    """``pip install .`` into a fresh venv (no torch there: the station's runtime only, 365 MB) runs edge-run on a
+    bundle end to end: events for the defect stretch of a clip reach the broker. Slow: the install copies ~100 MB
+    of wheels (20-45 s on this VM)."""
+    from edge_helpers import Collector, check_events, check_payloads, make_toy_bundle, wait_stopped, write_video
+
+    venv = tmp_path / "station-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(REPO)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    missing = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr
+    bundle = make_toy_bundle(tmp_path / "engines")
+    defects = [(20, 35)]
+    video = write_video(tmp_path / "line.avi", defects, 50)
+    with Collector(mosquitto, ["anomaly/alone/#"]) as col:
+        run = subprocess.run([str(venv / "bin" / "edge-run"), "--camera", str(video), "--engine", str(bundle),
+                              "--mqtt", mosquitto, "--station", "alone", "--state-dir", str(tmp_path / "state")],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        wait_stopped(col)
+        got = check_payloads(col)
+    check_events(got["event"], defects, "cam0")
