@@ -1,15 +1,22 @@
 """Throughput and latency of a bundle's engine on this machine, as a table.
 
     python benchmarks/throughput.py [BUNDLE] [--batches 1,2,4,8] [--seconds 3]
+    python benchmarks/throughput.py --models draem,cutpaste,patch-svdd [--batches 1,8] [--threads 1]
 
 Without BUNDLE it uses engines/patchcore's promoted version, training one on generated data first if
 there is none. Rows: ONNX Runtime on model.onnx (FP32) and model.fp16.onnx at each batch size. Speed is
 reported as a ratio against FP32 at batch 1 measured in the same run, because this machine is noisy.
+
+``--models``: what each model costs a station, so a user can choose: every named model is fitted for one epoch
+(``--set`` keys on top: its speed does not depend on how well it learnt) on generated parts at its shipped input
+size, and one row per model gives that input, the graph's parameters and size, and FP32 frames/s at each batch
+size on ``--threads`` ONNX Runtime threads; the models are measured in turn in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import subprocess
 import sys
@@ -25,6 +32,10 @@ sys.path.insert(0, str(ROOT))
 from core.bundle import Bundle, load_bundle  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from edge.backends.onnxruntime import OrtBackend  # noqa: E402
+
+# Keys that make a model's fit one short pass whatever its recipe: the epochs of its pre-training or first stage too.
+ONE_PASS = {"deep_svdd.pretrain_epochs": 1, "deep_sad.pretrain_epochs": 1, "cutpaste.freeze_epochs": 0,
+            "efficient_ad.teacher_epochs": 1}
 
 
 def default_bundle() -> Bundle:
@@ -53,12 +64,78 @@ def measure(backend: OrtBackend, frames: np.ndarray, seconds: float) -> list[flo
     return times
 
 
+def graph_facts(path: Path) -> tuple[int, float]:
+    """(parameters, size in MB) of an ONNX graph: the element count of its initializers and the file's size."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    params = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    return params, path.stat().st_size / 1e6
+
+
+def fit_for_speed(model: str, workdir: Path, overrides: list[tuple[str, object]], images: int) -> Bundle:
+    """``model`` fitted for one epoch at its shipped input size on ``images`` generated parts (the speed of its graph
+    does not depend on how well it learnt; a memory bank's size, and so its search, can depend on the images)."""
+    from trainer.config import parse_override, parse_train_config, with_overrides
+    from trainer.models import get_model_class
+    from trainer.pipeline import fit_bundle
+    from trainer.synthetic import make_dataset
+
+    size = get_model_class(model).defaults.input_size
+    keys = {"model": model, "epochs": 1, "training.workers": 0, "report.overlays": 0,
+            **{k: v for k, v in ONE_PASS.items() if k.split(".")[0] == model.replace("-", "_")}}
+    cfg = with_overrides({}, [*(parse_override(f"{k}={v}") for k, v in keys.items()), *overrides])
+    data = make_dataset(workdir / f"data-{model}", n_train=images, n_test_good=0, n_test_defect=0, size=size, seed=0)
+    import yaml
+
+    return load_bundle(fit_bundle(parse_train_config(yaml.safe_dump(copy.deepcopy(cfg))), data,
+                                  workdir / "engines", log=lambda _m: None))
+
+
+def model_rows(models: list[str], batches: list[int], seconds: float, threads: int,
+               overrides: list[tuple[str, object]], images: int) -> None:
+    """One row per model: input, parameters, graph MB, FP32 frames/s at each batch size."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    heads = "".join(f"{f'img/s b{b}':>10}" for b in batches)
+    print(f"FP32 graphs, onnxruntime CPU, {threads} thread(s), {seconds:g} s a batch size\n")
+    print(f"{'model':<22} {'input':>9} {'params (M)':>10} {'graph MB':>9}{heads}")
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        for model in models:
+            bundle = fit_for_speed(model, Path(tmp), overrides, images)
+            h, w = bundle.input_hw
+            params, mb = graph_facts(bundle.onnx_path)
+            backend = OrtBackend(bundle.onnx_path, max_batch=max(batches), intra_op_threads=threads,
+                                 providers=["CPUExecutionProvider"])
+            speeds = []
+            for b in batches:
+                frames = rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8)
+                speeds.append(b * 1000.0 / statistics.median(measure(backend, frames, seconds)))
+            backend.close()
+            cells = "".join(f"{v:>10.1f}" for v in speeds)
+            print(f"{model:<22} {f'{h}x{w}':>9} {params / 1e6:>10.2f} {mb:>9.1f}{cells}", flush=True)
+
+
 def main() -> int:
+    from trainer.config import parse_override
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", nargs="?")
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--seconds", type=float, default=3.0, help="time spent per row")
+    ap.add_argument("--models", help="comma-separated model names: fit each for one epoch and print its cost row")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime and torch threads with --models")
+    ap.add_argument("--images", type=int, default=24, help="generated parts each --models fit learns from "
+                    "(default 24; raise it to fill a model's memory bank)")
+    ap.add_argument("--set", type=parse_override, action="append", default=[], dest="overrides",
+                    metavar="KEY=VALUE", help="a trainer config key for --models' fits (repeatable)")
     args = ap.parse_args()
+    if args.models:
+        model_rows(args.models.split(","), [int(b) for b in args.batches.split(",")], args.seconds, args.threads,
+                   args.overrides, args.images)
+        return 0
     bundle = load_bundle(args.bundle) if args.bundle else default_bundle()
     h, w = bundle.input_hw
     batches = [int(b) for b in args.batches.split(",")]
