@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint typecheck bench bench-accuracy bench-elpv broker datasets elpv clean
+.PHONY: demo test test-slow lint typecheck bench bench-accuracy bench-elpv broker browser datasets elpv clean
 
 # Where torch comes from: PyTorch's CPU wheel index by default (torch==2.13.0+cpu, a 190 MB wheel; on public PyPI
 # a plain torch==2.13.0 is the CUDA build with gigabytes of NVIDIA wheels). A GPU machine: TORCH_INDEX set to the
@@ -31,6 +31,13 @@ broker:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
 
+# Chromium and its WebDriver (Debian packages): the live page's test opens it in a real browser.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (Debian packages)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
+
 # Fashion-MNIST for the accuracy protocols (Debian package: idx gz files under /usr/share/datasets/fashion-mnist/).
 datasets:
 	@test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || { \
@@ -52,7 +59,7 @@ demo: $(STAMP) broker
 # The test files run on TEST_WORKERS processes (pytest-xdist; each file on one worker, so a file's fitted bundle is
 # shared by its tests), each worker pinned to its share of the cores; TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 2
-test: $(STAMP) broker datasets lint typecheck
+test: $(STAMP) broker browser datasets lint typecheck
 	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP) broker datasets
