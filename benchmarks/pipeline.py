@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline.py [--models patchcore] [--rounds 5] [--frames 600] [--cameras 1,2,4,8]
                                   [--batches 1,4,8,16] [--stream-seconds 10] [--json]
+    python benchmarks/pipeline.py --live [--models patchcore] [--rounds 5] [--frames 600] [--json]
 
 First, before anything else runs, `make demo`'s fit is timed (``edge-train fit`` on the demo's parts, a process
 of its own). Then, in one process, per model (fitted here on generated parts with the defaults of
@@ -23,6 +24,15 @@ machines here are noisy, so each ratio comes from one round and the table shows 
 "vs naive" compares the whole edge-run, start and shutdown included, with the naive loop.
 Then, so a user can size a station: edge-run on 1, 2, 4, 8 cameras that each deliver 30 frames/s (the clip
 replayed live, `max_fps: 30`), and at fixed batch sizes (`auto_batch: false`).
+
+``--live`` measures the live page's cost instead (edge/live.py): edge-run on the same clip, read as fast as it
+decodes, in four settings taken in turns each round (the order rotates): the page off (the score-only graph);
+on with nobody looking (the full graph, frames kept at camera resolution); on with a viewer polling like the page
+(status and, when a newer frame was scored, the frame, every second); and on with a viewer polling without pause
+(the worst case: requests back to back; the page draws a frame at most twice a refresh_s). Each viewer is a
+process of its own, as a browser is. Steady frames/s and CPU of each, its ratio to the page off, per round and
+the median, and the frames the page drew; and, to tell the graph's share apart, the backend alone on the
+score-only and the full graph (batch 8, frames in memory, in turns between the rounds).
 """
 
 from __future__ import annotations
@@ -103,11 +113,11 @@ class RawCeiling:
     SLICE_S = 0.2
 
     def __init__(self, bundle_dir: Path, frames: np.ndarray, batches: list[int], threads: int,
-                 spinning: bool) -> None:
+                 spinning: bool, need_map: bool = False) -> None:
         bundle = load_bundle(bundle_dir)
         self.frames = frames
         self.backends = {b: create_backend("onnxruntime", bundle, max_batch=b, intra_op_threads=threads,
-                                           spinning=spinning, need_map=False) for b in batches}
+                                           spinning=spinning, need_map=need_map) for b in batches}
         self.done = dict.fromkeys(batches, 0)
         self.seconds = dict.fromkeys(batches, 0.0)
         for b, backend in self.backends.items():
@@ -155,21 +165,24 @@ def naive(clip: Path, module: Any, hw: tuple[int, int], limit: int) -> float:
 def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads: int, spinning: bool,
              cameras: int = 1,
              live_fps: Optional[float] = None, max_frames: Optional[int] = None,
-             batch: Optional[int] = None) -> dict[str, Any]:
+             batch: Optional[int] = None, live_page: bool = False,
+             viewer_interval_s: Optional[float] = None) -> dict[str, Any]:
     """The station exactly as edge-run builds it (edge.cli), run in this process so its clocks can be read.
     ``cameras`` copies of the clip, one camera each; ``live_fps``: each replayed live at that rate (a camera);
-    ``batch``: a fixed batch size instead of the automatic choice."""
+    ``batch``: a fixed batch size instead of the automatic choice; ``live_page``: the live page on (a free port);
+    ``viewer_interval_s``: a viewer polls it meanwhile, pausing this long between polls."""
     from edge.cli import build_from_args, run_parser
 
-    name = f"bench{cameras}{'live' if live_fps else ''}{batch or ''}"
+    name = f"bench{cameras}{'live' if live_fps else ''}{batch or ''}{'page' if live_page else ''}"
     cams = "".join(f"  - {{id: cam{i}, source: '{clip}'" + (f", live: true, max_fps: {live_fps}" if live_fps else "")
                    + "}\n" for i in range(cameras))
     engine = f"intra_op_threads: {threads}, intra_op_spinning: {str(spinning).lower()}"
     if batch:
         engine += f", auto_batch: false, max_batch: {batch}"
     cfg_path = work / f"{name}.yaml"
+    port = free_port() if live_page else 0
     cfg_path.write_text(f"station: {name}\nstate_dir: {work / 'state'}\nmqtt: {{stats_interval_s: 1}}\n"
-                        f"engine: {{{engine}}}\ncameras:\n{cams}")
+                        f"engine: {{{engine}}}\nlive: {{port: {port}}}\ncameras:\n{cams}")
     argv = ["--config", str(cfg_path), "--engine", str(bundle_dir), "--mqtt", broker_url, "--log-level", "WARNING"]
     if max_frames:
         argv += ["--max-frames", str(max_frames)]
@@ -178,11 +191,18 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
     for sink in station.sinks:
         sink.start()
         sink.wait_first_attempt(5.0)
+    viewer = Viewer(port, viewer_interval_s) if live_page and viewer_interval_s is not None else None
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = station.run()
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    if viewer is not None:
+        viewer.stop()
+    drawn = None
+    if station.live is not None:
+        drawn = station.live.drawn if viewer is not None else None
+        station.live.close()
     for sink in station.sinks:
         sink.stop()
     station.backend.close()
@@ -199,7 +219,92 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
             "latency_p50_ms": lat50, "latency_p99_ms": lat99,
             "dropped": sum(c.source.queue.dropped for c in station.cameras.values()),
             "cpu_percent": 100.0 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall,
-            "max_rss_mb": ru1.ru_maxrss / 1024.0, "stages_s": stages, "events": result.events}
+            "max_rss_mb": ru1.ru_maxrss / 1024.0, "stages_s": stages, "events": result.events,
+            "page_frames": drawn,
+            "graph": Path(str(getattr(station.backend, "path", ""))).name}
+
+
+class Viewer:
+    """A browser on the live page, in a process of its own as a browser is, polling as the page's script does: the
+    status, then the frame when a newer one was scored, ``interval_s`` apart (0: without pause)."""
+
+    SCRIPT = """
+import json, signal, sys, time, urllib.request
+url, interval = sys.argv[1], float(sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+shown = None
+while True:
+    cams = json.loads(urllib.request.urlopen(url + "/api/status", timeout=10).read())["cameras"]
+    if cams[0]["frame"] is not None and cams[0]["frame"] != shown:
+        shown = cams[0]["frame"]
+        urllib.request.urlopen(url + "/cam/" + cams[0]["id"] + ".jpg", timeout=10).read()
+    time.sleep(interval)
+"""
+
+    def __init__(self, port: int, interval_s: float) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, f"http://127.0.0.1:{port}", str(interval_s)])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+LIVE_SETTINGS = {"off": (False, None), "on, nobody looking": (True, None), "page open (1 s)": (True, 1.0),
+                 "polled without pause": (True, 0.0)}
+
+
+def measure_live(model_name: str, args: argparse.Namespace, work: Path, broker_url: str) -> dict[str, Any]:
+    """``--live``: the live page's cost on edge-run's frames/s (see the module docstring)."""
+    bundle_dir, _ = fit(work, model_name, args.epochs)
+    bundle = load_bundle(bundle_dir)
+    w, h = (int(v) for v in args.size.split("x"))
+    from trainer.synthetic import write_clip
+
+    clip = write_clip(work / f"line-{model_name}.avi", (h, w), args.frames,
+                      [(args.frames // 5, args.frames // 5 + 30)], fps=CAMERA_FPS, seed=3, codec=args.codec)
+    frames = model_inputs(clip, bundle_dir)
+    graphs = {need_map: RawCeiling(bundle_dir, frames, [8], args.threads, args.spinning, need_map=need_map)
+              for need_map in (False, True)}
+    names = list(LIVE_SETTINGS)
+    rounds = []
+    for i in range(args.rounds):
+        for _ in range(max(1, round(args.seconds / RawCeiling.SLICE_S / 2))):  # the two graphs in turns
+            for ceiling in graphs.values():
+                ceiling.run(RawCeiling.SLICE_S)
+        order = names[i % len(names):] + names[:i % len(names)]  # each setting goes first once in four rounds
+        runs = {}
+        for name in order:
+            page, interval = LIVE_SETTINGS[name]
+            runs[name] = edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, live_page=page,
+                                  viewer_interval_s=interval)
+        rounds.append({name: runs[name] for name in names})
+    ratios = {name: statistics.median(r[name]["steady_fps"] / r["off"]["steady_fps"] for r in rounds)
+              for name in names}
+    raw = {"score-only graph": graphs[False].rates()[8], "full graph": graphs[True].rates()[8]}
+    for ceiling in graphs.values():
+        ceiling.close()
+    return {"model": f"{bundle.model_name} {bundle.input_hw[0]}x{bundle.input_hw[1]}",
+            "clip": f"{w}x{h} {args.codec}", "frames": args.frames, "rounds": rounds, "median_ratio": ratios,
+            "raw_b8_fps": raw}
+
+
+def print_live(result: dict[str, Any]) -> None:
+    print(f"\n== live page: {result['model']} on a {result['clip']} clip of {result['frames']} frames, "
+          f"{result['machine_cores']} cores; edge-run steady frames/s, CPU % (frames the page drew) ==")
+    print("graphs run: " + ", ".join(f"{n}: {r['graph']}" for n, r in result["rounds"][0].items()))
+    names = list(LIVE_SETTINGS)
+    print("round  " + "".join(f"{n:<26}" for n in names))
+    for i, r in enumerate(result["rounds"]):
+        cells = [f"{r[n]['steady_fps']:.1f}, {r[n]['cpu_percent']:.0f} %"
+                 + ("" if r[n]["page_frames"] is None else f" ({r[n]['page_frames']})") for n in names]
+        print(f"{i:<7}" + "".join(f"{c:<26}" for c in cells))
+    print("median ratio to off: " + ", ".join(f"{n} {v:.3f}" for n, v in result["median_ratio"].items()))
+    raw = result["raw_b8_fps"]
+    print(f"the backend alone at batch 8 on frames in memory (the two graphs in turns): score-only "
+          f"{raw['score-only graph']:.1f} frames/s, full graph (the map, with the page on) {raw['full graph']:.1f} "
+          f"({raw['full graph'] / raw['score-only graph']:.3f}x)")
 
 
 def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_url: str) -> dict[str, Any]:
@@ -211,15 +316,7 @@ def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_
 
     clip = write_clip(work / f"line-{model_name}.avi", (h, w), args.frames,
                       [(args.frames // 5, args.frames // 5 + 30)], fps=CAMERA_FPS, seed=3, codec=args.codec)
-    cap = cv2.VideoCapture(str(clip))
-    decoded = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        decoded.append(resize_frame(img, bundle.input_hw, bundle.input_resize))
-    cap.release()
-    frames = np.stack(decoded)
+    frames = model_inputs(clip, bundle_dir)
     batches = [b for b in args.batches_raw if b <= (bundle.max_batch or 1 << 30)]
     rounds = []
     for i in range(args.rounds):
@@ -251,6 +348,20 @@ def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_
             "frames": len(frames), "rounds": rounds, "median_efficiency": med("efficiency"),
             "median_vs_naive": med("vs_naive"), "median_batch8_vs_batch1_cost": med("batch8_vs_batch1_cost"),
             "cameras_30fps": stream, "fixed_batch": fixed}
+
+
+def model_inputs(clip: Path, bundle_dir: Path) -> np.ndarray:
+    """The clip's frames decoded and fitted to the bundle's input, in memory (what the raw backend is timed on)."""
+    bundle = load_bundle(bundle_dir)
+    cap = cv2.VideoCapture(str(clip))
+    decoded = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        decoded.append(resize_frame(img, bundle.input_hw, bundle.input_resize))
+    cap.release()
+    return np.stack(decoded)
 
 
 def rounded(value: Any) -> Any:
@@ -316,6 +427,8 @@ def main() -> int:
                                                             "raw backend included")
     ap.add_argument("--no-demo-fit", action="store_true", help="skip timing `make demo`'s fit (edge-train fit "
                                                                "on the demo's 60 parts)")
+    ap.add_argument("--live", action="store_true", help="measure the live page's cost instead (live.port off, on, "
+                                                        "viewed at the page's rate, polled without pause)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = ap.parse_args()
     args.cameras, args.batches = counts(args.cameras), counts(args.batches)
@@ -326,7 +439,7 @@ def main() -> int:
         print("pipeline: error: mosquitto not found (make broker)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="edge-pipeline-"))
-    demo_fit = None if args.no_demo_fit else demo_fit_seconds(work)  # first, while nothing else has run
+    demo_fit = None if args.no_demo_fit or args.live else demo_fit_seconds(work)  # first, while nothing else has run
     if demo_fit is not None and not args.json:
         print(f"make demo's fit (edge-train fit on the demo's 60 generated parts, process start-up included): "
               f"{demo_fit:.1f} s")
@@ -334,11 +447,11 @@ def main() -> int:
     results = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            result = measure_model(name, args, work, broker.url)
+            result = (measure_live if args.live else measure_model)(name, args, work, broker.url)
             result["machine_cores"] = len(os.sched_getaffinity(0))
             results.append(result)
             if not args.json:
-                print_tables(result)
+                (print_live if args.live else print_tables)(result)
     finally:
         broker.stop()
     if args.json:
