@@ -141,10 +141,11 @@ def _metrics(cfg: StationConfig, stats: StationStats, outbox: Outbox, sinks: lis
 
 
 def _live_page(cfg: StationConfig) -> Optional[LiveServer]:
-    """The live page's server, its port bound (not serving yet), when live.port is set."""
+    """The live page's server, its port bound and its certificate loaded (not serving yet), when live.port (or
+    edge-run --http) is set."""
     if not cfg.live.port:
         return None
-    return LiveServer(cfg.live.bind, cfg.live.port, LiveFeed(cfg.live.events), cfg.live.refresh_s)
+    return LiveServer(cfg.live, LiveFeed(cfg.live.events))
 
 
 def _log_startup(station: Station) -> None:

@@ -208,6 +208,11 @@ class SiteThreshold:
             log.warning("%s; --calibrate replaces it", exc)
             self.stored = None
 
+    def start(self, frames: int) -> None:
+        """Calibrate on the next ``frames`` scored frames, as --calibrate N does from the start (the live page's
+        "calibrate now")."""
+        self.calibrator, self.warming_up = Calibrator(frames), False
+
     @property
     def calibrating(self) -> bool:
         return self.calibrator is not None and not self.calibrator.done

@@ -37,7 +37,8 @@ _CAMERA_ID_RE = re.compile(r"^([A-Za-z0-9_.:-]+)=(.+)$")
 # parse with its parser (tests/test_cli_help.py).
 RUN_EXAMPLES = """examples:
   edge-run --camera demo-out/clip.avi --engine patchcore --max-frames 100
-  edge-run --config config/station.yaml --engine patchcore --camera 0 --station line3-press"""
+  edge-run --config config/station.yaml --engine patchcore --camera 0 --station line3-press
+  edge-run --camera demo-out/clip.avi --engine patchcore --http 127.0.0.1:8090"""
 LABEL_EXAMPLES = """examples (EVENT_ID: the event_id of the station's event messages):
   edge-run label --config config/station.yaml EVENT_ID defect --kind scratch
   edge-run label --config config/station.yaml EVENT_ID good"""
@@ -87,11 +88,27 @@ def run_parser() -> argparse.ArgumentParser:
                    help="on-site calibration: the first N frames scored (all cameras) are good parts; they set "
                         "this station's threshold for the running bundle version (kept in state_dir), no events "
                         "until done")
+    p.add_argument("--http", type=http_address, metavar="HOST:PORT",
+                   help="serve the live page (frames, heat map, scores, events, stats) on HOST:PORT, e.g. "
+                        "127.0.0.1:8090; 'off' turns it off; overrides live.bind and live.port, see "
+                        "config/station.yaml for auth and TLS (default: the config's live.bind and live.port, else "
+                        "off)")
     p.add_argument("--state-dir", metavar="DIR", help="where the event spool (and the event seq) is kept "
                    f"(default: {_config_default('state_dir')})")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level "
                    f"(default: {_config_default('logging.level')})")
     return p
+
+
+def http_address(text: str) -> tuple[str, int]:
+    """``--http HOST:PORT`` (``[::1]:8090`` for IPv6) as (host, port); ``off`` as ("", 0)."""
+    if text == "off":
+        return "", 0
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:8090) or off, got {text!r}")
+    return host, int(port)
 
 
 def _cameras_from_cli(specs: Sequence[str], configured: list) -> list:
@@ -127,9 +144,13 @@ def station_config(args: argparse.Namespace) -> StationConfig:
         cfg.state_dir = args.state_dir
     if args.log_level:
         cfg.logging.level = args.log_level
+    if args.http:
+        host, cfg.live.port = args.http
+        cfg.live.bind = host or cfg.live.bind
     where = f"{args.config}: " if args.config else ""
     try:
         cfg.validate()
+        cfg.live.validate()
         for cam in cfg.cameras:
             cam.validate()
     except ValueError as exc:

@@ -285,13 +285,21 @@ class HealthConfig:
 
 @dataclass
 class LiveConfig:
-    """The live page (edge/live.py): what each camera sees, its score map and the last events; off when the port
-    is 0, localhost unless told otherwise (it has no authentication)."""
+    """The live page (edge/live.py, ``edge-run --http HOST:PORT``): what each camera sees, its score map, the open
+    and last events, the station's stats; off when the port is 0, localhost unless told otherwise, read-only
+    unless ``allow_commands``, basic auth when ``username`` is set (its password from ``password_env``), HTTPS
+    with ``tls_cert``."""
 
     port: int = 0
     bind: str = "127.0.0.1"
     events: int = 20
     refresh_s: float = 1.0
+    username: Optional[str] = None
+    password_env: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    allow_commands: bool = False
+    calibrate_frames: int = 300
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -300,6 +308,17 @@ class LiveConfig:
             raise ValueError("live.events must not be negative")
         if self.refresh_s <= 0:
             raise ValueError("live.refresh_s must be greater than 0")
+        if bool(self.username) != bool(self.password_env):
+            raise ValueError("live.username and live.password_env go together: the user name, and the environment "
+                             "variable that holds its password")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("live.tls_key needs live.tls_cert (the certificate the key belongs to)")
+        if self.calibrate_frames < 2:
+            raise ValueError("live.calibrate_frames must be at least 2 (a few hundred good frames)")
+        if self.port and self.allow_commands and not self.username and self.bind not in ("127.0.0.1", "::1",
+                                                                                         "localhost"):
+            raise ValueError(f"live.allow_commands on live.bind {self.bind} needs live.username: anyone on the "
+                             "network could recalibrate the station")
 
 
 @dataclass

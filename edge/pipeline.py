@@ -113,6 +113,7 @@ class Station:
         self.metrics = metrics
         self.watcher = watcher
         self.live = live
+        self.keep_peaks = cfg.snapshots or live is not None  # each event's peak frame: its snapshot, on the page
         self.choice = site.choose(bundle)
         self.threshold = self.choice.threshold
         self.max_frames = max_frames
@@ -210,6 +211,19 @@ class Station:
     def request_stop(self) -> None:
         self.stop_event.set()
 
+    def calibrate_now(self, frames: int) -> None:
+        """The live page's "calibrate now", between two batches: the on-site calibration --calibrate N runs, on the
+        next ``frames`` frames. Not while an event is open (its frames are no good parts; the page refuses too)."""
+        open_on = [cam_id for cam_id, cam in self.cameras.items() if cam.detector.is_open]
+        if open_on or self.site.calibrating:
+            log.warning("calibrate now (live page): not started: %s", f"an event is open on {', '.join(open_on)}"
+                        if open_on else "a calibration is already running")
+            return
+        self.site.start(frames)
+        self.stats.calibration = {**self.choice.stats(), "calibrating": True}
+        log.info("calibrate now (live page): on-site calibration on the next %d frames (declared good: no events "
+                 "until it is done)", frames)
+
     def _drift_monitor(self, camera: str) -> DriftMonitor:
         d = self.cfg.drift
         return DriftMonitor(camera, self.choice.baseline, self.choice.sigma, d.sigmas, d.sustain_s, d.window)
@@ -250,6 +264,8 @@ class Station:
                 ready = self.watcher.take_ready() if self.watcher is not None else None
                 if ready is not None:
                     self._swap(*ready)
+                if self.live is not None and (asked := self.live.feed.take_calibration()) is not None:
+                    self.calibrate_now(asked)
                 self.notifier.tick(self.frames)
                 now = time.monotonic()
                 self._check_health(now)
@@ -274,6 +290,8 @@ class Station:
             sink.flush(0.0 if _sink_failure(sink) else sink.flush_timeout_s)
         undelivered = self.outbox.depth
         self._publish_stats()
+        if self.live is not None:
+            self.live.close()  # open streams end, the port is released
         if self._failures:
             raise WorkerDied(f"{'; '.join(self._failures)}; stopped after {self.frames} frames and {self.events} "
                              f"events so that systemd restarts the station (exit code {EXIT_WORKER_DIED})")
@@ -369,13 +387,13 @@ class Station:
                 if choice is not None:
                     self._use(choice)
             else:
-                if self.cfg.snapshots:
+                if self.keep_peaks:
                     cam.recent.append((f.index, f, None if maps is None else maps[i]))
                 was_open = cam.detector.is_open
                 transitions = cam.detector.feed(f.index, f.ts, score)
                 if self.collection is not None:
                     self.collection.on_frame(f.camera, f, score, cam.detector, transitions)
-                if self.cfg.snapshots and cam.detector.is_open:
+                if self.keep_peaks and cam.detector.is_open:
                     self._track_peak(cam, was_open)
                 for t in transitions:
                     self._emit(f.camera, cam, t)
@@ -412,15 +430,15 @@ class Station:
         self.clock.add("spool", time.perf_counter() - t0)
         self._wake_sinks()
         if self.live is not None:
-            self.live.feed.event(payload)
+            self.live.feed.event(payload, None if cam.peak is None else (cam.peak[1], t.peak_score, cam.peak[2]))
         if self.metrics is not None:
             self.metrics.events.labels(cam_id, t.type).inc()
         self.events += 1
         self.stats.events_published += 1
         log.info("event %s camera '%s' seq %d frame %d score %.4f peak %.4f", t.type, cam_id, payload["seq"],
                  t.frame, t.score, t.peak_score)
-        if t.type == "end" and self.cfg.snapshots:
-            if cam.peak is not None:
+        if t.type == "end" and self.keep_peaks:
+            if cam.peak is not None and self.cfg.snapshots:
                 _, frame, amap = cam.peak
                 jpeg = render_snapshot(frame.snapshot_image(), amap)
                 if jpeg:  # meta: what lets an operator match the picture to its event

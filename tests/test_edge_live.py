@@ -5,10 +5,14 @@ checked against core.preprocess.resize_frame for every resize mode."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -242,3 +246,117 @@ def test_heat_is_faint_for_a_good_part_and_full_at_the_threshold() -> None:
     full = heat_overlay(frame, amap, 1.0, (32, 32), "stretch").astype(int)
     spot = (slice(30, 40), slice(40, 56))  # the map's hot cell on the frame
     assert 0 < np.abs(half[spot] - 60).mean() < np.abs(full[spot] - 60).mean()
+
+
+def read_part(stream: Any, boundary: bytes) -> tuple[dict[str, str], bytes]:
+    """The next part of a multipart/x-mixed-replace stream: its headers and its body."""
+    line = stream.readline()
+    while line.strip() != b"--" + boundary:
+        assert line, "the stream ended"
+        line = stream.readline()
+    headers = {}
+    while (line := stream.readline().strip()):
+        key, _, value = line.decode().partition(":")
+        headers[key.strip()] = value.strip()
+    return headers, stream.read(int(headers["Content-Length"]))
+
+
+def test_three_mjpeg_viewers_over_https_with_basic_auth(tmp_path: Path, mosquitto: str, toy_bundle: Path) -> None:
+    """Three MJPEG streams at once over TLS, each sent newer frames; no credentials or plain HTTP get nothing."""
+    from pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    server = pki.server("live", ["localhost"], ips=("127.0.0.1",))
+    clip = write_video(tmp_path / "line.avi", [(40, 60)], 200, size=FRAME_HW, fps=10.0, seed=4)
+    port = free_port()
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"""station: st-tls
+state_dir: {tmp_path / 'state'}
+cameras:
+  - {{id: cam0, source: '{clip}', max_fps: 10}}
+live: {{port: {port}, refresh_s: 0.3, username: op, password_env: LIVE_PW, tls_cert: '{server.cert}',
+        tls_key: '{server.key}'}}
+""", encoding="utf-8")
+    proc = subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", toy_bundle, "--mqtt", mosquitto],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "LIVE_PW": "pw-1"})
+    ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+    auth = {"Authorization": "Basic " + base64.b64encode(b"op:pw-1").decode()}
+    url = f"https://127.0.0.1:{port}/cam/cam0.mjpg"
+    parts: dict[int, list[tuple[dict[str, str], bytes]]] = {}
+
+    def view(i: int) -> None:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=20, context=ctx) as resp:
+            boundary = resp.headers["Content-Type"].split("boundary=")[1].encode()
+            parts[i] = [read_part(resp, boundary) for _ in range(2)]
+
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/", timeout=5, context=ctx)
+            except urllib.error.HTTPError as exc:
+                denied = exc.code
+                break
+            except OSError:
+                time.sleep(0.1)
+        viewers = [threading.Thread(target=view, args=(i,)) for i in range(3)]
+        for v in viewers:
+            v.start()
+        for v in viewers:
+            v.join(40)
+        plain = None
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5)
+        except urllib.error.HTTPError as exc:
+            plain = exc.code
+        except OSError:
+            plain = -1  # no HTTP answer on the TLS port
+    finally:
+        err = stop(proc)
+    assert proc.returncode in (0, 3), err
+    assert denied == 401
+    assert plain in (-1, 400), plain
+    assert sorted(parts) == [0, 1, 2], err
+    for got in parts.values():
+        (h1, jpeg1), (h2, jpeg2) = got
+        assert h1["Content-Type"] == "image/jpeg" and jpeg1[:2] == b"\xff\xd8" and jpeg2[:2] == b"\xff\xd8"
+        assert int(h2["X-Frame-Index"]) > int(h1["X-Frame-Index"]), (h1, h2)  # a new part: a newer frame
+        image = cv2.imdecode(np.frombuffer(jpeg2, np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (*FRAME_HW, 3)
+    assert "live page on https://127.0.0.1:" in err and "basic auth as 'op'" in err, err
+
+
+@pytest.mark.parametrize("live, args, env, needles", [
+    ("{port: PORT, username: op, password_env: LIVE_PW_UNSET}", [], {}, ["live.password_env names LIVE_PW_UNSET"]),
+    ("{port: PORT, tls_cert: /nonexistent/live.crt}", [], {}, ["live.tls_cert /nonexistent/live.crt",
+                                                              "cannot load"]),
+    ("{port: PORT, bind: 0.0.0.0, allow_commands: true}", [], {}, ["live.allow_commands", "needs live.username"]),
+    ("{port: 0}", ["--http", "localhost"], {}, ["--http", "HOST:PORT"]),
+    ("{port: 0}", ["--http", "127.0.0.1:PORT"], {}, []),  # fine: --http turns the page on
+], ids=["password-unset", "cert-unreadable", "commands-on-the-lan-without-a-user", "http-malformed", "http-ok"])
+def test_live_page_settings_that_cannot_work_are_one_line(tmp_path: Path, mosquitto: str, toy_bundle: Path,
+                                                          live: str, args: list[str], env: dict[str, str],
+                                                          needles: list[str]) -> None:
+    clip = write_video(tmp_path / "line.avi", [], 10, size=FRAME_HW)
+    port = free_port()
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"station: st-bad\nstate_dir: {tmp_path / 'state'}\nlive: {live.replace('PORT', str(port))}\n",
+                   encoding="utf-8")
+    proc = run_cli("edge-run", ["--config", cfg, "--camera", clip, "--engine", toy_bundle, "--mqtt", mosquitto,
+                                "--max-frames", "5", *[a.replace("PORT", str(port)) for a in args]],
+                   cwd=tmp_path, env=env)
+    if needles:
+        assert_one_line_error(proc, "edge-run", *needles)
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert f"live page on http://127.0.0.1:{port}/ (no authentication, read-only)" in proc.stderr
+
+
+def test_a_page_on_the_network_without_a_user_is_warned_about(tmp_path: Path, mosquitto: str,
+                                                               toy_bundle: Path) -> None:
+    clip = write_video(tmp_path / "line.avi", [], 10, size=FRAME_HW)
+    proc = run_cli("edge-run", ["--camera", clip, "--engine", toy_bundle, "--mqtt", mosquitto, "--max-frames", "5",
+                                "--state-dir", tmp_path / "state", "--http", f"0.0.0.0:{free_port()}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warned = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln and "without authentication" in ln]
+    assert len(warned) == 1 and "live.username" in warned[0], proc.stderr
