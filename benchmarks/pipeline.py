@@ -2,7 +2,7 @@
 
     python benchmarks/pipeline.py [--models patchcore] [--rounds 5] [--frames 600] [--cameras 1,2,4,8]
                                   [--batches 1,4,8,16] [--stream-seconds 10] [--json]
-    python benchmarks/pipeline.py --live [--models patchcore] [--rounds 5] [--frames 600] [--json]
+    python benchmarks/pipeline.py --live [--viewers 1,3] [--models patchcore] [--rounds 5] [--frames 600] [--json]
 
 First, before anything else runs, `make demo`'s fit is timed (``edge-train fit`` on the demo's parts, a process
 of its own). Then, in one process, per model (fitted here on generated parts with the defaults of
@@ -26,12 +26,13 @@ Then, so a user can size a station: edge-run on 1, 2, 4, 8 cameras that each del
 replayed live, `max_fps: 30`), and at fixed batch sizes (`auto_batch: false`).
 
 ``--live`` measures the live page's cost instead (edge/live.py): edge-run on the same clip, read as fast as it
-decodes, in four settings taken in turns each round (the order rotates): the page off (the score-only graph);
-on with nobody looking (the full graph, frames kept at camera resolution); on with a viewer polling like the page
-(status and, when a newer frame was scored, the frame, every second); and on with a viewer polling without pause
-(the worst case: requests back to back; the page draws a frame at most twice a refresh_s). Each viewer is a
-process of its own, as a browser is. Steady frames/s and CPU of each, its ratio to the page off, per round and
-the median, and the frames the page drew; and, to tell the graph's share apart, the backend alone on the
+decodes, in settings taken in turns each round (the order rotates): the page off (the score-only graph); on with
+nobody looking (the full graph, frames kept at camera resolution); on with 1, 3 (``--viewers``) pages open, each
+holding the camera's MJPEG stream and reading the status every second as the page does; and on with a client
+polling status and frame without pause (the worst case: requests back to back; the page draws a frame at most
+twice a refresh_s). Each viewer is a process of its own, as a browser is. Steady frames/s and CPU of each, its
+ratio to the page off, per round and the median, the frames the page drew and the MJPEG streams held as the run started;
+and, to tell the graph's share apart, the backend alone on the
 score-only and the full graph (batch 8, frames in memory, in turns between the rounds).
 """
 
@@ -166,11 +167,11 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
              cameras: int = 1,
              live_fps: Optional[float] = None, max_frames: Optional[int] = None,
              batch: Optional[int] = None, live_page: bool = False,
-             viewer_interval_s: Optional[float] = None) -> dict[str, Any]:
+             viewers: Optional[tuple[str, int]] = None) -> dict[str, Any]:
     """The station exactly as edge-run builds it (edge.cli), run in this process so its clocks can be read.
     ``cameras`` copies of the clip, one camera each; ``live_fps``: each replayed live at that rate (a camera);
     ``batch``: a fixed batch size instead of the automatic choice; ``live_page``: the live page on (a free port);
-    ``viewer_interval_s``: a viewer polls it meanwhile, pausing this long between polls."""
+    ``viewers``: (mode, count) of Viewer processes on the page meanwhile."""
     from edge.cli import build_from_args, run_parser
 
     name = f"bench{cameras}{'live' if live_fps else ''}{batch or ''}{'page' if live_page else ''}"
@@ -191,17 +192,20 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
     for sink in station.sinks:
         sink.start()
         sink.wait_first_attempt(5.0)
-    viewer = Viewer(port, viewer_interval_s) if live_page and viewer_interval_s is not None else None
+    running = [Viewer(port, viewers[0]) for _ in range(viewers[1])] if live_page and viewers else []
+    if running:
+        Viewer.wait_connected(station, viewers)
+    streams = station.live.streams if station.live is not None else 0  # MJPEG streams held as the run starts
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = station.run()
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    if viewer is not None:
+    for viewer in running:
         viewer.stop()
     drawn = None
     if station.live is not None:
-        drawn = station.live.drawn if viewer is not None else None
+        drawn = station.live.drawn if running else None
         station.live.close()
     for sink in station.sinks:
         sink.stop()
@@ -220,39 +224,65 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
             "dropped": sum(c.source.queue.dropped for c in station.cameras.values()),
             "cpu_percent": 100.0 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall,
             "max_rss_mb": ru1.ru_maxrss / 1024.0, "stages_s": stages, "events": result.events,
-            "page_frames": drawn,
+            "page_frames": drawn, "streams": streams,
             "graph": Path(str(getattr(station.backend, "path", ""))).name}
 
 
 class Viewer:
-    """A browser on the live page, in a process of its own as a browser is, polling as the page's script does: the
-    status, then the frame when a newer one was scored, ``interval_s`` apart (0: without pause)."""
+    """A browser on the live page, in a process of its own as a browser is. ``mjpeg``: the page open (the camera's
+    MJPEG stream held and read, the status every second); ``flood``: status and, when a newer frame was scored,
+    the frame, requested back to back."""
 
     SCRIPT = """
-import json, signal, sys, time, urllib.request
-url, interval = sys.argv[1], float(sys.argv[2])
+import json, signal, sys, threading, time, urllib.request
+url, mode = sys.argv[1], sys.argv[2]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-shown = None
-while True:
-    cams = json.loads(urllib.request.urlopen(url + "/api/status", timeout=10).read())["cameras"]
-    if cams[0]["frame"] is not None and cams[0]["frame"] != shown:
-        shown = cams[0]["frame"]
-        urllib.request.urlopen(url + "/cam/" + cams[0]["id"] + ".jpg", timeout=10).read()
-    time.sleep(interval)
+def status():
+    return json.loads(urllib.request.urlopen(url + "/api/status", timeout=10).read())["cameras"]
+def stream(camera):
+    with urllib.request.urlopen(url + "/cam/" + camera + ".mjpg", timeout=60) as resp:
+        while resp.read(65536):
+            pass
+try:
+    cams = status()
+    if mode == "mjpeg":
+        threading.Thread(target=stream, args=(cams[0]["id"],), daemon=True).start()
+    shown = None
+    while True:
+        cams = status()
+        if mode == "flood" and cams[0]["frame"] is not None and cams[0]["frame"] != shown:
+            shown = cams[0]["frame"]
+            urllib.request.urlopen(url + "/cam/" + cams[0]["id"] + ".jpg", timeout=10).read()
+        time.sleep(1.0 if mode == "mjpeg" else 0.0)
+except OSError:
+    pass  # the station stopped (its page with it)
 """
 
-    def __init__(self, port: int, interval_s: float) -> None:
+    def __init__(self, port: int, mode: str) -> None:
         import subprocess
 
-        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, f"http://127.0.0.1:{port}", str(interval_s)])
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, f"http://127.0.0.1:{port}", mode])
+
+    @staticmethod
+    def wait_connected(station: Any, viewers: tuple[str, int], timeout_s: float = 30.0) -> None:
+        """Until every MJPEG viewer holds its stream (their start-up is no part of the run measured)."""
+        deadline = time.monotonic() + timeout_s
+        while viewers[0] == "mjpeg" and station.live.streams < viewers[1] and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(15)
 
 
-LIVE_SETTINGS = {"off": (False, None), "on, nobody looking": (True, None), "page open (1 s)": (True, 1.0),
-                 "polled without pause": (True, 0.0)}
+def live_settings(counts: list[int]) -> dict[str, tuple[bool, Optional[tuple[str, int]]]]:
+    """Setting name -> (page on, (viewer mode, count))."""
+    settings: dict[str, tuple[bool, Optional[tuple[str, int]]]] = {"off": (False, None),
+                                                                   "on, nobody looking": (True, None)}
+    for n in counts:
+        settings[f"{n} page{'s' if n > 1 else ''} open (MJPEG)"] = (True, ("mjpeg", n))
+    settings["polled without pause"] = (True, ("flood", 1))
+    return settings
 
 
 def measure_live(model_name: str, args: argparse.Namespace, work: Path, broker_url: str) -> dict[str, Any]:
@@ -267,18 +297,19 @@ def measure_live(model_name: str, args: argparse.Namespace, work: Path, broker_u
     frames = model_inputs(clip, bundle_dir)
     graphs = {need_map: RawCeiling(bundle_dir, frames, [8], args.threads, args.spinning, need_map=need_map)
               for need_map in (False, True)}
-    names = list(LIVE_SETTINGS)
+    settings = live_settings(args.viewers)
+    names = list(settings)
     rounds = []
     for i in range(args.rounds):
         for _ in range(max(1, round(args.seconds / RawCeiling.SLICE_S / 2))):  # the two graphs in turns
             for ceiling in graphs.values():
                 ceiling.run(RawCeiling.SLICE_S)
-        order = names[i % len(names):] + names[:i % len(names)]  # each setting goes first once in four rounds
+        order = names[i % len(names):] + names[:i % len(names)]  # each setting goes first in turn
         runs = {}
         for name in order:
-            page, interval = LIVE_SETTINGS[name]
+            page, viewers = settings[name]
             runs[name] = edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, live_page=page,
-                                  viewer_interval_s=interval)
+                                  viewers=viewers)
         rounds.append({name: runs[name] for name in names})
     ratios = {name: statistics.median(r[name]["steady_fps"] / r["off"]["steady_fps"] for r in rounds)
               for name in names}
@@ -292,13 +323,15 @@ def measure_live(model_name: str, args: argparse.Namespace, work: Path, broker_u
 
 def print_live(result: dict[str, Any]) -> None:
     print(f"\n== live page: {result['model']} on a {result['clip']} clip of {result['frames']} frames, "
-          f"{result['machine_cores']} cores; edge-run steady frames/s, CPU % (frames the page drew) ==")
+          f"{result['machine_cores']} cores; edge-run steady frames/s, CPU % (frames the page drew, MJPEG streams "
+          "held as the run started) ==")
     print("graphs run: " + ", ".join(f"{n}: {r['graph']}" for n, r in result["rounds"][0].items()))
-    names = list(LIVE_SETTINGS)
+    names = list(result["rounds"][0])
     print("round  " + "".join(f"{n:<26}" for n in names))
     for i, r in enumerate(result["rounds"]):
         cells = [f"{r[n]['steady_fps']:.1f}, {r[n]['cpu_percent']:.0f} %"
-                 + ("" if r[n]["page_frames"] is None else f" ({r[n]['page_frames']})") for n in names]
+                 + ("" if r[n]["page_frames"] is None else f" ({r[n]['page_frames']}, {r[n]['streams']})")
+                 for n in names]
         print(f"{i:<7}" + "".join(f"{c:<26}" for c in cells))
     print("median ratio to off: " + ", ".join(f"{n} {v:.3f}" for n, v in result["median_ratio"].items()))
     raw = result["raw_b8_fps"]
@@ -428,10 +461,12 @@ def main() -> int:
     ap.add_argument("--no-demo-fit", action="store_true", help="skip timing `make demo`'s fit (edge-train fit "
                                                                "on the demo's 60 parts)")
     ap.add_argument("--live", action="store_true", help="measure the live page's cost instead (live.port off, on, "
-                                                        "viewed at the page's rate, polled without pause)")
+                                                        "with --viewers pages open, polled without pause)")
+    ap.add_argument("--viewers", default="1,3", help="with --live: numbers of pages open at once, each holding the "
+                                                     "MJPEG stream (default 1,3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = ap.parse_args()
-    args.cameras, args.batches = counts(args.cameras), counts(args.batches)
+    args.cameras, args.batches, args.viewers = counts(args.cameras), counts(args.batches), counts(args.viewers)
     args.batches_raw = sorted({1, 2, 4, 8, 16} | set(args.batches))
     logging.basicConfig(level=logging.WARNING)
     binary = mosquitto_binary()

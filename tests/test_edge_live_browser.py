@@ -171,7 +171,7 @@ def test_the_browser_sees_the_frame_the_score_and_the_defects_event(
 
 def test_with_a_user_set_the_page_needs_its_credentials_and_may_calibrate_now(
         tmp_path: Path, mosquitto: str, toy_bundle: Path, browser: WebDriver) -> None:
-    clip = write_lit_video(tmp_path / "good.avi", 120, size=FRAME_HW, seed=2)
+    clip = write_lit_video(tmp_path / "good.avi", 300, size=FRAME_HW, seed=2)  # 30 s: ample, stopped once done
     port = free_port()
     password = "s3cret-pw"
     proc = start_station(tmp_path, clip, toy_bundle, mosquitto, port,
