@@ -289,6 +289,7 @@ live: {{port: {port}, refresh_s: 0.3, username: op, password_env: LIVE_PW, tls_c
             boundary = resp.headers["Content-Type"].split("boundary=")[1].encode()
             parts[i] = [read_part(resp, boundary) for _ in range(2)]
 
+    denied: Optional[int] = None
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
@@ -304,7 +305,7 @@ live: {{port: {port}, refresh_s: 0.3, username: op, password_env: LIVE_PW, tls_c
             v.start()
         for v in viewers:
             v.join(40)
-        plain = None
+        plain: Optional[int] = None
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5)
         except urllib.error.HTTPError as exc:
