@@ -92,7 +92,7 @@ def test_the_venv_holds_the_cpu_torch_without_nvidia_wheels() -> None:
 
 @pytest.mark.slow
 def test_a_station_installed_alone_runs_a_bundle(tmp_path: Path, mosquitto: str) -> None:
-    """``pip install .`` into a fresh venv (no torch there: the station's runtime only, 365 MB) runs edge-run on a
+    """``pip install .`` into a fresh venv (no torch there: the station's runtime only, 378 MB) runs edge-run on a
     bundle end to end: events for the defect stretch of a clip reach the broker. Slow: the install copies ~100 MB
     of wheels (20-45 s on this VM)."""
     from edge_helpers import Collector, check_events, check_payloads, make_toy_bundle, wait_stopped, write_video
