@@ -79,3 +79,33 @@ def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RES
         top, left = (ih - ch) // 2, (iw - cw) // 2
         image = image[top:top + ch, left:left + cw]
     return np.ascontiguousarray(_scale(image, h, w), dtype=np.uint8)
+
+
+def map_on_frame(level: np.ndarray, frame_hw: tuple[int, int], input_hw: tuple[int, int], mode: str) -> np.ndarray:
+    """``level`` (a map over the model's input, any resolution) placed on the camera frame: float32 [H, W], 0
+    where the frame was not seen by the model. Undoes core.preprocess.resize_frame's fitting: stretch scales
+    back; letterbox drops the bars; crop fills the centre region the model saw (the rest stays 0)."""
+    fh, fw = frame_hw
+    h, w = input_hw
+    mh, mw = level.shape
+    if mode == "letterbox" and (fh, fw) != (h, w):
+        # resize_frame's placement of the scaled frame inside the input, read in map pixels
+        if fw * h >= fh * w:
+            nh, nw = min(h, max(1, round(fh * w / fw))), w
+        else:
+            nh, nw = h, min(w, max(1, round(fw * h / fh)))
+        top, left = (h - nh) // 2, (w - nw) // 2
+        r0, c0 = int(top * mh / h), int(left * mw / w)
+        r1, c1 = max(r0 + 1, round((top + nh) * mh / h)), max(c0 + 1, round((left + nw) * mw / w))
+        return cv2.resize(np.ascontiguousarray(level[r0:r1, c0:c1]), (fw, fh), interpolation=cv2.INTER_LINEAR)
+    if mode == "crop" and (fh, fw) != (h, w):
+        # resize_frame's centre region of the frame, in frame pixels
+        if fw * h >= fh * w:
+            ch, cw = fh, min(fw, max(1, round(fh * w / h)))
+        else:
+            ch, cw = min(fh, max(1, round(fw * h / w))), fw
+        top, left = (fh - ch) // 2, (fw - cw) // 2
+        out = np.zeros((fh, fw), np.float32)
+        out[top:top + ch, left:left + cw] = cv2.resize(level, (cw, ch), interpolation=cv2.INTER_LINEAR)
+        return out
+    return cv2.resize(level, (fw, fh), interpolation=cv2.INTER_LINEAR)

@@ -32,7 +32,7 @@ from core.bundle import Bundle
 from core.errors import UserError
 from core.events import EventDetector, EventRule, Transition, event_payload
 from core.payloads import iso_utc
-from core.preprocess import resize_frame
+from core.preprocess import map_on_frame, resize_frame
 from edge.batcher import Batcher
 from edge.batchsize import BatchSize
 from edge.calibration import SiteThreshold, ThresholdChoice
@@ -78,11 +78,14 @@ class RunResult:
     undelivered: int
 
 
-def render_snapshot(image: np.ndarray, amap: Optional[np.ndarray]) -> bytes:
-    """JPEG of the peak frame, with the anomaly map as a heat overlay when the model gives one."""
+def render_snapshot(image: np.ndarray, amap: Optional[np.ndarray], input_hw: tuple[int, int],
+                    mode: str) -> bytes:
+    """JPEG of the peak frame, with the anomaly map as a heat overlay when the model gives one: placed on the
+    frame as the bundle's ``input.resize`` (``mode``) fitted the frame to the model's ``input_hw`` (a letterboxed
+    or cropped frame's map stretched over the whole frame would point beside the defect)."""
     if amap is not None and amap.size:
-        m = cv2.resize(np.asarray(amap, dtype=np.float32), (image.shape[1], image.shape[0]),
-                       interpolation=cv2.INTER_LINEAR)
+        m = np.asarray(amap, dtype=np.float32)
+        m = map_on_frame(m.reshape(m.shape[-2:]) if m.ndim > 2 else m, image.shape[:2], input_hw, mode)
         top = float(m.max())
         scaled = np.clip(m * (255.0 / top), 0, 255).astype(np.uint8) if top > 0 else np.zeros(m.shape, np.uint8)
         heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
@@ -440,7 +443,7 @@ class Station:
         if t.type == "end" and self.keep_peaks:
             if cam.peak is not None and self.cfg.snapshots:
                 _, frame, amap = cam.peak
-                jpeg = render_snapshot(frame.snapshot_image(), amap)
+                jpeg = render_snapshot(frame.snapshot_image(), amap, self.bundle.input_hw, self.bundle.input_resize)
                 if jpeg:  # meta: what lets an operator match the picture to its event
                     self.outbox.add_snapshot(cam_id, payload["event_id"], jpeg, {
                         "score": payload["peak_score"], "frame": frame.index, "ts": iso_utc(frame.ts)})

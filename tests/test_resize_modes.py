@@ -309,3 +309,22 @@ def test_frames_of_other_types_and_shapes_are_refused_in_one_line() -> None:
         resize_frame(np.zeros((8, 8, 3), np.float32), (8, 8))
     with pytest.raises(ValueError, match=r"frames must be \[H,W\], \[H,W,1\], \[H,W,3\] or \[H,W,4\], not \[8, 8, 2\]"):
         resize_frame(np.zeros((8, 8, 2), np.uint8), (8, 8))
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_an_event_snapshot_heats_the_defect_in_every_resize_mode(mode: str) -> None:
+    """The snapshot an event carries: a bright square off-centre in a 96x160 camera frame, fitted to a 32x32 model
+    by ``mode``; the model's map on that input (bright there) drawn back on the frame is hottest on the square
+    (red above blue), cold far from it. Stretching the map over the whole frame, as snapshots once did, put a
+    letterboxed or cropped frame's heat beside the defect."""
+    from edge.pipeline import render_snapshot
+
+    frame = np.full((96, 160, 3), 60, np.uint8)
+    frame[40:56, 100:116] = 255
+    fitted = resize_frame(frame, (32, 32), mode)
+    amap = (fitted > 200).mean(axis=2).astype(np.float32)
+    assert amap.max() > 0  # the model saw the square (crop keeps the centre 96x96, which holds it)
+    shot = cv2.imdecode(np.frombuffer(render_snapshot(frame, amap, (32, 32), mode), np.uint8), cv2.IMREAD_COLOR)
+    heat = shot[..., 2].astype(int) - shot[..., 0].astype(int)  # red minus blue: JET's hot end
+    assert heat[44:52, 104:112].mean() > 45, heat[44:52, 104:112].mean()  # stretched over a letterbox: 37
+    assert heat[:, :40].mean() < 0 and heat[:16].mean() < 0  # far from it: JET's cold end
