@@ -53,7 +53,7 @@ from core.errors import UserError
 # (tests/test_cli_help.py). A note says what a placeholder or a path stands for.
 EXAMPLES: dict[str, list[str]] = {
     "fit": ["edge-train fit --data demo-out/data --model patchcore",
-            "edge-train fit --data demo-out/data --model padim --promote never"],
+            "edge-train fit --data demo-out/data --seed 1 --promote never"],
     "eval": ["edge-train eval engines/patchcore --data demo-out/data",
              "edge-train eval engines/patchcore --data demo-out/data --json --cases 0"],
     "rerun": ["edge-train rerun engines/patchcore --data demo-out/data --stages calibrate,evaluate,report"],
