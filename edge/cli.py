@@ -33,12 +33,12 @@ EXIT_UNDELIVERED = 3
 _CAMERA_ID_RE = re.compile(r"^([A-Za-z0-9_.:-]+)=(.+)$")
 
 
-# Examples: after `make demo` (engines/patchcore and demo-out/ exist) with the shipped config; each line must
-# parse with its parser (tests/test_cli_help.py).
-RUN_EXAMPLES = """examples:
-  edge-run --camera demo-out/clip.avi --engine patchcore --max-frames 100
-  edge-run --config config/station.yaml --engine patchcore --camera 0 --station line3-press
-  edge-run --camera demo-out/clip.avi --engine patchcore --http 127.0.0.1:8090"""
+# Examples: after `make demo` (demo-out/ and a model folder under engines/ exist) with the shipped config; each
+# line must parse with its parser (tests/test_cli_help.py). The station knows no model by name: MODEL is a note.
+RUN_EXAMPLES = """examples (MODEL: a model folder under engines/, the one `make demo` trained: ls engines):
+  edge-run --camera demo-out/clip.avi --engine MODEL --max-frames 100
+  edge-run --config config/station.yaml --engine MODEL --camera 0 --station line3-press
+  edge-run --camera demo-out/clip.avi --engine MODEL --http 127.0.0.1:8090"""
 LABEL_EXAMPLES = """examples (EVENT_ID: the event_id of the station's event messages):
   edge-run label --config config/station.yaml EVENT_ID defect --kind scratch
   edge-run label --config config/station.yaml EVENT_ID good"""

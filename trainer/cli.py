@@ -47,28 +47,30 @@ from typing import Optional, Sequence
 
 from core.cli import OneLineArgumentParser, positive_int
 from core.errors import UserError
+from trainer.config import DEFAULT_MODEL
 
 # Each sub-command's worked examples, shown at the end of its --help: after `make demo` (demo-out/data holds the
-# generated parts, engines/patchcore its bundle), with the shipped configs. Every line must parse with its parser
-# (tests/test_cli_help.py). A note says what a placeholder or a path stands for.
+# generated parts, engines/<the default model> its bundle), with the shipped configs. Every line must parse with its
+# parser (tests/test_cli_help.py). A note says what a placeholder or a path stands for.
+_BUNDLE = f"engines/{DEFAULT_MODEL}"
 EXAMPLES: dict[str, list[str]] = {
-    "fit": ["edge-train fit --data demo-out/data --model patchcore",
+    "fit": [f"edge-train fit --data demo-out/data --model {DEFAULT_MODEL}",
             "edge-train fit --data demo-out/data --seed 1 --promote never"],
-    "eval": ["edge-train eval engines/patchcore --data demo-out/data",
-             "edge-train eval engines/patchcore --data demo-out/data --json --cases 0"],
-    "rerun": ["edge-train rerun engines/patchcore --data demo-out/data --stages calibrate,evaluate,report"],
-    "check-engine": ["edge-train check-engine engines/patchcore --data demo-out/data"],
-    "build-engine": ["edge-train build-engine engines/patchcore --max-batch 8"],
-    "retrain": ["edge-train retrain --station-data state/collect/station1 --current engines/patchcore"],
-    "promote": ["edge-train promote engines/patchcore/VERSION"],
-    "rollback": ["edge-train rollback patchcore"],
+    "eval": [f"edge-train eval {_BUNDLE} --data demo-out/data",
+             f"edge-train eval {_BUNDLE} --data demo-out/data --json --cases 0"],
+    "rerun": [f"edge-train rerun {_BUNDLE} --data demo-out/data --stages calibrate,evaluate,report"],
+    "check-engine": [f"edge-train check-engine {_BUNDLE} --data demo-out/data"],
+    "build-engine": [f"edge-train build-engine {_BUNDLE} --max-batch 8"],
+    "retrain": [f"edge-train retrain --station-data state/collect/station1 --current {_BUNDLE}"],
+    "promote": [f"edge-train promote {_BUNDLE}/VERSION"],
+    "rollback": [f"edge-train rollback {DEFAULT_MODEL}"],
     "config": ["edge-train config --check", "edge-train config --dump --file config/train.yaml"],
 }
 EXAMPLE_NOTES = {
     "build-engine": "on the station, with TensorRT and its GPU",
     "retrain": "state/collect/station1: the collect.dir of a station run with the shipped config and "
                "collect.enabled: true",
-    "promote": "VERSION: one of the version folders `ls engines/patchcore` lists",
+    "promote": f"VERSION: one of the version folders `ls {_BUNDLE}` lists",
 }
 
 
