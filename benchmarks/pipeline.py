@@ -193,7 +193,7 @@ def edge_run(clip: Path, bundle_dir: Path, work: Path, broker_url: str, threads:
         sink.start()
         sink.wait_first_attempt(5.0)
     running = [Viewer(port, viewers[0]) for _ in range(viewers[1])] if live_page and viewers else []
-    if running:
+    if running and viewers is not None:
         Viewer.wait_connected(station, viewers)
     streams = station.live.streams if station.live is not None else 0  # MJPEG streams held as the run starts
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -370,8 +370,8 @@ def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_
                        "batch8_vs_batch1_cost": raw[1] / raw[8] if 1 in raw and 8 in raw else None})
     stream = {c: edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, cameras=c,
                           live_fps=CAMERA_FPS, max_frames=int(args.stream_seconds * CAMERA_FPS)) for c in args.cameras}
-    fixed = {b: edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, batch=b)
-             for b in args.batches if b <= (bundle.max_batch or 1 << 30)}
+    fixed = fixed_batches(clip, bundle_dir, frames, work, broker_url, args,
+                          [b for b in args.batches if b <= (bundle.max_batch or 1 << 30)])
 
     def med(key: str) -> Optional[float]:
         values = [r[key] for r in rounds if r[key] is not None]
@@ -381,6 +381,30 @@ def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_
             "frames": len(frames), "rounds": rounds, "median_efficiency": med("efficiency"),
             "median_vs_naive": med("vs_naive"), "median_batch8_vs_batch1_cost": med("batch8_vs_batch1_cost"),
             "cameras_30fps": stream, "fixed_batch": fixed}
+
+
+def fixed_batches(clip: Path, bundle_dir: Path, frames: np.ndarray, work: Path, broker_url: str,
+                  args: argparse.Namespace, batches: list[int]) -> dict[int, dict[str, Any]]:
+    """edge-run at each fixed batch size (``auto_batch: false``) against its backend at the same size, in
+    ``--fixed-rounds`` rounds: each round times the backend at b half before and half after edge-run at b, so each
+    ratio compares one moment (this VM's speed swings by tens of percent within a minute). Per size: the last
+    round's edge-run figures, the rounds' ratios and their median."""
+    out: dict[int, dict[str, Any]] = {}
+    for _ in range(args.fixed_rounds):
+        for b in batches:
+            ceiling = RawCeiling(bundle_dir, frames, [b], args.threads, args.spinning)
+            ceiling.run(args.seconds / 2)
+            station = edge_run(clip, bundle_dir, work, broker_url, args.threads, args.spinning, batch=b)
+            ceiling.run(args.seconds / 2)
+            raw = ceiling.rates()[b]
+            ceiling.close()
+            row = out.setdefault(b, {"ratios": [], "raw_fps": []})
+            row.update(station)
+            row["ratios"].append(station["steady_fps"] / raw)
+            row["raw_fps"].append(raw)
+    for row in out.values():
+        row["median_ratio"] = statistics.median(row["ratios"])
+    return out
 
 
 def model_inputs(clip: Path, bundle_dir: Path) -> np.ndarray:
@@ -432,10 +456,13 @@ def print_tables(result: dict[str, Any]) -> None:
     for c, r in result["cameras_30fps"].items():
         print(f"  {c:>3}  {r['fps']:8.1f}  {r['dropped']:>6}  {r['batch']:>3}  {r['latency_p50_ms']} / "
               f"{r['latency_p99_ms']}  {r['cpu_percent']:.0f}")
-    print("fixed batch size (auto_batch: false; the clip read as fast as it decodes): batch, frames/s, "
-          "latency p50 / p99 ms")
+    print("fixed batch size (auto_batch: false; the clip read as fast as it decodes) against the backend at that size "
+          "in the same rounds: batch, edge-run frames/s (steady, last round), raw frames/s (last round), edge-run / "
+          "raw per round and median, latency p50 / p99 ms")
     for b, r in result["fixed_batch"].items():
-        print(f"  {b:>3}  {r['fps']:8.1f}  {r['latency_p50_ms']} / {r['latency_p99_ms']}")
+        per_round = " ".join(f"{v:.2f}" for v in r["ratios"])
+        print(f"  {b:>3}  {r['steady_fps']:8.1f}  {r['raw_fps'][-1]:8.1f}  {per_round} ({r['median_ratio']:.2f})  "
+              f"{r['latency_p50_ms']} / {r['latency_p99_ms']}")
 
 
 def counts(text: str) -> list[int]:
@@ -456,6 +483,8 @@ def main() -> int:
     ap.add_argument("--cameras", default="1,2,4,8", help="camera counts at 30 frames/s each (default 1,2,4,8)")
     ap.add_argument("--stream-seconds", type=float, default=10.0, help="seconds per camera-count row (default 10)")
     ap.add_argument("--batches", default="1,4,8,16", help="fixed batch sizes for edge-run (default 1,4,8,16)")
+    ap.add_argument("--fixed-rounds", type=int, default=3,
+                    help="rounds of edge-run against the backend at each fixed batch size (default 3)")
     ap.add_argument("--spinning", action="store_true", help="engine.intra_op_spinning: true (default false), "
                                                             "raw backend included")
     ap.add_argument("--no-demo-fit", action="store_true", help="skip timing `make demo`'s fit (edge-train fit "
