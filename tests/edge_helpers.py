@@ -507,3 +507,15 @@ def fill_disk(filler: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def stop_station(proc: subprocess.Popen) -> str:
+    """SIGTERM a running edge-run (what systemd sends), wait for its clean exit, kill it if it hangs; its stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return str(err)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -23,7 +22,17 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from edge_helpers import BRIGHT, REPO, assert_one_line_error, cli_command, free_port, run_cli, toy_model, write_video
+from edge_helpers import (
+    BRIGHT,
+    REPO,
+    assert_one_line_error,
+    cli_command,
+    free_port,
+    run_cli,
+    stop_station,
+    toy_model,
+    write_video,
+)
 
 from core.bundle import new_version_dir, write_manifest
 from core.preprocess import RESIZE_MODES, resize_frame
@@ -59,7 +68,7 @@ def clip_frames(clip: Path) -> list[np.ndarray]:
 def start_station(tmp_path: Path, clip: Path, engine: Path, broker: str, port: int) -> subprocess.Popen:
     """edge-run on ``clip`` read at 10 frames/s (as a camera delivers it), the live page on ``port``."""
     cfg = tmp_path / "st.yaml"
-    cfg.write_text(f"""station: st-live
+    cfg.write_text(f"""station: st-livepage
 state_dir: {tmp_path / 'state'}
 cameras:
   - {{id: cam0, source: '{clip}', max_fps: 10}}
@@ -68,17 +77,6 @@ live: {{port: {port}}}
 """, encoding="utf-8")
     return subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", engine, "--mqtt", broker],
                             cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-
-
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return str(err)
 
 
 def fetch_frame(port: int) -> Optional[tuple[int, np.ndarray]]:
@@ -120,12 +118,12 @@ def test_the_live_page_shows_the_frame_its_heat_map_the_score_and_the_events(
             if good and defect and any(s["events"] and s["cameras"][0]["state"] == "event" for s in statuses):
                 break
     finally:
-        err = stop(proc)
+        err = stop_station(proc)
     assert proc.returncode in (0, 3), err  # 3: stopped before the broker acknowledged every event
     assert b"<script>" in page and b"api/status" in page and b"src=\"http" not in page  # works offline
     assert statuses, err
     last = statuses[-1]
-    assert last["station"] == "st-live" and last["model"] == "toy" and last["model_version"] == toy_bundle.name
+    assert last["station"] == "st-livepage" and last["model"] == "toy" and last["model_version"] == toy_bundle.name
     assert last["threshold"] == pytest.approx(0.1)
     cam = last["cameras"][0]
     assert cam["id"] == "cam0" and isinstance(cam["score"], float) and cam["map"] is True
@@ -186,7 +184,7 @@ def test_a_model_with_a_score_only_shows_the_plain_frame(tmp_path: Path, mosquit
             except OSError:
                 continue
     finally:
-        err = stop(proc)
+        err = stop_station(proc)
     assert got is not None, err
     index, image = got
     assert status["cameras"][0]["map"] is False
@@ -313,7 +311,7 @@ live: {{port: {port}, refresh_s: 0.3, username: op, password_env: LIVE_PW, tls_c
         except OSError:
             plain = -1  # no HTTP answer on the TLS port
     finally:
-        err = stop(proc)
+        err = stop_station(proc)
     assert proc.returncode in (0, 3), err
     assert denied == 401
     assert plain in (-1, 400), plain
@@ -341,8 +339,8 @@ def test_live_page_settings_that_cannot_work_are_one_line(tmp_path: Path, mosqui
     clip = write_video(tmp_path / "line.avi", [], 10, size=FRAME_HW)
     port = free_port()
     cfg = tmp_path / "st.yaml"
-    cfg.write_text(f"station: st-bad\nstate_dir: {tmp_path / 'state'}\nlive: {live.replace('PORT', str(port))}\n",
-                   encoding="utf-8")
+    settings = live.replace("PORT", str(port))
+    cfg.write_text(f"station: st-live-settings\nstate_dir: {tmp_path / 'state'}\nlive: {settings}\n", encoding="utf-8")
     proc = run_cli("edge-run", ["--config", cfg, "--camera", clip, "--engine", toy_bundle, "--mqtt", mosquitto,
                                 "--max-frames", "5", *[a.replace("PORT", str(port)) for a in args]],
                    cwd=tmp_path, env=env)

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-from edge_helpers import cli_command, free_port, write_lit_video, write_video
+from edge_helpers import cli_command, free_port, stop_station, write_lit_video, write_video
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -86,17 +85,6 @@ live: {{refresh_s: 0.5{live}}}
     return subprocess.Popen([*cli_command("edge-run"), "--config", cfg, "--engine", engine, "--mqtt", broker,
                              "--http", f"127.0.0.1:{port}"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
-
-
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return str(err)
 
 
 def wait_listening(proc: subprocess.Popen, port: int) -> None:
@@ -159,7 +147,7 @@ def test_the_browser_sees_the_frame_the_score_and_the_defects_event(
         code, _, body = request(f"{url}api/calibrate", "POST", {"Content-Type": "application/json"}, b"{}")
         assert code == 403 and b"read-only" in body, (code, body)  # live.allow_commands is off by default
     finally:
-        err = stop(proc)
+        err = stop_station(proc)
     assert proc.returncode in (0, 3), err
     cells = start["cells"]  # snapshot, time, camera, type, frame, score, peak, reason
     assert cells[2] == "cam0" and cells[3] == "start" and DEFECT[0] <= int(cells[4]) < DEFECT[1], cells
@@ -208,7 +196,7 @@ def test_with_a_user_set_the_page_needs_its_credentials_and_may_calibrate_now(
             json.loads(request(url + "api/status", headers=basic("op", password))[2])),
             "the calibration asked for never set a new threshold")
     finally:
-        err = stop(proc)
+        err = stop_station(proc)
     assert proc.returncode in (0, 3), err
     assert said == "calibrating on the next 20 frames", said
     assert "calibrate now on the next 20 frames, asked from 127.0.0.1 by 'op'" in err, err
