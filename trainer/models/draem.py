@@ -94,8 +94,15 @@ Measured (2026-12-07, the 2-core VM at load average 4-9, one thread; scored thro
   0.686 +- 0.197 (spots 1.00: coloured textures look like stains; missing 0.65, crack 0.77): worse and far
   less steady than ``self``. So SSPCAB stays off: the SSPCAB paper reports its DRAEM gain on MVTec at the full
   recipe (700 epochs, the paper's widths), which this CPU cannot run.
-- not measured: the ELPV solar-cell protocol (benchmarks/protocol.py; a fit at the shipped 160 px and 100
-  epochs is hours of this CPU) and the paper's widths.
+- ELPV mono solar cells (2026-12-07, idle VM, 2 threads; benchmarks/protocol.py --dataset elpv --cell mono
+  --models draem --seeds 1 --threads 2 --size 128 --epochs 40, then --first-seed 1 --seeds 2; 128 px and 40
+  epochs for CPU time, 400 s a fit): image AUROC 87.0, 79.5 and **29.6** (seeds 0, 1, 2): 65.4 +- 31.2, against
+  PatchCore's 94.2 +- 0.2. On seed 2 the real defects (dark cracks and inactive regions of
+  electroluminescence images) score below the functional cells: what the network learnt to segment (pasted
+  texture with the image's own statistics) is not what these defects look like, and nothing in the training says
+  so (no labelled defects; the epoch is chosen by the held-out normals' loss). Unstable on these cells; not a
+  model for them at this recipe.
+- not measured: the paper's widths.
 """
 
 from __future__ import annotations
