@@ -45,6 +45,27 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def letterbox_box(frame_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a letterboxed frame inside the input: the limiting side fitted exactly, the
+    other keeping the aspect ratio (integer compare: no float ties), centred between the bars."""
+    (ih, iw), (h, w) = frame_hw, input_hw
+    if iw * h >= ih * w:
+        nh, nw = min(h, max(1, round(ih * w / iw))), w
+    else:
+        nh, nw = h, min(w, max(1, round(iw * h / ih)))
+    return (h - nh) // 2, (w - nw) // 2, nh, nw
+
+
+def crop_box(frame_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the centre region of the frame, in frame pixels, with the input's aspect."""
+    (ih, iw), (h, w) = frame_hw, input_hw
+    if iw * h >= ih * w:
+        ch, cw = ih, min(iw, max(1, round(ih * w / h)))
+    else:
+        ch, cw = min(ih, max(1, round(iw * h / w))), iw
+    return (ih - ch) // 2, (iw - cw) // 2, ch, cw
+
+
 def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RESIZE) -> np.ndarray:
     """To the model's H×W, uint8 BGR, fitted by ``mode`` (core.bundle.RESIZE_MODES).
 
@@ -61,22 +82,13 @@ def resize_frame(image: np.ndarray, hw: tuple[int, int], mode: str = DEFAULT_RES
     h, w = hw
     ih, iw = image.shape[:2]
     if mode == "letterbox" and (ih, iw) != (h, w):
-        # Fit the limiting side exactly; the other keeps the aspect ratio (integer compare: no float ties).
-        if iw * h >= ih * w:
-            nh, nw = min(h, max(1, round(ih * w / iw))), w
-        else:
-            nh, nw = h, min(w, max(1, round(iw * h / ih)))
+        top, left, nh, nw = letterbox_box((ih, iw), hw)
         out = np.zeros((h, w, 3), np.uint8)
-        top, left = (h - nh) // 2, (w - nw) // 2
         out[top:top + nh, left:left + nw] = _scale(image, nh, nw)
         return out
     if mode == "crop" and (ih, iw) != (h, w):
         # Crop in source pixels first: the same centre region, without resizing what is cut away.
-        if iw * h >= ih * w:
-            ch, cw = ih, min(iw, max(1, round(ih * w / h)))
-        else:
-            ch, cw = min(ih, max(1, round(iw * h / w))), iw
-        top, left = (ih - ch) // 2, (iw - cw) // 2
+        top, left, ch, cw = crop_box((ih, iw), hw)
         image = image[top:top + ch, left:left + cw]
     return np.ascontiguousarray(_scale(image, h, w), dtype=np.uint8)
 
@@ -90,21 +102,13 @@ def map_on_frame(level: np.ndarray, frame_hw: tuple[int, int], input_hw: tuple[i
     mh, mw = level.shape
     if mode == "letterbox" and (fh, fw) != (h, w):
         # resize_frame's placement of the scaled frame inside the input, read in map pixels
-        if fw * h >= fh * w:
-            nh, nw = min(h, max(1, round(fh * w / fw))), w
-        else:
-            nh, nw = h, min(w, max(1, round(fw * h / fh)))
-        top, left = (h - nh) // 2, (w - nw) // 2
+        top, left, nh, nw = letterbox_box(frame_hw, input_hw)
         r0, c0 = int(top * mh / h), int(left * mw / w)
         r1, c1 = max(r0 + 1, round((top + nh) * mh / h)), max(c0 + 1, round((left + nw) * mw / w))
         return cv2.resize(np.ascontiguousarray(level[r0:r1, c0:c1]), (fw, fh), interpolation=cv2.INTER_LINEAR)
     if mode == "crop" and (fh, fw) != (h, w):
         # resize_frame's centre region of the frame, in frame pixels
-        if fw * h >= fh * w:
-            ch, cw = fh, min(fw, max(1, round(fh * w / h)))
-        else:
-            ch, cw = min(fh, max(1, round(fw * h / w))), fw
-        top, left = (fh - ch) // 2, (fw - cw) // 2
+        top, left, ch, cw = crop_box(frame_hw, input_hw)
         out = np.zeros((fh, fw), np.float32)
         out[top:top + ch, left:left + cw] = cv2.resize(level, (cw, ch), interpolation=cv2.INTER_LINEAR)
         return out
