@@ -285,16 +285,22 @@ def live_settings(counts: list[int]) -> dict[str, tuple[bool, Optional[tuple[str
     return settings
 
 
+def clip_and_inputs(model_name: str, bundle_dir: Path, args: argparse.Namespace,
+                    work: Path) -> tuple[Any, Path, np.ndarray]:
+    """The fitted bundle, the generated clip every path reads (``--size``, ``--frames``, ``--codec``, one defect
+    stretch) and its frames fitted to the model, in memory for the raw backend."""
+    from trainer.synthetic import write_clip
+
+    w, h = (int(v) for v in args.size.split("x"))
+    clip = write_clip(work / f"line-{model_name}.avi", (h, w), args.frames,
+                      [(args.frames // 5, args.frames // 5 + 30)], fps=CAMERA_FPS, seed=3, codec=args.codec)
+    return load_bundle(bundle_dir), clip, model_inputs(clip, bundle_dir)
+
+
 def measure_live(model_name: str, args: argparse.Namespace, work: Path, broker_url: str) -> dict[str, Any]:
     """``--live``: the live page's cost on edge-run's frames/s (see the module docstring)."""
     bundle_dir, _ = fit(work, model_name, args.epochs)
-    bundle = load_bundle(bundle_dir)
-    w, h = (int(v) for v in args.size.split("x"))
-    from trainer.synthetic import write_clip
-
-    clip = write_clip(work / f"line-{model_name}.avi", (h, w), args.frames,
-                      [(args.frames // 5, args.frames // 5 + 30)], fps=CAMERA_FPS, seed=3, codec=args.codec)
-    frames = model_inputs(clip, bundle_dir)
+    bundle, clip, frames = clip_and_inputs(model_name, bundle_dir, args, work)
     graphs = {need_map: RawCeiling(bundle_dir, frames, [8], args.threads, args.spinning, need_map=need_map)
               for need_map in (False, True)}
     settings = live_settings(args.viewers)
@@ -317,7 +323,7 @@ def measure_live(model_name: str, args: argparse.Namespace, work: Path, broker_u
     for ceiling in graphs.values():
         ceiling.close()
     return {"model": f"{bundle.model_name} {bundle.input_hw[0]}x{bundle.input_hw[1]}",
-            "clip": f"{w}x{h} {args.codec}", "frames": args.frames, "rounds": rounds, "median_ratio": ratios,
+            "clip": f"{args.size} {args.codec}", "frames": args.frames, "rounds": rounds, "median_ratio": ratios,
             "raw_b8_fps": raw}
 
 
@@ -343,13 +349,7 @@ def print_live(result: dict[str, Any]) -> None:
 def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_url: str) -> dict[str, Any]:
     """Every table for one model; see the module docstring."""
     bundle_dir, module = fit(work, model_name, args.epochs)
-    bundle = load_bundle(bundle_dir)
-    w, h = (int(v) for v in args.size.split("x"))
-    from trainer.synthetic import write_clip
-
-    clip = write_clip(work / f"line-{model_name}.avi", (h, w), args.frames,
-                      [(args.frames // 5, args.frames // 5 + 30)], fps=CAMERA_FPS, seed=3, codec=args.codec)
-    frames = model_inputs(clip, bundle_dir)
+    bundle, clip, frames = clip_and_inputs(model_name, bundle_dir, args, work)
     batches = [b for b in args.batches_raw if b <= (bundle.max_batch or 1 << 30)]
     rounds = []
     for i in range(args.rounds):
@@ -377,7 +377,8 @@ def measure_model(model_name: str, args: argparse.Namespace, work: Path, broker_
         values = [r[key] for r in rounds if r[key] is not None]
         return statistics.median(values) if values else None
 
-    return {"model": f"{bundle.model_name} {bundle.input_hw[0]}x{bundle.input_hw[1]}", "clip": f"{w}x{h} {args.codec}",
+    return {"model": f"{bundle.model_name} {bundle.input_hw[0]}x{bundle.input_hw[1]}",
+            "clip": f"{args.size} {args.codec}",
             "frames": len(frames), "rounds": rounds, "median_efficiency": med("efficiency"),
             "median_vs_naive": med("vs_naive"), "median_batch8_vs_batch1_cost": med("batch8_vs_batch1_cost"),
             "cameras_30fps": stream, "fixed_batch": fixed}
