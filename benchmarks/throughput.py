@@ -16,7 +16,6 @@ size on ``--threads`` ONNX Runtime threads; the models are measured in turn in t
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import subprocess
 import sys
@@ -76,20 +75,20 @@ def graph_facts(path: Path) -> tuple[int, float]:
 def fit_for_speed(model: str, workdir: Path, overrides: list[tuple[str, object]], images: int) -> Bundle:
     """``model`` fitted for one epoch at its shipped input size on ``images`` generated parts (the speed of its graph
     does not depend on how well it learnt; a memory bank's size, and so its search, can depend on the images)."""
-    from trainer.config import parse_override, parse_train_config, with_overrides
-    from trainer.models import get_model_class
+    import yaml
+
+    from trainer.config import parse_train_config, with_overrides
+    from trainer.models import get_model_class, section_key
     from trainer.pipeline import fit_bundle
     from trainer.synthetic import make_dataset
 
     size = get_model_class(model).defaults.input_size
     keys = {"model": model, "epochs": 1, "training.workers": 0, "report.overlays": 0,
-            **{k: v for k, v in ONE_PASS.items() if k.split(".")[0] == model.replace("-", "_")}}
-    cfg = with_overrides({}, [*(parse_override(f"{k}={v}") for k, v in keys.items()), *overrides])
+            **{k: v for k, v in ONE_PASS.items() if k.split(".")[0] == section_key(model)}}
+    cfg = with_overrides({}, [*keys.items(), *overrides])
     data = make_dataset(workdir / f"data-{model}", n_train=images, n_test_good=0, n_test_defect=0, size=size, seed=0)
-    import yaml
-
-    return load_bundle(fit_bundle(parse_train_config(yaml.safe_dump(copy.deepcopy(cfg))), data,
-                                  workdir / "engines", log=lambda _m: None))
+    return load_bundle(fit_bundle(parse_train_config(yaml.safe_dump(cfg)), data, workdir / "engines",
+                                  log=lambda _m: None))
 
 
 def model_rows(models: list[str], batches: list[int], seconds: float, threads: int,
