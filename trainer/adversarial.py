@@ -17,7 +17,7 @@ from torch import nn
 
 from trainer.ingraph import FrameInput, ReconstructionMap, ScoreScale
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import FOREIGN_OBJECTS
+from trainer.models import FOREIGN_OBJECTS, GENERATIVE
 from trainer.networks import check_power_of_two, init_dcgan_weights
 
 COLLAPSED_DISCRIMINATOR_LOSS = 1e-5
@@ -35,6 +35,7 @@ class AdversarialModel(EpochModel):
     """Generator + discriminator; the model's settings section holds lr, beta1 and map_sigma (``check_adversarial``)."""
 
     scales_scores = True
+    family = GENERATIVE
     catches = FOREIGN_OBJECTS  # whole-image scores: what departs from a good part as a whole
     # The export modules' min-max score scaling (their ``scale`` attribute, ScoreScale): it multiplies by
     # 1 / (high - low), which can exceed FP16's largest value (65504) and magnifies the raw score's FP16

@@ -11,9 +11,17 @@ colour order, normalisation and all scoring inside the graph, so the ONNX file i
 """
 
 from trainer.models.base import (
+    DISTILLATION,
+    FAMILIES,
+    FEATURE_MEMORY,
     FOREIGN_OBJECTS,
+    GENERATIVE,
+    NORMALIZING_FLOWS,
+    ONE_CLASS,
     PLUGIN_ENV,
+    SELF_SUPERVISED,
     SURFACE_DEFECTS,
+    SYNTHETIC_ANOMALIES,
     AnomalyModel,
     ModelDefaults,
     ModelSettings,
@@ -38,6 +46,8 @@ from trainer.models.base import (
 )
 
 __all__ = [
+    "DISTILLATION", "FAMILIES", "FEATURE_MEMORY", "GENERATIVE",
+    "NORMALIZING_FLOWS", "ONE_CLASS", "SELF_SUPERVISED", "SYNTHETIC_ANOMALIES",
     "FOREIGN_OBJECTS", "PLUGIN_ENV", "SURFACE_DEFECTS", "AnomalyModel", "ModelDefaults", "ModelSettings",
     "RunOptions", "check_model_name", "create_model", "field_docs", "get_model_class", "known_model_names",
     "list_models", "model_catalogue", "model_packages", "model_sections", "register_model",

@@ -38,6 +38,18 @@ if TYPE_CHECKING:  # this module stays torch-free, so a wrong --model answers be
 SURFACE_DEFECTS = "patch features: local surface defects (scratches, spots, cracks)"
 FOREIGN_OBJECTS = "image-level: wrong or foreign objects, whole-image departures"
 
+# The family a model belongs to (``AnomalyModel.family``): how the literature groups the methods, and how
+# ``edge-train fit --help`` and the README's table list them (in this order).
+FEATURE_MEMORY = "pretrained features: memory banks and Gaussians"
+NORMALIZING_FLOWS = "normalizing flows on pretrained features"
+DISTILLATION = "knowledge distillation: students that imitate a frozen teacher"
+SYNTHETIC_ANOMALIES = "synthetic anomalies: classifiers of the defects the model paints itself"
+ONE_CLASS = "one-class boundaries: a compact region of normality"
+SELF_SUPERVISED = "self-supervised: transformation and contrastive tasks"
+GENERATIVE = "generative reconstruction: GANs and autoencoders"
+FAMILIES = (FEATURE_MEMORY, NORMALIZING_FLOWS, DISTILLATION, SYNTHETIC_ANOMALIES, ONE_CLASS, SELF_SUPERVISED,
+            GENERATIVE)
+
 BUILTIN_PACKAGE = "trainer.models"
 PLUGIN_ENV = "EDGE_TRAIN_MODEL_PACKAGES"  # comma-separated packages whose modules are model files too
 NOT_MODEL_MODULES = frozenset({"base"})  # modules of a model package that hold no model
@@ -136,11 +148,13 @@ class AnomalyModel(ABC):
     for (SURFACE_DEFECTS or FOREIGN_OBJECTS). ``map_in_score_units``: the anomaly map is in the score's units
     (the score is the peak of the unsmoothed map), so the report's overlays can mark the threshold itself on
     their colour scale. ``display_name``: how people write the model's name (the paper's spelling).
+    ``family``: the method family (one of FAMILIES).
     """
 
     name: str = ""
     display_name: str = ""
     catches: str = ""
+    family: str = ""
     trains_with_epochs: bool = False
     trains_distributed: bool = False  # can fit under torchrun with several processes (trainer/distributed.py)
     learns_from_defects: bool = False  # trains on labelled defects too (DIR/train/<kind>/, TrainingData.known_defects)

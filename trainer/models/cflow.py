@@ -70,7 +70,15 @@ from trainer.flows import (
 )
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import (
+    NORMALIZING_FLOWS,
+    SURFACE_DEFECTS,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -195,6 +203,7 @@ class Cflow(EpochModel):
     """CFLOW-AD: conditional normalizing flows of the backbone's features per position; low likelihood = defect."""
 
     catches = SURFACE_DEFECTS
+    family = NORMALIZING_FLOWS
     display_name = "CFLOW-AD"
     caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     map_in_score_units = True  # score = max of the unsmoothed map

@@ -58,7 +58,15 @@ from trainer.features import config_taps
 from trainer.flows import FeatureCache, log_likelihood, pack_maps, seeded_numpy, unpack_maps
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import (
+    NORMALIZING_FLOWS,
+    SURFACE_DEFECTS,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 from trainer.models.differnet import ScaledFeatures
 
 if TYPE_CHECKING:
@@ -275,6 +283,7 @@ class CsFlow(EpochModel):
     """CS-Flow: the likelihood of three scales' feature maps under one cross-scale normalizing flow."""
 
     catches = SURFACE_DEFECTS
+    family = NORMALIZING_FLOWS
     display_name = "CS-Flow"
     caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     defaults = ModelDefaults(input_size=256, batch_size=16, epochs=240)  # official batch 16; 4 x 60 epochs

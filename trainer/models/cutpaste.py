@@ -109,7 +109,15 @@ from trainer.flows import frame_key
 from trainer.gaussian import MahalanobisDistance, ledoit_wolf, whitening
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import (
+    SURFACE_DEFECTS,
+    SYNTHETIC_ANOMALIES,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -354,6 +362,7 @@ class CutPaste(EpochModel):
     representation of the normal images scores by Mahalanobis distance, one of its stride-16 positions maps."""
 
     catches = SURFACE_DEFECTS
+    family = SYNTHETIC_ANOMALIES
     display_name = "CutPaste"
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=30)
     # The Gaussians (centring, whitening matmul, sum of squares over 1280 dims on Lite0) and the fine-tuned backbone's

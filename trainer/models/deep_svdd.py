@@ -51,7 +51,7 @@ from torch import nn
 from core.errors import UserError
 from trainer.ingraph import FrameInput, MapBlur
 from trainer.loop import BEST, LAST, RUN, EpochModel, EpochTrainer, Log, LossParts, Update, resolve_device
-from trainer.models import FOREIGN_OBJECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import FOREIGN_OBJECTS, ONE_CLASS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -317,6 +317,7 @@ class DeepSvdd(EpochModel):
     """Deep SVDD: a bias-free CNN trained to map normal images close to a centre c; the distance is the score."""
 
     catches = FOREIGN_OBJECTS  # one representation of the whole image: departures of the image as a whole
+    family = ONE_CLASS
     display_name = "Deep SVDD"
     defaults = ModelDefaults(input_size=64, batch_size=200, epochs=150)  # the official batch and epochs
     # The distance subtracts c from phi and sums squares: kept FP32, as the other models' distances.

@@ -60,7 +60,7 @@ from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, log_likelihood, seeded_numpy
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import FOREIGN_OBJECTS, ModelDefaults, ModelSettings, register_model, setting
+from trainer.models import FOREIGN_OBJECTS, NORMALIZING_FLOWS, ModelDefaults, ModelSettings, register_model, setting
 
 VIEW_COUNTS = (1, 2, 4, 8)
 CACHE_BYTES = 1 << 30  # cached training features kept in host memory (flows.FeatureCache stops storing beyond)
@@ -279,6 +279,7 @@ class DifferNet(EpochModel):
     """DifferNet: the likelihood of pooled multi-scale backbone features under a normalizing flow."""
 
     catches = FOREIGN_OBJECTS  # one pooled vector of the whole image: image-level departures
+    family = NORMALIZING_FLOWS
     display_name = "DifferNet"
     caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     defaults = ModelDefaults(input_size=224, batch_size=24, epochs=192)  # official batch 24; 24 x 8 epochs

@@ -122,7 +122,15 @@ from torch import nn
 
 from core.errors import UserError
 from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import (
+    SURFACE_DEFECTS,
+    SYNTHETIC_ANOMALIES,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -594,6 +602,7 @@ class Draem(EpochModel):
     the image and its reconstruction differ; its map is the output."""
 
     catches = SURFACE_DEFECTS
+    family = SYNTHETIC_ANOMALIES
     display_name = "DRAEM"
     defaults = ModelDefaults(input_size=160, batch_size=8, epochs=100)
     # The score's 2-class softmax, mean filter and maximum stay FP32 in model.fp16.onnx (near-tied scores).

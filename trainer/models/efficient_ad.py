@@ -134,7 +134,15 @@ from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, pack_maps, score_and_map, unpack_maps
 from trainer.ingraph import ImageNetInput, MapBlur
 from trainer.loop import BEST, LAST, RUN, EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import (
+    DISTILLATION,
+    SURFACE_DEFECTS,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -421,6 +429,7 @@ class EfficientAd(EpochModel):
     """EfficientAD: a student PDN and an autoencoder imitate a teacher PDN; their disagreement is the map."""
 
     catches = SURFACE_DEFECTS
+    family = DISTILLATION
     display_name = "EfficientAD"
     caches_features = True  # prepare() caches the frozen teacher's outputs of each training frame
     trains_distributed = False  # the caches are this process's

@@ -56,7 +56,7 @@ from trainer.flows import (
 )
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
+from trainer.models import NORMALIZING_FLOWS, SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 
 class LevelFlow2d(nn.Module):
@@ -131,6 +131,7 @@ class Fastflow(EpochModel):
     """FastFlow: 2D normalizing flows of the backbone's feature maps; a low per-position likelihood = defect."""
 
     catches = SURFACE_DEFECTS
+    family = NORMALIZING_FLOWS
     display_name = "FastFlow"
     caches_features = True  # prepare() caches the backbone's features: fixed codec-robust draws (trainer/loop.py)
     map_in_score_units = True  # score = max of the unsmoothed map

@@ -89,7 +89,7 @@ from trainer.features import config_taps
 from trainer.flows import FeatureCache, TapsThenHead, frame_key
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import ONE_CLASS, SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -243,6 +243,7 @@ class Fcdd(EpochModel):
     (confetti noise or labelled defects); its output map is where the image departs from normal."""
 
     catches = SURFACE_DEFECTS
+    family = ONE_CLASS
     display_name = "FCDD"
     learns_from_defects = True
     caches_features = True  # prepare() caches the frozen backbone's features (trainer/loop.py)

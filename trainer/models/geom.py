@@ -44,7 +44,15 @@ from core.errors import UserError
 from trainer.dirichlet import fit_dirichlet
 from trainer.ingraph import FrameInput
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import FOREIGN_OBJECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import (
+    FOREIGN_OBJECTS,
+    SELF_SUPERVISED,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 from trainer.networks import WideResNet
 
 if TYPE_CHECKING:
@@ -180,6 +188,7 @@ class Geom(EpochModel):
     """GEOM: a Wide ResNet told which of 72 geometric transformations was applied; Dirichlet normality score."""
 
     catches = FOREIGN_OBJECTS
+    family = SELF_SUPERVISED
     display_name = "GEOM"
     defaults = ModelDefaults(input_size=32, batch_size=16, epochs=27)
     # log-softmax and the weighted sum over T x T entries: FP32 in model.fp16.onnx.

@@ -32,6 +32,7 @@ from trainer.features import BackboneTaps, config_taps, pooled
 from trainer.gaussian import MahalanobisDistance, ledoit_wolf, whitening
 from trainer.ingraph import MapBlur
 from trainer.models import (
+    FEATURE_MEMORY,
     FOREIGN_OBJECTS,
     AnomalyModel,
     ModelDefaults,
@@ -92,6 +93,7 @@ class MahalanobisAD(AnomalyModel):
     """Mahalanobis AD: a Gaussian of pooled features per backbone level; the summed distances as the score."""
 
     catches = FOREIGN_OBJECTS
+    family = FEATURE_MEMORY
     trains_with_epochs = False
     display_name = "Mahalanobis AD"
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)

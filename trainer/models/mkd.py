@@ -66,7 +66,7 @@ from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, Shape, pack_maps, unpack_maps
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
+from trainer.models import DISTILLATION, SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 STRIDES = (4, 8, 16, 32)  # the official critical layers' strides (VGG-16's pool2 to pool5)
 
@@ -202,6 +202,7 @@ class Mkd(EpochModel):
     """MKD: a small cloner imitates a frozen teacher at four resolutions; where it fails, the part is anomalous."""
 
     catches = SURFACE_DEFECTS
+    family = DISTILLATION
     display_name = "MKD"
     caches_features = True  # prepare() caches the teacher's features: fixed codec-robust draws (trainer/loop.py)
     defaults = ModelDefaults(input_size=128, batch_size=32, epochs=60)

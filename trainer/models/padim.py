@@ -32,6 +32,7 @@ from trainer.features import BackboneTaps, config_taps
 from trainer.gaussian import GaussianSums, MahalanobisDistance, whitening
 from trainer.ingraph import MapBlur
 from trainer.models import (
+    FEATURE_MEMORY,
     SURFACE_DEFECTS,
     AnomalyModel,
     ModelDefaults,
@@ -112,6 +113,7 @@ class Padim(AnomalyModel):
     """PaDiM: a multivariate Gaussian of normal patch features at every position; Mahalanobis distance as score."""
 
     catches = SURFACE_DEFECTS
+    family = FEATURE_MEMORY
     map_in_score_units = True  # score = max of the patch distances the map upsamples and smooths
     trains_with_epochs = False
     display_name = "PaDiM"

@@ -106,7 +106,7 @@ from torch import nn
 from core.errors import UserError
 from trainer.ingraph import FrameInput
 from trainer.loop import EpochModel, Log, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import ONE_CLASS, SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
 from trainer.models.patchcore import BankDistance, greedy_coreset
 
 if TYPE_CHECKING:
@@ -392,6 +392,7 @@ class PatchSvdd(EpochModel):
     a patch far from every training patch is anomalous."""
 
     catches = SURFACE_DEFECTS
+    family = ONE_CLASS
     display_name = "Patch SVDD"
     map_in_score_units = True  # the score is the unsmoothed map's maximum
     defaults = ModelDefaults(input_size=256, batch_size=16, epochs=300)

@@ -36,6 +36,7 @@ from trainer import distributed
 from trainer.backbones import Backbone, load_backbone, resolve_taps
 from trainer.ingraph import ImageNetInput, MapBlur
 from trainer.models import (
+    FEATURE_MEMORY,
     SURFACE_DEFECTS,
     AnomalyModel,
     ModelDefaults,
@@ -232,6 +233,7 @@ class PatchCore(AnomalyModel):
     """PatchCore: memory bank of normal patch features; kNN distance as the anomaly score."""
 
     catches = SURFACE_DEFECTS
+    family = FEATURE_MEMORY
     map_in_score_units = True  # score = max of the patch distances the map upsamples and smooths
     trains_with_epochs = False
     trains_distributed = True

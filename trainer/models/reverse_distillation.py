@@ -73,7 +73,7 @@ from trainer.features import config_taps
 from trainer.flows import FeatureCache, Shape, TapsThenHead, pack_maps, score_and_map, unpack_maps
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
+from trainer.models import DISTILLATION, SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 RESAMPLES = ("none", "down", "up")
 
@@ -244,6 +244,7 @@ class ReverseDistillation(EpochModel):
     (a per-position cosine distance), a defect."""
 
     catches = SURFACE_DEFECTS
+    family = DISTILLATION
     display_name = "Reverse Distillation"
     caches_features = True  # prepare() caches the teacher's features: fixed codec-robust draws (trainer/loop.py)
     map_in_score_units = True  # score = max of the map

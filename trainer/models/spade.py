@@ -38,6 +38,7 @@ from trainer.backbones import check_tap_list, load_backbone, resolve_taps
 from trainer.features import BackboneTaps, pooled
 from trainer.ingraph import MapBlur
 from trainer.models import (
+    FEATURE_MEMORY,
     FOREIGN_OBJECTS,
     AnomalyModel,
     ModelDefaults,
@@ -185,6 +186,7 @@ class Spade(AnomalyModel):
     """SPADE: kNN of whole-image features for the score; patch correspondences to the neighbours for the map."""
 
     catches = FOREIGN_OBJECTS
+    family = FEATURE_MEMORY
     trains_with_epochs = False
     display_name = "SPADE"
     defaults = ModelDefaults(input_size=160, batch_size=16, epochs=None)

@@ -60,7 +60,7 @@ from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, Shape, pack_maps, score_and_map, unpack_maps
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, LossParts, Update
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
+from trainer.models import DISTILLATION, SURFACE_DEFECTS, ModelDefaults, ModelSettings, register_model, setting
 
 # The student's batch-norm momentum: torch's and torchvision ResNet-18's (the paper's student). The Lite family's
 # 0.01 (TensorFlow's 0.99 decay, right for fine-tuning pretrained statistics) lags a student trained from scratch:
@@ -135,6 +135,7 @@ class Stpm(EpochModel):
     disagree (at all three levels at once: the maps multiply) is a defect."""
 
     catches = SURFACE_DEFECTS
+    family = DISTILLATION
     display_name = "STPM"
     caches_features = True  # prepare() caches the teacher's features: fixed codec-robust draws (trainer/loop.py)
     map_in_score_units = True  # score = max of the map

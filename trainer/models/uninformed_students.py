@@ -67,7 +67,15 @@ from trainer.features import BackboneTaps, config_taps
 from trainer.flows import FeatureCache, Shape, pack_maps, score_and_map, unpack_maps
 from trainer.ingraph import MapBlur
 from trainer.loop import EpochModel, Log, LossParts, Update, resolve_device
-from trainer.models import SURFACE_DEFECTS, ModelDefaults, ModelSettings, RunOptions, register_model, setting
+from trainer.models import (
+    DISTILLATION,
+    SURFACE_DEFECTS,
+    ModelDefaults,
+    ModelSettings,
+    RunOptions,
+    register_model,
+    setting,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -262,6 +270,7 @@ class UninformedStudents(EpochModel):
     disagreement, standardised, are the anomaly map."""
 
     catches = SURFACE_DEFECTS
+    family = DISTILLATION
     display_name = "Uninformed Students"
     caches_features = True  # prepare() caches the teacher's features (trainer/loop.py)
     map_in_score_units = True  # score = max of the unsmoothed map (blur off by default)
