@@ -26,7 +26,16 @@ from trainer.config import TrainConfig, parse_train_config
 from trainer.efficientnet_lite import FEATURE_INFO
 from trainer.evaluate import evaluate_bundle
 from trainer.gaussian import GaussianSums, MahalanobisDistance, ledoit_wolf, whitening
-from trainer.models import FOREIGN_OBJECTS, SURFACE_DEFECTS, create_model, get_model_class, model_catalogue
+from trainer.models import (
+    FAMILIES,
+    FEATURE_MEMORY,
+    FOREIGN_OBJECTS,
+    GENERATIVE,
+    SURFACE_DEFECTS,
+    create_model,
+    get_model_class,
+    model_catalogue,
+)
 from trainer.models.spade import ImageNeighbours, NeighbourPatches
 from trainer.pipeline import fit_bundle
 from trainer.synthetic import DEFECT_KINDS, OBJECT_KINDS, make_dataset, write_clip
@@ -185,25 +194,34 @@ def test_export_bounds_refuse_what_does_not_fit(surface_parts: Path) -> None:
         create_model("padim", cfg)
 
 
-def test_models_say_what_they_catch(capsys: pytest.CaptureFixture[str]) -> None:
+def test_models_say_what_they_catch_and_fit_help_lists_them_by_family(capsys: pytest.CaptureFixture[str]) -> None:
     from trainer.cli import main
 
     kinds = dict(model_catalogue())
     assert kinds["padim"] == kinds["patchcore"] == SURFACE_DEFECTS
     assert kinds["spade"] == kinds["mahalanobis"] == FOREIGN_OBJECTS
     assert all(kinds.values()), kinds  # every registered model states it
+    families = {name: get_model_class(name).family for name in kinds}
+    assert set(families.values()) <= set(FAMILIES), families  # every registered model names a known family
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     listed: dict[str, list[str]] = {}
-    kind = ""
+    caught: dict[str, str] = {}
+    family = ""
     for line in capsys.readouterr().out.splitlines():
-        if line.startswith("  ") and not line.startswith("   "):  # a kind: "  <what it catches>:"
-            kind = line.strip().rstrip(":")
-        elif line.startswith("    ") and not line.startswith("     ") and kind:  # a model: "    name (Display)"
-            listed.setdefault(kind, []).append(line.split()[0])
-    assert {"padim", "patchcore"} <= set(listed[SURFACE_DEFECTS])
-    assert {"spade", "mahalanobis", "ganomaly"} <= set(listed[FOREIGN_OBJECTS])
+        if line.startswith("  ") and not line.startswith("   "):  # a family: "  <family>:"
+            family = line.strip().rstrip(":")
+        elif line.startswith("    ") and not line.startswith("     ") and family:  # "    name (Display): catches"
+            name = line.split()[0].rstrip(":")
+            listed.setdefault(family, []).append(name)
+            caught[name] = line.split(": ", 1)[1]
+    assert {family: sorted(names) for family, names in listed.items()} == {
+        family: sorted(name for name in kinds if families[name] == family) for family in set(families.values())}
+    assert list(listed) == [family for family in FAMILIES if family in listed]  # in the families' order
+    assert caught == kinds  # each with what it catches
+    assert {"padim", "patchcore", "spade", "mahalanobis"} <= set(listed[FEATURE_MEMORY])
+    assert {"ganomaly", "skip-ganomaly"} <= set(listed[GENERATIVE])
 
 
 def test_taps_config_is_checked_against_the_backbone(tmp_path: Path) -> None:

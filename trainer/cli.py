@@ -17,8 +17,8 @@
 
 Each command's ``--help`` shows its options' defaults and worked examples (``EXAMPLES`` below; a test parses each).
 
-``edge-train fit --help`` also lists the registered models by what they catch (surface defects or wrong and
-foreign objects), each with its settings keys and their defaults. ``edge-train config --dump`` prints a train
+``edge-train fit --help`` also lists the registered models by family, each with what it catches (surface defects
+or wrong and foreign objects) and its settings keys and their defaults. ``edge-train config --dump`` prints a train
 config with its model sections generated from the registry (``> config/train.yaml`` refreshes the shipped one);
 ``--check`` exits 1 when the file's model sections differ from what the registry generates.
 
@@ -85,7 +85,7 @@ def _examples(command: str) -> str:
 
 
 class _FitHelp(argparse.Action):
-    """``fit --help``: the usual help, then the registered models grouped by what they catch, with their keys.
+    """``fit --help``: the usual help, then the registered models grouped by family, what each catches, its keys.
 
     Only this help imports the models (and torch), so every other argument check stays fast.
     """
@@ -102,24 +102,26 @@ class _FitHelp(argparse.Action):
 
 
 def model_help() -> str:
-    """The registered models by what they catch, each with its config section's keys and defaults."""
+    """The registered models by family (FAMILIES' order), each with what it catches and its config section's keys
+    and defaults."""
     from trainer.config import yaml_value
-    from trainer.models import field_docs, get_model_class, model_catalogue, section_key, settings_class
+    from trainer.models import FAMILIES, field_docs, get_model_class, list_models, section_key, settings_class
 
-    kinds: dict[str, list[str]] = {}
-    for name, catches in model_catalogue():
+    families: dict[str, list[str]] = {}
+    for name in list_models():
         model = get_model_class(name)
         shown = f"{name} ({model.display_name})" if model.display_name != name else name
+        entry = f"    {shown}: {model.catches or 'what it catches is not stated'}"
         settings = settings_class(name)
-        entry = f"    {shown}"
         if settings is not None:
             keys = ", ".join(f"{key}={yaml_value(default)}" for key, default, _doc in field_docs(settings))
             entry += "\n" + textwrap.fill(f"{section_key(name)}: {keys}", width=110, initial_indent=" " * 6,
                                           subsequent_indent=" " * 8, break_long_words=False)
-        kinds.setdefault(catches or "not stated", []).append(entry)
-    return ("models (--model), by what they catch, with their config section's keys and defaults "
+        families.setdefault(model.family or "family not stated", []).append(entry)
+    order = [family for family in FAMILIES if family in families] + sorted(set(families) - set(FAMILIES))
+    return ("models (--model), by family, each with what it catches and its config section's keys and defaults "
             "(config/train.yaml documents each key):\n"
-            + "\n".join(f"  {kind}:\n" + "\n".join(entries) for kind, entries in sorted(kinds.items())))
+            + "\n".join(f"  {family}:\n" + "\n".join(families[family]) for family in order))
 
 
 def _station_options(parser: argparse.ArgumentParser) -> None:
@@ -149,10 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train on DIR/train/good, calibrate, export, write and promote a bundle",
                          add_help=False, epilog=_examples("fit"))
-    fit.add_argument("-h", "--help", action=_FitHelp, help="show this help and the models with what they catch")
+    fit.add_argument("-h", "--help", action=_FitHelp,
+                     help="show this help and the models by family, with what each catches")
     fit.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec AD layout)")
-    fit.add_argument("--model", help="registered model name (default: the config's 'model'); the models and "
-                     "what each catches are listed below")
+    fit.add_argument("--model", help="registered model name (default: the config's 'model'); the models, by "
+                     "family, with what each catches, are listed below")
     fit.add_argument("--out", type=Path, default=Path("engines"), help="engines root (default: engines/)")
     fit.add_argument("--config", type=Path, help="train config YAML (default: config/train.yaml)")
     fit.add_argument("--epochs", type=int, help="epochs, for models trained by epochs (the others ignore it) "
