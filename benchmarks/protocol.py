@@ -3,7 +3,9 @@ normal) and real surfaces (elpv solar cells, MVTec AD).
 
     python benchmarks/protocol.py --dataset fashion-mnist|cifar10|mnist|folder --protocol one-abnormal|one-normal
         --model NAME [--classes 0,1,...] [--seeds 3] [--epochs E] [--train-limit K] [--test-limit T]
-        [--device D] [--data PATH] [--size 32] [--json OUT.json] [--keep DIR] [--set KEY=VALUE ...] [-v]
+        [--device D] [--data PATH] [--size 32] [--threads N] [--json OUT.json] [--keep DIR] [--set KEY=VALUE ...] [-v]
+    python benchmarks/protocol.py --dataset fashion-mnist|... --protocol few-shot [--shots 1,5,10] --models a,b
+        [--classes 0,1,...] [--seeds 3] [--test-limit T] ... (as one-normal, without --train-limit)
     python benchmarks/protocol.py --dataset elpv --cell mono|poly|mono,poly [--root DIR] --models a,b | --model A ...
         [--seeds 3] [--first-seed 0] [--train-limit 300] [--size PX] [--threads N] [--set KEY=VALUE ...]
         [--json OUT] [--keep DIR]
@@ -20,6 +22,14 @@ One-class protocols (see benchmarks/README.md):
   that class good and every other class anomalous. ``--labelled-ratio G`` is Deep SAD's scenario: m labelled
   anomalies of one other class (``--labelled-class``, default the next one) join the training set in
   ``train/labelled/`` with G = m / (n + m) of it (the paper's gamma_l: 0.01, 0.05, 0.1, 0.2); the test is the same.
+- ``few-shot`` (HTD, Metaformer: a new product with a handful of good images): for each k of ``--shots`` (default
+  1, 5, 10) the model is trained on k good images of the chosen class, drawn per (seed, class) from its training
+  split (one seeded permutation: the k = 1 image is among the k = 5 ones, and so on); the test is one-normal's (the
+  test split, that class good, every other anomalous). The trainer always holds part of DIR/train/good out of the
+  model to calibrate the threshold, so h more good images of the same draw are laid out beside the k (h = 1, 1, 2
+  for k = 1, 5, 10 at the hold-out fraction 0.2: the fewest that leave exactly k in the model), and
+  ``training.select: last`` keeps them from choosing the epoch: they set only the shipped threshold, which no
+  AUROC depends on. Several models (``--models``) run on the same draws; the table has one column block per k.
 
 Surface protocols: good parts of one kind against defective ones, what a station is for.
 
@@ -97,11 +107,13 @@ from trainer.datasets import (  # noqa: E402
 )
 
 PROG = "protocol"
-PROTOCOLS = ("one-abnormal", "one-normal")
+PROTOCOLS = ("one-abnormal", "one-normal", "few-shot")
+DEFAULT_SHOTS = (1, 5, 10)  # HTD's few-shot settings (Sheynin et al. 2021)
 CHANCE = 50.0
 DEFAULT_SIZE = 32  # GANomaly's protocol input size (isize 32)
 TEST_DRAW_KEY = 1_000_003  # seeds the test subsample, shared by every class of a seed
 LABELLED_DRAW_KEY = 1_000_033  # seeds the draw of labelled anomalies (--labelled-ratio)
+SHOTS_DRAW_KEY = 1_000_037  # seeds the few-shot draw of training images, one permutation per (seed, class)
 
 # Written into every run's trainer config: the hold-out explicitly (what calibrates the threshold), and no
 # FP16 graph (only the FP32 graph is scored; converting costs time).
@@ -116,6 +128,17 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     # images, seed 0: [4, 10] 88.1 mean AUROC, [2, 4] 83.7 and about 5x slower (benchmarks/README.md).
     "patchcore": {"backbone": {"layers": [4, 10]}},
 }
+# Merged over CONFIG_BASE for --protocol few-shot: the hold-out (FEW_SHOT_HOLDOUT good images beside the k) sets
+# only the threshold; choosing an epoch on two images would be selection on data the k-shot model is not given.
+FEW_SHOT_BASE: dict[str, Any] = {"training": {"select": "last"}}
+# Good images laid out beside the k for the trainer's calibration hold-out: a threshold needs at least 2 normal
+# scores (core/thresholds.py), so calibration.holdout_fraction is 2 / (k + 2) per k.
+FEW_SHOT_HOLDOUT = 2
+# Few-shot overrides of one model at one k, merged after MODEL_OVERRIDES (and printed in the header). GEOM's
+# Dirichlet score is a maximum-likelihood fit per transformation to the training normals' softmax outputs: with one
+# image it is undefined (Minka's precision divides by E[p] log E[p] - E[log p] = 0, so NaN), so at k = 1 GEOM
+# scores with the paper's simple score (the mean of softmax(T_t x)[t]).
+FEW_SHOT_MODEL_OVERRIDES: dict[tuple[str, int], dict[str, Any]] = {("geom", 1): {"geom": {"score": "simple"}}}
 
 DATASET_TITLES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "folder": "image folder"}
 # Class order the published numbers are indexed by; they are shown only when the dataset's names match it.
@@ -224,8 +247,21 @@ class Split:
 
 
 def normal_classes(protocol: str, chosen: int, n_classes: int) -> list[int]:
-    """The classes trained on: the chosen one (one-normal) or all the others (one-abnormal)."""
-    return [chosen] if protocol == "one-normal" else [c for c in range(n_classes) if c != chosen]
+    """The classes trained on: the chosen one (one-normal, few-shot) or all the others (one-abnormal)."""
+    return [c for c in range(n_classes) if c != chosen] if protocol == "one-abnormal" else [chosen]
+
+
+def shot_files(shots: int, holdout_fraction: float) -> int:
+    """Training images to lay out so that exactly ``shots`` stay in the model after the trainer's calibration
+    hold-out of at least FEW_SHOT_HOLDOUT (trainer.calibrate.split_holdout, the trainer's own arithmetic): the
+    fewest such counts."""
+    from trainer.calibrate import split_holdout
+
+    for n in range(shots + FEW_SHOT_HOLDOUT, 2 * shots + 12):
+        if len(split_holdout(n, holdout_fraction, 0)[0]) == shots:
+            return n
+    raise UserError(f"--shots {shots}: no training-set size leaves exactly {shots} images in the model at "
+                    f"calibration.holdout_fraction {holdout_fraction}; choose another k or hold-out fraction")
 
 
 def labelled_count(ratio: float, n_normal: int) -> int:
@@ -240,11 +276,23 @@ def labelled_class_of(chosen: int, labelled_class: Optional[int], n_classes: int
 
 def plan_split(train_labels: np.ndarray, test_labels: np.ndarray, chosen: int, protocol: str, seed: int,
                train_limit: Optional[int], test_limit: Optional[int], n_classes: int,
-               labelled_ratio: Optional[float] = None, labelled_class: Optional[int] = None) -> Split:
+               labelled_ratio: Optional[float] = None, labelled_class: Optional[int] = None,
+               shot_count: Optional[int] = None) -> Split:
     """The (class, seed) split: seeded training draw over the normal classes, the seed's test draw, the labels,
-    and (one-normal with ``labelled_ratio``) the seeded draw of labelled anomalies from the training split."""
+    and (one-normal with ``labelled_ratio``) the seeded draw of labelled anomalies from the training split.
+
+    few-shot: ``shot_count`` training images (k plus the hold-out, shot_files) are the first of one seeded
+    permutation of the class's training rows per (seed, class), so smaller k draw a subset of larger k's images;
+    the test is one-normal's."""
     pool = np.flatnonzero(np.isin(train_labels, normal_classes(protocol, chosen, n_classes)))
-    train_idx = pool[stratified_subsample(train_labels[pool], train_limit, (seed, chosen))]
+    if protocol == "few-shot":
+        if shot_count is None or shot_count > len(pool):
+            raise UserError(f"class {chosen}: few-shot needs {shot_count} training images of it, the training "
+                            f"split has {len(pool)}")
+        order = np.random.default_rng([seed, chosen, SHOTS_DRAW_KEY]).permutation(pool)
+        train_idx = np.sort(order[:shot_count])
+    else:
+        train_idx = pool[stratified_subsample(train_labels[pool], train_limit, (seed, chosen))]
     test_idx = stratified_subsample(test_labels, test_limit, (seed, TEST_DRAW_KEY))
     chosen_rows = test_labels[test_idx] == chosen
     anomalous = chosen_rows if protocol == "one-abnormal" else ~chosen_rows
@@ -360,6 +408,8 @@ class Cell:
     bundle: Optional[str] = None
     device: Optional[str] = None
     n_labelled: int = 0  # labelled anomalies in train/labelled/ (--labelled-ratio)
+    model: Optional[str] = None  # few-shot: the model of this cell (several per run); else Settings.model
+    shots: Optional[int] = None  # few-shot: k, the good images in the model (n_train - k are the trainer's hold-out)
 
 
 def _bundle_device(bundle: Path) -> Optional[str]:
@@ -402,37 +452,67 @@ class Settings:
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (more seeds for a table run earlier)
     labelled_ratio: Optional[float] = None  # one-normal: Deep SAD's gamma_l of labelled anomalies in training
     labelled_class: Optional[int] = None  # ... drawn from this class (None: the one after the normal class)
+    shots: tuple[int, ...] = ()  # few-shot: the k of each column block
+
+    @property
+    def run_models(self) -> tuple[str, ...]:
+        """The models trained per (class, seed): all of ``models`` for few-shot, else the one ``model``."""
+        return (self.models or (self.model,)) if self.protocol == "few-shot" else (self.model,)
 
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.seeds))
 
 
+def protocol_config(settings: Settings, model: str, shots: Optional[int] = None) -> dict[str, Any]:
+    """``model``'s trainer config for a one-class run, or a few-shot one with ``shots`` = k (FEW_SHOT_BASE and a
+    hold-out fraction of FEW_SHOT_HOLDOUT / (k + FEW_SHOT_HOLDOUT); ``--set`` keys still come last)."""
+    if shots is None:
+        return trainer_config(model, settings.size, settings.overrides)
+    base = merge_config(merge_config(CONFIG_BASE, FEW_SHOT_BASE),
+                        {"calibration": {"holdout_fraction": FEW_SHOT_HOLDOUT / (shots + FEW_SHOT_HOLDOUT)}})
+    own = merge_config(MODEL_OVERRIDES.get(model, {}), FEW_SHOT_MODEL_OVERRIDES.get((model, shots), {}))
+    return trainer_config(model, settings.size, settings.overrides, base=base, model_overrides={model: own})
+
+
+def holdout_fraction_of(config: dict[str, Any]) -> float:
+    """The trainer's calibration.holdout_fraction under ``config`` (its default where the config names none)."""
+    from trainer.config import parse_train_config
+
+    return float(parse_train_config(yaml.safe_dump(config)).calibration.holdout_fraction)
+
+
 def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, chosen: int, seed: int,
-             workdir: Path, config_path: Path) -> Cell:
-    """Lay out one (class, seed) split under ``workdir``, fit a bundle on it with edge-train and evaluate it."""
+             workdir: Path, config_path: Path, model: Optional[str] = None, shots: Optional[int] = None,
+             shot_count: Optional[int] = None) -> Cell:
+    """Lay out one (class, seed[, k]) split under ``workdir`` (once: the models of a few-shot run share it), fit
+    a bundle of ``model`` (default Settings.model) on it with edge-train and evaluate it."""
     t0 = time.monotonic()
+    model = model or settings.model
     split = plan_split(train.labels, test.labels, chosen, settings.protocol, seed, settings.train_limit,
-                       settings.test_limit, len(train.classes), settings.labelled_ratio, settings.labelled_class)
+                       settings.test_limit, len(train.classes), settings.labelled_ratio, settings.labelled_class,
+                       shot_count)
     n_bad = int(split.test_anomalous.sum())
     if n_bad == 0 or n_bad == len(split.test_idx):
         raise UserError(f"class {chosen}, seed {seed}: the test set has no {'anomalous' if n_bad == 0 else 'good'} "
                         "images, so AUROC is undefined; raise --test-limit or check the test folders")
-    data_dir, engines = workdir / "data", workdir / "engines"
-    layout_split(data_dir, train, test, split)
-    fit_args = ["fit", "--data", str(data_dir), "--model", settings.model, "--out", str(engines),
+    data_dir, engines = workdir / "data", workdir / f"engines-{model}"
+    if not data_dir.is_dir():
+        layout_split(data_dir, train, test, split)
+    fit_args = ["fit", "--data", str(data_dir), "--model", model, "--out", str(engines),
                 "--config", str(config_path), "--seed", str(seed)]
     if settings.epochs is not None:
         fit_args += ["--epochs", str(settings.epochs)]
     if settings.device is not None:
         fit_args += ["--device", settings.device]
+    env = _thread_env(settings.threads)
     t_fit = time.monotonic()
-    lines = [ln for ln in run_cli(fit_args, settings.verbose).splitlines() if ln.strip()]
+    lines = [ln for ln in run_cli(fit_args, settings.verbose, env).splitlines() if ln.strip()]
     bundle = Path(lines[-1].strip()) if lines else None
     if bundle is None or not bundle.is_dir():
         raise CliFailure("fit", "printed no bundle folder as its last line", lines[-5:])
     t_eval = time.monotonic()
-    out = run_cli(["eval", str(bundle), "--data", str(data_dir), "--json"], settings.verbose).strip()
+    out = run_cli(["eval", str(bundle), "--data", str(data_dir), "--json"], settings.verbose, env).strip()
     try:
         metrics = json.loads(out.splitlines()[-1])
         auroc = float(metrics["image_auroc"])
@@ -443,28 +523,48 @@ def run_cell(settings: Settings, train: LabelledImages, test: LabelledImages, ch
                 n_train_pool=split.n_train_pool, n_test=len(split.test_idx), n_test_pool=split.n_test_pool,
                 n_test_anomalous=n_bad, seconds=t_end - t0, fit_seconds=t_eval - t_fit, eval_seconds=t_end - t_eval,
                 bundle=str(bundle) if settings.keep else None, device=_bundle_device(bundle),
-                n_labelled=len(split.labelled_idx))
+                n_labelled=len(split.labelled_idx), model=model, shots=shots)
 
 
 def run_protocol(settings: Settings, train: LabelledImages, test: LabelledImages, classes: Sequence[int],
                  workroot: Path, progress: Callable[[Cell], None] = lambda _c: None) -> list[Cell]:
-    """Every (class, seed) cell, seeds outermost; each cell's folder is removed after it unless ``--keep``."""
-    config_path = workroot / "train.yaml"
-    config = trainer_config(settings.model, settings.size, settings.overrides)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    """Every (class, seed[, k, model]) cell, seeds outermost; each (class, seed[, k]) folder is removed after
+    its models unless ``--keep``."""
+    few_shot = settings.protocol == "few-shot"
+    shot_list: list[Optional[int]] = list(settings.shots) if few_shot else [None]
+    configs: dict[tuple[str, Optional[int]], Path] = {}
+    counts: dict[Optional[int], Optional[int]] = {None: None}
+    for k in shot_list:
+        files = set()
+        for model in settings.run_models:
+            configs[model, k] = workroot / (f"train-{model}" + (f"-k{k}" if k is not None else "") + ".yaml")
+            config = protocol_config(settings, model, k)
+            configs[model, k].write_text(yaml.safe_dump(config, sort_keys=False))
+            if k is not None:
+                files.add(shot_files(k, holdout_fraction_of(config)))
+        if len(files) > 1:
+            raise UserError("the models' calibration.holdout_fraction differ, so their few-shot training folders "
+                            "would too; give every model the same hold-out fraction")
+        if k is not None:
+            counts[k] = files.pop()
     cells: list[Cell] = []
     for seed in settings.seed_list:
         for chosen in classes:
-            workdir = workroot / f"class{chosen}-seed{seed}"
-            try:
-                cells.append(run_cell(settings, train, test, chosen, seed, workdir, config_path))
-            except CliFailure as exc:
-                exc.args = (f"class {chosen}, seed {seed}: {exc.args[0]}",)
-                raise
-            finally:
-                if not settings.keep:
-                    shutil.rmtree(workdir, ignore_errors=True)
-            progress(cells[-1])
+            for k in shot_list:
+                workdir = workroot / (f"class{chosen}-seed{seed}" + (f"-k{k}" if k is not None else ""))
+                try:
+                    for model in settings.run_models:
+                        try:
+                            cells.append(run_cell(settings, train, test, chosen, seed, workdir, configs[model, k],
+                                                  model if few_shot else None, k, counts[k]))
+                        except CliFailure as exc:
+                            where = f"{model}, k = {k}, " if few_shot else ""
+                            exc.args = (f"{where}class {chosen}, seed {seed}: {exc.args[0]}",)
+                            raise
+                        progress(cells[-1])
+                finally:
+                    if not settings.keep:
+                        shutil.rmtree(workdir, ignore_errors=True)
     return cells
 
 
@@ -588,6 +688,90 @@ def format_table(summary: dict[str, Any], header: Sequence[str], seeds: Sequence
     lines.append(line("mean", m["auroc"], m["mean"], m["std"], m["published"], m["chance"]))
     lines += ["", "std: sample std over seeds (the mean row: mean and std of the per-seed means over the classes "
               "shown); chance: a random score's AUROC", *summary["notes"], *extra_notes, footer]
+    return "\n".join(lines)
+
+
+# --- the few-shot table: one column block per k, one column per model in each --------------------------------
+
+def summarise_few_shot(cells: Sequence[Cell], classes: Sequence[int], seeds: Sequence[int],
+                       class_names: Sequence[str], models: Sequence[str], shots: Sequence[int]) -> dict[str, Any]:
+    """Every cell of the few-shot table in %: rows by class and the mean row, each with one entry per (k, model)
+    (the seeds' values, their mean and sample std; the mean row: of the per-seed means over the classes)."""
+    by = {(c.shots, c.model, c.cls, c.seed): 100 * c.image_auroc for c in cells}
+    columns = [(k, m) for k in shots for m in models]
+
+    def entry(k: int, m: str, values: list[float]) -> dict[str, Any]:
+        mean, std = _mean_std(values)
+        return {"shots": k, "model": m, "auroc": values, "mean": mean, "std": std}
+
+    rows = [{"class": cls, "name": class_names[cls], "chance": CHANCE,
+             "columns": [entry(k, m, [by[(k, m, cls, s)] for s in seeds]) for k, m in columns]} for cls in classes]
+    mean_row = {"chance": CHANCE, "columns": [
+        entry(k, m, [statistics.fmean(by[(k, m, cls, s)] for cls in classes) for s in seeds]) for k, m in columns]}
+    return {"rows": rows, "mean_row": mean_row,
+            "notes": ["published: none for a few-shot protocol in the references used here "
+                      f"({KNOWN_REFERENCES})"]}
+
+
+def few_shot_header(settings: Settings, cells: Sequence[Cell], train: LabelledImages) -> list[str]:
+    """What was run: the protocol, the draws and the hold-out, the models' configs, the seeds."""
+    n = len(train.classes)
+    holdout = ", ".join(f"k = {k}: {sorted({c.n_train - k for c in cells if c.shots == k})[0]}"
+                        for k in settings.shots)
+    used_test, pool_test = {c.n_test for c in cells}, {c.n_test_pool for c in cells}
+    shape = train.images.shape
+    kind = "grey" if train.images.ndim == 3 else "BGR"
+    devices = sorted({c.device for c in cells if c.device})
+    device = settings.device or (f"not passed (bundle report: {', '.join(devices)})" if devices else "not passed")
+    lines = [
+        f"{DATASET_TITLES[settings.dataset]}, few-shot (train on k good images of that class, drawn per seed from "
+        f"its training images; test split as one-normal: that class good, the other {n - 1} anomalous); image "
+        "AUROC (%) by normal class, one column block per k",
+        f"{_counts(used_test, pool_test)} test images{' (stratified by class)' if used_test != pool_test else ''}; "
+        f"beside the k, h more good images of the same draw are the trainer's calibration hold-out ({holdout}; "
+        "calibration.holdout_fraction h / (k + h)): they set only the shipped threshold (training.select last: no "
+        "epoch is chosen on them)",
+    ]
+    for model in settings.run_models:
+        # every k's config but the hold-out fraction (in the line above) and FEW_SHOT_MODEL_OVERRIDES (below)
+        cfg = trainer_config(model, settings.size, settings.overrides, base=merge_config(CONFIG_BASE, FEW_SHOT_BASE))
+        keys = [kv for kv in _flat({k: v for k, v in cfg.items() if k != "input"})
+                if not kv.startswith("calibration.holdout_fraction=") or "calibration.holdout_fraction" in
+                dict(settings.overrides)]
+        lines.append(f"{model}: input {settings.size}x{settings.size} (from {shape[2]}x{shape[1]} {kind}), epochs "
+                     f"{settings.epochs if settings.epochs is not None else 'not passed (model default)'}; trainer "
+                     f"config: defaults + {', '.join(keys)}")
+        for k in settings.shots:
+            if (model, k) in FEW_SHOT_MODEL_OVERRIDES:
+                why = " (its Dirichlet score is undefined on one training image)" if model == "geom" else ""
+                lines.append(f"{model} at k = {k} only: {', '.join(_flat(FEW_SHOT_MODEL_OVERRIDES[model, k]))}{why}")
+    lines.append(f"seeds {','.join(map(str, settings.seed_list))} (edge-train fit --seed and the draws); device "
+                 f"{device}; threads {settings.threads or 'not set (the libraries default)'}; scored by edge-train "
+                 "eval through the exported ONNX graph (FP32)")
+    return lines
+
+
+def format_few_shot_table(summary: dict[str, Any], header: Sequence[str], models: Sequence[str],
+                          shots: Sequence[int], extra_notes: Sequence[str], footer: str) -> str:
+    """The printed few-shot table: a 'k = N' line over each block of model columns, mean ± std over seeds."""
+    names = [f"{row['class']} {row['name']}" for row in summary["rows"]]
+    name_w = max([len(n) for n in names] + [len("class"), len("mean")]) + 2
+    col_w = max([len(m) for m in models] + [11]) + 2
+    block_w = col_w * len(models)
+
+    def cell(e: dict[str, Any]) -> str:
+        return f"{e['mean']:.1f}" + (f" ± {e['std']:.1f}" if e["std"] is not None else "")
+
+    def line(name: str, row: dict[str, Any]) -> str:
+        return f"{name:<{name_w}}" + "".join(f"{cell(e):>{col_w}}" for e in row["columns"]) + f"{row['chance']:>8.1f}"
+
+    lines = [*header, "",
+             " " * name_w + "".join(f"{f'k = {k}':>{block_w}}" for k in shots),
+             f"{'class':<{name_w}}" + "".join(f"{m:>{col_w}}" for _ in shots for m in models) + f"{'chance':>8}"]
+    lines += [line(name, row) for name, row in zip(names, summary["rows"], strict=True)]
+    lines.append(line("mean", summary["mean_row"]))
+    lines += ["", "mean ± sample std over seeds (the mean row: of the per-seed means over the classes shown); chance: "
+              "a random score's AUROC", *summary["notes"], *extra_notes, footer]
     return "\n".join(lines)
 
 
@@ -1098,10 +1282,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
     ap.add_argument("--dataset", choices=(*DATASETS, *SURFACE_DATASETS), help="required, except with --merge")
     ap.add_argument("--protocol", choices=PROTOCOLS, help="one-class datasets only (the surface datasets, elpv and "
                     "mvtec, have one protocol: good parts against defective ones)")
+    ap.add_argument("--shots", help="few-shot: the k good training images of each column block, comma-separated "
+                    f"(default {','.join(map(str, DEFAULT_SHOTS))})")
     ap.add_argument("--model", action="append", default=[], dest="model_list",
                     help="registered model name (edge-train fit --model); repeatable for elpv and mvtec")
     ap.add_argument("--models", type=_name_list, default=[],
-                    help="comma-separated model names, e.g. patchcore,padim (elpv and mvtec)")
+                    help="comma-separated model names, e.g. patchcore,padim (elpv, mvtec, few-shot)")
     ap.add_argument("--classes", help="chosen classes: indices, e.g. 0,1,2 (one-class datasets), or MVTec AD "
                     "category names, e.g. bottle,screw (default: all)")
     ap.add_argument("--cell", type=_name_list, dest="cells",
@@ -1152,6 +1338,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
         ap.error(f"--json {a.json_path}: folder {a.json_path.parent} does not exist")
     classes: Optional[list[int]] = None
     class_names: Optional[list[str]] = None
+    shots: tuple[int, ...] = ()
     if surface:
         if a.protocol is not None:
             ap.error(f"--protocol is for the one-class datasets; --dataset {a.dataset} has one protocol")
@@ -1165,11 +1352,25 @@ def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
         elif a.cells:
             ap.error("--cell is for elpv only")
         class_names = _name_list(a.classes) if a.classes and a.dataset == "mvtec" else None
+        if a.shots is not None:
+            ap.error("--shots needs --protocol few-shot")
     else:
         if a.protocol is None:
             ap.error(f"--dataset {a.dataset} needs --protocol {' or '.join(PROTOCOLS)}")
-        if len(models) > 1:
-            ap.error("one model per one-class run; several models (--models) are for --dataset elpv or mvtec")
+        if len(models) > 1 and a.protocol != "few-shot":
+            ap.error("one model per one-class run; several models (--models) are for --dataset elpv or mvtec and "
+                     "--protocol few-shot")
+        if a.protocol == "few-shot":
+            if a.train_limit is not None:
+                ap.error("--train-limit is not for few-shot: the k of --shots are the training images")
+            try:
+                shots = tuple(_int_list(a.shots)) if a.shots is not None else DEFAULT_SHOTS
+            except argparse.ArgumentTypeError:
+                ap.error(f"--shots {a.shots}: expected distinct counts >= 1, e.g. 1,5,10")
+            if min(shots) < 1:
+                ap.error(f"--shots {a.shots}: expected distinct counts >= 1, e.g. 1,5,10")
+        elif a.shots is not None:
+            ap.error("--shots needs --protocol few-shot")
         if a.cells or a.root is not None:
             ap.error("--cell and --root are for --dataset elpv and mvtec; the one-class datasets take --data")
         if a.labelled_ratio is not None and (a.protocol != "one-normal" or not 0 < a.labelled_ratio < 1):
@@ -1188,7 +1389,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Union[Settings, Merge]:
                     json_path=a.json_path, keep=a.keep, verbose=a.verbose, overrides=tuple(a.overrides),
                     models=tuple(models), cells=tuple(a.cells or ()), root=a.root, class_names=class_names,
                     threads=a.threads, first_seed=a.first_seed, labelled_ratio=a.labelled_ratio,
-                    labelled_class=a.labelled_class)
+                    labelled_class=a.labelled_class, shots=shots)
 
 
 def load_splits(settings: Settings) -> tuple[LabelledImages, LabelledImages, list[int]]:
@@ -1217,7 +1418,9 @@ def report_document(settings: Settings, command: Sequence[str], started: datetim
     return {"command": list(command), "command_line": shlex.join(command),
             "started_utc": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-            "trainer_config": trainer_config(settings.model, settings.size, settings.overrides),
+            "trainer_config": (protocol_config(settings, settings.model) if settings.protocol != "few-shot"
+                               else {f"{m} k={k}": protocol_config(settings, m, k) for m in settings.run_models
+                                     for k in settings.shots}),
             "classes": list(classes),
             "class_names": list(class_names), "header": list(header),
             "references": [{"label": r.label, "same_method": r.same_method, **asdict(r.ref)} for r in refs],
@@ -1255,8 +1458,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.monotonic()
 
     def progress(c: Cell) -> None:
-        print(f"class {c.cls} seed {c.seed}: AUROC {100 * c.image_auroc:.1f} ({c.n_train} train, {c.n_test} test "
-              f"images; {c.seconds:.1f} s)", file=sys.stderr, flush=True)
+        which = "" if c.shots is None else f"{c.model} k = {c.shots} "
+        print(f"{which}class {c.cls} seed {c.seed}: AUROC {100 * c.image_auroc:.1f} ({c.n_train} train, "
+              f"{c.n_test} test images; {c.seconds:.1f} s)", file=sys.stderr, flush=True)
 
     try:
         train, test, classes = load_splits(settings)
@@ -1275,11 +1479,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     seconds = time.monotonic() - t0
     seeds = settings.seed_list
-    summary = summarise(cells, classes, seeds, train.classes, refs)
-    header = header_lines(settings, cells, train, refs)
     footer = (f"{len(cells)} runs in {seconds / 60:.1f} min ({statistics.fmean(c.seconds for c in cells):.1f} s per "
               "run: lay out, fit, export, eval)")
-    print(format_table(summary, header, seeds, refs, ref_notes, footer))
+    if settings.protocol == "few-shot":
+        summary = summarise_few_shot(cells, classes, seeds, train.classes, settings.run_models, settings.shots)
+        header = few_shot_header(settings, cells, train)
+        print(format_few_shot_table(summary, header, settings.run_models, settings.shots, [], footer))
+    else:
+        summary = summarise(cells, classes, seeds, train.classes, refs)
+        header = header_lines(settings, cells, train, refs)
+        print(format_table(summary, header, seeds, refs, ref_notes, footer))
     if settings.json_path is not None:
         doc = report_document(settings, sys.argv if argv is None else [PROG, *argv], started, seconds, classes,
                               train.classes, refs, ref_notes, cells, summary, header)

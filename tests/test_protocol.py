@@ -722,3 +722,154 @@ def test_elpv_mono_patchcore_shipped_settings(tmp_path: Path) -> None:
           f"F1 at the shipped threshold {run['metrics']['f1']:.3f}")
     assert (run["n_train"], run["n_test_good"], run["n_test_defect"]) == (300, 288, 313)
     assert run["metrics"]["image_auroc"] > 0.85
+
+
+# --- few-shot: k good images of one class, several models, one column block per k ----------------------------
+
+def test_few_shot_lays_out_k_plus_the_trainers_holdout() -> None:
+    """Exactly k images stay in the model after the trainer's own hold-out split, and the hold-out is the 2 a
+    threshold needs; a hold-out fraction that cannot leave exactly k is refused."""
+    from trainer.calibrate import split_holdout
+
+    for k in (1, 2, 5, 10, 50):
+        fraction = pr.FEW_SHOT_HOLDOUT / (k + pr.FEW_SHOT_HOLDOUT)
+        n = pr.shot_files(k, fraction)
+        assert n == k + 2
+        for seed in range(3):
+            fit, hold = split_holdout(n, fraction, seed)
+            assert (len(fit), len(hold)) == (k, 2)
+    with pytest.raises(UserError, match="--shots 3"):
+        pr.shot_files(3, 0.2)  # 5 -> 4 + 1, 7 -> 6 + 1, 8 -> 6 + 2: never 3 in the model with 2 held out
+
+
+def test_few_shot_draws_are_nested_per_seed_and_the_test_is_one_normals() -> None:
+    train_labels = np.repeat(np.arange(3), 40)
+    test_labels = np.repeat(np.arange(3), 10)
+    splits = {n: pr.plan_split(train_labels, test_labels, 1, "few-shot", 0, None, 12, 3, shot_count=n)
+              for n in (3, 7, 12)}
+    one_normal = pr.plan_split(train_labels, test_labels, 1, "one-normal", 0, None, 12, 3)
+    for n, split in splits.items():
+        assert len(split.train_idx) == n and (train_labels[split.train_idx] == 1).all()
+        assert split.test_idx.tolist() == one_normal.test_idx.tolist()
+        assert split.test_anomalous.tolist() == one_normal.test_anomalous.tolist()
+    assert set(splits[3].train_idx) < set(splits[7].train_idx) < set(splits[12].train_idx)  # k=1 among k=5's
+    other_seed = pr.plan_split(train_labels, test_labels, 1, "few-shot", 1, None, 12, 3, shot_count=7)
+    assert other_seed.train_idx.tolist() != splits[7].train_idx.tolist()
+    other_class = pr.plan_split(train_labels, test_labels, 2, "few-shot", 0, None, 12, 3, shot_count=7)
+    assert (train_labels[other_class.train_idx] == 2).all()
+    with pytest.raises(UserError, match="needs 41 training images"):
+        pr.plan_split(train_labels, test_labels, 1, "few-shot", 0, None, None, 3, shot_count=41)
+
+
+def test_few_shot_trainer_configs() -> None:
+    import yaml
+
+    from trainer.config import parse_train_config
+
+    settings = _settings(protocol="few-shot", models=("patchcore", "geom"), shots=(1, 5), train_limit=None,
+                         overrides=(("epochs", 3),))
+    assert settings.run_models == ("patchcore", "geom")
+    assert _settings(models=("patchcore", "geom")).run_models == ("patchcore",)  # one-normal: one model
+    for model in ("patchcore", "geom"):
+        for k in (1, 5):
+            cfg = pr.protocol_config(settings, model, k)
+            parsed = parse_train_config(yaml.safe_dump(cfg))
+            assert parsed.training.select == "last" and parsed.epochs == 3
+            assert parsed.calibration.holdout_fraction == pytest.approx(2 / (k + 2))
+    assert pr.protocol_config(settings, "patchcore", 5)["backbone"]["layers"] == [4, 10]  # MODEL_OVERRIDES stay
+    assert pr.protocol_config(settings, "geom", 1)["geom"] == {"score": "simple"}  # Dirichlet undefined on 1 image
+    assert "geom" not in pr.protocol_config(settings, "geom", 5)
+    assert "training" not in pr.protocol_config(_settings(), "patchcore")  # one-normal unchanged
+
+
+def _shot_cell(model: str, k: int, cls: int, seed: int, auroc: float) -> Any:
+    return pr.Cell(cls=cls, seed=seed, image_auroc=auroc, metrics={"image_auroc": auroc}, n_train=k + 2,
+                   n_train_pool=6000, n_test=500, n_test_pool=10000, n_test_anomalous=450, seconds=2.0,
+                   fit_seconds=1.5, eval_seconds=0.5, model=model, shots=k)
+
+
+def test_few_shot_table_has_a_column_block_per_k() -> None:
+    models, shots, classes, seeds = ("patchcore", "geom"), (1, 5), [0, 6], [0, 1]
+    auroc = {("patchcore", 1): 0.70, ("geom", 1): 0.60, ("patchcore", 5): 0.80, ("geom", 5): 0.75}
+    cells = [_shot_cell(m, k, c, s, auroc[m, k] + 0.02 * s + 0.01 * (c == 6))
+             for s in seeds for c in classes for k in shots for m in models]
+    settings = _settings(protocol="few-shot", models=models, shots=shots, train_limit=None, test_limit=500,
+                         threads=1)
+    summary = pr.summarise_few_shot(cells, classes, seeds, FASHION_MNIST_CLASSES, models, shots)
+    train = pr.LabelledImages(np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.int64), FASHION_MNIST_CLASSES)
+    header = pr.few_shot_header(settings, cells, train)
+    text = pr.format_few_shot_table(summary, header, models, shots, [], "footer")
+    lines = text.splitlines()
+    blocks = lines[lines.index("") + 1]
+    titles = lines[lines.index("") + 2]
+    assert blocks.split() == ["k", "=", "1", "k", "=", "5"]
+    assert titles.split() == ["class", "patchcore", "geom", "patchcore", "geom", "chance"]
+    assert blocks.index("k = 5") + len("k = 5") == titles.index("geom", titles.index("geom") + 1) + len("geom")
+    row6 = next(line for line in lines if line.startswith("6 Shirt"))
+    assert row6.split() == ["6", "Shirt", "72.0", "±", "1.4", "62.0", "±", "1.4", "82.0", "±", "1.4", "77.0", "±",
+                            "1.4", "50.0"]
+    mean = next(line for line in lines if line.startswith("mean "))
+    assert mean.split()[1:4] == ["71.5", "±", "1.4"]  # per-seed means 70.5, 72.5
+    assert "hold-out (k = 1: 2, k = 5: 2" in text and "geom at k = 1 only: geom.score=\"simple\"" in text
+    assert "500 of 10000 test images" in text and "threads 1" in text
+    assert "calibration.holdout_fraction=" not in text  # per k, not one value
+    doc = pr.report_document(settings, ["protocol.py"], datetime.now(timezone.utc), 1.0, classes,
+                             FASHION_MNIST_CLASSES, [], [], cells, summary, header)
+    doc = json.loads(json.dumps(doc))
+    assert [(e["shots"], e["model"]) for e in doc["rows"][0]["columns"]] == [(1, "patchcore"), (1, "geom"),
+                                                                             (5, "patchcore"), (5, "geom")]
+    assert doc["rows"][1]["columns"][3]["auroc"] == pytest.approx([76.0, 78.0])
+    assert doc["trainer_config"]["geom k=1"]["geom"] == {"score": "simple"} and len(doc["trainer_config"]) == 4
+
+
+def test_few_shot_argument_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    base = ["--dataset", "folder", "--data", str(tmp_path), "--model", "patchcore"]
+    for extra, message in ((["--protocol", "one-normal", "--shots", "1,5"], "--shots needs --protocol few-shot"),
+                           (["--protocol", "few-shot", "--train-limit", "10"], "--train-limit is not for few-shot"),
+                           (["--protocol", "few-shot", "--shots", "0,5"], "--shots 0,5: expected distinct counts"),
+                           (["--protocol", "few-shot", "--shots", "5,5"], "--shots 5,5: expected distinct counts")):
+        with pytest.raises(SystemExit) as exc:
+            pr.main([*base, *extra])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    settings = pr.parse_args([*base, "--protocol", "few-shot", "--models", "padim"])
+    assert settings.shots == (1, 5, 10) and settings.run_models == ("patchcore", "padim")
+
+
+def _few_shot_folder(root: Path) -> Path:
+    """Two classes of 32x32 grey parts: 'plain' (a noisy flat surface) and 'spot' (the same with a bright disk)."""
+    rng = np.random.default_rng(5)
+    for split, n in (("train", 6), ("test", 8)):
+        for cls in ("plain", "spot"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = (90 + rng.integers(0, 12, (32, 32))).astype(np.uint8)
+                if cls == "spot":
+                    cv2.circle(img, tuple(int(v) for v in rng.integers(9, 23, 2)), 5, 230, -1)
+                cv2.imwrite(str(root / split / cls / f"{i}.png"), img)
+    return root
+
+
+def test_few_shot_two_models_through_the_cli(tmp_path: Path) -> None:
+    """PatchCore and SPADE at k = 1 on a tiny folder, on one shared layout: the trainer fits on exactly the one
+    image (its own log line) and holds 2 out; every (k, model) cell in the JSON. (k = 2 too would double the
+    test's time; the column blocks per k are test_few_shot_table_has_a_column_block_per_k's.)"""
+    data = _few_shot_folder(tmp_path / "data")
+    out, keep = tmp_path / "result.json", tmp_path / "keep"
+    proc = _run_script("--dataset", "folder", "--data", str(data), "--protocol", "few-shot", "--shots", "1",
+                       "--models", "patchcore,spade", "--classes", "0", "--seeds", "1", "--threads", "1",
+                       "--json", str(out), "--keep", str(keep), "-v", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for model in ("patchcore", "spade"):
+        assert f"fitting {model} on 1 images; 2 held out for calibration" in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[lines.index("") + 2].split() == ["class", "patchcore", "spade", "chance"]
+    doc = json.loads(out.read_text())
+    assert sorted((c["model"], c["shots"], c["n_train"], c["n_test"]) for c in doc["cells"]) == [
+        ("patchcore", 1, 3, 16), ("spade", 1, 3, 16)]
+    assert len(list((keep / "class0-seed0-k1" / "data" / "train" / "good").iterdir())) == 3
+    assert len(list((keep / "class0-seed0-k1" / "data" / "test" / "abnormal").iterdir())) == 8
+    assert {p.name for p in (keep / "class0-seed0-k1").iterdir()} == {"data", "engines-patchcore", "engines-spade"}
+    for cell in doc["cells"]:
+        print(f"{cell['model']} k = {cell['shots']}: AUROC {cell['image_auroc']:.3f}")
+        assert cell["image_auroc"] > 0.8, cell  # a bright disk on a flat surface; chance is 0.5
