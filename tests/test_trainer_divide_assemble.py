@@ -1,0 +1,153 @@
+"""Divide-and-Assemble end to end and its parts: fitted by ``fit_bundle`` on generated washers, scored through the
+exported ONNX graph (the issue's bar: image AUROC >= 0.7), the shared export checks (FP32 parity, FP16 order,
+TensorRT readiness, any batch); the block-wise memory (division into g x g blocks and assembly back, addressing
+with MemAE's hard shrinkage, the read-out a convex combination of the items), the entropy loss and the
+generator's loss against their formulas.
+
+Recipe for time: 64 px, 50 washers (40 fitted), width 16, 100 items a memory, 100 epochs at batch 16 and the
+default lr 2e-4 (1e-3 gave image AUROC 0.70 against 0.77).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_checks import check_exported_bundle, fit_on_washers, image_and_pixel_auroc, washers
+
+from core.errors import UserError
+from trainer.config import parse_train_config
+from trainer.models import FOREIGN_OBJECTS, GENERATIVE, create_model
+from trainer.models.divide_assemble import BlockMemory, DivideAssemble, addressing_entropy, hard_shrink
+
+SIZE = 64
+EPOCHS = 100
+CONFIG = f"""model: divide-assemble
+input: {{height: {SIZE}, width: {SIZE}}}
+epochs: {EPOCHS}
+batch_size: 16
+training: {{workers: 0}}
+divide_assemble: {{width: 16, ndf: 16, memory_items: 100}}
+export: {{max_batch: 8}}
+report: {{overlays: 0}}
+"""
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return washers(tmp_path_factory.mktemp("daad") / "ds", SIZE)
+
+
+@pytest.fixture(scope="module")
+def bundle(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return fit_on_washers(CONFIG, parts, tmp_path_factory.mktemp("engines"))
+
+
+def test_accuracy_through_the_onnx_graph(bundle: Path, parts: Path) -> None:
+    image, pixel = image_and_pixel_auroc(bundle, parts, "divide-assemble")
+    assert image >= 0.7  # the issue's bar (GANomaly on the same washers: 0.48, see the model's docstring)
+    assert pixel is not None and pixel > 0.8  # the residual points at the defects
+    fit = json.loads((bundle / "report.json").read_text())["fit"]
+    assert len(fit["history"]) == EPOCHS and fit["memory_values"] == 100 * 64 * (1 + 4 + 16)
+    first, kept = fit["history"][0], fit["history"][fit["selected_epoch"] - 1]
+    assert kept["rec"] < 0.5 * first["rec"]  # it learned to reconstruct through the memories
+    assert kept["entropy"] < first["entropy"]  # and the addressing became sparser
+
+
+def test_parity_fp16_order_readiness_and_any_batch(bundle: Path, parts: Path) -> None:
+    check_exported_bundle(bundle, parts, SIZE, DivideAssemble.fp32_scopes)
+
+
+def test_hard_shrinkage_zeroes_weights_below_the_threshold_and_renormalises() -> None:
+    w = torch.tensor([[0.5, 0.3, 0.001, 0.199], [0.002, 0.0, 0.998, 0.0]])
+    out = hard_shrink(w, 0.0025)
+    kept = torch.where(w > 0.0025, w, torch.zeros_like(w))
+    assert torch.allclose(out, kept / kept.sum(-1, keepdim=True), atol=1e-6)
+    assert out[0, 2] == 0 and out[1, 0] == 0
+    assert torch.allclose(out.sum(-1), torch.ones(2))
+    # the ReLU form is differentiable: kept weights pass gradient, shrunk ones none
+    w = w.clone().requires_grad_(True)
+    hard_shrink(w, 0.0025)[0, 0].backward()
+    assert w.grad is not None and w.grad[0, 2] == 0 and w.grad[0, 0] != 0
+
+
+def test_blocks_divide_and_assemble_back_and_each_block_is_its_g_by_g_cells() -> None:
+    torch.manual_seed(0)
+    memory = BlockMemory(channels=3, hw=(8, 8), block=2, items=10, shrink=0.0)
+    f = torch.randn(2, 3, 8, 8)
+    blocks = memory.divide(f)
+    assert blocks.shape == (2, 16, 12)
+    assert torch.equal(memory.assemble(blocks), f)
+    # block (row 1, col 2) is cells [2:4, 4:6] of every channel
+    assert torch.equal(blocks[0, 1 * 4 + 2], f[0, :, 2:4, 4:6].reshape(-1))
+    g = f.clone()
+    g[0, 1, 5, 3] += 1.0  # one cell: only block (2, 1) changes
+    changed = (memory.divide(g) != blocks).any(-1)
+    assert changed.sum() == 1 and changed[0, 2 * 4 + 1]
+
+
+def test_the_read_out_is_a_sparse_convex_combination_of_the_memory_items() -> None:
+    torch.manual_seed(0)
+    memory = BlockMemory(channels=4, hw=(4, 4), block=2, items=50, shrink=0.025)
+    with torch.no_grad():
+        memory.items.mul_(20.0)  # sharp addressing
+    f = torch.randn(3, 4, 4, 4)
+    out, weights = memory(f)
+    assert weights.shape == (3, 4, 50)
+    assert (weights >= 0).all() and torch.allclose(weights.sum(-1), torch.ones(3, 4), atol=1e-5)
+    assert ((weights > 0).sum(-1) < 50).all()  # shrinkage dropped items
+    assert torch.allclose(memory.divide(out), weights @ memory.items, atol=1e-5)
+    expected = torch.softmax(memory.divide(f) @ memory.items.t(), -1)
+    expected = torch.where(expected > 0.025, expected, torch.zeros_like(expected))
+    assert torch.allclose(weights, expected / expected.sum(-1, keepdim=True), atol=1e-5)
+    # a query that is an item reads back (nearly) that item alone
+    item = memory.items[7].detach()
+    out, weights = memory(memory.assemble(item.expand(1, 4, -1)))
+    assert weights[0, :, 7].min() > 0.99
+
+
+def test_entropy_is_memaes_sparsity_loss() -> None:
+    w = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])
+    assert addressing_entropy(w).item() == pytest.approx(math.log(2) / 2, abs=1e-6)
+    assert addressing_entropy(torch.eye(3).unsqueeze(0)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _small_model(extra: str = "") -> DivideAssemble:
+    model = create_model("divide-assemble", parse_train_config(
+        f"model: divide-assemble\ninput: {{height: 32, width: 32}}\nepochs: 1\ntraining: {{workers: 0}}\n"
+        f"divide_assemble: {{width: 8, ndf: 8, memory_items: 20{extra}}}\n"))
+    assert isinstance(model, DivideAssemble)
+    return model
+
+
+def test_generator_loss_is_reconstruction_adversarial_and_entropy() -> None:
+    torch.manual_seed(0)
+    model = _small_model(", w_adv: 0.5, w_entropy: 0.1, blocks: [1, 4]")
+    assert model.family == GENERATIVE and model.catches == FOREIGN_OBJECTS
+    assert [m.g for m in model.generator.memory] == [1, 4]  # type: ignore[union-attr]
+    model.generator.eval()
+    model.discriminator.eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    shared: dict[str, torch.Tensor] = {}
+    loss, parts = model.generator_loss(x, shared)
+    fake, weights = model.generator(x)
+    assert torch.allclose(shared["fake"], fake)
+    pred, _ = model.discriminator(fake)
+    adv = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred))
+    ent = (addressing_entropy(weights[0]) + addressing_entropy(weights[1])) / 2
+    assert loss.item() == pytest.approx((F.mse_loss(fake, x) + 0.5 * adv + 0.1 * ent).item(), rel=1e-5)
+    assert parts["rec"].item() == pytest.approx(F.mse_loss(fake, x).item(), rel=1e-5)
+    # the score is the mean squared reconstruction error
+    assert torch.allclose(model.raw_score(x), (x - fake).pow(2).mean((1, 2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["divide_assemble: {blocks: [3]}", "divide_assemble: {blocks: []}",
+                                 "divide_assemble: {shrink: 1.5}", "divide_assemble: {levels: 0}"])
+def test_bad_settings_are_one_line(bad: str) -> None:
+    with pytest.raises((UserError, ValueError)):
+        create_model("divide-assemble", parse_train_config(f"model: divide-assemble\n{bad}\n"))
