@@ -287,9 +287,16 @@ class MahalanobisClusters(nn.Module):
         return (torch.matmul(diff, self.precisions) * diff).sum(-1).amin(0)
 
 
+PINV_RCOND = 1e-6  # eigenvalues below this share of the largest: numerically zero for the FP32 graph
+
+
 def cluster_gaussians(feats: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each cluster's mean and pseudo-inverted biased covariance (SSD's official ``np.linalg.pinv(np.cov(x.T,
-    bias=True))``), float64 in, [K,D] and [K,D,D] out."""
+    bias=True))``), float64 in, [K,D] and [K,D,D] out. The pseudo-inverse drops eigenvalues under 1e-6 of the
+    largest (numpy's default cut is 1e-15): with fewer images than dimensions the covariance is singular, and
+    its numerically-zero directions, inverted, multiplied the FP32 graph's rounding by up to 1e15 (FP16 reversed
+    good/defect pairs on 24 images); with many images no eigenvalue is near the cut and the result is the
+    official one."""
     means, precisions = [], []
     for c in range(k):
         x = feats[labels == c]
@@ -297,7 +304,7 @@ def cluster_gaussians(feats: np.ndarray, labels: np.ndarray, k: int) -> tuple[np
             raise UserError(f"cluster {c} of {k} got no training image; lower the number of clusters")
         means.append(x.mean(0))
         centred = x - x.mean(0)
-        precisions.append(np.linalg.pinv(centred.T @ centred / len(x), hermitian=True))
+        precisions.append(np.linalg.pinv(centred.T @ centred / len(x), rcond=PINV_RCOND, hermitian=True))
     return np.stack(means), np.stack(precisions)
 
 
