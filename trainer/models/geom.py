@@ -31,7 +31,6 @@ normal part. Largest intermediate: max_batch x T x 16 x width x H x W (the first
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -54,52 +53,13 @@ from trainer.models import (
     setting,
 )
 from trainer.networks import WideResNet
+from trainer.transformations import GeometricCopies
+from trainer.transformations import transformation_list as transformation_list  # re-exported (tests)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
 
 ELEMENT_LIMIT = 2**31  # TensorRT's limit on one tensor (trainer/tensorrt_readiness.py checks it too)
-
-
-def transformation_list(size: int, count: int) -> list[tuple[bool, int, int, int]]:
-    """(flip, tx, ty, k_rot90) of the 72 transformations (or the 8 flips x rotations), the identity first."""
-    s = size // 4
-    if count == 8:
-        return [(f, 0, 0, k) for f, k in itertools.product((False, True), range(4))]
-    return list(itertools.product((False, True), (0, -s, s), (0, -s, s), range(4)))
-
-
-def transform_image(img: np.ndarray, flip: bool, tx: int, ty: int, k: int) -> np.ndarray:
-    """One transformation of an [H, W, ...] array: flip, translate with reflect fill (edge repeated), rot90 x k."""
-    if flip:
-        img = img[:, ::-1]
-    if tx or ty:
-        p = max(abs(tx), abs(ty))
-        pad = [(p, p), (p, p)] + [(0, 0)] * (img.ndim - 2)
-        padded = np.pad(img, pad, mode="symmetric")
-        h, w = img.shape[:2]
-        img = padded[p - ty:p - ty + h, p - tx:p - tx + w]
-    return np.rot90(img, k) if k else img
-
-
-class GeometricCopies(nn.Module):
-    """x [N,C,S,S] -> the T transformed copies [N*T,C,S,S] (copy t of image n at row n*T + t): one constant Gather."""
-
-    index: torch.Tensor
-
-    def __init__(self, size: int, count: int) -> None:
-        super().__init__()
-        self.transformations = transformation_list(size, count)
-        self.count = len(self.transformations)
-        self.size = size
-        base = np.arange(size * size).reshape(size, size)
-        index = np.stack([transform_image(base, *t).reshape(-1) for t in self.transformations])
-        self.register_buffer("index", torch.from_numpy(index.reshape(-1).astype(np.int64)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c, s = int(x.shape[1]), self.size
-        copies = x.flatten(2).index_select(2, self.index).reshape(-1, c, self.count, s, s)
-        return copies.transpose(1, 2).reshape(-1, c, s, s)
 
 
 class GeomScore(nn.Module):
