@@ -30,6 +30,8 @@ ALLOWED_PHRASES = {
     r"mahalanobis[-_ ]?distances?": "the Mahalanobis distance (Mahalanobis 1936) is the mathematics of every "
                                     "Gaussian model (trainer/gaussian.py), not the model registered as "
                                     "'mahalanobis'",
+    r"CSI cameras?": "MIPI CSI, the camera connector of a Jetson board (edge/sources), not the model registered as "
+                     "'csi'",
 }
 
 
