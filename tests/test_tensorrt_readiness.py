@@ -24,7 +24,7 @@ from trainer.cli import main as train_main
 from trainer.config import parse_train_config
 from trainer.data import load_test, train_paths
 from trainer.frames import TrainingData
-from trainer.models import RunOptions, create_model, list_models
+from trainer.models import RunOptions, create_model, get_model_class, list_models
 from trainer.synthetic import DEFECT_KINDS, OBJECT_KINDS, make_dataset
 from trainer.tensorrt_readiness import (
     AUROC_TOLERANCE,
@@ -49,6 +49,8 @@ MAX_BATCH = 8
 # shipped K = 64 and lr 1e-4, 6 steps leave its encoder near its initialisation, whose patch embeddings barely
 # differ, so FP16's rounding of them moved the scores 7.7 % of the scale and reversed 3.5 % of the pairs; here 0.08 %.
 # f-AnoGAN 16 wide with 2 encoder epochs (its 50 follow the GAN's epochs; the graph is the same after 2).
+# SSL-AD at width 1 with 2 of its 9 translations a training step; GOAD at width 1 with its official 8-transformation
+# set (its 72 make the same graph with 9x the copies: 64 s here under load, most of it its validation and centres).
 CONFIG = f"""input: {{height: {SIZE}, width: {SIZE}}}
 epochs: 2
 batch_size: 8
@@ -58,6 +60,8 @@ skip_ganomaly: {{ngf: 16, ndf: 16}}
 deep_svdd: {{pretrain_epochs: 2}}
 deep_sad: {{pretrain_epochs: 2}}
 geom: {{width: 1}}
+ssl_ad: {{depth: 10, width: 1, translations: 2}}
+goad: {{width: 1, transformations: 8}}
 efficient_ad: {{teacher_epochs: 1}}
 cflow: {{coupling_blocks: 2}}
 uninformed_students: {{lr: 0.01}}
@@ -74,7 +78,8 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         size=SIZE, seed=5, kinds=DEFECT_KINDS + OBJECT_KINDS)
 
 
-@pytest.fixture(scope="module", params=list_models())
+# A model with no station export (AnoGAN: a search per image; its station form is f-AnoGAN) has no graph to check.
+@pytest.fixture(scope="module", params=[n for n in list_models() if not get_model_class(n).station_form])
 def exported(request: pytest.FixtureRequest, parts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One model trained briefly and exported to model.onnx + model.fp16.onnx the way fit_bundle does."""
     name = request.param
