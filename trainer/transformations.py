@@ -1,4 +1,4 @@
-"""Geometric transformation sets of the self-supervised models (GEOM, SSL-AD, GOAD), written once.
+"""Geometric transformation sets of the self-supervised models, written once.
 
 A transformation is (flip, tx, ty, k): horizontal flip, then a translation by (tx, ty) px (+tx moves the content
 right, +ty down) with a reflected border, then rot90 k times (numpy's, counter-clockwise). Every one of them is a
@@ -6,12 +6,12 @@ fixed permutation-with-repeats of the pixels, so all the copies of a frame are o
 (``GeometricCopies``), in training and in the exported graph alike.
 
 Sets:
-- ``transformation_list(size, 72)``: GEOM's (and GOAD's, whose official code takes GEOM's ``Transformer``): flip
-  {no, yes} x tx {0, -s, +s} x ty {0, -s, +s} x k {0, 1, 2, 3}, in that product order; ``count = 8``: flip x
-  rot90 only. Border ``symmetric`` (Keras' ``apply_affine_transform`` with scipy's ``reflect``: the edge pixel
-  repeats, d c b a | a b c d).
-- ``translation_rotation_list(size)``: SSL-AD's (Hendrycks et al. 2019, ss-ood): tx {0, -s, +s} x ty {0, -s, +s} x
-  k {0, 1, 2, 3}, no flip (36); its official code shifts with OpenCV's ``BORDER_REFLECT_101`` (the edge pixel
+- ``transformation_list(size, 72)``: Golan & El-Yaniv's (NeurIPS 2018; Bergman & Hoshen's official code takes the
+  same ``Transformer``): flip {no, yes} x tx {0, -s, +s} x ty {0, -s, +s} x k {0, 1, 2, 3}, in that product order;
+  ``count = 8``: flip x rot90 only. Border ``symmetric`` (Keras' ``apply_affine_transform`` with scipy's
+  ``reflect``: the edge pixel repeats, d c b a | a b c d).
+- ``translation_rotation_list(size)``: Hendrycks et al.'s (NeurIPS 2019, ss-ood): tx {0, -s, +s} x ty {0, -s, +s}
+  x k {0, 1, 2, 3}, no flip (36); their official code shifts with OpenCV's ``BORDER_REFLECT_101`` (the edge pixel
   not repeated, d c b | a b c d): ``fill="reflect"``.
 s = size / 4 (8 px at 32 px, 56 px at 224 px: both papers' values). Index 0 is the identity in every set.
 """
@@ -38,7 +38,7 @@ def transformation_list(size: int, count: int) -> list[Transformation]:
 
 
 def translation_rotation_list(size: int) -> list[Transformation]:
-    """SSL-AD's 36: translation x {0, -s, +s} x translation y {0, -s, +s} x rot90 {0, 1, 2, 3}, the identity first."""
+    """Hendrycks et al.'s 36: translate x {0, -s, +s} x translate y {0, -s, +s} x rot90 {0, 1, 2, 3}, identity first."""
     s = size // 4
     return [(False, tx, ty, k) for tx, ty, k in itertools.product((0, -s, s), (0, -s, s), range(4))]
 
@@ -59,7 +59,7 @@ def transform_image(img: np.ndarray, flip: bool, tx: int, ty: int, k: int, fill:
 class GeometricCopies(nn.Module):
     """x [N,C,S,S] -> the T transformed copies [N*T,C,S,S] (copy t of image n at row n*T + t): one constant Gather.
 
-    ``transformations`` (default: GEOM's ``transformation_list(size, count)``) and ``fill`` choose the set."""
+    ``transformations`` (default: ``transformation_list(size, count)``) and ``fill`` choose the set."""
 
     index: torch.Tensor
 
