@@ -260,6 +260,13 @@ class Rotations(nn.Module):
         return copies.permute(2, 0, 1, 3, 4).reshape(-1, c, s, s)
 
 
+def random_flip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each image mirrored left-right with chance ``p`` (before a rotation: a flip after rot90 k is rot90 -k of the
+    flipped image, which would mix up the rotation labels)."""
+    pick = (_uniform(int(x.shape[0]), 0.0, 1.0, x, generator) < p).view(-1, 1, 1, 1)
+    return torch.where(pick, x.flip(3), x)
+
+
 def rotate_each(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Image n rotated by k[n] x 90 degrees (torch.rot90's direction)."""
     out = x.clone()
@@ -314,6 +321,20 @@ def bounded_bank(feats: torch.Tensor, size: int, seed: int) -> torch.Tensor:
         return feats
     g = torch.Generator().manual_seed(seed)
     return feats[torch.randperm(len(feats), generator=g)[:size].sort().values]
+
+
+class BankSimilarity(nn.Module):
+    """Queries [G,N,D] -> their dot products with G banks of L2-normalised training features [G,N,M] (one bank per
+    group, e.g. per rotation; bounded by ``bounded_bank``); the model reduces them (max, log-sum-exp)."""
+
+    bank_t: torch.Tensor
+
+    def __init__(self, banks: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bank_t", F.normalize(banks.float(), dim=-1).transpose(1, 2).contiguous())  # [G,D,M]
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(q, self.bank_t)
 
 
 class FeatureMapDeviation(nn.Module):
@@ -397,7 +418,9 @@ class ContrastiveModel(EpochModel):
         self.encoder = ResNet18(self.channels, self.cfg.width)
         hidden = [self.cfg.head_hidden or self.encoder.dim] * self.cfg.head_layers
         self.head = ProjectionHead(self.encoder.dim, hidden, self.cfg.head_dim)
-        self.augment_views = SimClrAugment(scale_min=self.cfg.crop_scale_min, hue=self.cfg.hue)
+        # rotating models flip before they rotate (random_flip), so the crop does not flip
+        self.augment_views = SimClrAugment(scale_min=self.cfg.crop_scale_min, hue=self.cfg.hue,
+                                           flip_p=0.0 if self.needs_square else 0.5)
         self.grid = (self.hw[0] // 8, self.hw[1] // 8)
         self.deviation = FeatureMapDeviation(self.encoder.dim, self.grid, self.hw)
         self._updates: list[Update] = []
