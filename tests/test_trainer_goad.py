@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from model_checks import check_exported_bundle, fit_on_washers, image_and_pixel_auroc
 
-from core.errors import UserError
+from core.errors import ConfigError, UserError
 from trainer.config import TrainConfig, parse_train_config
 from trainer.data import train_paths
 from trainer.frames import TrainingData
@@ -151,7 +151,7 @@ def test_config_is_checked_and_goad_catches_foreign_objects() -> None:
     assert cls.catches == FOREIGN_OBJECTS and cls.family == SELF_SUPERVISED
     for bad, key in (("{transformations: 12}", "transformations"), ("{depth: 12}", "depth"),
                      ("{transformations_per_step: 1}", "transformations_per_step")):
-        with pytest.raises(Exception, match=f"goad.{key}"):
+        with pytest.raises(ConfigError, match=f"goad.{key}"):
             parse_train_config(f"goad: {bad}\n")
     cfg = TrainConfig()
     cfg.input.height, cfg.input.width = 32, 64

@@ -21,7 +21,7 @@ import pytest
 import torch
 from model_checks import check_exported_bundle, fit_on_washers, image_and_pixel_auroc
 
-from core.errors import UserError
+from core.errors import ConfigError, UserError
 from trainer.config import TrainConfig, parse_train_config
 from trainer.models import FOREIGN_OBJECTS, SELF_SUPERVISED, create_model, get_model_class
 from trainer.models.ssl_ad import HEADS, SslAd, cosine_factor, ssl_loss, transformation_labels
@@ -154,7 +154,7 @@ def test_config_is_checked_and_ssl_ad_catches_foreign_objects() -> None:
     cls = get_model_class("ssl-ad")
     assert cls.catches == FOREIGN_OBJECTS and cls.family == SELF_SUPERVISED
     for bad, key in (("{translations: 10}", "translations"), ("{depth: 12}", "depth"), ("{score: dirichlet}", "score")):
-        with pytest.raises(Exception, match=f"ssl_ad.{key}"):
+        with pytest.raises(ConfigError, match=f"ssl_ad.{key}"):
             parse_train_config(f"ssl_ad: {bad}\n")
     cfg = TrainConfig()
     cfg.input.height, cfg.input.width = 32, 64

@@ -251,8 +251,10 @@ class Goad(EpochModel):
             self._sums.zero_()
             self._counts.zero_()
             self._epoch_closed = False
-        self._sums.index_add_(0, chosen.cpu(), z.detach().sum(0).double().cpu())
-        self._counts.index_add_(0, chosen.cpu(), torch.full((self.per_step,), float(b), dtype=torch.float64))
+        self._sums = self._sums.to(device)  # on the training device: no host sync a step
+        self._counts = self._counts.to(device)
+        self._sums.index_add_(0, chosen, z.detach().sum(0).double())
+        self._counts.index_add_(0, chosen, torch.full((self.per_step,), float(b), dtype=torch.float64, device=device))
         accuracy = (logits.detach().argmax(1) == chosen.repeat(b)).float().mean()
         return loss, {"loss": loss, "ce": ce, "tc": tc, "reg": reg, "accuracy": accuracy}
 
