@@ -224,13 +224,14 @@ class ResNet18(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """SimCLR's MLP head g: Linear-ReLU for each hidden width, then Linear to ``out`` (the loss's space)."""
+    """SimCLR's MLP head g: Linear(-BatchNorm)-ReLU for each hidden width, then Linear to ``out`` (the loss's
+    space). ``batch_norm``: SSD's and CSI's heads have none; a deep head (SSL-OCC's 8 layers) needs it."""
 
-    def __init__(self, dim: int, hidden: list[int], out: int) -> None:
+    def __init__(self, dim: int, hidden: list[int], out: int, batch_norm: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(dim, h), nn.ReLU()]
+            layers += [nn.Linear(dim, h), *([nn.BatchNorm1d(h)] if batch_norm else []), nn.ReLU()]
             dim = h
         layers.append(nn.Linear(dim, out))
         self.net = nn.Sequential(*layers)
@@ -373,6 +374,7 @@ class ContrastiveSettings(ModelSettings):
     head_hidden: int = setting(0, "hidden width of the projection head's layers; 0 = the encoder's feature size")
     head_layers: int = setting(1, "hidden layers of the projection head (SimCLR's: 1)")
     head_dim: int = setting(128, "output size of the projection head (the contrastive loss's space)")
+    head_batch_norm: bool = setting(False, "BatchNorm after each hidden layer of the projection head")
     temperature: float = setting(0.5, "temperature of the contrastive loss")
     crop_scale_min: float = setting(0.08, "smallest area fraction of the random resized crop")
     hue: float = setting(0.1, "colour jitter's largest hue shift, fraction of a turn (brightness, contrast and "
@@ -401,6 +403,7 @@ class ContrastiveModel(EpochModel):
     ``contrastive_loss`` and the scorer."""
 
     needs_square = False  # rotating models (CSI, SSL-OCC) need square inputs
+    flip_in_crop = True  # False: the model flips before it rotates (CSI's rotation labels), not in the crop
     _fitted = False
 
     def __init__(self, config: Any) -> None:
@@ -417,10 +420,9 @@ class ContrastiveModel(EpochModel):
         self.frame_input = FrameInput(self.channels)
         self.encoder = ResNet18(self.channels, self.cfg.width)
         hidden = [self.cfg.head_hidden or self.encoder.dim] * self.cfg.head_layers
-        self.head = ProjectionHead(self.encoder.dim, hidden, self.cfg.head_dim)
-        # rotating models flip before they rotate (random_flip), so the crop does not flip
+        self.head = ProjectionHead(self.encoder.dim, hidden, self.cfg.head_dim, self.cfg.head_batch_norm)
         self.augment_views = SimClrAugment(scale_min=self.cfg.crop_scale_min, hue=self.cfg.hue,
-                                           flip_p=0.0 if self.needs_square else 0.5)
+                                           flip_p=0.5 if self.flip_in_crop else 0.0)
         self.grid = (self.hw[0] // 8, self.hw[1] // 8)
         self.deviation = FeatureMapDeviation(self.encoder.dim, self.grid, self.hw)
         self._updates: list[Update] = []

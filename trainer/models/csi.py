@@ -144,6 +144,7 @@ class Csi(ContrastiveModel):
     defaults = ModelDefaults(input_size=32, batch_size=32, epochs=100)
     fp32_scopes = ("/score/",)
     needs_square = True
+    flip_in_crop = False  # flipped before rotating: a flip after rot90 k is rot90 -k of the flipped image
     copies_per_frame = SHIFTS
 
     def __init__(self, config: Any) -> None:
