@@ -9,10 +9,16 @@ Runtime backend, so they describe the file the station runs. The fitted torch mo
 not kept after export: fit, export, parity (torch against ONNX) and manifest (the map's shape, a fresh bundle's
 checksums) need it, so they run inside a fit only. Data check, calibrate, evaluate and report need only the
 bundle's graph and the data folder, so they can run again on an existing bundle (``pipeline.rerun_stages``).
+
+A model with no station export (``AnomalyModel.station_form``: AnoGAN, whose score is a search per image) fits,
+calibrates, evaluates and reports all the same, scored by its own ``score`` in torch: the export stage says in one
+line that it has none and names the model a station runs instead; parity, manifest and promote have no bundle to
+work on, and the report goes to engines/<model>/evals/.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,7 +58,7 @@ from trainer.datacheck import (
     undecodable_images,
 )
 from trainer.degrade import Degradation, codec_plan
-from trainer.evaluate import Evaluation, evaluate_onnx
+from trainer.evaluate import Evaluation, evaluate_onnx, metrics_from_scores
 from trainer.frames import TrainingData
 from trainer.loop import run_fingerprint
 from trainer.models import AnomalyModel, RunOptions, get_model_class, known_model_names
@@ -119,13 +125,18 @@ class FitRun:
     evaluation: Optional[Evaluation] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     # report
-    report_dir: Optional[Path] = None  # None: the bundle folder (a fit); a rerun writes outside the bundle
+    report_dir: Optional[Path] = None  # None: the bundle folder (a fit); a rerun, or a fit without export, elsewhere
     report_path: Optional[Path] = None
 
     def note(self, message: str, warning: bool = True) -> None:
         """Keep ``message`` for report.json's notes and log it (as a warning unless ``warning`` is False)."""
         self.notes.append(message)
         self.log(f"warning: {message}" if warning else message)
+
+
+def _scored_in_torch(run: FitRun) -> Optional[AnomalyModel]:
+    """The fitted model when it has no station export (``station_form``): calibrate and evaluate score with it."""
+    return run.model if run.model is not None and run.model.station_form and run.fp32 is None else None
 
 
 def _need(value: Optional[T], what: str, stage: str, earlier: str) -> T:
@@ -281,6 +292,13 @@ def export_graphs(run: FitRun) -> None:
     model, which is not kept; fit again.
     """
     cfg, model = run.cfg, _need(run.model, "the fitted model", "export", "fit")
+    if model.station_form:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        run.report_dir = run.report_dir or run.engines_root / cfg.model / rep.EVALS / f"fit-{stamp}"
+        run.note(f"export: {cfg.model} has no station export ({model.no_export_reason}); its station form is "
+                 f"{model.station_form} (edge-train fit --model {model.station_form}); no bundle is written, the "
+                 f"test is scored in torch and the report written to {run.report_dir}")
+        return
     per_frame = tiles_per_frame(cfg.input.tile_grid)  # the model scores this many inputs a frame
     limit = model.export_batch_limit(cfg.export.max_distance_elements)
     limit = None if limit is None else max(1, limit // per_frame)
@@ -341,10 +359,15 @@ def _calibration_set_scores(run: FitRun, stage: str) -> tuple[np.ndarray, Option
     ``calibration_scores`` (normals: the hold-out and DIR/val/good; defects: DIR/val's) for the report."""
     batch = run.cfg.export.max_batch
     data = _need(run.data, "the training data", stage, "data check")
-    scorer = ex.onnx_scorer(_need(run.fp32, "model.onnx", stage, "export"), batch)
-    hold_scores = stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch, whole=True)
     val = data.val
-    val_scores = ex.run_onnx(scorer, val.images)[0] if val is not None else None
+    model = _scored_in_torch(run)
+    if model is not None:
+        hold_scores = stream_scores(lambda f: model.score(f, batch)[0], data, data.holdout_paths, batch)
+        val_scores = model.score(data.model_inputs(val.images), batch)[0] if val is not None else None
+    else:
+        scorer = ex.onnx_scorer(_need(run.fp32, "model.onnx", stage, "export"), batch)
+        hold_scores = stream_scores(lambda f: ex.run_onnx(scorer, f)[0], data, data.holdout_paths, batch, whole=True)
+        val_scores = ex.run_onnx(scorer, val.images)[0] if val is not None else None
     normal, defects = np.asarray(hold_scores, np.float64), np.zeros(0)
     if val is not None and val_scores is not None:
         normal = np.concatenate([normal, np.asarray(val_scores, np.float64)[val.labels == 0]])
@@ -372,6 +395,8 @@ def check_parity(run: FitRun) -> None:
     fitted model, which is not kept.
     """
     cfg, batch = run.cfg, run.cfg.export.max_batch
+    if _scored_in_torch(run) is not None:
+        return  # no exported graph to compare (the export stage said why)
     data = _need(run.data, "the training data", "parity", "data check")
     module = _need(run.module, "the exported torch module", "parity", "export")
     frames = data.read(data.holdout_paths[: cfg.report.parity_frames])
@@ -392,14 +417,23 @@ def evaluate_test(run: FitRun) -> None:
     a DIR/test a note says so. Reruns on an existing bundle (its graph and its manifest's threshold, unless
     calibrate reran first).
     """
-    fp32 = _need(run.fp32, "model.onnx", "evaluate", "export")
+    model = _scored_in_torch(run)
+    fp32 = None if model is not None else _need(run.fp32, "model.onnx", "evaluate", "export")
     threshold = _need(run.calibration.get("threshold"), "a threshold", "evaluate", "calibrate")
     run.metrics = {"fit_seconds": round(run.fit_seconds, 3)}
     run.evaluation = None
     if run.test is None:
         run.note(f"no {run.data_dir / 'test'} folder: no test metrics", warning=False)
         return
-    run.evaluation = evaluate_onnx(fp32, run.test, threshold, run.cfg.export.max_batch)
+    if model is not None:  # no exported graph: the model's own scoring in torch
+        t0 = time.monotonic()
+        scores, maps = model.score(run.test.images, run.cfg.export.max_batch)
+        run.metrics["torch_ms_per_image"] = round(1000 * (time.monotonic() - t0) / max(len(scores), 1), 3)
+        run.evaluation = Evaluation(metrics_from_scores(scores, run.test.labels, threshold, maps, run.test.masks),
+                                    scores, maps, run.test)
+    else:
+        assert fp32 is not None
+        run.evaluation = evaluate_onnx(fp32, run.test, threshold, run.cfg.export.max_batch)
     run.metrics.update({k: round(v, 6) if isinstance(v, float) else v for k, v in run.evaluation.metrics.items()})
     run.log("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in run.evaluation.metrics.items()))
@@ -494,6 +528,8 @@ def write_bundle_manifest(run: FitRun) -> None:
     station refuses one whose files do not match its manifest), and the map's shape is the fitted model's.
     """
     cfg = run.cfg
+    if _scored_in_torch(run) is not None:
+        return  # no bundle (the export stage said why)
     bundle_dir = _need(run.bundle_dir, "a bundle folder", "manifest", "export")
     tiles = cfg.input.tile_grid
     map_h, map_w = stitched_map_shape(_need(run.model, "the fitted model", "manifest", "fit").map_shape(), tiles,
@@ -526,6 +562,9 @@ def promote_bundle(run: FitRun) -> None:
     is one line with both measures, and the bundle stays written. ``promote_over_current`` skips the rule. Not a
     rerun stage: promoting an existing bundle is ``edge-train promote``.
     """
+    if _scored_in_torch(run) is not None:
+        run.log(f"no bundle to promote; report {run.report_path} ({time.monotonic() - run.started:.1f}s)")
+        return
     bundle_dir = _need(run.bundle_dir, "a bundle folder", "promote", "export")
     bundle = load_bundle(bundle_dir)  # verified as a station would, promoted or not
     if not run.promote_bundle:

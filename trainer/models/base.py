@@ -148,7 +148,9 @@ class AnomalyModel(ABC):
     for (SURFACE_DEFECTS or FOREIGN_OBJECTS). ``map_in_score_units``: the anomaly map is in the score's units
     (the score is the peak of the unsmoothed map), so the report's overlays can mark the threshold itself on
     their colour scale. ``display_name``: how people write the model's name (the paper's spelling).
-    ``family``: the method family (one of FAMILIES).
+    ``family``: the method family (one of FAMILIES). ``station_form``: set by a model that has no station export
+    (AnoGAN: a search per image), the model a station runs instead; its fit skips the export with one line saying
+    so (``no_export_reason``), scores calibration and test data with ``score`` in torch and writes no bundle.
     """
 
     name: str = ""
@@ -162,6 +164,8 @@ class AnomalyModel(ABC):
     scales_scores: bool = False
     map_in_score_units: bool = False
     fp32_scopes: tuple[str, ...] = ()
+    station_form: str = ""  # a model with no station export: the model whose bundle a station runs instead
+    no_export_reason: str = ""  # why it has none (the export stage's line)
 
     def __init__(self, config: Any) -> None:
         self.config = config
