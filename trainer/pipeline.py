@@ -37,9 +37,9 @@ def fit_bundle(cfg: TrainConfig, data_dir: Path, engines_root: Path,
     DIR/test (trainer/champion.py; the current judged at the station's threshold in ``site_calibration``, a
     station's on-site calibration file, when it holds one for it), unless ``promote_over_current``.
     Checkpoints of models trained by epochs go to ``engines_root/<model>/checkpoints/``; ``resume`` continues
-    the run found there. A model with no station export (``station_form``: AnoGAN) writes no bundle: its fit is
-    calibrated, evaluated and reported in torch, and the folder returned is its report's (engines/<model>/evals/).
-    ``on_export`` receives the torch module the ONNX graph was exported from (benchmarks
+    the run found there. A model with no station export (``station_form``: a score searched per image) writes no
+    bundle: its fit is calibrated, evaluated and reported in torch, and the folder returned is its report's
+    (engines/<model>/evals/). ``on_export`` receives the torch module the ONNX graph was exported from (benchmarks
     compare the two on the same weights).
     """
     run = FitRun(cfg, Path(data_dir), Path(engines_root), log, resume=resume, stop_after_epoch=stop_after_epoch,

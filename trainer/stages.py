@@ -10,7 +10,7 @@ not kept after export: fit, export, parity (torch against ONNX) and manifest (th
 checksums) need it, so they run inside a fit only. Data check, calibrate, evaluate and report need only the
 bundle's graph and the data folder, so they can run again on an existing bundle (``pipeline.rerun_stages``).
 
-A model with no station export (``AnomalyModel.station_form``: AnoGAN, whose score is a search per image) fits,
+A model with no station export (``AnomalyModel.station_form``: one whose score is a search per image) fits,
 calibrates, evaluates and reports all the same, scored by its own ``score`` in torch: the export stage says in one
 line that it has none and names the model a station runs instead; parity, manifest and promote have no bundle to
 work on, and the report goes to engines/<model>/evals/.
