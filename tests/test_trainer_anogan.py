@@ -85,6 +85,12 @@ def test_export_is_refused_in_one_line_naming_f_anogan() -> None:
     assert "\n" not in str(info.value)
 
 
+def test_tiling_is_refused_before_the_fit() -> None:
+    cfg = parse_train_config("model: anogan\ninput: {height: 64, width: 64, tiles: [2, 2]}\n")
+    with pytest.raises(UserError, match="^anogan: input.tiles needs an exported graph"):
+        create_model("anogan", cfg).preflight(10, 8, 10**9)
+
+
 def _small_model(extra: str = "") -> Anogan:
     model = create_model("anogan", parse_train_config(
         f"model: anogan\ninput: {{height: 32, width: 32}}\nepochs: 1\nbatch_size: 8\ntraining: {{workers: 0}}\n"

@@ -199,6 +199,13 @@ class Anogan(LatentGan):
         return (np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32),
                 np.concatenate(maps).astype(np.float32) if maps else np.zeros((0, *self.hw), np.float32))
 
+    def size_checks(self, n_images: int) -> None:
+        """Tiling cuts frames into tiles inside the exported graph, which this model does not have: one line, before
+        the fit."""
+        if self.config.input.tile_grid is not None:
+            raise UserError(f"{self.name}: input.tiles needs an exported graph to cut frames into tiles, and "
+                            f"{self.name} has none; fit it untiled, or tile {self.station_form}")
+
     def export_module(self) -> nn.Module:
         raise UserError(f"{self.name} has no station export: {self.no_export_reason}; its station form is "
                         f"{self.station_form} (edge-train fit --model {self.station_form})")
