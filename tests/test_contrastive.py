@@ -13,7 +13,7 @@ import torch
 
 from trainer.contrastive import (
     FeatureMapDeviation,
-    MahalanobisClusters,
+    NearestClusterDistance,
     ProjectionHead,
     ResNet18,
     Rotations,
@@ -129,7 +129,7 @@ def test_mahalanobis_clusters_is_the_official_pinv_of_the_biased_covariance() ->
         np.testing.assert_allclose(precisions[c], np.linalg.pinv(np.cov(feats[labels == c].T, bias=True)), rtol=1e-6)
     q = rng.normal(2, 3, (5, 4))
     expected = np.min([np.sum((q - means[c]) * (precisions[c] @ (q - means[c]).T).T, 1) for c in range(2)], 0)
-    got = MahalanobisClusters(means, precisions)(torch.from_numpy(q).float())
+    got = NearestClusterDistance(means, precisions)(torch.from_numpy(q).float())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
 
 

@@ -1,24 +1,24 @@
-"""What the contrastive self-supervised models (SSD, CSI, SSL-OCC) share, written once: SimCLR's augmentations
-on batches in torch, the NT-Xent loss, the projection head, the ResNet-18 encoder trained from scratch, the
-rotations (CSI's shifted instances, SSL-OCC's distribution augmentation), the in-graph scorers on the encoder's
-features (Mahalanobis to clusters, a bounded memory bank) and the base class that trains them through the shared
-loop (trainer/loop.py) and exports them.
+"""What the contrastive self-supervised models (Sehwag et al. 2021, Tack et al. 2020, Sohn et al. 2021) share,
+written once: SimCLR's augmentations on batches in torch, the NT-Xent loss, the projection head, the ResNet-18
+encoder trained from scratch, the rotations (Tack et al.'s shifted instances, Sohn et al.'s distribution
+augmentation), the in-graph scorers on the encoder's features (the Mahalanobis distance to clusters, a bounded
+memory bank) and the base class that trains them through the shared loop (trainer/loop.py) and exports them.
 
 Augmentations (SimCLR, Chen et al. 2020, as the three official codes use them on 32 px images; a model sets the
-crop's smallest area and the jitter's strength from its own code): random resized crop (area fraction
-U(scale_min, 1), aspect ratio log-uniform in [3/4, 4/3]) and horizontal flip (p 0.5), both one bilinear
-``grid_sample`` per image as CSI's ``RandomResizedCropLayer`` does on the GPU; colour jitter with p 0.8 (brightness,
-contrast, saturation factors U(1 - s, 1 + s), hue shift U(-h, h) of a turn, in a random order per batch; each op
-clamped to [0, 1] as torchvision's); random greyscale with p 0.2 (BT.601 luma). Two differences from torchvision,
-for batches: the crop's 10 tries are drawn at once (the first that fits is taken, as torchvision's loop does;
-none: the whole image), and the hue shift is a rotation of the chroma plane in YIQ (torchvision goes through
-HSV; the same turn of the hue, without HSV's piecewise cost). On one-channel (grey) inputs saturation, hue and
-greyscale do nothing. Every random draw comes from the ``generator`` given (the loop's global RNG, reseeded per
-epoch, in training), so a seed gives the same views.
+crop's smallest area and the jitter's strength from its own code): random resized crop (area fraction U(scale_min,
+1), aspect ratio log-uniform in [3/4, 4/3]) and horizontal flip (p 0.5), both one bilinear ``grid_sample`` per image
+as Tack et al.'s ``RandomResizedCropLayer`` does on the GPU; colour jitter with p 0.8 (brightness, contrast,
+saturation factors U(1 - s, 1 + s), hue shift U(-h, h) of a turn, in a random order per batch; each op clamped to
+[0, 1] as torchvision's); random greyscale with p 0.2 (BT.601 luma). Two differences from torchvision, for batches:
+the crop's 10 tries are drawn at once (the first that fits is taken, as torchvision's loop does; none: the whole
+image), and the hue shift is a rotation of the chroma plane in YIQ (torchvision goes through HSV; the same turn of
+the hue, without HSV's piecewise cost). On one-channel (grey) inputs saturation, hue and greyscale do nothing. Every
+random draw comes from the ``generator`` given (the loop's global RNG, reseeded per epoch, in training), so a seed
+gives the same views.
 
 Encoder: the CIFAR ResNet-18 the three papers use (3x3 stem without max-pool, four stages of two basic blocks,
 strides 1, 2, 2, 2, global average pool), trained from scratch as in the papers: none of them starts from
-ImageNet weights (SSD's and Sohn et al.'s ImageNet-pretrained rows are baselines, not their method), and the
+ImageNet weights (Sehwag et al.'s and Sohn et al.'s ImageNet-pretrained rows are baselines, not their method), and the
 project's pretrained registry (trainer/backbones.py) has no ResNet-18. ``width`` is the first stage's channels
 (the papers' 64; the stages have width x 1, 2, 4, 8): 16 on this CPU, 16x fewer multiply-adds.
 
@@ -225,7 +225,8 @@ class ResNet18(nn.Module):
 
 class ProjectionHead(nn.Module):
     """SimCLR's MLP head g: Linear(-BatchNorm)-ReLU for each hidden width, then Linear to ``out`` (the loss's
-    space). ``batch_norm``: SSD's and CSI's heads have none; a deep head (SSL-OCC's 8 layers) needs it."""
+    space). ``batch_norm``: Sehwag et al.'s and Tack et al.'s heads have none; a deep head (Sohn et al.'s 8 layers)
+    needs it."""
 
     def __init__(self, dim: int, hidden: list[int], out: int, batch_norm: bool = False) -> None:
         super().__init__()
@@ -243,7 +244,7 @@ class ProjectionHead(nn.Module):
 # -- rotations -------------------------------------------------------------------------------------------------
 class Rotations(nn.Module):
     """x [N,C,S,S] -> its rotations by k x 90 degrees for k in ``ks`` [len(ks)*N,C,S,S], rotation-major (copy k of
-    image n at row k*N + n, as CSI's ``torch.cat([rot90(x, k) for k])``); torch.rot90's direction. One constant
+    image n at row k*N + n, as Tack et al.'s ``torch.cat([rot90(x, k) for k])``); torch.rot90's direction. One constant
     Gather, in training and in the exported graph alike."""
 
     index: torch.Tensor
@@ -279,7 +280,7 @@ def rotate_each(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 # -- in-graph scorers ------------------------------------------------------------------------------------------
-class MahalanobisClusters(nn.Module):
+class NearestClusterDistance(nn.Module):
     """x [N,D] -> min over clusters k of (x - mu_k)^T P_k (x - mu_k) [N] (P_k a cluster's precision)."""
 
     means: torch.Tensor
@@ -299,7 +300,7 @@ PINV_RCOND = 1e-6  # eigenvalues below this share of the largest: numerically ze
 
 
 def cluster_gaussians(feats: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each cluster's mean and pseudo-inverted biased covariance (SSD's official ``np.linalg.pinv(np.cov(x.T,
+    """Each cluster's mean and pseudo-inverted biased covariance (Sehwag et al.'s official ``np.linalg.pinv(np.cov(x.T,
     bias=True))``), float64 in, [K,D] and [K,D,D] out. The pseudo-inverse drops eigenvalues under 1e-6 of the
     largest (numpy's default cut is 1e-15): with fewer images than dimensions the covariance is singular, and
     its numerically-zero directions, inverted, multiplied the FP32 graph's rounding by up to 1e15 (FP16 reversed
@@ -393,7 +394,7 @@ class ContrastiveSettings(ModelSettings):
 
 
 def cosine_schedule(epoch: int, epochs: int) -> float:
-    """Cosine decay of the learning rate over the epochs (1-based), as SimCLR, SSD and Sohn et al. use."""
+    """Cosine decay of the learning rate over the epochs (1-based), as SimCLR, Sehwag et al. and Sohn et al. use."""
     return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
 
 
@@ -402,8 +403,8 @@ class ContrastiveModel(EpochModel):
     ``fit_scorer`` fits its in-graph score on the training images' features. Subclasses set ``cfg`` fields,
     ``contrastive_loss`` and the scorer."""
 
-    needs_square = False  # rotating models (CSI, SSL-OCC) need square inputs
-    flip_in_crop = True  # False: the model flips before it rotates (CSI's rotation labels), not in the crop
+    needs_square = False  # models that rotate by 90 degrees need square inputs
+    flip_in_crop = True  # False: the model flips before it rotates (a rotation head's labels), not in the crop
     _fitted = False
 
     def __init__(self, config: Any) -> None:
@@ -491,7 +492,7 @@ class ContrastiveModel(EpochModel):
         return facts
 
     def extra_features(self, x: torch.Tensor) -> Any:
-        """What a scorer needs of a training batch beyond the pooled features (CSI: all rotations' heads)."""
+        """What a scorer needs of a training batch beyond the pooled features (e.g. all rotations' head outputs)."""
         return None
 
     def fit_scorer(self, pooled: torch.Tensor, extra: list[Any], log: Log) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from trainer.contrastive import (
     ContrastiveModel,
     ContrastiveSettings,
     FeatureMapDeviation,
-    MahalanobisClusters,
+    NearestClusterDistance,
     ResNet18,
     cluster_gaussians,
     nt_xent,
@@ -80,7 +80,7 @@ class SsdScore(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.from_numpy(np.asarray(mean, np.float32)))
         self.register_buffer("inv_std", torch.from_numpy(np.asarray(1.0 / (std + NORM_EPS), np.float32)))
-        self.clusters = MahalanobisClusters(means, precisions)
+        self.clusters = NearestClusterDistance(means, precisions)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         f = pooled.float()

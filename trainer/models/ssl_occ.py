@@ -57,7 +57,7 @@ from trainer.contrastive import (
     ContrastiveModel,
     ContrastiveSettings,
     FeatureMapDeviation,
-    MahalanobisClusters,
+    NearestClusterDistance,
     ResNet18,
     bounded_bank,
     cross_view_infonce,
@@ -89,7 +89,7 @@ class GaussianScore(nn.Module):
 
     def __init__(self, mean: np.ndarray, precision: np.ndarray) -> None:
         super().__init__()
-        self.distance = MahalanobisClusters(mean[None], precision[None])
+        self.distance = NearestClusterDistance(mean[None], precision[None])
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return 0.5 * self.distance(F.normalize(pooled.float(), dim=1))
