@@ -777,6 +777,11 @@ def test_few_shot_trainer_configs() -> None:
             assert parsed.training.select == "last" and parsed.epochs == 3
             assert parsed.calibration.holdout_fraction == pytest.approx(2 / (k + 2))
     assert pr.protocol_config(settings, "patchcore", 5)["backbone"]["layers"] == [4, 10]  # MODEL_OVERRIDES stay
+    for k in (1, 5):  # the whole bank at every k: a 2.5 % coreset of a few images' patches is 1 to 4 of them
+        assert pr.protocol_config(settings, "patchcore", k)["patchcore"] == {"coreset_ratio": 1.0}
+    assert pr.protocol_config(_settings(protocol="few-shot", overrides=(("patchcore.coreset_ratio", 0.5),)),
+                              "patchcore", 5)["patchcore"] == {"coreset_ratio": 0.5}  # --set comes last
+    assert "patchcore" not in pr.protocol_config(_settings(), "patchcore")
     assert pr.protocol_config(settings, "geom", 1)["geom"] == {"score": "simple"}  # Dirichlet undefined on 1 image
     assert "geom" not in pr.protocol_config(settings, "geom", 5)
     assert "training" not in pr.protocol_config(_settings(), "patchcore")  # one-normal unchanged
@@ -810,7 +815,8 @@ def test_few_shot_table_has_a_column_block_per_k() -> None:
                             "1.4", "50.0"]
     mean = next(line for line in lines if line.startswith("mean "))
     assert mean.split()[1:4] == ["71.5", "±", "1.4"]  # per-seed means 70.5, 72.5
-    assert "hold-out (k = 1: 2, k = 5: 2" in text and "geom at k = 1 only: geom.score=\"simple\"" in text
+    assert "hold-out (k = 1: 2, k = 5: 2" in text and "geom at k = 1 only: geom.score=\"simple\" (" in text
+    assert "patchcore at every k: patchcore.coreset_ratio=1.0 (" in text
     assert "500 of 10000 test images" in text and "threads 1" in text
     assert "calibration.holdout_fraction=" not in text  # per k, not one value
     doc = pr.report_document(settings, ["protocol.py"], datetime.now(timezone.utc), 1.0, classes,
