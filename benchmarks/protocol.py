@@ -26,10 +26,12 @@ One-class protocols (see benchmarks/README.md):
   1, 5, 10) the model is trained on k good images of the chosen class, drawn per (seed, class) from its training
   split (one seeded permutation: the k = 1 image is among the k = 5 ones, and so on); the test is one-normal's (the
   test split, that class good, every other anomalous). The trainer always holds part of DIR/train/good out of the
-  model to calibrate the threshold, so h more good images of the same draw are laid out beside the k (h = 1, 1, 2
-  for k = 1, 5, 10 at the hold-out fraction 0.2: the fewest that leave exactly k in the model), and
+  model to calibrate the threshold, so 2 more good images of the same draw (the fewest a threshold takes) are laid
+  out beside the k, with calibration.holdout_fraction 2 / (k + 2) so that exactly k stay in the model, and
   ``training.select: last`` keeps them from choosing the epoch: they set only the shipped threshold, which no
   AUROC depends on. Several models (``--models``) run on the same draws; the table has one column block per k.
+  ``FEW_SHOT_MODEL_OVERRIDES`` (printed in the header): PatchCore keeps its whole memory bank, GEOM scores with its
+  simple score at k = 1.
 
 Surface protocols: good parts of one kind against defective ones, what a station is for.
 
