@@ -33,6 +33,9 @@ the graph, so the ONNX file needs no autograd; the tests check it against torch.
 the map, not the whole-image score, is what it adds to a reconstruction model.
 
 What differs from the paper, and why:
+- the paper's text could not be read from this machine (no official code either): the losses and weights follow
+  its description as we know it and the UPD re-implementation; CAVGA-D_w's classifier (the spatial mean of mu,
+  one logit), its share of labelled defects per batch (a quarter), w_c and w_cga are our reading, to be checked.
 - networks: DCGAN-layout convolutions down to a stride-8 latent map (``levels``), the project's GAN building
   blocks; the paper's CAVGA-D uses the encoder and decoder of Celik et al. at 256 px (CAVGA-R an ImageNet
   ResNet-18, whose weights are not on this machine).
@@ -48,7 +51,8 @@ What differs from the paper, and why:
 Measured (2026-12-07, the 2-core VM at load average 8-12, one thread, scored through the exported ONNX graph):
 - generated washers (tests/model_checks.py washers(): every surface-defect kind), 64 px, 40 fitted + 10 held
   out, 20 + 20 test parts, the test's recipe (width 16, nz 64, 100 epochs at batch 16, lr 2e-4), CAVGA-D_u:
-  image AUROC 0.678, pixel AUROC of 1 - A 0.589. The issue's bar (0.7) is not met. Other draws and recipes of
+  image AUROC 0.678, pixel AUROC of 1 - A 0.589 (GANomaly on the same parts and recipe: 0.595, pixel 0.929).
+  The issue's bar (0.7) is not met. Other draws and recipes of
   the same parts: 200 epochs 0.55, lr 1e-3 0.60, batch 8 0.54-0.58, width 32 / nz 128 0.41 (before the VAE
   loss was taken per image value), nz 16 0.66; the peak of 1 - A 0.42-0.68 and of the smoothed residual
   0.52-0.62 as scores do no better. The VAE reconstructs these parts 5x worse than Divide-and-Assemble's memory
