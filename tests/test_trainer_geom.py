@@ -29,13 +29,15 @@ from scipy import ndimage
 from core.bundle import load_bundle
 from core.errors import ConfigError, UserError
 from trainer.config import TrainConfig, parse_train_config
-from trainer.data import load_test
+from trainer.data import load_test, train_paths
 from trainer.datasets import FASHION_MNIST_DIR, load_dataset
 from trainer.dirichlet import fit_dirichlet
 from trainer.evaluate import evaluate_bundle
-from trainer.models import FOREIGN_OBJECTS, create_model, get_model_class
+from trainer.frames import TrainingData
+from trainer.models import FOREIGN_OBJECTS, RunOptions, create_model, get_model_class
 from trainer.models.geom import GeometricCopies, transformation_list
 from trainer.pipeline import fit_bundle
+from trainer.synthetic import make_dataset
 from trainer.tensorrt_readiness import AUROC_TOLERANCE, fp16_parity
 
 SIZE = 32
@@ -191,3 +193,14 @@ def test_config_is_checked_and_geom_catches_foreign_objects() -> None:
     cfg = parse_train_config("input: {height: 256, width: 256}\n")
     with pytest.raises(UserError, match="max_batch"):
         create_model("geom", cfg).export_checks(16, 2**21)
+
+
+def test_the_dirichlet_score_refuses_one_training_image_before_training(tmp_path: Path) -> None:
+    """One image has no spread to fit a Dirichlet to (Minka's precision divides by zero): one line, before any
+    epoch, naming the way out (the few-shot protocol at k = 1 uses the simple score)."""
+    parts = make_dataset(tmp_path / "ds", n_train=1, n_test_good=0, n_test_defect=0, size=32, seed=3)
+    data = TrainingData(fit_paths=train_paths(parts), holdout_paths=[], hw=(32, 32), workers=0, seed=0)
+    model = create_model("geom", parse_train_config("model: geom\ninput: {height: 32, width: 32}\nepochs: 1\n"))
+    with pytest.raises(UserError, match=r"at least 2 training images, 1 given.*geom.score: simple") as refused:
+        model.fit(data, run=RunOptions(device="cpu", amp=False, progress=False))
+    assert "\n" not in str(refused.value)
