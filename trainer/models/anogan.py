@@ -56,12 +56,14 @@ Measured (2026-12-07, the 2-core VM at load average 7-12, one thread):
   though its residual map now finds the nut (pixel AUROC 0.65-0.66; the map's maximum would rank at 0.84-0.87, not
   the paper's score; the discrimination term alone 0.64-0.67); for 400 epochs (228 s at load 6) sharper still, the
   contrast still short: 0.54, clipped 0.54 (pixel 0.75-0.76, map maximum 0.89-0.90, discrimination term 0.65);
+  for 800 epochs (351 s at load 3-6): 0.48, clipped 0.51 (pixel 0.86-0.87, map maximum 0.82-0.86; unbounded,
+  41 % of the searched coordinates left [-1, 1]);
   f-AnoGAN's official GAN recipe (lr 1e-4, 5 critic steps) for 150 epochs: 0.485, clipped 0.47 (pixel 0.56).
-  The map learns the nut as the generator trains (pixel 0.55, 0.66, 0.76 after 50, 200, 400 epochs) while the
-  paper's score, whose sum the whole image's contrast misfit dominates, barely moves (0.52, 0.51, 0.54): none of
-  the faithful candidates reaches the issue's 0.7 in what a CPU fits, so the search is kept as the paper states it (z
-  from a prior draw, unbounded; the last feature map; lambda 0.1); the paper trained its DCGAN on about a million
-  patches.
+  The map learns the nut as the generator trains (pixel 0.55, 0.66, 0.76, 0.87 after 50, 200, 400, 800 epochs)
+  while the paper's score, whose sum the whole image's contrast misfit dominates, does not (0.52, 0.51, 0.54,
+  0.48): none of the faithful candidates reaches the issue's 0.7 in what a CPU fits, so the search is kept as the
+  paper states it (z from a prior draw, unbounded; the last feature map; lambda 0.1); the paper trained its DCGAN
+  on about a million patches.
 - cost per image (CPU time on one thread, torch, batch 16, 64 px): the search costs 2.4 ms a step at width 16 (1.2 s
   an image at the paper's 500 steps) and 7.7 ms a step at width 64 (3.8 s); f-AnoGAN's one pass costs 0.78 ms at
   width 16 and 7.4 ms at width 64: the search is 500-1500 times f-AnoGAN's cost.
