@@ -222,6 +222,7 @@ class Geom(EpochModel):
     def fit(self, data: TrainingData, log: Callable[[str], None] = lambda _m: None,
             run: Optional[RunOptions] = None) -> dict[str, Any]:
         """The shared loop trains the classifier; then a Dirichlet per transformation on the training normals."""
+        self.require_training_images(data)
         if self.cfg.score == "dirichlet" and len(data.fit_paths) < 2:  # one image: no spread to fit (NaN alpha)
             raise UserError(f"geom: its Dirichlet score needs at least 2 training images, {len(data.fit_paths)} "
                             "given; add images to train/good or set geom.score: simple")
