@@ -581,6 +581,9 @@ def test_surface_argument_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_
                                                "the MVTec AD folder holding bottle/, cable/, ...")
 
 
+# A protocol run through the CLI (two fits in subprocesses, 12-22 s idle): `make test-slow`; make test keeps the
+# elpv layout's and table's unit tests above, and one CLI run of the one-class protocol.
+@pytest.mark.slow
 def test_elpv_protocol_two_models_through_the_cli(tmp_path: Path) -> None:
     """The runner on an elpv-shaped fixture: PatchCore and PaDiM, every metric, the laid-out folders."""
     root = _elpv_fixture(tmp_path / "elpv", ELPV_COUNTS)
@@ -616,6 +619,9 @@ def test_elpv_protocol_two_models_through_the_cli(tmp_path: Path) -> None:
     assert png is not None and png.ndim == 2  # grey stays single-channel
 
 
+# A protocol run through the CLI (two fits in subprocesses, 12-22 s idle): `make test-slow`; make test keeps the
+# mvtec layout's and table's unit tests above, and one CLI run of the one-class protocol.
+@pytest.mark.slow
 def test_mvtec_protocol_per_category_with_published_column(tmp_path: Path) -> None:
     """MVTec AD's folders used as they are; the per-category table with PatchCore's published numbers, and the
     runner's metrics equal to what `edge-train eval --json` prints for the same bundle."""
@@ -856,6 +862,9 @@ def _few_shot_folder(root: Path) -> Path:
     return root
 
 
+# A protocol run through the CLI (two fits in subprocesses, 12-22 s idle): `make test-slow`; make test keeps the
+# few-shot layout's and table's unit tests above, and one CLI run of the one-class protocol.
+@pytest.mark.slow
 def test_few_shot_two_models_through_the_cli(tmp_path: Path) -> None:
     """PatchCore and SPADE at k = 1 on a tiny folder, on one shared layout: the trainer fits on exactly the one
     image (its own log line) and holds 2 out; every (k, model) cell in the JSON. (k = 2 too would double the
