@@ -17,12 +17,33 @@ import onnxruntime as ort
 
 from core.bundle import load_bundle
 from trainer.config import parse_train_config
+from trainer.datasets import FASHION_MNIST_DIR, load_dataset
 from trainer.evaluate import evaluate_bundle
 from trainer.pipeline import fit_bundle
 from trainer.synthetic import DEFECT_KINDS, make_dataset
 from trainer.tensorrt_readiness import check_graph, fp16_parity
 
 FP32_TOLERANCE = 1e-4
+
+
+def fashion_mnist_one_class(root: Path, n_train: int, n_test: int, size: Optional[int], normal: int = 1) -> Path:
+    """The one-class protocol in small, for the image-level models' tests: ``train/good`` n_train images of class
+    ``normal`` (1: Trouser), ``test/good`` n_test others of it, ``test/other`` n_test of the other classes (the same
+    seeded draws for every test). ``size``: written at the model's input (the shared export checks feed the test
+    files to the graph as they are); None: Fashion-MNIST's own 28 px."""
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        raise AssertionError(f"{FASHION_MNIST_DIR}: Fashion-MNIST not installed; install it with "
+                             "`sudo apt-get install dataset-fashion-mnist`")
+    rng = np.random.default_rng(0)
+    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    draws = (("train/good", train, train.labels == normal, n_train), ("test/good", test, test.labels == normal, n_test),
+             ("test/other", test, test.labels != normal, n_test))
+    for folder, split, chosen, n in draws:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(split.images[rng.choice(np.flatnonzero(chosen), n, False)]):
+            out = img if size is None else cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+            cv2.imwrite(str(root / folder / f"{i:03d}.png"), out)
+    return root
 
 
 def washers(root: Path, size: int, n_train: int = 50, n_test: int = 20, seed: int = 7) -> Path:

@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from model_checks import check_exported_bundle, fit_on_washers, image_and_pixel_auroc
+from model_checks import check_exported_bundle, fashion_mnist_one_class, fit_on_washers, image_and_pixel_auroc
 
 from core.errors import UserError
 from trainer.config import TrainConfig, parse_train_config
 from trainer.contrastive import nt_xent, random_flip
-from trainer.datasets import FASHION_MNIST_DIR, load_dataset
 from trainer.models import FOREIGN_OBJECTS, SELF_SUPERVISED, create_model
 from trainer.models.csi import Csi, CsiScore
 from trainer.synthetic import OBJECT_KINDS, make_dataset
@@ -42,26 +40,10 @@ codec_augment: {{enabled: false}}
 """
 
 
-def _write(folder: Path, images: np.ndarray) -> None:
-    """At the model's 32 px (the shared export checks feed the test files to the graph as they are)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
-
-
 @pytest.fixture(scope="module")
 def garments(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/good: 100 trousers; test/good: 40 other trousers; test/other: 40 garments of the other classes."""
-    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"{FASHION_MNIST_DIR}: Fashion-MNIST not installed; install it with "
-                    "`sudo apt-get install dataset-fashion-mnist`")
-    rng = np.random.default_rng(0)
-    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    root = tmp_path_factory.mktemp("csi") / "ds"
-    _write(root / "train" / "good", train.images[rng.choice(np.flatnonzero(train.labels == NORMAL), 100, False)])
-    _write(root / "test" / "good", test.images[rng.choice(np.flatnonzero(test.labels == NORMAL), 40, False)])
-    _write(root / "test" / "other", test.images[rng.choice(np.flatnonzero(test.labels != NORMAL), 40, False)])
-    return root
+    return fashion_mnist_one_class(tmp_path_factory.mktemp("csi") / "ds", 100, 40, SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from edge_helpers import assert_seq_monotonic, stream_clip
+from model_checks import fashion_mnist_one_class
 from scipy import ndimage
 
 from core.bundle import load_bundle
 from core.errors import ConfigError, UserError
 from trainer.config import TrainConfig, parse_train_config
 from trainer.data import load_test, train_paths
-from trainer.datasets import FASHION_MNIST_DIR, load_dataset
 from trainer.dirichlet import fit_dirichlet
 from trainer.evaluate import evaluate_bundle
 from trainer.frames import TrainingData
@@ -55,25 +55,10 @@ codec_augment: {{enabled: false}}
 """
 
 
-def _write(folder: Path, images: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), img)
-
-
 @pytest.fixture(scope="module")
 def garments(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/good: 100 trousers; test/good: 30 other trousers; test/other: 30 garments of the other classes."""
-    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"{FASHION_MNIST_DIR}: Fashion-MNIST not installed; install it with "
-                    "`sudo apt-get install dataset-fashion-mnist`")
-    rng = np.random.default_rng(0)
-    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    root = tmp_path_factory.mktemp("geom") / "ds"
-    _write(root / "train" / "good", train.images[rng.choice(np.flatnonzero(train.labels == NORMAL), 100, False)])
-    _write(root / "test" / "good", test.images[rng.choice(np.flatnonzero(test.labels == NORMAL), 30, False)])
-    _write(root / "test" / "other", test.images[rng.choice(np.flatnonzero(test.labels != NORMAL), 30, False)])
-    return root
+    return fashion_mnist_one_class(tmp_path_factory.mktemp("geom") / "ds", 100, 30, None)
 
 
 @pytest.fixture(scope="module")

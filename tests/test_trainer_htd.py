@@ -19,17 +19,15 @@ import json
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from model_checks import check_exported_bundle, image_and_pixel_auroc
+from model_checks import check_exported_bundle, fashion_mnist_one_class, image_and_pixel_auroc
 from scipy import ndimage
 
 from core.errors import ConfigError, UserError
 from trainer.config import parse_train_config
-from trainer.datasets import FASHION_MNIST_DIR, load_dataset
 from trainer.models import FOREIGN_OBJECTS, SELF_SUPERVISED, create_model, get_model_class
 from trainer.models.htd import RightTransformation, ScaleScorer, htd_transformations, normality_score, pyramid_sizes
 from trainer.pipeline import fit_bundle
@@ -51,26 +49,10 @@ codec_augment: {{enabled: false}}
 """
 
 
-def _write(folder: Path, images: np.ndarray) -> None:
-    """At the input size (check_exported_bundle feeds the test files to the graph as they are)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
-
-
 @pytest.fixture(scope="module")
 def garments(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/good: 12 trousers; test/good: 20 other trousers; test/other: 20 garments of the other classes."""
-    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"{FASHION_MNIST_DIR}: Fashion-MNIST not installed; install it with "
-                    "`sudo apt-get install dataset-fashion-mnist`")
-    rng = np.random.default_rng(0)
-    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    root = tmp_path_factory.mktemp("htd") / "ds"
-    _write(root / "train" / "good", train.images[rng.choice(np.flatnonzero(train.labels == NORMAL), N_TRAIN, False)])
-    _write(root / "test" / "good", test.images[rng.choice(np.flatnonzero(test.labels == NORMAL), 20, False)])
-    _write(root / "test" / "other", test.images[rng.choice(np.flatnonzero(test.labels != NORMAL), 20, False)])
-    return root
+    return fashion_mnist_one_class(tmp_path_factory.mktemp("htd") / "ds", N_TRAIN, 20, SIZE)
 
 
 @pytest.fixture(scope="module")
