@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Transformation = tuple[bool, int, int, int]  # (flip, tx, ty, k_rot90)
@@ -87,3 +88,32 @@ def copies_activation_elements(widths: Sequence[int], count: int, size: int) -> 
     """Elements of the largest activation one frame's T copies make in a Wide ResNet (its first group, at the
     input's resolution): the bound a batch of frames must keep within TensorRT's 2^31."""
     return count * max(widths[:2]) * size * size
+
+
+class CopiesClassifierExport(nn.Module):
+    """frames uint8 [N,S,S,3] BGR -> (score float32 [N], anomaly_map float32 [N,S,S]) of a network that classifies
+    the transformation applied to each copy: ``net`` returns (logits, last feature map) of every copy, ``score``
+    turns the logits of a frame's copies into its score. The map (a coarse pointer, not a localisation): on the
+    identity copy, each position's share of the logit margin for "untransformed" (``margin`` [C]: the last
+    layer's weight of that class less the mean of the others, summed over heads where there are several), negated
+    and upsampled: where the frame looks least like an untransformed normal one."""
+
+    margin: torch.Tensor
+
+    def __init__(self, frame_input: nn.Module, copies: GeometricCopies, net: nn.Module, score: nn.Module,
+                 margin: torch.Tensor) -> None:
+        super().__init__()
+        self.frame_input = frame_input
+        self.copies = copies
+        self.net = net
+        self.score = score
+        self.register_buffer("margin", margin.detach().reshape(1, -1, 1, 1).clone())
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.frame_input(frames)
+        logits, feat = self.net(self.copies(x))
+        c, h, w = int(feat.shape[1]), int(feat.shape[2]), int(feat.shape[3])
+        identity = feat.reshape(-1, self.copies.count, c, h, w)[:, 0]
+        cells = -(identity * self.margin).sum(1, keepdim=True)
+        amap = F.interpolate(cells, size=(self.copies.size, self.copies.size), mode="bilinear", align_corners=False)
+        return self.score(logits), amap[:, 0]  # not squeeze(1): traced, it became an If of unknown rank

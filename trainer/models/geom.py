@@ -53,7 +53,7 @@ from trainer.models import (
     setting,
 )
 from trainer.networks import WideResNet
-from trainer.transformations import GeometricCopies
+from trainer.transformations import CopiesClassifierExport, GeometricCopies
 from trainer.transformations import transformation_list as transformation_list  # re-exported (tests)
 
 if TYPE_CHECKING:
@@ -83,30 +83,6 @@ class GeomScore(nn.Module):
         if self.dirichlet:
             return -(logp * self.weight).sum((1, 2))
         return -(logp.exp() * self.weight).sum((1, 2))
-
-
-class GeomExport(nn.Module):
-    """frames uint8 [N,S,S,3] BGR -> (score float32 [N], anomaly_map float32 [N,S,S])."""
-
-    margin: torch.Tensor
-
-    def __init__(self, frame_input: FrameInput, copies: GeometricCopies, net: WideResNet, score: GeomScore) -> None:
-        super().__init__()
-        self.frame_input = frame_input
-        self.copies = copies
-        self.net = net
-        self.score = score
-        w = net.fc.weight.detach()
-        self.register_buffer("margin", (w[0] - w.mean(0)).reshape(1, -1, 1, 1).clone())
-
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.frame_input(frames)
-        logits, feat = self.net(self.copies(x))
-        c, h, w = int(feat.shape[1]), int(feat.shape[2]), int(feat.shape[3])
-        identity = feat.reshape(-1, self.copies.count, c, h, w)[:, 0]
-        cells = -(identity * self.margin).sum(1, keepdim=True)
-        amap = F.interpolate(cells, size=(self.copies.size, self.copies.size), mode="bilinear", align_corners=False)
-        return self.score(logits), amap[:, 0]  # not squeeze(1): traced, it became an If of unknown rank
 
 
 @dataclass
@@ -287,4 +263,6 @@ class Geom(EpochModel):
             raise RuntimeError("Geom.export_module() called before fit()")
         for net in (self.frame_input, self.copies, self.net, self.score_head):
             net.cpu().eval()
-        return GeomExport(self.frame_input, self.copies, self.net, self.score_head).eval()
+        w = self.net.fc.weight.detach()
+        return CopiesClassifierExport(self.frame_input, self.copies, self.net, self.score_head,
+                                      w[0] - w.mean(0)).eval()

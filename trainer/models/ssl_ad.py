@@ -86,7 +86,12 @@ from trainer.models import (
 )
 from trainer.networks import WideResNet
 from trainer.tensorrt_readiness import ELEMENT_LIMIT
-from trainer.transformations import GeometricCopies, copies_activation_elements, translation_rotation_list
+from trainer.transformations import (
+    CopiesClassifierExport,
+    GeometricCopies,
+    copies_activation_elements,
+    translation_rotation_list,
+)
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -135,31 +140,6 @@ class SslAdScore(nn.Module):
         if self.kind == "probability":
             return -(logp.exp() * self.mask).sum((1, 2))
         return -(logp * self.mask).sum((1, 2))
-
-
-class SslAdExport(nn.Module):
-    """frames uint8 [N,S,S,3] BGR -> (score float32 [N], anomaly_map float32 [N,S,S])."""
-
-    margin: torch.Tensor
-
-    def __init__(self, frame_input: FrameInput, copies: GeometricCopies, net: WideResNet, score: SslAdScore) -> None:
-        super().__init__()
-        self.frame_input = frame_input
-        self.copies = copies
-        self.net = net
-        self.score = score
-        w = net.fc.weight.detach()
-        margin = sum(part[0] - part.mean(0) for part in w.split(list(HEADS), dim=0))  # class 0 = untransformed
-        self.register_buffer("margin", torch.as_tensor(margin).reshape(1, -1, 1, 1).clone())
-
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.frame_input(frames)
-        logits, feat = self.net(self.copies(x))
-        c, h, w = int(feat.shape[1]), int(feat.shape[2]), int(feat.shape[3])
-        identity = feat.reshape(-1, self.copies.count, c, h, w)[:, 0]
-        cells = -(identity * self.margin).sum(1, keepdim=True)
-        amap = F.interpolate(cells, size=(self.copies.size, self.copies.size), mode="bilinear", align_corners=False)
-        return self.score(logits), amap[:, 0]
 
 
 @dataclass
@@ -312,5 +292,8 @@ class SslAd(EpochModel):
     def export_module(self) -> nn.Module:
         for net in (self.frame_input, self.copies, self.net, self.score_head):
             net.cpu().eval()
-        return SslAdExport(self.frame_input, self.copies, self.net, self.score_head).eval()
+        w = self.net.fc.weight.detach()
+        margin = sum(part[0] - part.mean(0) for part in w.split(list(HEADS), dim=0))  # class 0: untransformed
+        return CopiesClassifierExport(self.frame_input, self.copies, self.net, self.score_head,
+                                      torch.as_tensor(margin)).eval()
 
