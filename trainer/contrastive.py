@@ -363,6 +363,23 @@ class FeatureMapDeviation(nn.Module):
         return F.interpolate(d, size=self.hw, mode="bilinear", align_corners=False)[:, 0]
 
 
+class PooledScoreExport(nn.Module):
+    """frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,H,W]) of a contrastive model scored
+    in one forward pass: ``score`` of the encoder's pooled features, the map its last feature map's deviation."""
+
+    def __init__(self, frame_input: FrameInput, encoder: ResNet18, score: nn.Module,
+                 deviation: FeatureMapDeviation) -> None:
+        super().__init__()
+        self.frame_input = frame_input
+        self.encoder = encoder
+        self.score = score
+        self.deviation = deviation
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, fmap = self.encoder(self.frame_input(frames))
+        return self.score(pooled), self.deviation(fmap)
+
+
 # -- settings and the base model -------------------------------------------------------------------------------
 @dataclass
 class ContrastiveSettings(ModelSettings):

@@ -65,13 +65,11 @@ from core.errors import UserError
 from trainer.contrastive import (
     ContrastiveModel,
     ContrastiveSettings,
-    FeatureMapDeviation,
     NearestClusterDistance,
-    ResNet18,
+    PooledScoreExport,
     cluster_gaussians,
     nt_xent,
 )
-from trainer.ingraph import FrameInput
 from trainer.loop import Log
 from trainer.models import FOREIGN_OBJECTS, SELF_SUPERVISED, ModelDefaults, register_model, setting
 
@@ -95,22 +93,6 @@ class SsdScore(nn.Module):
         f = pooled.float()
         f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + NORM_EPS)
         return self.clusters((f - self.mean) * self.inv_std)
-
-
-class SsdExport(nn.Module):
-    """frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,H,W])."""
-
-    def __init__(self, frame_input: FrameInput, encoder: ResNet18, score: SsdScore,
-                 deviation: FeatureMapDeviation) -> None:
-        super().__init__()
-        self.frame_input = frame_input
-        self.encoder = encoder
-        self.score = score
-        self.deviation = deviation
-
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, fmap = self.encoder(self.frame_input(frames))
-        return self.score(pooled), self.deviation(fmap)
 
 
 def standardised(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,4 +169,4 @@ class Ssd(ContrastiveModel):
             raise RuntimeError("Ssd.export_module() called before fit()")
         for net in (self.frame_input, self.encoder, self.scorer, self.deviation):
             net.cpu().eval()
-        return SsdExport(self.frame_input, self.encoder, self.scorer, self.deviation).eval()
+        return PooledScoreExport(self.frame_input, self.encoder, self.scorer, self.deviation).eval()

@@ -67,14 +67,12 @@ from trainer.contrastive import (
     BankSimilarity,
     ContrastiveModel,
     ContrastiveSettings,
-    FeatureMapDeviation,
     NearestClusterDistance,
-    ResNet18,
+    PooledScoreExport,
     bounded_bank,
     cross_view_infonce,
     rotate_each,
 )
-from trainer.ingraph import FrameInput
 from trainer.loop import Log
 from trainer.models import FOREIGN_OBJECTS, SELF_SUPERVISED, ModelDefaults, register_model, setting
 
@@ -104,22 +102,6 @@ class GaussianScore(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return 0.5 * self.distance(F.normalize(pooled.float(), dim=1))
-
-
-class SslOccExport(nn.Module):
-    """frames uint8 [N,H,W,3] BGR -> (score float32 [N], anomaly_map float32 [N,H,W])."""
-
-    def __init__(self, frame_input: FrameInput, encoder: ResNet18, score: nn.Module,
-                 deviation: FeatureMapDeviation) -> None:
-        super().__init__()
-        self.frame_input = frame_input
-        self.encoder = encoder
-        self.score = score
-        self.deviation = deviation
-
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, fmap = self.encoder(self.frame_input(frames))
-        return self.score(pooled), self.deviation(fmap)
 
 
 def kde_gamma(normalised: np.ndarray) -> float:
@@ -207,4 +189,4 @@ class SslOcc(ContrastiveModel):
             raise RuntimeError("SslOcc.export_module() called before fit()")
         for net in (self.frame_input, self.encoder, self.scorer, self.deviation):
             net.cpu().eval()
-        return SslOccExport(self.frame_input, self.encoder, self.scorer, self.deviation).eval()
+        return PooledScoreExport(self.frame_input, self.encoder, self.scorer, self.deviation).eval()
