@@ -26,8 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import UserError
+
 Transformation = tuple[bool, int, int, int]  # (flip, tx, ty, k_rot90)
 FILLS = ("symmetric", "reflect")  # numpy.pad modes: edge repeated (scipy/Keras 'reflect'), not (OpenCV REFLECT_101)
+
+
+def square_side(hw: tuple[int, int], model: str) -> int:
+    """The side of a square input; one line naming ``model`` otherwise (its copies rotate by 90 degrees)."""
+    h, w = hw
+    if h != w:
+        raise UserError(f"input {h}x{w}: {model} rotates by 90 degrees and needs a square input; set input: "
+                        "{height: 32, width: 32} in the train config")
+    return h
 
 
 def transformation_list(size: int, count: int) -> list[Transformation]:

@@ -53,7 +53,7 @@ from trainer.models import (
     setting,
 )
 from trainer.networks import WideResNet
-from trainer.transformations import CopiesClassifierExport, GeometricCopies
+from trainer.transformations import CopiesClassifierExport, GeometricCopies, square_side
 from trainer.transformations import transformation_list as transformation_list  # re-exported (tests)
 
 if TYPE_CHECKING:
@@ -133,11 +133,7 @@ class Geom(EpochModel):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.cfg: GeomSettings = config.settings_for(self.name)
-        h, w = config.input.hw
-        if h != w:
-            raise UserError(f"input {h}x{w}: geom rotates by 90 degrees and needs a square input; set input: "
-                            "{height: 32, width: 32} in the train config")
-        self.size = h
+        self.size = square_side(config.input.hw, self.name)
         self.channels = 1 if config.input.channels == "gray" else 3  # 'auto' is resolved from the data upstream
         torch.manual_seed(int(config.seed))
         self.frame_input = FrameInput(self.channels)

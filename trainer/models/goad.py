@@ -87,7 +87,7 @@ from trainer.models import (
 )
 from trainer.networks import WideResNet
 from trainer.tensorrt_readiness import ELEMENT_LIMIT
-from trainer.transformations import GeometricCopies, copies_activation_elements
+from trainer.transformations import GeometricCopies, copies_activation_elements, square_side
 
 if TYPE_CHECKING:
     from trainer.frames import TrainingData
@@ -201,11 +201,7 @@ class Goad(EpochModel):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.cfg: GoadSettings = config.settings_for(self.name)
-        h, w = config.input.hw
-        if h != w:
-            raise UserError(f"input {h}x{w}: goad rotates by 90 degrees and needs a square input; set input: "
-                            "{height: 32, width: 32} in the train config")
-        self.size = h
+        self.size = square_side(config.input.hw, self.name)
         self.channels = 1 if config.input.channels == "gray" else 3
         torch.manual_seed(int(config.seed))
         self.frame_input = FrameInput(self.channels)

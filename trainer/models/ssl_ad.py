@@ -90,6 +90,7 @@ from trainer.transformations import (
     CopiesClassifierExport,
     GeometricCopies,
     copies_activation_elements,
+    square_side,
     translation_rotation_list,
 )
 
@@ -197,11 +198,7 @@ class SslAd(EpochModel):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.cfg: SslAdSettings = config.settings_for(self.name)
-        h, w = config.input.hw
-        if h != w:
-            raise UserError(f"input {h}x{w}: ssl-ad rotates by 90 degrees and needs a square input; set input: "
-                            "{height: 32, width: 32} in the train config")
-        self.size = h
+        self.size = square_side(config.input.hw, self.name)
         self.channels = 1 if config.input.channels == "gray" else 3
         torch.manual_seed(int(config.seed))
         self.frame_input = FrameInput(self.channels)
