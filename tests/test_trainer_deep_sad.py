@@ -21,6 +21,7 @@ import torch
 from edge_helpers import run_cli
 from model_checks import check_exported_bundle
 
+from core.bundle import read_current
 from trainer.config import RetrainConfig, parse_train_config
 from trainer.data import train_paths
 from trainer.evaluate import evaluate_bundle
@@ -155,12 +156,13 @@ def test_retrain_teaches_the_challenger_the_stations_labelled_defects_and_report
     assert without_fit["labelled_defects"] == 0
 
 
-def test_a_station_labels_its_events_and_the_nightly_retrain_learns_from_them(tmp_path: Path, mosquitto: str) -> None:
-    """From edge-run to the retrain's decision, nothing stood in: a station runs a Deep SAD bundle on an MJPEG clip
+def test_a_station_labels_its_events_and_the_nightly_retrain_promotes_what_learnt_from_them(
+        tmp_path: Path, mosquitto: str) -> None:
+    """From edge-run to the promoted bundle, nothing stood in: a station runs a Deep SAD bundle on an MJPEG clip
     where some parts carry a foreign object, collects normal frames and its events' frames; an operator labels
     events with ``edge-run label`` (defect where the clip planted one, else a false alarm); ``edge-train retrain``
     teaches the challenger the older half of the labelled defects, judges both models on the newer half and the
-    fresh normals, and reports the same challenger without the labels beside it."""
+    fresh normals, reports the same challenger without the labels beside it, and promotes the labelled one."""
     stills = make_dataset(tmp_path / "stills", n_train=60, n_test_good=0, n_test_defect=0, size=SIZE, seed=11,
                           kinds=OBJECT_KINDS)
     engines = tmp_path / "engines"
@@ -205,4 +207,9 @@ collect: {{enabled: true, dir: {collect}, normal_every_s: 0.05, guard_s: 0.2, ev
     assert "labelled defects: the challenger learnt from" in retrained.stderr
     print(f"labelled {labelled}; {result['decision']}; AUROC with labels {bought['with']['auroc']:.3f}, without "
           f"{bought['without']['auroc']:.3f}")
-    assert result["decision"].startswith(("promoted", "refused"))
+    # the champion saw none of the clip's frames: the challenger, taught the station's labels, wins the same hold-out
+    # (measured 0.54-0.71 against 0.38-0.41 over four runs) and becomes the version the station's next swap loads
+    assert result["promoted"] and result["decision"].startswith("promoted"), result["decision"]
+    assert read_current(engines / "deep-sad") == result["challenger"]
+    promoted = json.loads((engines / "deep-sad" / result["challenger"] / "report.json").read_text())["fit"]
+    assert promoted["labelled_defects"] == bought["trained_on"] > 0
