@@ -44,7 +44,10 @@ Measured (2026-12-07, the 2-core VM at load average 11-12, one thread, through t
   csi.width=8 --set batch_size=32 --set training.workers=0 --set training.select=last`` (then ``--classes
   5,6,7,8,9``): image AUROC by class 95.8, 98.1, 87.1, 90.0, 89.6, 85.8, 64.3, 99.1, 94.3, 98.0, mean 90.2
   (GEOM's paper 93.5; GEOM's reduced CPU run 89.9 on other subsets; on the same draws and budget SSD 86.1 and
-  SSL-OCC 82.0). Weakest on Shirt (64.3; GEOM's paper 83.3); one seed only.
+  SSL-OCC 82.0). Weakest on Shirt (64.3; GEOM's paper 83.3).
+  Seeds 1 and 2, the same command with ``--first-seed 1 --seeds 2`` (2026-12-07, load 3-5, 69 s a run): means
+  90.7 and 91.3; over seeds 0-2 **90.7 +- 0.5**, Shirt 70.2 +- 5.7 the weakest (benchmarks/README.md, the
+  self-supervised family's section).
 """
 
 from __future__ import annotations
