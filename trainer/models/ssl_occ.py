@@ -48,9 +48,9 @@ said otherwise):
   ssl_occ.width=8 --set batch_size=32 --set training.workers=0 --set training.select=last`` (then ``--classes
   5,6,7,8,9``): KDE image AUROC by class 89.3, 97.7, 58.0, 84.4, 81.9, 89.3, 76.1, 98.6, 49.1, 95.3, mean 82.0
   (GEOM's paper 93.5; this paper's own Fashion-MNIST figure is not checked here). Pullover and Bag are at or
-  near chance: 0.1 % of the recipe is too little for this method. Seeds 1 and 2 (the same command with ``--first-seed 1 --seeds
-  2``, 2026-12-07, load 3-5, 36 s a run): means 83.4 and 82.3; over seeds 0-2 **82.6 +- 0.7**, Bag 62.5 and Shirt
-  73.9 the weakest (benchmarks/README.md, the self-supervised family's section). ``--set
+  near chance: 0.1 % of the recipe is too little for this method. Seeds 1 and 2 (the same command with
+  ``--first-seed 1 --seeds 2``, 2026-12-07, load 3-5, 36 s a run): means 83.4 and 82.3; over seeds 0-2 **82.6 +-
+  0.7**, Bag 62.5 and Shirt 73.9 the weakest (benchmarks/README.md, the self-supervised family's section). ``--set
   ssl_occ.classifier=gaussian`` on the same draws, classes 2, 8, 0: 75.2, 62.0, 92.9 (KDE: 58.0, 49.1, 89.3): the
   Gaussian is the better classifier on this short recipe's features (the garments test: 0.978 against 0.949).
 """
