@@ -7,7 +7,7 @@ meta-training category), the attention-weighted score and the loss (the attentio
 the epochs' phases.
 
 Recipe for time: 64 px, 50 washers (40 fitted), the default network (width 16, latent 16), 100 epochs at batch 16
-of which 30 meta-train (2 steps an epoch of 4 tasks of 4 + 4 images), adaptation lr 3e-3.
+of which 30 meta-train (2 steps an epoch of 4 tasks of 4 + 4 images), the default adaptation lr 3e-3.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ input: {{height: {SIZE}, width: {SIZE}}}
 epochs: {EPOCHS}
 batch_size: 16
 training: {{workers: 0}}
-metaformer: {{meta_share: {META_EPOCHS / EPOCHS}, lr: 0.003}}
+metaformer: {{meta_share: {META_EPOCHS / EPOCHS}}}
 export: {{max_batch: 8}}
 report: {{overlays: 0}}
 """
