@@ -82,7 +82,7 @@ def test_accuracy_of_the_peak_score_at_128_px(tmp_path: Path) -> None:
         "ndf: 16}", "ndf: 16, score: peak}")
     bundle = fit_on_washers(config, parts, tmp_path / "engines")
     image, _ = image_and_pixel_auroc(bundle, parts, "cavga")
-    assert image >= 0.7  # the bar; 0.88 +- 0.03 over seeds 0-2 (the model's docstring)
+    assert image >= 0.7  # the bar; measured 0.795 here, 0.88 +- 0.03 over seeds 0-2 (the model's docstring)
 
 
 def test_parity_fp16_order_readiness_and_any_batch(bundle: Path, parts: Path) -> None:
