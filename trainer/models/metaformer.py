@@ -125,6 +125,7 @@ from torch import nn
 from torch.func import functional_call
 
 from core.errors import UserError
+from trainer.data import read_image
 from trainer.ingraph import FrameInput, MapBlur, ScoreScale
 from trainer.loop import EpochModel, Log, LossParts, Update
 from trainer.models import (
@@ -243,10 +244,10 @@ def frame_digest(frame: np.ndarray) -> bytes:
 
 
 def folder_categories(root: Path, hw: tuple[int, int], station_paths: Sequence[Path], station_frames: np.ndarray,
-                      least: int, log: Log = lambda _m: None) -> list[FolderCategory]:
+                      least: int, log: Log = lambda _m: None, resize: str = "stretch") -> list[FolderCategory]:
     """The sub-folders of ``root`` as categories, leaving out any that holds one of the station's images (the same
     file or the same frame at the input size: the station's product is the meta-test category, never a meta-training
-    one) and any with fewer than ``least`` images."""
+    one) and any with fewer than ``least`` images. ``resize``: how the station's frames are fitted to ``hw``."""
     if not root.is_dir():
         raise UserError(f"metaformer.meta_source {root}: not a folder; give procedural or a folder whose "
                         "sub-folders hold other products' good frames, one product a sub-folder")
@@ -258,12 +259,7 @@ def folder_categories(root: Path, hw: tuple[int, int], station_paths: Sequence[P
         if any(p.resolve() in station_files for p in files):
             log(f"metaformer: meta-training category {folder.name} left out: it holds the station's own images")
             continue
-        frames = []
-        for p in files:
-            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-            if img is None:
-                continue
-            frames.append(cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA))
+        frames = [read_image(p, hw, resize) for p in files]  # as the station's frames are read: equal ones match
         if any(frame_digest(f) in station for f in frames):
             log(f"metaformer: meta-training category {folder.name} left out: it holds the station's own images")
             continue
@@ -497,7 +493,7 @@ class Metaformer(EpochModel):
                 station = data.fit_paths + data.holdout_paths
                 frames = data.model_inputs(data.read(station))
                 categories = list(folder_categories(Path(self.cfg.meta_source).expanduser(), self.hw, station,
-                                                    frames, least, log))
+                                                    frames, least, log, data.resize))
                 self.source = f"{len(categories)} categories of {self.cfg.meta_source}"
             self.sampler = TaskSampler(categories, self.cfg.support, self.cfg.query)
         else:
