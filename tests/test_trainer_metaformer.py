@@ -7,7 +7,8 @@ meta-training category), the attention-weighted score and the loss (the attentio
 the epochs' phases.
 
 Recipe for time: 64 px, 50 washers (40 fitted), the default network (width 16, latent 16), 100 epochs at batch 16
-of which 30 meta-train (2 steps an epoch of 4 tasks of 4 + 4 images), the default adaptation lr 3e-3.
+of which 30 meta-train (2 steps an epoch of 4 tasks of 4 + 4 images), the default adaptation lr 3e-3. The file
+took 22.6 s of CPU (imports included; 18 s wall at load average 3.5 on the shared 2-core VM, 38 s at 4.3).
 """
 
 from __future__ import annotations

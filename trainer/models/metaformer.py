@@ -54,7 +54,12 @@ What differs from the paper, and why:
   images, one inner step), not the paper's; the meta-training step count is the meta epochs times the station's
   batches an epoch (the loop's step), so a fit on few images needs more epochs for the same meta-training.
 - the epoch kept is chosen by the loop's validation loss on held-out normals (the attention-weighted
-  reconstruction error), over both phases; the fit's facts say which phase the kept epoch is in.
+  reconstruction error), over both phases (a meta-training epoch's is that of the un-adapted initial parameters,
+  so in every run measured below an adapting epoch was kept); the fit's facts say which phase the kept epoch is in.
+- only the abstract and secondary descriptions of the paper could be read from this machine: its network sizes,
+  loss weights, how the attention enters the loss, and its image-level aggregate of the map are not known to us.
+  Here the attention weights the squared gap with a floor (``attention_floor``) in both the loss and the score,
+  and the image score is the weighted mean (as Divide-and-Assemble's and MemAE's mean error), min-max scaled.
 
 Measured (2026-12-07, the shared 2-core VM at load average 3-4, one thread each, scored through the exported FP32
 ONNX graph; epochs never chosen on test data: the loop keeps the lowest held-out validation loss, the few-shot
