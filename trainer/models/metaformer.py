@@ -55,7 +55,8 @@ What differs from the paper, and why:
   batches an epoch (the loop's step), so a fit on few images needs more epochs for the same meta-training.
 - the epoch kept is chosen by the loop's validation loss on held-out normals (the attention-weighted
   reconstruction error), over both phases (a meta-training epoch's is that of the un-adapted initial parameters,
-  so in every run measured below an adapting epoch was kept); the fit's facts say which phase the kept epoch is in.
+  which the adapting epochs beat in the test's fit: epoch 98 of 100 kept); ``kept_phase`` in the fit's facts says
+  which phase the kept epoch is in.
 - only the abstract and secondary descriptions of the paper could be read from this machine: its network sizes,
   loss weights, how the attention enters the loss, and its image-level aggregate of the map are not known to us.
   Here the attention weights the squared gap with a floor (``attention_floor``) in both the loss and the score,
