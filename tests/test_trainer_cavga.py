@@ -62,9 +62,10 @@ def bundle(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_accuracy_through_the_onnx_graph(bundle: Path, parts: Path) -> None:
     image, pixel = image_and_pixel_auroc(bundle, parts, "cavga")
     # The bar (0.7) is NOT met by CAVGA-D_u with the paper's score (the mean squared reconstruction
-    # error): measured 0.59 on this draw, 0.59 +- 0.03 over seeds 0-2 (GANomaly 0.63 +- 0.04; the model's
-    # docstring); this floor guards what it reaches. The peak score at 128 px meets the bar: the slow test below.
-    assert image >= 0.55
+    # error): measured 0.68 on this draw (GANomaly, same recipe: 0.60), 0.60 +- 0.06 over seeds 0-2 (GANomaly
+    # 0.63 +- 0.04; the model's docstring); this floor guards what it reaches. The peak score at 128 px meets
+    # the bar: the slow test below.
+    assert image >= 0.6
     assert pixel is not None and pixel > 0.5  # 1 - attention points at the defects better than chance
     fit = json.loads((bundle / "report.json").read_text())["fit"]
     first, kept = fit["history"][0], fit["history"][fit["selected_epoch"] - 1]
@@ -72,14 +73,15 @@ def test_accuracy_through_the_onnx_graph(bundle: Path, parts: Path) -> None:
     assert kept["ae"] < first["ae"]  # the attention spread over the normal images
 
 
-# The bar with ``score: peak`` (not the paper's score) at 128 px: about 60 s on an idle core,
+# The bar with ``score: peak`` (not the paper's score) at 128 px, the VAE loss summed over the image with
+# the paper's w_adv 1 (as measured over seeds 0-2): about 60 s on an idle core,
 # `make test-slow`.
 @pytest.mark.slow
 def test_accuracy_of_the_peak_score_at_128_px(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     parts = washers(tmp_path / "ds", 128)
     config = CONFIG.replace(f"height: {SIZE}, width: {SIZE}", "height: 128, width: 128").replace(
-        "ndf: 16}", "ndf: 16, score: peak}")
+        "ndf: 16}", "ndf: 16, vae_sum: true, w_adv: 1.0, score: peak}")
     bundle = fit_on_washers(config, parts, tmp_path / "engines")
     image, _ = image_and_pixel_auroc(bundle, parts, "cavga")
     assert image >= 0.7  # the bar; measured 0.795 here, 0.88 +- 0.03 over seeds 0-2 (the model's docstring)
@@ -184,24 +186,25 @@ def test_kl_and_the_generator_loss_are_the_papers() -> None:
     assert torch.allclose(kl_divergence(mu, logvar), ref, rtol=1e-5)
     assert kl_divergence(torch.zeros(1, 2), torch.zeros(1, 2)).item() == 0.0
     # the VAE loss is the negative ELBO per image (squared error summed over the image + KL summed over the
-    # latent), mean over the batch: not per value, the scale at which the paper's weights 1, 1, 0.01 balance
+    # latent), mean over the batch (the model divides it by the image's values unless vae_sum)
     x, fake = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     rec, kl = vae_loss(x, fake, mu, logvar)
     assert rec.item() == pytest.approx((x - fake).pow(2).sum((1, 2, 3)).mean().item(), rel=1e-5)
     assert (rec + kl).item() == pytest.approx(((x - fake).pow(2).sum((1, 2, 3)) + ref).mean().item(), rel=1e-5)
     torch.manual_seed(0)
-    model = _small_model(", w_r: 2.0, w_adv: 0.5, w_ae: 0.1")
-    model.generator.eval()  # no sampling: the loss can be recomputed
-    model.discriminator.eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    loss, parts = model.generator_loss(x, {})
-    fake, mu, logvar, feat = model.generator(x)
-    pred, _ = model.discriminator(fake)
-    adv = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred))
-    expected = 2.0 * ((fake - x).pow(2).sum((1, 2, 3)) + kl_divergence(mu, logvar)).mean() + 0.5 * adv + \
-        0.1 * (1 - _autograd_cam(feat, model.generator.mu)).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(parts) == {"loss_g", "rec", "kl", "adv", "ae"}
+    for vae_sum, per in ((False, x[0].numel()), (True, 1)):  # per image value (shipped), or summed (the paper's)
+        model = _small_model(f", w_r: 2.0, w_adv: 0.5, w_ae: 0.1, vae_sum: {str(vae_sum).lower()}")
+        model.generator.eval()  # no sampling: the loss can be recomputed
+        model.discriminator.eval()
+        loss, parts = model.generator_loss(x, {})
+        fake, mu, logvar, feat = model.generator(x)
+        pred, _ = model.discriminator(fake)
+        adv = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred))
+        expected = 2.0 * ((fake - x).pow(2).sum((1, 2, 3)) + kl_divergence(mu, logvar)).mean() / per + \
+            0.5 * adv + 0.1 * (1 - _autograd_cam(feat, model.generator.mu)).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert set(parts) == {"loss_g", "rec", "kl", "adv", "ae"}
 
 
 def test_weak_supervision_gradcam_of_the_classifier_and_the_complementary_loss(tmp_path: Path) -> None:
