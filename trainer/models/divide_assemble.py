@@ -64,11 +64,12 @@ measured once on seeds 0-2:
   peak 0.750 (without the skips' memories 0.768 / 0.918; GANomaly 0.595 / 0.929). The fit takes about 1.3-2x as
   long as without them (10 epochs 3.2-3.3 s against 1.6-3.0 s at load average 4.3).
 - ELPV mono solar cells (benchmarks/protocol.py --dataset elpv --cell mono --models divide-assemble --seeds 1
-  --threads 1; settings then shipped, before the skips' memories: 64 px, width 64, 500 items, 50 epochs, batch
-  32; seed 0): image AUROC 87.5, AP 90.6, F1 at the shipped threshold 59.4 (recall 42.5, false alarms 0.7 %),
-  best F1 79.9; fit 1176 s at load average 13-15 (15 s an epoch of 240 images), 171 img/s through the FP32
-  graph; model.onnx 27.6 MB. PatchCore is about 94 there. Not measured yet with the skips' memories (which hold
-  6x the bottleneck's memory values: at width 64 and 500 items 18.8M values, model.onnx about 90 MB).
+  --threads 1; shipped settings: 64 px, width 64, 500 items, skips 2, 50 epochs, batch 32; seed 0; load average
+  4-6): image AUROC 85.9, AP 88.2, F1 at the shipped threshold 65.4 (recall 50.5, false alarms 4.2 %), best F1
+  78.4; fit 1361 s, 106 img/s through the FP32 graph; the generator's weights 82 MB (the skips' memories hold 6x
+  the bottleneck's values). Without the skips' memories (the earlier version, load average 13-15): 87.5, AP 90.6,
+  F1 59.4 (recall 42.5, false alarms 0.7 %), best F1 79.9; fit 1176 s, 171 img/s; model.onnx 27.6 MB (the
+  generator's weights 17 MB). PatchCore is about 94 there.
 """
 
 from __future__ import annotations
