@@ -5,8 +5,9 @@ block-wise memory (division into g x g blocks and assembly back, addressing with
 read-out a convex combination of the items), the skip connections read through their own memories, the two
 scores, the entropy loss and the generator's loss against their formulas.
 
-Recipe for time: 64 px, 50 washers (40 fitted), width 16, 100 items a memory, 100 epochs at batch 16 and the
-default lr 2e-4 (1e-3 gave image AUROC 0.70 against 0.77, without the skips' memories).
+Recipe: 64 px, 50 washers (40 fitted), width 16, 100 items a memory, batch 16 and the default lr 2e-4 (1e-3 gave
+image AUROC 0.70 against 0.77, without the skips' memories); 100 epochs for the accuracy (a slow test), 20 for
+the fast suite's export checks and training mechanics.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ from trainer.models.divide_assemble import (
 )
 
 SIZE = 64
-EPOCHS = 100
-CONFIG = f"""model: divide-assemble
+EPOCHS = 100  # the accuracy recipe (slow test)
+FAST_EPOCHS = 20  # the fast suite's fit: the export checks and the training's mechanics
+
+
+def config(epochs: int) -> str:
+    return f"""model: divide-assemble
 input: {{height: {SIZE}, width: {SIZE}}}
-epochs: {EPOCHS}
+epochs: {epochs}
 batch_size: 16
 training: {{workers: 0}}
 divide_assemble: {{width: 16, ndf: 16, memory_items: 100}}
@@ -54,10 +59,26 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
-    return fit_on_washers(CONFIG, parts, tmp_path_factory.mktemp("engines"))
+    return fit_on_washers(config(FAST_EPOCHS), parts, tmp_path_factory.mktemp("engines"))
 
 
-def test_accuracy_through_the_onnx_graph(bundle: Path, parts: Path) -> None:
+def test_the_fit_learns_through_every_memory(bundle: Path) -> None:
+    fit = json.loads((bundle / "report.json").read_text())["fit"]
+    # the bottleneck's memories (64 channels, g 1, 2, 4) and the two skips' (32 and 16 channels, blocks of the
+    # same image extent: g 2, 4, 8 and 4, 8, 16)
+    memory = 100 * (64 * (1 + 4 + 16) + 32 * (4 + 16 + 64) + 16 * (16 + 64 + 256))
+    assert len(fit["history"]) == FAST_EPOCHS and fit["memory_values"] == memory
+    first, kept = fit["history"][0], fit["history"][fit["selected_epoch"] - 1]
+    assert kept["rec"] < 0.5 * first["rec"]  # it learned to reconstruct through the memories
+    assert kept["entropy"] < first["entropy"]  # and the addressing became sparser
+
+
+# The accuracy needs the 100-epoch fit (31 s at load average 1 on the 2-core VM; in the fast suite the file took
+# 31 s, past its budget): `make test-slow`.
+@pytest.mark.slow
+def test_accuracy_through_the_onnx_graph(parts: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    bundle = fit_on_washers(config(EPOCHS), parts, tmp_path / "engines")
     image, pixel = image_and_pixel_auroc(bundle, parts, "divide-assemble")
     # The issue's bar (0.7) holds over seeds 0-2 with the shipped model (0.72 +- 0.08, the model's docstring;
     # GANomaly 0.63 +- 0.04) but not on this draw: measured 0.665 (GANomaly, same recipe: 0.60); this floor
@@ -70,15 +91,10 @@ def test_accuracy_through_the_onnx_graph(bundle: Path, parts: Path) -> None:
     assert evaluation.maps is not None
     peak = roc_auc_score(evaluation.test.labels.astype(int), evaluation.maps.reshape(len(evaluation.maps), -1).max(1))
     print(f"divide-assemble: image AUROC of the map's peak {peak:.3f}")
-    assert peak >= 0.7  # the issue's bar
+    assert peak >= 0.7  # the issue's bar; measured 0.750
     fit = json.loads((bundle / "report.json").read_text())["fit"]
-    # the bottleneck's memories (64 channels, g 1, 2, 4) and the two skips' (32 and 16 channels, blocks of the
-    # same image extent: g 2, 4, 8 and 4, 8, 16)
-    memory = 100 * (64 * (1 + 4 + 16) + 32 * (4 + 16 + 64) + 16 * (16 + 64 + 256))
-    assert len(fit["history"]) == EPOCHS and fit["memory_values"] == memory
     first, kept = fit["history"][0], fit["history"][fit["selected_epoch"] - 1]
-    assert kept["rec"] < 0.5 * first["rec"]  # it learned to reconstruct through the memories
-    assert kept["entropy"] < first["entropy"]  # and the addressing became sparser
+    assert len(fit["history"]) == EPOCHS and kept["rec"] < 0.5 * first["rec"]
 
 
 def test_parity_fp16_order_readiness_and_any_batch(bundle: Path, parts: Path) -> None:
