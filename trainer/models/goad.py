@@ -53,6 +53,9 @@ exported ONNX graph):
   --set batch_size=4 --set training.workers=0 --set export.max_batch=1 --threads 1`` (then ``--classes
   5,6,7,8,9``), by class 0-9: 74.0, 87.4, 84.4, 87.7, 70.7, 76.2, 63.9, 93.4, 80.6, 98.0, **mean 81.6** (GEOM's
   reduced recipe, seed 0, benchmarks/README.md: mean 90.9; SSL-AD's reduced recipe: 90.0); about 220 s a class.
+  Seeds 1 and 2, the same command with ``--first-seed 1 --seeds 2 --set goad.margin=1`` (2026-12-07, load 3-5, 59 s
+  a run): means 80.4 and 78.6; over seeds 0-2 **80.2 +- 1.5** (benchmarks/README.md, the self-supervised family's
+  section).
   At 60 steps the network has barely begun to separate the transformations (on the generated parts its score
   stays near 72 log 72, the value of equal distances to all centres): GOAD needs far more of its recipe than
   GEOM does to rank well, and the full recipe needs a GPU (none was lent). At m 0.1 (the same command, classes
