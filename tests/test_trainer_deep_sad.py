@@ -156,13 +156,13 @@ def test_retrain_teaches_the_challenger_the_stations_labelled_defects_and_report
     assert without_fit["labelled_defects"] == 0
 
 
-def test_a_station_labels_its_events_and_the_nightly_retrain_promotes_what_learnt_from_them(
-        tmp_path: Path, mosquitto: str) -> None:
-    """From edge-run to the promoted bundle, nothing stood in: a station runs a Deep SAD bundle on an MJPEG clip
+def test_a_station_labels_its_events_and_the_nightly_retrain_learns_from_them(tmp_path: Path, mosquitto: str) -> None:
+    """From edge-run to the retrain's decision, nothing stood in: a station runs a Deep SAD bundle on an MJPEG clip
     where some parts carry a foreign object, collects normal frames and its events' frames; an operator labels
     events with ``edge-run label`` (defect where the clip planted one, else a false alarm); ``edge-train retrain``
     teaches the challenger the older half of the labelled defects, judges both models on the newer half and the
-    fresh normals, reports the same challenger without the labels beside it, and promotes the labelled one."""
+    fresh normals, reports the same challenger without the labels beside it, and promotes it or keeps the champion
+    current as its rule decides."""
     stills = make_dataset(tmp_path / "stills", n_train=60, n_test_good=0, n_test_defect=0, size=SIZE, seed=11,
                           kinds=OBJECT_KINDS)
     engines = tmp_path / "engines"
@@ -207,9 +207,15 @@ collect: {{enabled: true, dir: {collect}, normal_every_s: 0.05, guard_s: 0.2, ev
     assert "labelled defects: the challenger learnt from" in retrained.stderr
     print(f"labelled {labelled}; {result['decision']}; AUROC with labels {bought['with']['auroc']:.3f}, without "
           f"{bought['without']['auroc']:.3f}")
-    # the champion saw none of the clip's frames: the challenger, taught the station's labels, wins the same hold-out
-    # (measured 0.54-0.71 against 0.38-0.41 over four runs) and becomes the version the station's next swap loads
-    assert result["promoted"] and result["decision"].startswith("promoted"), result["decision"]
-    assert read_current(engines / "deep-sad") == result["challenger"]
-    promoted = json.loads((engines / "deep-sad" / result["challenger"] / "report.json").read_text())["fit"]
-    assert promoted["labelled_defects"] == bought["trained_on"] > 0
+    # Either way the station's model folder says what the rule decided. Eleven runs (2-core VM, idle to load 6): the
+    # challenger with the labels 0.50-0.72 against the champion's 0.38-0.56, promoted in 7 (refused twice on AUROC,
+    # twice on missed defects at its threshold); with the labels above without them in 7 of 10. Deep SAD on these
+    # parts is too weak for a promotion to be asserted: both outcomes are checked for what they must leave behind.
+    challenger = json.loads((engines / "deep-sad" / result["challenger"] / "report.json").read_text())["fit"]
+    assert challenger["labelled_defects"] == bought["trained_on"] > 0  # the bundle judged learnt from the labels
+    if result["promoted"]:
+        assert result["decision"].startswith("promoted")
+        assert read_current(engines / "deep-sad") == result["challenger"]
+    else:
+        assert result["decision"].startswith("refused")
+        assert read_current(engines / "deep-sad") == result["champion"]
