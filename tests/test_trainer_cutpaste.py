@@ -1,12 +1,12 @@
-"""CutPaste end to end and its parts: fitted by ``fit_bundle`` on generated washers (3-way: normal vs CutPaste vs
-Scar), scored through the exported ONNX graph (the issue's bar: image AUROC >= 0.95, a slow test), the shared
-export checks (FP32 parity, FP16 order, TensorRT readiness, any batch); the CutPaste copy (a patch of the image itself, of the
-paper's area and aspect ranges, pasted into one box and nowhere else), the Scar (thin, rotated by the drawn angle),
-the 3-way and binary labels, the GDE score and the map's position distances against scikit-learn's LedoitWolf and
-numpy's Mahalanobis distance on the same features, and the frozen phase and the kept ImageNet BatchNorm statistics.
+"""CutPaste end to end and its parts: fitted by ``fit_bundle`` on generated washers (3-way: normal vs CutPaste vs Scar),
+scored through the exported ONNX graph (the issue's bar: image AUROC >= 0.95, a slow test), the shared export checks
+(FP32 parity, FP16 order, TensorRT readiness, any batch); the CutPaste copy (a patch of the image itself, of the paper's
+area and aspect ranges, pasted into one box and nowhere else), the Scar (thin, rotated by the drawn angle), the 3-way
+and binary labels, the GDE score and the map's position distances against scikit-learn's LedoitWolf and numpy's
+Mahalanobis distance on the same features, and the frozen phase and the kept ImageNet BatchNorm statistics.
 
-Recipe for time: 96 px, 50 washers (40 fitted), 30 epochs at batch 16 (with their 32 copies) and lr 1e-2 for the
-bar (`make test-slow`); `make test`'s export checks and fit mechanics use 6 epochs of the same recipe.
+Recipe for time: 96 px, 50 washers (40 fitted), 30 epochs at batch 16 (with their 32 copies) and lr 1e-2 for the bar
+(`make test-slow`); `make test`'s export checks and fit mechanics use 6 epochs of the same recipe.
 """
 
 from __future__ import annotations

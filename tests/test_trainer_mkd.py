@@ -1,13 +1,13 @@
-"""MKD end to end and its loss: fitted by ``fit_bundle`` on generated washers with planted surface defects (the
-shared loop training the cloner on cached Lite0 teacher features, codec-robust training on as shipped), scored
-through the exported ONNX graph (the issue's bar: image AUROC >= 0.95, pixel AUROC printed; a slow test), with the
-checks every exported model passes (tests/model_checks.py); then the score against the official loss computed independently
-(torch's MSELoss and CosineSimilarity on the flattened activations, as loss_functions.py has them) and the map
-against its formula (per position 1 - cos over channels + lamda x the channel mean of squares, upsampled, summed).
+"""MKD end to end and its loss: fitted by ``fit_bundle`` on generated washers with planted surface defects (the shared
+loop training the cloner on cached Lite0 teacher features, codec-robust training on as shipped), scored through the
+exported ONNX graph (the issue's bar: image AUROC >= 0.95, pixel AUROC printed; a slow test), with the checks every
+exported model passes (tests/model_checks.py); then the score against the official loss computed independently (torch's
+MSELoss and CosineSimilarity on the flattened activations, as loss_functions.py has them) and the map against its
+formula (per position 1 - cos over channels + lamda x the channel mean of squares, upsampled, summed).
 
-Recipe for time: 96 px, 50 parts (40 fitted), the shipped cloner, 40 epochs at batch 8 and lr 3e-3 for the bar
-(`make test-slow`; 64 px reached image AUROC 0.83 in 30 epochs, 128 px 0.88 in 20: the planted defects need the
-pixels, the cloner the epochs); `make test`'s export checks use 16 epochs (at 8 FP16 reversed one near-tied pair).
+Recipe for time: 96 px, 50 parts (40 fitted), the shipped cloner, 40 epochs at batch 8 and lr 3e-3 for the bar (`make
+test-slow`; 64 px reached image AUROC 0.83 in 30 epochs, 128 px 0.88 in 20: the planted defects need the pixels, the
+cloner the epochs); `make test`'s export checks use 16 epochs (at 8 FP16 reversed one near-tied pair).
 """
 
 from __future__ import annotations
