@@ -105,7 +105,10 @@ protocol the last epoch):
   100 it adds nothing (-0.2 / -0.9 / -2.3). With 100 adaptation steps Metaformer is ahead of HTD and PatchCore at
   k = 5 and 10 (by 3.5-9.5 points) and of GEOM at k = 5 (by 4-5), level with it at k = 10 (-1.3 / +1.0); at k = 1
   behind all three, except with the meta-learned start and short adaptation (75.3, level with HTD). One seed
-  only; 23-80 s a run at load 3-4.5 (the meta steps cost most).
+  only; 23-80 s a run at load 3-4.5 (the meta steps cost most). Seeds 1 and 2 (the same command, E 200, with
+  ``--first-seed 1 --seeds 2``; idle VM, 21 s a run): means 69.0 / 87.3 / 89.1 and 80.1 / 82.1 / 83.6; over seeds
+  0-2 **72.8 +- 6.3 / 84.9 +- 2.6 / 85.1 +- 3.5** beside HTD 77.7 / 78.4 / 78.7 and PatchCore 76.7 / 80.6 / 83.9 on
+  the same draws (benchmarks/README.md, the few-shot section).
   The meta-training categories are procedural, not garments: the paper's other real categories would be another
   product's frames (``meta_source``); Fashion-MNIST's other classes are this protocol's anomalies, so they are
   not used.
